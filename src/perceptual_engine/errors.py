@@ -1,0 +1,38 @@
+"""The exception hierarchy: one root, a few subclasses by what went wrong.
+
+Every message names what was received, what is accepted and what to do, so the
+command line can print it as one line and stop.
+"""
+from __future__ import annotations
+
+
+class PerceptualError(Exception):
+    """Root of every error this library raises on purpose."""
+
+
+class ConfigError(PerceptualError, ValueError):
+    """A FeatureSpec, LossConfig or option has an invalid value."""
+
+
+class InputError(PerceptualError, ValueError):
+    """An input array or tensor has the wrong rank, dtype, shape or values."""
+
+
+class WeightsError(PerceptualError):
+    """Model weights could not be obtained or do not fit the architecture."""
+
+
+class ModelError(PerceptualError):
+    """An ONNX file is missing, corrupt, foreign or inconsistent with its metadata."""
+
+
+class DeviceError(PerceptualError, RuntimeError):
+    """The requested device or execution provider cannot be used."""
+
+
+class ImageError(PerceptualError):
+    """An image file could not be read or converted."""
+
+
+class ExportError(PerceptualError, RuntimeError):
+    """Export or its verification failed; the destination was left untouched."""

@@ -1,0 +1,172 @@
+"""export_onnx: torch -> ONNX, metadata, verification, then (only then) the file.
+
+The model is written to a temporary file beside the destination, checked with
+``onnx.checker`` (full check), run on ONNX Runtime CPU against the PyTorch float32
+reference, and renamed over the destination only if every output is within
+tolerance. A failed or interrupted export leaves the previous file intact.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import onnx
+import torch
+
+from .. import __version__
+from .._io import atomic_path
+from ..errors import ConfigError, ExportError
+from ..reference import TorchFeatures
+from ..spec import FeatureSpec, LossConfig
+from ..weights import Weights, load_weights
+from .graphs import GRAPH_KINDS, DistanceGraph, FeaturesGraph
+from .metadata import ModelInfo
+from .verify import OutputError, verify_model
+
+DTYPES = ("float32", "float16")
+# Max relative error (max |ort - ref| / max |ref|) accepted per output at export.
+TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What export_onnx wrote and what it measured."""
+
+    path: str
+    graph: str
+    dtype: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    errors: dict[str, OutputError] = field(default_factory=dict)
+    size_bytes: int = 0
+    weights_sha256: str = ""
+    seconds: float = 0.0
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((e.max_rel for e in self.errors.values()), default=0.0)
+
+
+def _example_size(spec: FeatureSpec) -> int:
+    # Odd, larger than the minimum and not a multiple of the downsampling, so no
+    # size can be mistaken for a constant by the tracer.
+    return max(2 * spec.min_size + 5, 37)
+
+
+def _to_onnx(module: torch.nn.Module, args: tuple[torch.Tensor, ...], inputs: tuple[str, ...],
+             outputs: tuple[str, ...], dynamic: bool) -> onnx.ModelProto:
+    dims = None
+    if dynamic:
+        batch, height, width = (torch.export.Dim(n) for n in ("batch", "height", "width"))
+        dims = {name: {0: batch, 2: height, 3: width} for name in inputs}
+    # The exporter reports progress through print and logging; keep the caller's
+    # output clean and show it only if the export fails.
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(
+                module, args, dynamo=True, input_names=list(inputs), output_names=list(outputs),
+                dynamic_shapes=dims, external_data=False, optimize=True, verbose=False,
+            )
+    except Exception as exc:
+        raise ExportError(
+            f"torch.onnx.export failed ({type(exc).__name__}: {exc}). Exporter log:\n{buf.getvalue()[-2000:]}"
+        ) from exc
+    return prog.model_proto
+
+
+def export_onnx(
+    spec: FeatureSpec,
+    path: str | os.PathLike,
+    *,
+    graph: str = "features",
+    loss: LossConfig | None = None,
+    dtype: str = "float32",
+    dynamic: bool = True,
+    verify: bool = True,
+    weights: Weights | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export ``spec`` as a verified, self-contained ONNX file at ``path``.
+
+    graph: "features" (input ``x``; one output per layer, named by the layer) or
+        "distance" (inputs ``x``, ``y``; outputs ``content.<l>``, ``style.<l>``,
+        ``total``, each (N,) float32). ``loss`` defaults to content terms of weight 1
+        on every layer.
+    dtype: "float32" or "float16" (half-precision network; inputs, Grams,
+        reductions and outputs in float32).
+    dynamic: batch, height and width dynamic (named axes) if True.
+    verify: run onnx.checker and the ONNX Runtime CPU parity check (recommended).
+    Returns an ExportResult with the per-output errors measured.
+    """
+    if graph not in GRAPH_KINDS:
+        raise ConfigError(f"graph {graph!r} is not accepted; accepted: {', '.join(GRAPH_KINDS)}.")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not accepted; accepted: {', '.join(DTYPES)}.")
+    if graph == "distance":
+        loss = loss if loss is not None else LossConfig.default_for(spec)
+        loss.check_against(spec)
+    elif loss is not None:
+        raise ConfigError("loss is only used by graph='distance'; drop it or export a distance graph.")
+    say = progress or (lambda msg: None)
+    start = time.perf_counter()
+    path = os.fspath(path)
+
+    say(f"loading {spec.arch} weights ({spec.weights})")
+    weights = weights if weights is not None else load_weights(spec)
+    reference = TorchFeatures(spec, weights=weights)
+    traced = TorchFeatures(spec, weights=weights)
+    if dtype == "float16":
+        traced.body.half()
+    module: torch.nn.Module
+    if graph == "features":
+        module, inputs = FeaturesGraph(traced), ("x",)
+    else:
+        module, inputs = DistanceGraph(traced, loss), ("x", "y")  # type: ignore[arg-type]
+    outputs = module.output_names()
+
+    size = _example_size(spec)
+    g = torch.Generator().manual_seed(0)
+    args = tuple(torch.rand(2, 3, size, size + 2, generator=g) for _ in inputs)
+    say(f"exporting {graph} graph ({dtype}) to ONNX")
+    with logging_level(logging.ERROR):
+        proto = _to_onnx(module, args, inputs, outputs, dynamic)
+    info = ModelInfo(spec=spec, loss=loss, graph=graph, dtype=dtype,
+                     weights_source=weights.source, weights_sha256=weights.sha256,
+                     version=__version__)
+    onnx.helper.set_model_props(proto, info.to_props())
+
+    errors: dict[str, OutputError] = {}
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, tmp)
+        del proto
+        if verify:
+            say("verifying: onnx.checker (full) and ONNX Runtime CPU parity")
+            errors = verify_model(tmp, reference, info, tolerance=TOLERANCE[dtype])
+    say(f"wrote {path}")
+    return ExportResult(
+        path=path, graph=graph, dtype=dtype, inputs=inputs, outputs=outputs, errors=errors,
+        size_bytes=os.path.getsize(path), weights_sha256=weights.sha256,
+        seconds=time.perf_counter() - start,
+    )
+
+
+@contextlib.contextmanager
+def logging_level(level: int):
+    """Quiet torch's and onnxscript's loggers during export; restore them after."""
+    names = ("torch", "torch.onnx", "torch.export", "onnxscript")
+    old = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(level)
+    try:
+        yield
+    finally:
+        for n, lvl in old.items():
+            logging.getLogger(n).setLevel(lvl)

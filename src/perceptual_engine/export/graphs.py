@@ -1,0 +1,56 @@
+"""The modules the exporter traces: a features graph and a distance graph.
+
+Both wrap the reference's TorchFeatures and call losses.py, so the ONNX graph
+computes exactly what the reference computes. For float16 the network runs in
+half precision while inputs, normalization, Grams, reductions and outputs stay
+float32.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import losses
+from ..reference import TorchFeatures
+from ..spec import LossConfig
+
+GRAPH_KINDS = ("features", "distance")
+
+
+class FeaturesGraph(nn.Module):
+    """x (N, 3, H, W) float32 -> one float32 output per layer, in spec order."""
+
+    def __init__(self, features: TorchFeatures) -> None:
+        super().__init__()
+        self.features = features
+
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(self.features.spec.layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feats = self.features.extract(x)
+        return tuple(f.float() for f in feats.values())
+
+
+class DistanceGraph(nn.Module):
+    """(x, y) (N, 3, H, W) float32 -> content.<l>, style.<l>, total, each (N,) float32.
+
+    x and y run through the network as one batch of 2N, then split.
+    """
+
+    def __init__(self, features: TorchFeatures, loss: LossConfig) -> None:
+        super().__init__()
+        self.features = features
+        self.loss = loss
+        needed = set(loss.content) | set(loss.style)
+        self._layers = [n for n in features.spec.layers if n in needed]
+
+    def output_names(self) -> tuple[str, ...]:
+        return self.loss.output_names()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n = x.shape[0]
+        feats = self.features.extract(torch.cat([x, y], dim=0))
+        fx = {k: feats[k][:n] for k in self._layers}
+        fy = {k: feats[k][n:] for k in self._layers}
+        return tuple(losses.distance_terms(fx, fy, self.loss).values())

@@ -1,0 +1,84 @@
+"""What an exported model says about itself, in ONNX ``metadata_props``.
+
+The Engine reads these so a user never repeats the spec. ``FORMAT_VERSION`` is
+bumped whenever the meaning of a key changes; a reader refuses newer formats.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Mapping
+
+from ..errors import ModelError
+from ..spec import FeatureSpec, LossConfig
+
+FORMAT_VERSION = 1
+PREFIX = "perceptual_engine."
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    spec: FeatureSpec
+    loss: LossConfig | None
+    graph: str  # "features" | "distance"
+    dtype: str  # "float32" | "float16"
+    weights_source: str
+    weights_sha256: str
+    version: str
+    format: int = FORMAT_VERSION
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        if self.graph == "distance":
+            assert self.loss is not None
+            return self.loss.output_names()
+        return tuple(self.spec.layers)
+
+    def to_props(self) -> dict[str, str]:
+        return {
+            PREFIX + "format": str(self.format),
+            PREFIX + "spec": json.dumps(self.spec.to_dict(), sort_keys=True),
+            PREFIX + "loss": json.dumps(self.loss.to_dict() if self.loss else None, sort_keys=True),
+            PREFIX + "graph": self.graph,
+            PREFIX + "dtype": self.dtype,
+            PREFIX + "weights_source": self.weights_source,
+            PREFIX + "weights_sha256": self.weights_sha256,
+            PREFIX + "version": self.version,
+        }
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str], path: str) -> "ModelInfo":
+        if PREFIX + "format" not in props:
+            raise ModelError(
+                f"{path} is an ONNX model without perceptual-engine metadata; accepted: a model "
+                "written by perceptual_engine.export_onnx (or `perceptual-engine export`). "
+                "Export one from a FeatureSpec."
+            )
+        try:
+            fmt = int(props[PREFIX + "format"])
+        except ValueError:
+            fmt = -1
+        if fmt > FORMAT_VERSION or fmt < 1:
+            raise ModelError(
+                f"{path} has metadata format {props[PREFIX + 'format']!r}; this version of "
+                f"perceptual-engine reads format {FORMAT_VERSION}. Upgrade perceptual-engine "
+                "or re-export the model with this version."
+            )
+        try:
+            spec = FeatureSpec.from_dict(json.loads(props[PREFIX + "spec"]))
+            loss_d = json.loads(props.get(PREFIX + "loss", "null"))
+            return cls(
+                spec=spec,
+                loss=LossConfig.from_dict(loss_d) if loss_d else None,
+                graph=props[PREFIX + "graph"],
+                dtype=props[PREFIX + "dtype"],
+                weights_source=props.get(PREFIX + "weights_source", ""),
+                weights_sha256=props.get(PREFIX + "weights_sha256", ""),
+                version=props.get(PREFIX + "version", ""),
+                format=fmt,
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ModelError(
+                f"{path} has damaged perceptual-engine metadata ({type(exc).__name__}: {exc}); "
+                "re-export the model."
+            ) from exc

@@ -1,0 +1,88 @@
+"""Verification of an exported file: structure (onnx.checker) and numbers (ORT vs torch)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+
+from .. import losses
+from ..errors import ExportError
+from ..reference import TorchFeatures
+from .metadata import ModelInfo
+
+
+@dataclass(frozen=True)
+class OutputError:
+    """Error of one output against the reference: max |a − b| and that over max |b|."""
+
+    max_abs: float
+    max_rel: float
+
+    def __str__(self) -> str:
+        return f"max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}"
+
+
+def compare(actual: np.ndarray, expected: np.ndarray) -> OutputError:
+    """Relative error is scaled by the largest magnitude of the expected output,
+    so near-zero entries (dead ReLUs) do not blow it up."""
+    a = np.asarray(actual, dtype=np.float64)
+    b = np.asarray(expected, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ExportError(f"output shape {a.shape} differs from the reference's {b.shape}")
+    if not np.isfinite(a).all():
+        return OutputError(float("inf"), float("inf"))
+    diff = float(np.abs(a - b).max()) if a.size else 0.0
+    scale = float(np.abs(b).max()) if b.size else 0.0
+    return OutputError(diff, diff / scale if scale > 0 else diff)
+
+
+def reference_outputs(reference: TorchFeatures, info: ModelInfo,
+                      feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The float32 reference's values of every output of ``info`` for ``feeds``."""
+    with torch.no_grad():
+        x = torch.from_numpy(feeds["x"])
+        fx = reference.extract(x)
+        if info.graph == "features":
+            return {k: v.numpy() for k, v in fx.items()}
+        fy = reference.extract(torch.from_numpy(feeds["y"]))
+        terms = losses.distance_terms(fx, fy, info.loss)  # type: ignore[arg-type]
+        return {k: v.numpy() for k, v in terms.items()}
+
+
+def verify_model(path: str, reference: TorchFeatures, info: ModelInfo, *,
+                 tolerance: float, batch: int = 2) -> dict[str, OutputError]:
+    """Check ``path`` structurally and against ``reference``; raise ExportError if off."""
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except Exception as exc:
+        raise ExportError(f"onnx.checker rejected the exported model: {exc}") from exc
+    spec = info.spec
+    h, w = spec.min_size * 2 + 3, spec.min_size * 3 + 1  # odd sizes, unlike the export's
+    h, w = max(h, 41), max(w, 53)
+    rng = np.random.default_rng(1)
+    from ..spec import INPUT_RANGES
+
+    lo, hi = INPUT_RANGES[spec.input_range]
+    names = ("x",) if info.graph == "features" else ("x", "y")
+    feeds = {n: rng.uniform(lo, hi, size=(batch, 3, h, w)).astype(np.float32) for n in names}
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    expected = reference_outputs(reference, info, feeds)
+    if list(got) != list(expected):
+        raise ExportError(f"exported outputs {list(got)} differ from the expected {list(expected)}")
+    errors = {name: compare(got[name], expected[name]) for name in expected}
+    bad = {k: e for k, e in errors.items() if not e.max_rel <= tolerance}
+    if bad:
+        shown = "; ".join(f"{k}: {e}" for k, e in bad.items())
+        raise ExportError(
+            f"the exported model disagrees with the PyTorch reference beyond relative error "
+            f"{tolerance:g} ({shown}); nothing was written. This is a bug: please report it "
+            "with the spec."
+        )
+    return errors

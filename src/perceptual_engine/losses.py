@@ -1,0 +1,82 @@
+"""The formulas, once. The PyTorch reference and the exported ONNX graphs both call these.
+
+Shapes: features are (N, C, H, W); every term is per sample, shape (N,), float32.
+Grams and all reductions are computed in float32 even for float16 features, and F
+is scaled by 1/sqrt(norm) *before* the product, so that no intermediate can
+overflow float16 even where a backend (TensorRT with fp16 on) lowers the MatMul.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .spec import LossConfig
+
+
+def _size(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    # The element count of ``dims`` as a float32 scalar tensor. Computed from the
+    # tensor (not from Python ints) so exported graphs keep height/width dynamic.
+    return torch.ones_like(t[(0,) * (t.dim() - len(dims))], dtype=torch.float32).sum()
+
+
+def gram(f: torch.Tensor, norm: str = "chw") -> torch.Tensor:
+    """G = F Fᵀ / norm per sample, F = f reshaped to C × (H·W); (N, C, H, W) -> (N, C, C).
+
+    norm: "chw" divides by C·H·W, "hw" by H·W, "none" by 1.
+    """
+    flat = f.flatten(2).float()  # (N, C, HW)
+    if norm == "chw":
+        flat = flat * torch.rsqrt(_size(flat, (1, 2)))
+    elif norm == "hw":
+        flat = flat * torch.rsqrt(_size(flat, (2,)))
+    elif norm != "none":
+        raise ValueError(f"unknown gram norm {norm!r}")
+    return torch.bmm(flat, flat.transpose(1, 2))
+
+
+def content_term(fx: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
+    """mean over c, h, w of (F(x) − F(y))², per sample: (N, C, H, W) x2 -> (N,)."""
+    d = fx.float() - fy.float()
+    return (d * d).flatten(1).mean(dim=1)
+
+
+def style_term(gx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    """mean over i, j of (G(x) − G(y))², per sample: (N, C, C) x2 -> (N,)."""
+    d = gx - gy
+    return (d * d).flatten(1).mean(dim=1)
+
+
+def style_grams(feats: Mapping[str, torch.Tensor], loss: LossConfig) -> dict[str, torch.Tensor]:
+    """The Grams of every style layer of ``loss``: {layer: (N, C, C) float32}."""
+    return {name: gram(feats[name], loss.gram) for name in loss.style}
+
+
+def distance_terms(
+    fx: Mapping[str, torch.Tensor],
+    fy: Mapping[str, torch.Tensor] | None,
+    loss: LossConfig,
+    *,
+    style_target: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-sample terms ``content.<layer>``, ``style.<layer>`` and ``total``, each (N,).
+
+    total = Σ content weight_l · content_l + Σ style weight_l · style_l.
+    ``style_target`` gives precomputed Grams of y (batch 1 broadcasts) instead of
+    ``fy`` for the style terms.
+    """
+    out: dict[str, torch.Tensor] = {}
+    total = None
+    for name, w in loss.content.items():
+        if fy is None:
+            raise ValueError("content terms need the features of y")
+        term = content_term(fx[name], fy[name])
+        out[f"content.{name}"] = term
+        total = term * w if total is None else total + term * w
+    for name, w in loss.style.items():
+        gy = style_target[name] if style_target is not None else gram(fy[name], loss.gram)
+        term = style_term(gram(fx[name], loss.gram), gy)
+        out[f"style.{name}"] = term
+        total = term * w if total is None else total + term * w
+    out["total"] = total
+    return out

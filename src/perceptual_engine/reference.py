@@ -1,0 +1,150 @@
+"""The PyTorch reference: TorchFeatures and TorchPerceptualLoss.
+
+The same modules are what the exporter traces, so the ONNX graphs and the
+reference share one network definition and one set of formulas (losses.py).
+ReLUs are out-of-place here: torchvision's in-place ReLUs would overwrite a
+tapped conv output.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from . import layers as _layers
+from . import losses
+from .errors import InputError
+from .spec import INPUT_RANGES, FeatureSpec, LossConfig
+from .validate import check_pair, check_tensor
+from .weights import Weights, load_weights
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalize(nn.Module):
+    """Input range -> ImageNet-normalized: (x·a + b − mean) / std, as one affine map.
+
+    Kept as its own op rather than folded into conv1_1: conv1_1 zero-pads the
+    *normalized* image, so a folded bias would be wrong at the borders.
+    """
+
+    def __init__(self, input_range: str) -> None:
+        super().__init__()
+        lo, hi = INPUT_RANGES[input_range]
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        # x01 = (x - lo) / (hi - lo); out = (x01 - mean) / std = x * scale + shift
+        scale = 1.0 / ((hi - lo) * std)
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("shift", (-lo / (hi - lo) - mean) / std, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+def build_layers(spec: FeatureSpec, weights: Weights) -> nn.Sequential:
+    """``features`` of the arch, truncated after the deepest layer, weights loaded, frozen."""
+    last = _layers.resolve(spec.arch, spec.deepest).index
+    mods: list[nn.Module] = []
+    for info in _layers.table(spec.arch):
+        if info.index > last:
+            break
+        if info.kind == "conv":
+            conv = nn.Conv2d(info.in_channels, info.channels, 3, padding=1)
+            conv.weight.data.copy_(weights.state[f"features.{info.index}.weight"])
+            conv.bias.data.copy_(weights.state[f"features.{info.index}.bias"])
+            mods.append(conv)
+        elif info.kind == "relu":
+            mods.append(nn.ReLU(inplace=False))
+        elif spec.pooling == "max":
+            mods.append(nn.MaxPool2d(2, 2))
+        else:
+            mods.append(nn.AvgPool2d(2, 2))
+    seq = nn.Sequential(*mods).eval()
+    for p in seq.parameters():
+        p.requires_grad_(False)
+    return seq
+
+
+class TorchFeatures(nn.Module):
+    """VGG features at named layers: ``forward(x) -> {layer: (N, C_l, H_l, W_l)}``.
+
+    x: float32 (N, 3, H, W) in the spec's input range, H, W >= ``spec.min_size``.
+    Differentiable with respect to x; parameters are frozen.
+    """
+
+    def __init__(self, spec: FeatureSpec, *, weights: Weights | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.weights_info = weights if weights is not None else load_weights(spec)
+        self.normalize = Normalize(spec.input_range)
+        self.body = build_layers(spec, self.weights_info)
+        index_to_name = {_layers.resolve(spec.arch, n).index: n for n in spec.layers}
+        self._taps = index_to_name
+        self.eval()
+
+    def extract(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Features without input validation (the exporter traces this)."""
+        h = self.normalize(x)
+        if h.dtype != self.body[0].weight.dtype:
+            h = h.to(self.body[0].weight.dtype)
+        found: dict[str, torch.Tensor] = {}
+        for i, mod in enumerate(self.body):
+            h = mod(h)
+            if i in self._taps:
+                found[self._taps[i]] = h
+        return {name: found[name] for name in self.spec.layers}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        check_tensor(x, "x", self.spec)
+        return self.extract(x)
+
+
+class TorchPerceptualLoss(nn.Module):
+    """Per-sample content/style terms and total of DESIGN's formulas, differentiable.
+
+    ``forward(x, y) -> {"content.<l>": (N,), "style.<l>": (N,), "total": (N,)}``.
+    ``set_style_target(y)`` caches y's Grams (batch 1, broadcast); then
+    ``forward(x)`` may omit y when the loss has no content term.
+    """
+
+    def __init__(self, spec: FeatureSpec, loss: LossConfig | None = None, *,
+                 weights: Weights | None = None) -> None:
+        super().__init__()
+        self.loss = loss if loss is not None else LossConfig.default_for(spec)
+        self.loss.check_against(spec)
+        self.features = TorchFeatures(spec, weights=weights)
+        self.spec = spec
+        self._style_target: dict[str, torch.Tensor] | None = None
+
+    def set_style_target(self, y: torch.Tensor) -> None:
+        check_tensor(y, "style target", self.spec)
+        with torch.no_grad():
+            fy = self.features.extract(y)
+            self._style_target = {k: v.detach() for k, v in losses.style_grams(fy, self.loss).items()}
+
+    def terms(self, fx: Mapping[str, torch.Tensor], fy: Mapping[str, torch.Tensor] | None,
+              style_target: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        return losses.distance_terms(fx, fy, self.loss, style_target=style_target)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if y is None:
+            if self._style_target is None or self.loss.content:
+                raise_missing_y(bool(self.loss.content))
+            check_tensor(x, "x", self.spec)
+            return self.terms(self.features.extract(x), None, self._style_target)
+        check_pair(x, y, self.spec)
+        n = x.shape[0]
+        f = self.features.extract(torch.cat([x, y]))  # one pass over both halves
+        fx = {k: v[:n] for k, v in f.items()}
+        fy = {k: v[n:] for k, v in f.items()}
+        return self.terms(fx, fy)
+
+
+def raise_missing_y(has_content: bool) -> None:
+    why = "the loss has content terms, which need y" if has_content else "no style target is set"
+    raise InputError(
+        f"y was not given and {why}. Pass y, or call set_style_target(y) on a style-only loss."
+    )

@@ -1,0 +1,190 @@
+"""FeatureSpec and LossConfig: what to extract and how to compare it.
+
+Both are frozen dataclasses validated on construction, so an invalid value fails
+where it is written, not deep inside an export. ``None`` defaults are resolved in
+``__post_init__`` and nowhere else.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from . import layers as _layers
+from .errors import ConfigError
+
+DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
+    "vgg19": ("relu1_2", "relu2_2", "relu3_4", "relu4_4"),
+    "vgg16": ("relu1_2", "relu2_2", "relu3_3", "relu4_3"),
+}
+INPUT_RANGES: dict[str, tuple[float, float]] = {"0,1": (0.0, 1.0), "-1,1": (-1.0, 1.0)}
+POOLINGS = ("max", "avg")
+GRAM_NORMS = ("chw", "hw", "none")
+WEIGHT_SOURCES = ("imagenet", "random")
+
+
+def _choice(what: str, value: Any, accepted: tuple[str, ...], fix: str = "") -> None:
+    if value not in accepted:
+        raise ConfigError(
+            f"{what} {value!r} is not accepted; accepted: {', '.join(map(repr, accepted))}.{fix}"
+        )
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which network, which layers and which weights to extract features with.
+
+    arch: "vgg19" | "vgg16".
+    layers: paper names (``relu2_2``...), in the order outputs are returned;
+        None means the arch's four usual style/content layers.
+    weights: "imagenet" (torchvision download), "random" (seeded by ``seed``) or
+        the path of a torchvision-format state dict (.pth or .safetensors).
+    input_range: "0,1" or "-1,1": the range of input pixel values, mapped to
+        ImageNet mean/std normalization inside the network.
+    pooling: "max" (as trained) or "avg" (Gatys et al.'s variant for style).
+    """
+
+    arch: str = "vgg19"
+    layers: tuple[str, ...] | None = None
+    weights: str = "imagenet"
+    seed: int = 0
+    input_range: str = "0,1"
+    pooling: str = "max"
+
+    def __post_init__(self) -> None:
+        _choice("arch", self.arch, _layers.ARCHS)
+        layers = DEFAULT_LAYERS[self.arch] if self.layers is None else self.layers
+        if isinstance(layers, str):
+            layers = (layers,)
+        layers = tuple(layers)
+        if not layers:
+            raise ConfigError("layers is empty; name at least one layer, e.g. ('relu2_2',).")
+        for name in layers:
+            _layers.resolve(self.arch, name)
+        if len(set(layers)) != len(layers):
+            raise ConfigError(f"layers {layers} name a layer twice; list each layer once.")
+        object.__setattr__(self, "layers", layers)
+        if isinstance(self.weights, os.PathLike):
+            object.__setattr__(self, "weights", os.fspath(self.weights))
+        if not isinstance(self.weights, str) or not self.weights:
+            raise ConfigError(
+                f"weights {self.weights!r} is not accepted; accepted: 'imagenet', 'random' "
+                "or the path of a .pth/.safetensors state dict."
+            )
+        if self.weights not in WEIGHT_SOURCES and not self.weights.endswith(
+            (".pth", ".pt", ".safetensors")
+        ):
+            raise ConfigError(
+                f"weights {self.weights!r} is neither 'imagenet', 'random' nor a "
+                ".pth/.pt/.safetensors file path; give one of those."
+            )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed {self.seed!r} is not an int; give an integer seed.")
+        _choice("input_range", self.input_range, tuple(INPUT_RANGES))
+        _choice("pooling", self.pooling, POOLINGS)
+
+    @property
+    def deepest(self) -> str:
+        """The requested layer that comes last: the network is cut after it."""
+        return _layers.deepest(self.arch, self.layers).name
+
+    @property
+    def min_size(self) -> int:
+        """Smallest input height/width that leaves a pixel at the deepest layer."""
+        return _layers.resolve(self.arch, self.deepest).min_size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FeatureSpec":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "layers" in known and known["layers"] is not None:
+            known["layers"] = tuple(known["layers"])
+        return cls(**known)
+
+    def key(self) -> str:
+        """A short stable hash of the spec (cache keys, file names)."""
+        return _digest(self.to_dict())
+
+
+def _weights_map(what: str, value: Mapping[str, float] | None) -> Mapping[str, float]:
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"{what} must map layer names to weights, e.g. {{'relu2_2': 1.0}}; got {value!r}."
+        )
+    out: dict[str, float] = {}
+    for name, w in value.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ConfigError(
+                f"{what} weight of {name!r} is {w!r}; accepted: a finite number >= 0."
+            )
+        out[str(name)] = float(w)
+    return MappingProxyType(out)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Per-layer weights of the content and style terms, and the Gram normalization.
+
+    content / style: {layer: weight >= 0}; each named layer gets a term, the total
+        is the weighted sum. gram: "chw" (divide F Fᵀ by C·H·W, Johnson et al.),
+        "hw" (by H·W, Gatys et al.) or "none" (raw, as piq).
+    """
+
+    content: Mapping[str, float] = field(default_factory=dict)
+    style: Mapping[str, float] = field(default_factory=dict)
+    gram: str = "chw"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "content", _weights_map("content", self.content))
+        object.__setattr__(self, "style", _weights_map("style", self.style))
+        _choice("gram", self.gram, GRAM_NORMS)
+        if not self.content and not self.style:
+            raise ConfigError(
+                "LossConfig has no term; give content={'relu2_2': 1.0} and/or style={...}."
+            )
+
+    @classmethod
+    def default_for(cls, spec: FeatureSpec) -> "LossConfig":
+        """Content terms of weight 1 on every layer of ``spec`` (the usual perceptual loss)."""
+        return cls(content={name: 1.0 for name in spec.layers})
+
+    def check_against(self, spec: FeatureSpec) -> None:
+        """Every weighted layer must be one the spec extracts."""
+        for what, mapping in (("content", self.content), ("style", self.style)):
+            missing = [n for n in mapping if n not in spec.layers]
+            if missing:
+                raise ConfigError(
+                    f"{what} names layer(s) {missing} that the FeatureSpec does not extract; "
+                    f"extracted: {list(spec.layers)}. Add them to FeatureSpec.layers."
+                )
+
+    def output_names(self) -> tuple[str, ...]:
+        """Names of a distance graph's outputs, in order."""
+        return (
+            tuple(f"content.{n}" for n in self.content)
+            + tuple(f"style.{n}" for n in self.style)
+            + ("total",)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"content": dict(self.content), "style": dict(self.style), "gram": self.gram}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LossConfig":
+        return cls(content=d.get("content") or {}, style=d.get("style") or {},
+                   gram=d.get("gram", "chw"))
+
+
+def _digest(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,161 @@
+"""Where the convolution weights come from: ImageNet download, a file, or a seed.
+
+Every source ends as the same thing: ``{"features.N.weight": tensor, ...}`` for the
+convolutions up to the deepest requested layer, float32, checked against the
+architecture, plus the SHA-256 of exactly those tensors (so two sources with the
+same numbers have the same hash).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from . import layers as _layers
+from .errors import WeightsError
+from .spec import FeatureSpec
+
+# torchvision's published VGG checkpoints (the IMAGENET1K_V1 weights).
+IMAGENET_URLS = {
+    "vgg16": "https://download.pytorch.org/models/vgg16-397923af.pth",
+    "vgg19": "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth",
+}
+
+
+@dataclass(frozen=True)
+class Weights:
+    state: Mapping[str, torch.Tensor]  # "features.N.weight"/"features.N.bias", float32
+    source: str  # "imagenet", "random(seed=0)" or the file path
+    sha256: str
+
+
+def _conv_keys(spec: FeatureSpec) -> list[tuple[str, tuple[int, ...]]]:
+    last = _layers.resolve(spec.arch, spec.deepest).index
+    keys = []
+    for info in _layers.table(spec.arch):
+        if info.kind == "conv" and info.index <= last:
+            keys.append((f"features.{info.index}.weight", (info.channels, info.in_channels, 3, 3)))
+            keys.append((f"features.{info.index}.bias", (info.channels,)))
+    return keys
+
+
+def _digest(state: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _random_state(spec: FeatureSpec) -> dict[str, torch.Tensor]:
+    # Kaiming-normal (fan_out, as torchvision initializes VGG) with small nonzero
+    # biases, from a private generator: reproducible and no global RNG touched.
+    g = torch.Generator().manual_seed(spec.seed)
+    state = {}
+    for key, shape in _conv_keys(spec):
+        if key.endswith(".weight"):
+            std = (2.0 / (shape[0] * 9)) ** 0.5
+            state[key] = torch.randn(shape, generator=g) * std
+        else:
+            state[key] = torch.randn(shape, generator=g) * 0.01
+    return state
+
+
+def _download_imagenet(arch: str) -> Mapping[str, torch.Tensor]:
+    url = IMAGENET_URLS[arch]
+    try:
+        return torch.hub.load_state_dict_from_url(
+            url, map_location="cpu", progress=True, check_hash=True, weights_only=True
+        )
+    except Exception as exc:  # network, hash or disk errors: all mean "no weights"
+        hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise WeightsError(
+            f"could not download the ImageNet {arch} weights from {url} ({type(exc).__name__}: "
+            f"{exc}). Accepted: a reachable download, the file already in {hub}, or a local "
+            "file: pass weights='path/to/vgg.pth' (or .safetensors), or weights='random' "
+            "for seeded random weights (not a meaningful perceptual distance)."
+        ) from exc
+
+
+def _read_file(path: str) -> Mapping[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        what = "a folder" if os.path.isdir(path) else "missing"
+        raise WeightsError(f"weights file {path!r} is {what}; give the path of a .pth or .safetensors file.")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        # weights_only=True: a pickle that would run code or build arbitrary objects is refused.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(
+            f"weights file {path!r} was refused: it holds Python objects beyond tensors, which "
+            f"could execute code when loaded ({str(exc).splitlines()[0]}). Accepted: a plain "
+            "state dict of tensors; re-save it with torch.save(model.state_dict(), path) or as "
+            ".safetensors."
+        ) from exc
+    except Exception as exc:
+        raise WeightsError(
+            f"weights file {path!r} could not be read ({type(exc).__name__}: {exc}); it may be "
+            "truncated or not a .pth/.safetensors file. Re-download or re-save it."
+        ) from exc
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise WeightsError(
+            f"weights file {path!r} holds a {type(obj).__name__}, not a state dict; save "
+            "model.state_dict() of a torchvision VGG."
+        )
+    return obj
+
+
+def _check(spec: FeatureSpec, raw: Mapping[str, object], source: str) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    missing, bad = [], []
+    for key, shape in _conv_keys(spec):
+        t = raw.get(key)
+        if t is None:
+            t = raw.get(key[len("features."):])  # a bare ``features`` module's state dict
+        if t is None:
+            missing.append(key)
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            bad.append(f"{key} has dtype {kind} (accepted: a floating-point tensor)")
+            continue
+        if tuple(t.shape) != shape:
+            bad.append(f"{key} has shape {tuple(t.shape)}, {spec.arch} needs {shape}")
+            continue
+        state[key] = t.detach().to(torch.float32).contiguous()
+    if missing:
+        shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
+        raise WeightsError(
+            f"weights {source!r} lack {len(missing)} key(s) {spec.arch} needs up to "
+            f"{spec.deepest}: {shown}. Accepted: a torchvision {spec.arch} state dict "
+            f"(keys 'features.N.weight'); check the arch or the file."
+        )
+    if bad:
+        raise WeightsError(
+            f"weights {source!r} do not fit {spec.arch}: {'; '.join(bad[:4])}. "
+            f"Check that the file is a {spec.arch} checkpoint (not vgg16 vs vgg19) in float."
+        )
+    return state
+
+
+def load_weights(spec: FeatureSpec) -> Weights:
+    """The checked float32 convolution weights of ``spec`` up to its deepest layer."""
+    if spec.weights == "random":
+        state = _random_state(spec)
+        source = f"random(seed={spec.seed})"
+    elif spec.weights == "imagenet":
+        state = _check(spec, _download_imagenet(spec.arch), "imagenet")
+        source = "imagenet"
+    else:
+        state = _check(spec, _read_file(spec.weights), spec.weights)
+        source = os.path.abspath(spec.weights)
+    return Weights(state=state, source=source, sha256=_digest(state))
