@@ -1,1 +1,25 @@
+"""perceptual-engine: fast VGG perceptual losses on ONNX Runtime, with a PyTorch reference.
+
+Public API (names are part of the contract)::
+
+    from perceptual_engine import FeatureSpec, LossConfig, TorchFeatures, \
+        TorchPerceptualLoss, export_onnx, Engine, PerceptualError
+"""
 __version__ = "0.1.0"
+
+from .errors import PerceptualError
+from .export import export_onnx
+from .reference import TorchFeatures, TorchPerceptualLoss
+from .runtime import Engine
+from .spec import FeatureSpec, LossConfig
+
+__all__ = [
+    "FeatureSpec",
+    "LossConfig",
+    "TorchFeatures",
+    "TorchPerceptualLoss",
+    "export_onnx",
+    "Engine",
+    "PerceptualError",
+    "__version__",
+]

@@ -1,0 +1,195 @@
+"""Engine: an exported model on ONNX Runtime, called with numpy arrays or torch tensors."""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Mapping
+
+import numpy as np
+
+from .._io import sha256_file
+from ..errors import DeviceError, InputError, ModelError
+from ..export.metadata import ModelInfo
+from ..validate import DEFAULT_MAX_PIXELS, check_pair, check_tensor
+from . import providers as P
+from .iobinding import TorchBinder
+
+
+def _session_options(device: str, threads: int | None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # errors only: a failed provider is reported by us, with the reason
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+class Engine:
+    """Run an exported perceptual-engine model.
+
+    path: an ONNX file from ``export_onnx``; its metadata supplies spec and loss.
+    device: "auto" (TensorRT, then CUDA, then CPU), "cpu", "cuda" or "tensorrt".
+        An explicit device that cannot be used raises DeviceError; never a silent
+        CPU run. ``providers`` says what ONNX Runtime really uses.
+    options: ProviderOptions for CUDA/TensorRT (tf32, fixed shapes, caches, ...).
+    check_range: refuse host inputs outside the model's input range (see README).
+    max_pixels: refuse a call whose N·H·W exceeds it, before any work.
+
+    Safe to call from several threads.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto", *,
+                 options: P.ProviderOptions | None = None, threads: int | None = None,
+                 check_range: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+        import onnxruntime as ort
+
+        self.path = os.fspath(path)
+        self.options = options or P.ProviderOptions()
+        self.check_range = check_range
+        self.max_pixels = max_pixels
+        if not os.path.isfile(self.path):
+            what = "a folder" if os.path.isdir(self.path) else "missing"
+            raise ModelError(f"model {self.path!r} is {what}; give the path of an exported .onnx file "
+                             "(perceptual-engine export -o model.onnx).")
+        # Metadata first, from a CPU-free read of the header: the spec names the inputs.
+        self.info = read_info(self.path)
+        self.inputs = ("x",) if self.info.graph == "features" else ("x", "y")
+        chain = P.plan(device, self.options, self.inputs, lambda: sha256_file(self.path)[:16])
+        if any(name != "CPUExecutionProvider" for name, _ in chain):
+            _preload_cuda()
+        try:
+            self.session = ort.InferenceSession(
+                self.path, _session_options(device, threads),
+                providers=[(n, o) for n, o in chain], enable_fallback=0,
+            )
+        except Exception as exc:
+            if device in ("cuda", "tensorrt"):
+                raise DeviceError(_why_not(device, exc)) from exc
+            raise ModelError(f"ONNX Runtime could not load {self.path!r}: {exc}") from exc
+        self.providers: list[str] = list(self.session.get_providers())
+        self.device = device
+        want = P.PROVIDER.get(device)
+        if device != "auto" and want not in self.providers:
+            raise DeviceError(_why_not(device, None, got=self.providers))
+        self._check_outputs()
+        self._binder = TorchBinder(self) if self.on_gpu else None
+        self._lock = threading.Lock()
+
+    # -- introspection -------------------------------------------------------
+    @property
+    def on_gpu(self) -> bool:
+        return self.providers[0] != "CPUExecutionProvider"
+
+    @property
+    def spec(self):
+        return self.info.spec
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return self.info.output_names
+
+    def _check_outputs(self) -> None:
+        got = tuple(o.name for o in self.session.get_outputs())
+        ins = tuple(i.name for i in self.session.get_inputs())
+        if got != self.info.output_names or ins != self.inputs:
+            raise ModelError(
+                f"{self.path!r} has inputs {ins} and outputs {got}, but its metadata promises "
+                f"{self.inputs} and {self.info.output_names}; the file was edited or damaged. "
+                "Re-export it."
+            )
+
+    # -- calls ---------------------------------------------------------------
+    def _check(self, *arrays: Any) -> None:
+        kw = dict(dtypes=("float32",), max_pixels=self.max_pixels, check_range=self.check_range)
+        if len(arrays) == 1:
+            check_tensor(arrays[0], "x", self.spec, **kw)
+        else:
+            check_pair(arrays[0], arrays[1], self.spec, **kw)
+
+    def _run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        if self._binder is not None and self._binder.accepts(feeds):
+            return self._binder.run(feeds)
+        host = {k: _to_host(v) for k, v in feeds.items()}
+        out = self.session.run(None, host)
+        return dict(zip(self.output_names, out))
+
+    def features(self, x: Any) -> dict[str, Any]:
+        """{layer: (N, C, H_l, W_l) float32} for x (N, 3, H, W) float32 in the input range.
+
+        numpy in -> numpy out; CUDA torch tensors in -> CUDA torch tensors out.
+        """
+        if self.info.graph != "features":
+            raise ModelError(f"{self.path!r} is a distance graph; features() needs a model exported "
+                             "with graph='features'. Use distance(x, y), or export a features graph.")
+        self._check(x)
+        return self._run({"x": x})
+
+    def distance(self, x: Any, y: Any) -> dict[str, Any]:
+        """Per-sample terms {"content.<l>", "style.<l>", "total"}: each (N,) float32."""
+        if self.info.graph != "distance":
+            raise ModelError(f"{self.path!r} is a features graph; distance() needs a model exported "
+                             "with graph='distance' (perceptual-engine export --graph distance).")
+        self._check(x, y)
+        out = self._run({"x": x, "y": y})
+        _check_finite(out)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Engine({self.path!r}, graph={self.info.graph}, providers={self.providers})"
+
+
+def _to_host(v: Any) -> np.ndarray:
+    if isinstance(v, np.ndarray):
+        return np.ascontiguousarray(v)
+    return np.ascontiguousarray(v.detach().cpu().numpy())  # a CPU torch tensor: no copy
+
+
+def _check_finite(out: Mapping[str, Any]) -> None:
+    total = out["total"]
+    arr = total if isinstance(total, np.ndarray) else total.detach().float().cpu().numpy()
+    if not np.isfinite(arr).all():
+        bad = np.flatnonzero(~np.isfinite(arr)).tolist()
+        raise InputError(f"the distance of sample(s) {bad} is not finite; the inputs hold NaN/Inf "
+                         "or overflow the model's precision. Check those inputs.")
+
+
+def read_info(path: str) -> ModelInfo:
+    """The ModelInfo in ``path``'s metadata, reading only the model header."""
+    import onnx
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:
+        raise ModelError(
+            f"{path!r} is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]}); it may "
+            "be truncated or another kind of file. Re-export it with perceptual-engine export."
+        ) from exc
+    props = {p.key: p.value for p in model.metadata_props}
+    return ModelInfo.from_props(props, path)
+
+
+def _preload_cuda() -> None:
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()  # CUDA/cuDNN from the nvidia-* wheels that torch brings
+        except Exception:
+            pass  # a missing library is diagnosed by _why_not if the session lacks the provider
+
+
+def _why_not(device: str, exc: BaseException | None, got: list[str] | None = None) -> str:
+    parts = [f"device {device!r} was requested but ONNX Runtime could not start {P.PROVIDER[device]}"]
+    if got is not None:
+        parts.append(f"(the session got {got})")
+    if exc is not None:
+        parts.append(f"({str(exc).splitlines()[0][:300]})")
+    missing = P.missing_cuda_libraries()
+    if missing:
+        parts.append(f"; missing libraries: {', '.join(missing)} (pip install nvidia-cudnn-cu13, "
+                     "or add their folder to LD_LIBRARY_PATH)")
+    parts.append(". Use device='cpu' to run on the CPU deliberately.")
+    return " ".join(parts)
