@@ -52,6 +52,17 @@ def style_grams(feats: Mapping[str, torch.Tensor], loss: LossConfig) -> dict[str
     return {name: gram(feats[name], loss.gram) for name in loss.style}
 
 
+def weighted_total(terms: Mapping[str, torch.Tensor], loss: LossConfig) -> torch.Tensor:
+    """total = Σ content weight_l · content_l + Σ style weight_l · style_l, per sample."""
+    total = None
+    for kind, weights in (("content", loss.content), ("style", loss.style)):
+        for name, w in weights.items():
+            part = terms[f"{kind}.{name}"] * w
+            total = part if total is None else total + part
+    assert total is not None  # LossConfig guarantees at least one term
+    return total
+
+
 def distance_terms(
     fx: Mapping[str, torch.Tensor],
     fy: Mapping[str, torch.Tensor] | None,
@@ -61,22 +72,25 @@ def distance_terms(
 ) -> dict[str, torch.Tensor]:
     """Per-sample terms ``content.<layer>``, ``style.<layer>`` and ``total``, each (N,).
 
-    total = Σ content weight_l · content_l + Σ style weight_l · style_l.
-    ``style_target`` gives precomputed Grams of y (batch 1 broadcasts) instead of
-    ``fy`` for the style terms.
+    ``style_target`` gives precomputed Grams of y ((1, C, C) broadcasts over the
+    batch) instead of ``fy`` for the style terms.
     """
     out: dict[str, torch.Tensor] = {}
-    total = None
-    for name, w in loss.content.items():
+    for name in loss.content:
         if fy is None:
             raise ValueError("content terms need the features of y")
-        term = content_term(fx[name], fy[name])
-        out[f"content.{name}"] = term
-        total = term * w if total is None else total + term * w
-    for name, w in loss.style.items():
+        out[f"content.{name}"] = content_term(fx[name], fy[name])
+    for name in loss.style:
         gy = style_target[name] if style_target is not None else gram(fy[name], loss.gram)
-        term = style_term(gram(fx[name], loss.gram), gy)
-        out[f"style.{name}"] = term
-        total = term * w if total is None else total + term * w
-    out["total"] = total
+        out[f"style.{name}"] = style_term(gram(fx[name], loss.gram), gy)
+    out["total"] = weighted_total(out, loss)
+    return out
+
+
+def style_terms(
+    gx: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], loss: LossConfig
+) -> dict[str, torch.Tensor]:
+    """Style terms and total from x's Grams and a target's Grams (the cached-target path)."""
+    out = {f"style.{n}": style_term(gx[n], target[n]) for n in loss.style}
+    out["total"] = weighted_total(out, loss)
     return out

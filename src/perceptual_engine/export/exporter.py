@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from ..errors import ConfigError, ExportError
 from ..reference import TorchFeatures
 from ..spec import FeatureSpec, LossConfig
 from ..weights import Weights, load_weights
-from .graphs import GRAPH_KINDS, DistanceGraph, FeaturesGraph
+from .graphs import GRAPH_KINDS, DistanceGraph, FeaturesGraph, StyleGraph
 from .metadata import ModelInfo
 from .verify import OutputError, verify_model
 
@@ -63,23 +64,49 @@ def _to_onnx(module: torch.nn.Module, args: tuple[torch.Tensor, ...], inputs: tu
              outputs: tuple[str, ...], dynamic: bool) -> onnx.ModelProto:
     dims = None
     if dynamic:
-        batch, height, width = (torch.export.Dim(n) for n in ("batch", "height", "width"))
-        dims = {name: {0: batch, 2: height, 3: width} for name in inputs}
+        # Dim.DYNAMIC rather than named Dims: named Dims make torch.export refuse
+        # sizes where a pooled side becomes 1 (its 0/1 specialization), which the
+        # ONNX graph handles fine. The axes are given their names afterwards.
+        image = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+        dims = {n: image for n in inputs if n in ("x", "y")}
+        if len(inputs) > len(dims):  # StyleGraph.forward(x, *target): static Grams
+            dims["target"] = tuple(None for _ in inputs[len(dims):])
     # The exporter reports progress through print and logging; keep the caller's
     # output clean and show it only if the export fails.
     buf = io.StringIO()
     try:
         with contextlib.redirect_stdout(buf), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # torch.export first: torch.onnx.export turns the tuples of a
+            # dynamic_shapes spec into lists, which torch.export then rejects.
+            program = torch.export.export(module, args, dynamic_shapes=dims, strict=False)
             prog = torch.onnx.export(
-                module, args, dynamo=True, input_names=list(inputs), output_names=list(outputs),
-                dynamic_shapes=dims, external_data=False, optimize=True, verbose=False,
+                program, args, dynamo=True, input_names=list(inputs), output_names=list(outputs),
+                external_data=False, optimize=True, verbose=False,
             )
     except Exception as exc:
         raise ExportError(
             f"torch.onnx.export failed ({type(exc).__name__}: {exc}). Exporter log:\n{buf.getvalue()[-2000:]}"
         ) from exc
-    return prog.model_proto
+    proto = prog.model_proto
+    if dynamic:
+        _name_axes(proto)
+    return proto
+
+
+def _name_axes(proto: onnx.ModelProto) -> None:
+    """Rename x's symbolic axes to batch/height/width everywhere they appear."""
+    x = next(i for i in proto.graph.input if i.name == "x")
+    xdims = x.type.tensor_type.shape.dim
+    rename = {xdims[i].dim_param: new for i, new in ((0, "batch"), (2, "height"), (3, "width"))
+              if xdims[i].dim_param}
+    if not rename:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, rename)) + r")\b")
+    for value in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = pattern.sub(lambda m: rename[m.group(1)], d.dim_param)
 
 
 def export_onnx(
@@ -96,10 +123,12 @@ def export_onnx(
 ) -> ExportResult:
     """Export ``spec`` as a verified, self-contained ONNX file at ``path``.
 
-    graph: "features" (input ``x``; one output per layer, named by the layer) or
+    graph: "features" (input ``x``; one output per layer, named by the layer),
         "distance" (inputs ``x``, ``y``; outputs ``content.<l>``, ``style.<l>``,
-        ``total``, each (N,) float32). ``loss`` defaults to content terms of weight 1
-        on every layer.
+        ``total``, each (N,) float32; ``loss`` defaults to content terms of weight 1
+        on every layer) or "style" (inputs ``x`` and a cached target's Grams
+        ``gram.<l>`` (1, C, C); outputs ``style.<l>``, ``total`` and x's Grams;
+        ``loss`` with style terms only). Engine.set_style_target drives it.
     dtype: "float32" or "float16" (half-precision network; inputs, Grams,
         reductions and outputs in float32).
     dynamic: batch, height and width dynamic (named axes) if True.
@@ -113,8 +142,16 @@ def export_onnx(
     if graph == "distance":
         loss = loss if loss is not None else LossConfig.default_for(spec)
         loss.check_against(spec)
+    elif graph == "style":
+        if loss is None or not loss.style or loss.content:
+            raise ConfigError(
+                "graph='style' compares x with a cached style target, so it needs a loss with "
+                "style terms only, e.g. LossConfig(style={'relu1_2': 1.0, 'relu2_2': 1.0}); "
+                f"got {loss.to_dict() if loss else None}. Use graph='distance' for content terms."
+            )
+        loss.check_against(spec)
     elif loss is not None:
-        raise ConfigError("loss is only used by graph='distance'; drop it or export a distance graph.")
+        raise ConfigError("loss is only used by graph='distance' or 'style'; drop it or export one of those.")
     say = progress or (lambda msg: None)
     start = time.perf_counter()
     path = os.fspath(path)
@@ -125,22 +162,20 @@ def export_onnx(
     traced = TorchFeatures(spec, weights=weights)
     if dtype == "float16":
         traced.body.half()
-    module: torch.nn.Module
-    if graph == "features":
-        module, inputs = FeaturesGraph(traced), ("x",)
-    else:
-        module, inputs = DistanceGraph(traced, loss), ("x", "y")  # type: ignore[arg-type]
-    outputs = module.output_names()
-
-    size = _example_size(spec)
-    g = torch.Generator().manual_seed(0)
-    args = tuple(torch.rand(2, 3, size, size + 2, generator=g) for _ in inputs)
-    say(f"exporting {graph} graph ({dtype}) to ONNX")
-    with logging_level(logging.ERROR):
-        proto = _to_onnx(module, args, inputs, outputs, dynamic)
     info = ModelInfo(spec=spec, loss=loss, graph=graph, dtype=dtype,
                      weights_source=weights.source, weights_sha256=weights.sha256,
                      version=__version__)
+    module = {"features": FeaturesGraph, "distance": DistanceGraph, "style": StyleGraph}[graph](
+        traced, *(() if graph == "features" else (loss,)))
+    inputs, outputs = info.input_names, info.output_names
+
+    size = _example_size(spec)
+    g = torch.Generator().manual_seed(0)
+    args = tuple(torch.rand(2, 3, size, size + 2, generator=g) for _ in ("x", "y")[: 1 + (graph == "distance")])
+    args += tuple(torch.rand(1, c, c, generator=g) for c in _gram_channels(spec, loss, graph))
+    say(f"exporting {graph} graph ({dtype}) to ONNX")
+    with logging_level(logging.ERROR):
+        proto = _to_onnx(module, args, inputs, outputs, dynamic)
     onnx.helper.set_model_props(proto, info.to_props())
 
     errors: dict[str, OutputError] = {}
@@ -156,6 +191,14 @@ def export_onnx(
         size_bytes=os.path.getsize(path), weights_sha256=weights.sha256,
         seconds=time.perf_counter() - start,
     )
+
+
+def _gram_channels(spec: FeatureSpec, loss: LossConfig | None, graph: str) -> list[int]:
+    from ..layers import resolve
+
+    if graph != "style" or loss is None:
+        return []
+    return [resolve(spec.arch, n).channels for n in loss.style]
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from .. import losses
 from ..reference import TorchFeatures
 from ..spec import LossConfig
 
-GRAPH_KINDS = ("features", "distance")
+GRAPH_KINDS = ("features", "distance", "style")
 
 
 class FeaturesGraph(nn.Module):
@@ -23,9 +23,6 @@ class FeaturesGraph(nn.Module):
     def __init__(self, features: TorchFeatures) -> None:
         super().__init__()
         self.features = features
-
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(self.features.spec.layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feats = self.features.extract(x)
@@ -45,12 +42,28 @@ class DistanceGraph(nn.Module):
         needed = set(loss.content) | set(loss.style)
         self._layers = [n for n in features.spec.layers if n in needed]
 
-    def output_names(self) -> tuple[str, ...]:
-        return self.loss.output_names()
-
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n = x.shape[0]
         feats = self.features.extract(torch.cat([x, y], dim=0))
         fx = {k: feats[k][:n] for k in self._layers}
         fy = {k: feats[k][n:] for k in self._layers}
         return tuple(losses.distance_terms(fx, fy, self.loss).values())
+
+
+class StyleGraph(nn.Module):
+    """Style distance against a cached target: x (N, 3, H, W) and the target's Grams
+    ``target.gram.<l>`` (1, C, C) -> ``style.<l>``, ``total`` (N,) and x's own Grams ``gram.<l>``.
+
+    The network runs on x only. To cache a target, run the graph once with the
+    target as x (any Grams fed) and keep its ``gram.<l>`` outputs.
+    """
+
+    def __init__(self, features: TorchFeatures, loss: LossConfig) -> None:
+        super().__init__()
+        self.features = features
+        self.loss = loss
+
+    def forward(self, x: torch.Tensor, *target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        gx = losses.style_grams(self.features.extract(x), self.loss)
+        terms = losses.style_terms(gx, dict(zip(self.loss.style, target)), self.loss)
+        return tuple(terms.values()) + tuple(gx.values())

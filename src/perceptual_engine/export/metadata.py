@@ -20,7 +20,7 @@ PREFIX = "perceptual_engine."
 class ModelInfo:
     spec: FeatureSpec
     loss: LossConfig | None
-    graph: str  # "features" | "distance"
+    graph: str  # "features" | "distance" | "style"
     dtype: str  # "float32" | "float16"
     weights_source: str
     weights_sha256: str
@@ -28,11 +28,25 @@ class ModelInfo:
     format: int = FORMAT_VERSION
 
     @property
-    def output_names(self) -> tuple[str, ...]:
+    def input_names(self) -> tuple[str, ...]:
+        if self.graph == "features":
+            return ("x",)
         if self.graph == "distance":
-            assert self.loss is not None
-            return self.loss.output_names()
-        return tuple(self.spec.layers)
+            return ("x", "y")
+        return ("x",) + tuple(f"target.{g}" for g in self.gram_names)
+
+    @property
+    def gram_names(self) -> tuple[str, ...]:
+        """x's Gram outputs ``gram.<l>`` of a style graph; its target inputs are ``target.gram.<l>``."""
+        if self.graph != "style" or self.loss is None:
+            return ()
+        return tuple(f"gram.{n}" for n in self.loss.style)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        if self.graph == "features" or self.loss is None:
+            return tuple(self.spec.layers)
+        return self.loss.output_names() + self.gram_names
 
     def to_props(self) -> dict[str, str]:
         return {

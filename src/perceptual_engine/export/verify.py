@@ -46,8 +46,14 @@ def reference_outputs(reference: TorchFeatures, info: ModelInfo,
         fx = reference.extract(x)
         if info.graph == "features":
             return {k: v.numpy() for k, v in fx.items()}
-        fy = reference.extract(torch.from_numpy(feeds["y"]))
-        terms = losses.distance_terms(fx, fy, info.loss)  # type: ignore[arg-type]
+        if info.graph == "style":
+            gx = losses.style_grams(fx, info.loss)  # type: ignore[arg-type]
+            target = {n: torch.from_numpy(feeds[f"target.gram.{n}"]) for n in info.loss.style}  # type: ignore[union-attr]
+            terms = losses.style_terms(gx, target, info.loss)  # type: ignore[arg-type]
+            terms.update({f"gram.{n}": g for n, g in gx.items()})
+        else:
+            fy = reference.extract(torch.from_numpy(feeds["y"]))
+            terms = losses.distance_terms(fx, fy, info.loss)  # type: ignore[arg-type]
         return {k: v.numpy() for k, v in terms.items()}
 
 
@@ -67,8 +73,13 @@ def verify_model(path: str, reference: TorchFeatures, info: ModelInfo, *,
     from ..spec import INPUT_RANGES
 
     lo, hi = INPUT_RANGES[spec.input_range]
-    names = ("x",) if info.graph == "features" else ("x", "y")
-    feeds = {n: rng.uniform(lo, hi, size=(batch, 3, h, w)).astype(np.float32) for n in names}
+    images = ("x",) if info.graph != "distance" else ("x", "y")
+    feeds = {n: rng.uniform(lo, hi, size=(batch, 3, h, w)).astype(np.float32) for n in images}
+    if info.gram_names:  # a real target's Grams, from another random image
+        target = rng.uniform(lo, hi, size=(1, 3, h + 2, w - 2)).astype(np.float32)
+        with torch.no_grad():
+            grams = losses.style_grams(reference.extract(torch.from_numpy(target)), info.loss)  # type: ignore[arg-type]
+        feeds.update({f"target.gram.{n}": g.numpy() for n, g in grams.items()})
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])

@@ -55,7 +55,7 @@ class Engine:
                              "(perceptual-engine export -o model.onnx).")
         # Metadata first, from a CPU-free read of the header: the spec names the inputs.
         self.info = read_info(self.path)
-        self.inputs = ("x",) if self.info.graph == "features" else ("x", "y")
+        self.inputs = self.info.input_names
         chain = P.plan(device, self.options, self.inputs, lambda: sha256_file(self.path)[:16])
         if any(name != "CPUExecutionProvider" for name, _ in chain):
             _preload_cuda()
@@ -75,7 +75,7 @@ class Engine:
             raise DeviceError(_why_not(device, None, got=self.providers))
         self._check_outputs()
         self._binder = TorchBinder(self) if self.on_gpu else None
-        self._lock = threading.Lock()
+        self._target: dict[str, Any] | None = None  # cached style Grams, on the session's device
 
     # -- introspection -------------------------------------------------------
     @property
@@ -108,12 +108,22 @@ class Engine:
         else:
             check_pair(arrays[0], arrays[1], self.spec, **kw)
 
-    def _run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+    def _run(self, feeds: dict[str, Any], names: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """Run on ``feeds``; ``names`` picks outputs (all by default). Cached style
+        Grams are added to the feeds as device-resident OrtValues."""
+        names = names or self.output_names
+        extra = self._target or {}
         if self._binder is not None and self._binder.accepts(feeds):
-            return self._binder.run(feeds)
-        host = {k: _to_host(v) for k, v in feeds.items()}
-        out = self.session.run(None, host)
-        return dict(zip(self.output_names, out))
+            return self._binder.run(feeds, extra, names)
+        if not extra:
+            host = {k: _to_host(v) for k, v in feeds.items()}
+            return dict(zip(names, self.session.run(list(names), host)))
+        import onnxruntime as ort
+
+        values = {k: ort.OrtValue.ortvalue_from_numpy(_to_host(v)) for k, v in feeds.items()}
+        values.update(extra)
+        out = self.session.run_with_ort_values(list(names), values)
+        return {k: v.numpy() for k, v in zip(names, out)}
 
     def features(self, x: Any) -> dict[str, Any]:
         """{layer: (N, C, H_l, W_l) float32} for x (N, 3, H, W) float32 in the input range.
@@ -126,15 +136,59 @@ class Engine:
         self._check(x)
         return self._run({"x": x})
 
-    def distance(self, x: Any, y: Any) -> dict[str, Any]:
-        """Per-sample terms {"content.<l>", "style.<l>", "total"}: each (N,) float32."""
-        if self.info.graph != "distance":
+    def distance(self, x: Any, y: Any = None) -> dict[str, Any]:
+        """Per-sample terms {"content.<l>", "style.<l>", "total"}: each (N,) float32.
+
+        On a style model (graph="style") y is omitted: x is compared with the
+        target given to ``set_style_target``, and only x runs through the network.
+        """
+        if self.info.graph == "style":
+            if y is not None:
+                raise InputError("this is a style model: call distance(x) after set_style_target(y), "
+                                 "or export graph='distance' to compare x with y directly.")
+            if self._target is None:
+                raise InputError("no style target is set; call engine.set_style_target(image) first.")
+            self._check(x)
+            out = self._run({"x": x}, self.info.loss.output_names())  # type: ignore[union-attr]
+        elif self.info.graph == "distance":
+            if y is None:
+                raise InputError("distance(x, y) needs y on a distance model; pass y.")
+            self._check(x, y)
+            out = self._run({"x": x, "y": y})
+        else:
             raise ModelError(f"{self.path!r} is a features graph; distance() needs a model exported "
-                             "with graph='distance' (perceptual-engine export --graph distance).")
-        self._check(x, y)
-        out = self._run({"x": x, "y": y})
+                             "with graph='distance' or 'style' (perceptual-engine export --graph distance).")
         _check_finite(out)
         return out
+
+    def set_style_target(self, image: Any) -> None:
+        """Compute the Grams of ``image`` (1, 3, H, W) once and keep them on the device.
+
+        Later ``distance(x)`` calls run the network on x only. Needs a model
+        exported with graph="style".
+        """
+        import onnxruntime as ort
+
+        if self.info.graph != "style":
+            raise ModelError(f"{self.path!r} is a {self.info.graph} graph; set_style_target needs a model "
+                             "exported with graph='style' and a style-only loss.")
+        self._check(image)
+        if tuple(image.shape)[0] != 1:
+            raise InputError(f"the style target has batch {tuple(image.shape)[0]}; accepted: one image, "
+                             "shape (1, 3, H, W). Pass target[None] or target[:1].")
+        from ..layers import resolve
+
+        # Any Grams will do as the target input here: only x's Grams are read.
+        dummy = {}
+        for g in self.info.gram_names:
+            c = resolve(self.spec.arch, g[len("gram."):]).channels
+            dummy[f"target.{g}"] = np.zeros((1, c, c), np.float32)
+        self._target = None
+        host = {"x": _to_host(image), **dummy}
+        grams = self.session.run(list(self.info.gram_names), host)
+        device, dev_id = ("cuda", self.options.device_id) if self.on_gpu else ("cpu", 0)
+        self._target = {f"target.{g}": ort.OrtValue.ortvalue_from_numpy(v, device, dev_id)
+                        for g, v in zip(self.info.gram_names, grams)}
 
     def __repr__(self) -> str:
         return f"Engine({self.path!r}, graph={self.info.graph}, providers={self.providers})"

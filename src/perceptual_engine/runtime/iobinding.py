@@ -25,12 +25,17 @@ if TYPE_CHECKING:
 
 def output_shapes(engine: "Engine", n: int, h: int, w: int) -> dict[str, tuple[int, ...]]:
     """Shapes of every output for an (n, 3, h, w) input, from the layer table."""
-    if engine.info.graph == "distance":
-        return {name: (n,) for name in engine.output_names}
-    shapes = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    arch = engine.spec.arch
     for name in engine.output_names:
-        info = _layers.resolve(engine.spec.arch, name)
-        shapes[name] = (n, info.channels, h // info.downsample, w // info.downsample)
+        if engine.info.graph == "features":
+            info = _layers.resolve(arch, name)
+            shapes[name] = (n, info.channels, h // info.downsample, w // info.downsample)
+        elif name.startswith("gram."):
+            c = _layers.resolve(arch, name[len("gram."):]).channels
+            shapes[name] = (n, c, c)
+        else:
+            shapes[name] = (n,)
     return shapes
 
 
@@ -48,43 +53,46 @@ class TorchBinder:
     def accepts(feeds: dict[str, Any]) -> bool:
         return all(getattr(getattr(v, "device", None), "type", None) == "cuda" for v in feeds.values())
 
-    def _bind(self, binding, feeds: dict[str, Any], outs: dict[str, Any]) -> None:
+    def _bind(self, binding, feeds: dict[str, Any], outs: dict[str, Any], extra: dict[str, Any]) -> None:
+        for name, value in extra.items():  # OrtValues already on the device (style Grams)
+            binding.bind_ortvalue_input(name, value)
         for name, t in feeds.items():
             binding.bind_input(name, "cuda", t.device.index or 0, np.float32, tuple(t.shape), t.data_ptr())
         for name, t in outs.items():
             binding.bind_output(name, "cuda", t.device.index or 0, np.float32, tuple(t.shape), t.data_ptr())
 
-    def _alloc(self, like) -> dict[str, Any]:
+    def _alloc(self, like, names: tuple[str, ...]) -> dict[str, Any]:
         import torch
 
         n, _, h, w = like.shape
-        return {k: torch.empty(s, device=like.device, dtype=torch.float32)
-                for k, s in output_shapes(self.engine, n, h, w).items()}
+        shapes = output_shapes(self.engine, n, h, w)
+        return {k: torch.empty(shapes[k], device=like.device, dtype=torch.float32) for k in names}
 
-    def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+    def run(self, feeds: dict[str, Any], extra: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
         import torch
 
         feeds = {k: v.contiguous() for k, v in feeds.items()}  # NCHW dense, whatever the layout
         shape = tuple(feeds["x"].shape)
-        if self.graph and (self._static is None or self._static["shape"] == shape):
-            return self._run_graph(feeds, shape)
-        outs = self._alloc(feeds["x"])
+        if self.graph and (self._static is None or self._static["key"] == (shape, names)):
+            return self._run_graph(feeds, extra, names, shape)
+        outs = self._alloc(feeds["x"], names)
         binding = self.session.io_binding()
-        self._bind(binding, feeds, outs)
+        self._bind(binding, feeds, outs, extra)
         torch.cuda.current_stream(feeds["x"].device).synchronize()
         self.session.run_with_iobinding(binding)
         return outs
 
-    def _run_graph(self, feeds: dict[str, Any], shape: tuple[int, ...]) -> dict[str, Any]:
+    def _run_graph(self, feeds: dict[str, Any], extra: dict[str, Any], names: tuple[str, ...],
+                   shape: tuple[int, ...]) -> dict[str, Any]:
         import torch
 
         with self._graph_lock:
             if self._static is None:
                 ins = {k: torch.empty_like(v) for k, v in feeds.items()}
-                outs = self._alloc(feeds["x"])
+                outs = self._alloc(feeds["x"], names)
                 binding = self.session.io_binding()
-                self._bind(binding, ins, outs)
-                self._static = {"shape": shape, "in": ins, "out": outs}
+                self._bind(binding, ins, outs, extra)
+                self._static = {"key": (shape, names), "in": ins, "out": outs}
                 self._static_binding = binding
             st = self._static
             for k, v in feeds.items():
