@@ -15,10 +15,11 @@ from . import providers as P
 from .iobinding import TorchBinder
 
 
-def _session_options(device: str, threads: int | None):
+def _session_options(threads: int | None, cpu_arena: bool):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = cpu_arena
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only: a failed provider is reported by us, with the reason
     if threads:
@@ -36,19 +37,24 @@ class Engine:
     options: ProviderOptions for CUDA/TensorRT (tf32, fixed shapes, caches, ...).
     check_range: refuse host inputs outside the model's input range (see README).
     max_pixels: refuse a call whose N·H·W exceeds it, before any work.
+    cpu_arena: ONNX Runtime's CPU memory arena. Default: on for fixed shapes
+        (``options.fixed_shapes``), off otherwise, since an arena sized by every
+        shape seen keeps the largest (see README, "Memory").
 
     Safe to call from several threads.
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", *,
                  options: P.ProviderOptions | None = None, threads: int | None = None,
-                 check_range: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+                 check_range: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 cpu_arena: bool | None = None) -> None:
         import onnxruntime as ort
 
         self.path = os.fspath(path)
         self.options = options or P.ProviderOptions()
         self.check_range = check_range
         self.max_pixels = max_pixels
+        self.cpu_arena = self.options.fixed_shapes if cpu_arena is None else cpu_arena
         if not os.path.isfile(self.path):
             what = "a folder" if os.path.isdir(self.path) else "missing"
             raise ModelError(f"model {self.path!r} is {what}; give the path of an exported .onnx file "
@@ -61,7 +67,7 @@ class Engine:
             _preload_cuda()
         try:
             self.session = ort.InferenceSession(
-                self.path, _session_options(device, threads),
+                self.path, _session_options(threads, self.cpu_arena),
                 providers=[(n, o) for n, o in chain], enable_fallback=0,
             )
         except Exception as exc:

@@ -1,0 +1,113 @@
+"""Faults and load: a killed export, one Engine shared by threads."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from perceptual_engine import Engine, FeatureSpec, LossConfig, export_onnx
+
+SPEC = FeatureSpec(layers=("relu1_2", "relu2_2"), weights="random", seed=3)
+LOSS = LossConfig(content={"relu2_2": 1.0}, style={"relu1_2": 0.5})
+
+
+@pytest.fixture(scope="module")
+def distance_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rel") / "d.onnx"
+    export_onnx(SPEC, path, graph="distance", loss=LOSS)
+    return str(path)
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+# The child exports over an existing model and stops at a chosen point of the
+# write (``stage``), announcing it, so the parent can kill it exactly there.
+CHILD = textwrap.dedent(
+    """
+    import sys, time, onnx
+    import perceptual_engine.export.exporter as ex
+    from perceptual_engine import FeatureSpec, export_onnx
+    stage, path = sys.argv[1], sys.argv[2]
+    real_save = onnx.save_model
+    def save(proto, tmp, *a, **k):
+        if stage == "writing":
+            data = proto.SerializeToString()
+            with open(tmp, "wb") as fh:
+                fh.write(data[: len(data) // 2]); fh.flush()
+            print("READY", flush=True); time.sleep(60)
+        real_save(proto, tmp, *a, **k)
+    def verify(*a, **k):
+        print("READY", flush=True); time.sleep(60)
+    ex.onnx.save_model = save
+    ex.verify_model = verify
+    export_onnx(FeatureSpec(layers=("relu1_1",), weights="random", seed=9), path)
+    """
+)
+
+
+@pytest.mark.parametrize("stage", ["writing", "verifying"])
+def test_killed_export_leaves_previous_model_intact(tmp_path, distance_model, stage):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(open(distance_model, "rb").read())
+    before = _sha(path)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, stage, str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "READY", proc.stderr.read()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _sha(path) == before
+    # The previous model still loads and runs.
+    eng = Engine(path, device="cpu")
+    x = np.random.default_rng(0).random((1, 3, 19, 23), dtype=np.float32)
+    assert np.isfinite(eng.distance(x, x[:, :, ::-1].copy())["total"]).all()
+
+
+def test_one_engine_shared_by_8_threads_matches_sequential(distance_model):
+    eng = Engine(distance_model, device="cpu")
+    rng = np.random.default_rng(1)
+    shapes = [(1, 16, 16), (2, 21, 17), (3, 18, 25)]
+    inputs = []
+    for i in range(200):
+        n, h, w = shapes[i % 3]
+        inputs.append((rng.random((n, 3, h, w), dtype=np.float32),
+                       rng.random((n, 3, h, w), dtype=np.float32)))
+    expected = [eng.distance(x, y)["total"] for x, y in inputs]
+    results: dict[int, list[np.ndarray]] = {}
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            order = list(range(200))[k:] + list(range(200))[:k]  # each thread its own order
+            got = [None] * 200
+            for i in order:
+                got[i] = eng.distance(*inputs[i])["total"]
+            results[k] = got
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a worker thread hung"
+    assert not errors, errors
+    for got in results.values():
+        for a, b in zip(got, expected):
+            np.testing.assert_array_equal(a, b)
+    assert len(results) == 8
