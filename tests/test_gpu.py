@@ -1,0 +1,117 @@
+"""GPU parity tiers and the CUDA fast path. Skipped cleanly without a CUDA GPU.
+
+Tiers, against the PyTorch float32 reference with TF32 off:
+strict float32 (TF32 off everywhere) <= 1e-4, TF32 <= 1e-3, float16 <= 1e-2 and finite.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from perceptual_engine import Engine, FeatureSpec, LossConfig, TorchPerceptualLoss, export_onnx
+from perceptual_engine.runtime import ProviderOptions
+from perceptual_engine.runtime.providers import cuda_gpu_count
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or cuda_gpu_count()[0] == 0,
+                       reason="needs a CUDA GPU"),
+]
+
+SPEC = FeatureSpec(weights="random", seed=11)
+LOSS = LossConfig(content={"relu2_2": 1.0, "relu4_4": 1.0}, style={"relu1_2": 1.0, "relu3_4": 1.0})
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gpu")
+    out = {}
+    for dtype in ("float32", "float16"):
+        out[dtype] = str(d / f"{dtype}.onnx")
+        export_onnx(SPEC, out[dtype], graph="distance", loss=LOSS, dtype=dtype)
+    out["style"] = str(d / "style.onnx")
+    export_onnx(SPEC, out["style"], graph="style", loss=LossConfig(style={"relu1_2": 1.0, "relu3_4": 1.0}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return TorchPerceptualLoss(SPEC, LOSS).cuda()
+
+
+def _pair(n=3, h=97, w=131, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return (torch.rand(n, 3, h, w, device="cuda", generator=g),
+            torch.rand(n, 3, h, w, device="cuda", generator=g))
+
+
+def _rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("tier,dtype,tf32,tol", [("strict", "float32", False, 1e-4),
+                                                 ("tf32", "float32", True, 1e-3),
+                                                 ("fp16", "float16", False, 1e-2)])
+def test_parity_tiers(models, reference, tier, dtype, tf32, tol):
+    eng = Engine(models[dtype], device="cuda", options=ProviderOptions(tf32=tf32))
+    assert eng.providers[0] == "CUDAExecutionProvider"
+    x, y = _pair()
+    with torch.no_grad():
+        ref = reference(x, y)
+    got = eng.distance(x, y)
+    for name, value in got.items():
+        assert torch.isfinite(value).all(), name
+        assert _rel(value, ref[name]) <= tol, (tier, name, _rel(value, ref[name]))
+
+
+def test_numpy_and_torch_cuda_inputs_agree(models):
+    eng = Engine(models["float32"], device="cuda", options=ProviderOptions(tf32=False))
+    x, y = _pair(2, 64, 80)
+    on_gpu = eng.distance(x, y)["total"].cpu().numpy()
+    on_host = eng.distance(x.cpu().numpy(), y.cpu().numpy())["total"]
+    np.testing.assert_allclose(on_gpu, on_host, rtol=1e-5)
+
+
+def test_channels_last_and_strided_cuda_tensors(models):
+    eng = Engine(models["float32"], device="cuda", options=ProviderOptions(tf32=False))
+    x, y = _pair(2, 64, 80)
+    expected = eng.distance(x, y)["total"]
+    got = eng.distance(x.contiguous(memory_format=torch.channels_last), y.transpose(2, 3).contiguous().transpose(2, 3))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+
+
+def test_cuda_graph_fixed_shape_matches_and_is_thread_safe(models):
+    opts = ProviderOptions(tf32=False, cuda_graph=True, fixed_shapes=True)
+    eng = Engine(models["float32"], device="cuda", options=opts)
+    plain = Engine(models["float32"], device="cuda", options=ProviderOptions(tf32=False))
+    pairs = [_pair(2, 64, 64, seed=s) for s in range(8)]
+    expected = [plain.distance(x, y)["total"] for x, y in pairs]
+    results = [None] * len(pairs)
+
+    def work(i):
+        results[i] = eng.distance(*pairs[i])["total"]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(pairs))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for a, b in zip(results, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-12)
+
+
+def test_cached_style_target_on_gpu(models):
+    eng = Engine(models["style"], device="cuda", options=ProviderOptions(tf32=False))
+    x, target = _pair(3, 72, 88)
+    eng.set_style_target(target[:1])
+    ref = TorchPerceptualLoss(SPEC, eng.info.loss).cuda()
+    ref.set_style_target(target[:1])
+    with torch.no_grad():
+        expected = ref(x)
+    got = eng.distance(x)
+    for name in expected:
+        assert _rel(got[name], expected[name]) <= 1e-4, name
