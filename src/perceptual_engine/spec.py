@@ -153,6 +153,10 @@ class LossConfig:
                 "LossConfig has no term; give content={'relu2_2': 1.0} and/or style={...}."
             )
 
+    def __hash__(self) -> int:
+        # frozensets: equality ignores key order, so the hash must too.
+        return hash((frozenset(self.content.items()), frozenset(self.style.items()), self.gram))
+
     @classmethod
     def default_for(cls, spec: FeatureSpec) -> "LossConfig":
         """Content terms of weight 1 on every layer of ``spec`` (the usual perceptual loss)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -93,9 +94,13 @@ def _read_file(path: str) -> Mapping[str, torch.Tensor]:
         # weights_only=True: a pickle that would run code or build arbitrary objects is refused.
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch's own message suggests weights_only=False, exactly what must not be done.
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        found = re.search(r"GLOBAL ([\w.]+)", plain)
+        what = f" ({found.group(1)})" if found else ""
         raise WeightsError(
-            f"weights file {path!r} was refused: it holds Python objects beyond tensors, which "
-            f"could execute code when loaded ({str(exc).splitlines()[0]}). Accepted: a plain "
+            f"weights file {path!r} was refused: it holds Python objects beyond tensors{what}, "
+            "which could execute code when loaded. Accepted: a plain "
             "state dict of tensors; re-save it with torch.save(model.state_dict(), path) or as "
             ".safetensors."
         ) from exc

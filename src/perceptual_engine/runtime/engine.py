@@ -65,15 +65,24 @@ class Engine:
         chain = P.plan(device, self.options, self.inputs, lambda: sha256_file(self.path)[:16])
         if any(name != "CPUExecutionProvider" for name, _ in chain):
             _preload_cuda()
+        self.fallback_reason = ""  # why "auto" did not get its first choice
+        so = _session_options(threads, self.cpu_arena)
         try:
-            self.session = ort.InferenceSession(
-                self.path, _session_options(threads, self.cpu_arena),
-                providers=[(n, o) for n, o in chain], enable_fallback=0,
-            )
+            self.session = ort.InferenceSession(self.path, so, providers=chain, enable_fallback=0)
         except Exception as exc:
             if device in ("cuda", "tensorrt"):
                 raise DeviceError(_why_not(device, exc)) from exc
-            raise ModelError(f"ONNX Runtime could not load {self.path!r}: {exc}") from exc
+            if device == "auto" and len(chain) > 1:
+                # "auto" means TensorRT, then CUDA, then CPU: a GPU that cannot start
+                # is reported in fallback_reason, and the CPU session is built.
+                self.fallback_reason = f"{chain[0][0]} failed: {str(exc).splitlines()[0][:300]}"
+                try:
+                    self.session = ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"],
+                                                        enable_fallback=0)
+                except Exception as exc2:
+                    raise ModelError(f"ONNX Runtime could not load {self.path!r}: {exc2}") from exc2
+            else:
+                raise ModelError(f"ONNX Runtime could not load {self.path!r}: {exc}") from exc
         self.providers: list[str] = list(self.session.get_providers())
         self.device = device
         want = P.PROVIDER.get(device)
@@ -107,10 +116,10 @@ class Engine:
             )
 
     # -- calls ---------------------------------------------------------------
-    def _check(self, *arrays: Any) -> None:
+    def _check(self, *arrays: Any, name: str = "x") -> None:
         kw = dict(dtypes=("float32",), max_pixels=self.max_pixels, check_range=self.check_range)
         if len(arrays) == 1:
-            check_tensor(arrays[0], "x", self.spec, **kw)
+            check_tensor(arrays[0], name, self.spec, **kw)
         else:
             check_pair(arrays[0], arrays[1], self.spec, **kw)
 
@@ -137,7 +146,7 @@ class Engine:
         numpy in -> numpy out; CUDA torch tensors in -> CUDA torch tensors out.
         """
         if self.info.graph != "features":
-            raise ModelError(f"{self.path!r} is a distance graph; features() needs a model exported "
+            raise ModelError(f"{self.path!r} is a {self.info.graph} graph; features() needs a model exported "
                              "with graph='features'. Use distance(x, y), or export a features graph.")
         self._check(x)
         return self._run({"x": x})
@@ -178,7 +187,7 @@ class Engine:
         if self.info.graph != "style":
             raise ModelError(f"{self.path!r} is a {self.info.graph} graph; set_style_target needs a model "
                              "exported with graph='style' and a style-only loss.")
-        self._check(image)
+        self._check(image, name="style target")
         if tuple(image.shape)[0] != 1:
             raise InputError(f"the style target has batch {tuple(image.shape)[0]}; accepted: one image, "
                              "shape (1, 3, H, W). Pass target[None] or target[:1].")
