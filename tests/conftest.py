@@ -1,0 +1,262 @@
+"""Shared fixtures: seeded data, torchvision VGGs with known weights, exported models.
+
+Exports are the slow part of the suite, so every model is exported once per
+session here and shared; most are shallow (up to relu3_x). Only the float16
+models with scaled weights go through the whole of VGG19 up to relu4_4.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from perceptual_engine import FeatureSpec, LossConfig, export_onnx
+from perceptual_engine.runtime import providers as P
+from perceptual_engine.weights import load_weights
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# A features model with conv taps next to the ReLUs that overwrite them in torchvision.
+FEATURES_SPEC = FeatureSpec(
+    arch="vgg19", layers=("conv1_1", "relu1_2", "relu2_2", "conv3_1", "relu3_1"),
+    weights="random", seed=7,
+)
+DISTANCE_SPEC = FeatureSpec(
+    arch="vgg19", layers=("relu1_2", "relu2_2", "relu3_1"), weights="random", seed=11,
+)
+DISTANCE_LOSS = LossConfig(
+    content={"relu2_2": 1.0, "relu3_1": 0.5}, style={"relu1_2": 2.0, "relu3_1": 1.5}, gram="chw",
+)
+STYLE_LOSS = LossConfig(style={"relu1_2": 1.0, "relu3_1": 0.5}, gram="hw")
+# Conv weights and biases of seeded random VGG19 weights are multiplied by this, so
+# activations compound to the hundreds at relu4_4 (1.6**12 ~ 280).
+FP16_SCALE = 1.6
+# "chw": the default, where F is scaled by 1/sqrt(C·H·W) before the product.
+FP16_LOSS = LossConfig(
+    content={"relu2_2": 1.0, "relu4_4": 1.0},
+    style={"relu1_2": 1.0, "relu3_4": 1.0, "relu4_4": 1.0},
+    gram="chw",
+)
+# "none": raw Grams, which only float32 math can hold; shallow to keep the export cheap.
+FP16_RAW_LAYERS = ("relu1_2", "relu2_2")
+FP16_RAW_LOSS = LossConfig(content={"relu2_2": 1.0}, style={"relu1_2": 1.0, "relu2_2": 1.0}, gram="none")
+
+
+def _gpu_available() -> bool:
+    try:
+        return P.cuda_gpu_count()[0] > 0 and "CUDAExecutionProvider" in P.available_providers()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _gpu_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and onnxruntime's CUDA provider")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+# -- data -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_images():
+    """make_images(shape, seed=0, lo=0.0, hi=1.0) -> seeded uniform float32 NCHW array."""
+
+    def make(shape, seed=0, lo=0.0, hi=1.0):
+        rng = np.random.default_rng(seed)
+        return rng.uniform(lo, hi, size=shape).astype(np.float32)
+
+    return make
+
+
+def rel_error(actual, expected) -> float:
+    """max |a - b| / max |b|, in float64 (the export's own error measure)."""
+    a = np.asarray(actual, dtype=np.float64)
+    b = np.asarray(expected, dtype=np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    scale = float(np.abs(b).max())
+    assert scale > 0, "reference is all zeros: the comparison would prove nothing"
+    return float(np.abs(a - b).max()) / scale
+
+
+@pytest.fixture(scope="session")
+def rel_err():
+    return rel_error
+
+
+# -- torchvision VGGs -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tv_features():
+    """tv_features(arch) -> torchvision ``vgg*(weights=None).features`` with seeded weights.
+
+    torchvision initializes biases to zero, which would hide a bias mapped to the
+    wrong layer; they get seeded nonzero values here.
+    """
+    import torchvision
+
+    cache: dict[str, torch.nn.Sequential] = {}
+
+    def get(arch: str) -> torch.nn.Sequential:
+        if arch not in cache:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed({"vgg19": 19, "vgg16": 16}[arch])
+                model = getattr(torchvision.models, arch)(weights=None)
+                feats = model.features.eval()
+                del model
+                for mod in feats:
+                    if isinstance(mod, torch.nn.Conv2d):
+                        with torch.no_grad():
+                            mod.bias.copy_(torch.randn(mod.out_channels) * 0.05)
+                for p in feats.parameters():
+                    p.requires_grad_(False)
+            cache[arch] = feats
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tv_state(tv_features):
+    """tv_state(arch) -> a torchvision-format state dict ("features.N.weight") plus an
+    extra classifier key that loaders must ignore."""
+
+    def get(arch: str) -> dict[str, torch.Tensor]:
+        state = {f"features.{k}": v.clone() for k, v in tv_features(arch).state_dict().items()}
+        g = torch.Generator().manual_seed(5)
+        state["classifier.6.bias"] = torch.randn(1000, generator=g)
+        return state
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tv_weights_file(tv_state, tmp_path_factory):
+    """tv_weights_file(arch, ext) -> path of tv_state(arch) saved as .pth or .safetensors."""
+    folder = tmp_path_factory.mktemp("tv_weights")
+    cache: dict[tuple[str, str], str] = {}
+
+    def get(arch: str, ext: str = ".pth") -> str:
+        if (arch, ext) not in cache:
+            path = folder / f"{arch}{ext}"
+            state = tv_state(arch)
+            if ext == ".safetensors":
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+            else:
+                torch.save(state, path)
+            cache[(arch, ext)] = str(path)
+        return cache[(arch, ext)]
+
+    return get
+
+
+def run_tv_by_hand(feats: torch.nn.Sequential, x: torch.Tensor, taps: dict[int, str], *,
+                   input_range: str = "0,1", pooling: str = "max") -> dict[str, torch.Tensor]:
+    """torchvision ``features`` run module by module, ImageNet normalization applied here.
+
+    Outputs are cloned at the tapped index: torchvision's ReLUs run in place and
+    would otherwise overwrite a tapped conv output.
+    """
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    if input_range == "-1,1":
+        x = (x + 1.0) / 2.0
+    h = (x - mean) / std
+    out: dict[int, torch.Tensor] = {}
+    last = max(taps)
+    with torch.no_grad():
+        for i, mod in enumerate(feats):
+            if i > last:
+                break
+            if isinstance(mod, torch.nn.MaxPool2d) and pooling == "avg":
+                mod = torch.nn.AvgPool2d(2, 2)
+            h = mod(h)
+            if i in taps:
+                out[i] = h.clone()
+    return {name: out[i] for i, name in taps.items()}
+
+
+@pytest.fixture(scope="session")
+def tv_reference():
+    return run_tv_by_hand
+
+
+# -- exported models (one export each per session) ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def features_model(model_dir):
+    """(path, spec, ExportResult) of a float32 features graph with conv and relu taps."""
+    path = model_dir / "features.onnx"
+    result = export_onnx(FEATURES_SPEC, path, graph="features")
+    return str(path), FEATURES_SPEC, result
+
+
+@pytest.fixture(scope="session")
+def distance_model(model_dir):
+    """(path, spec, loss, ExportResult) of a float32 distance graph."""
+    path = model_dir / "distance.onnx"
+    result = export_onnx(DISTANCE_SPEC, path, graph="distance", loss=DISTANCE_LOSS)
+    return str(path), DISTANCE_SPEC, DISTANCE_LOSS, result
+
+
+@pytest.fixture(scope="session")
+def style_model(model_dir):
+    """(path, spec, loss, ExportResult) of a float32 style graph (cached-target Grams as inputs)."""
+    path = model_dir / "style.onnx"
+    result = export_onnx(DISTANCE_SPEC, path, graph="style", loss=STYLE_LOSS)
+    return str(path), DISTANCE_SPEC, STYLE_LOSS, result
+
+
+@pytest.fixture(scope="session")
+def vgg16_model(model_dir, tv_weights_file):
+    """(path, spec, ExportResult): vgg16 from a weights file, input range [-1, 1], avg pooling."""
+    spec = FeatureSpec(arch="vgg16", layers=("relu1_2", "conv2_2", "relu3_3"),
+                       weights=tv_weights_file("vgg16", ".safetensors"),
+                       input_range="-1,1", pooling="avg")
+    path = model_dir / "vgg16_avg.onnx"
+    result = export_onnx(spec, path)
+    return str(path), spec, result
+
+
+@pytest.fixture(scope="session")
+def scaled_weights_file(model_dir):
+    """A .safetensors file of seeded random VGG19 weights multiplied by FP16_SCALE."""
+    from safetensors.torch import save_file
+
+    base = load_weights(FeatureSpec(arch="vgg19", weights="random", seed=3))
+    path = model_dir / "vgg19_scaled.safetensors"
+    save_file({k: (v * FP16_SCALE).contiguous() for k, v in base.state.items()}, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def fp16_models(model_dir, scaled_weights_file):
+    """float16 models with large activations: VGG19 to relu4_4 as features and
+    distance ("chw") graphs, and a shallow distance graph with raw ("none") Grams.
+
+    {"spec", "loss", "features": (path, result), "distance": (path, result),
+     "raw_spec", "raw_loss", "raw": (path, result)}.
+    """
+    spec = FeatureSpec(arch="vgg19", weights=scaled_weights_file)
+    raw_spec = FeatureSpec(arch="vgg19", layers=FP16_RAW_LAYERS, weights=scaled_weights_file)
+    out = {"spec": spec, "loss": FP16_LOSS, "raw_spec": raw_spec, "raw_loss": FP16_RAW_LOSS}
+    for key, s, graph, loss in (("features", spec, "features", None),
+                                ("distance", spec, "distance", FP16_LOSS),
+                                ("raw", raw_spec, "distance", FP16_RAW_LOSS)):
+        path = model_dir / f"fp16_{key}.onnx"
+        result = export_onnx(s, path, graph=graph, loss=loss, dtype="float16")
+        out[key] = (str(path), result)
+    return out
