@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from .errors import PerceptualError
 from .export import export_onnx
+from .images import load_image, load_images
 from .reference import TorchFeatures, TorchPerceptualLoss
 from .runtime import Engine
 from .spec import FeatureSpec, LossConfig
@@ -21,5 +22,7 @@ __all__ = [
     "export_onnx",
     "Engine",
     "PerceptualError",
+    "load_image",
+    "load_images",
     "__version__",
 ]

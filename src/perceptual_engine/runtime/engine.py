@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -76,6 +77,8 @@ class Engine:
                 # "auto" means TensorRT, then CUDA, then CPU: a GPU that cannot start
                 # is reported in fallback_reason, and the CPU session is built.
                 self.fallback_reason = f"{chain[0][0]} failed: {str(exc).splitlines()[0][:300]}"
+                warnings.warn(f"device='auto' runs on the CPU: {self.fallback_reason}", RuntimeWarning,
+                              stacklevel=2)
                 try:
                     self.session = ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"],
                                                         enable_fallback=0)
