@@ -1,0 +1,150 @@
+"""A folder of exported models keyed by what they compute, built once and reused.
+
+Each entry is ``<name>.onnx`` beside ``<name>.json``, a sidecar recording the key,
+the model file's SHA-256 and the parity errors measured at export. An entry is
+used only if its sidecar parses, names the same key, and the model's hash and
+metadata match; otherwise it is rebuilt. Both files are written atomically and a
+lock file (``fcntl.flock``) serializes processes that build the same entry.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from . import __version__
+from ._io import atomic_write_bytes, sha256_file
+from .errors import ModelError, PerceptualError
+from .export import export_onnx
+from .runtime import read_info
+from .runtime.providers import default_cache_dir
+from .spec import FeatureSpec, LossConfig, _digest
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    path: str
+    key: str
+    built: bool  # exported by this call (False: reused)
+    errors: dict[str, dict[str, float]] = field(default_factory=dict)  # parity at export
+    seconds: float = 0.0  # export time when built
+
+
+def model_key(spec: FeatureSpec, loss: LossConfig, dtype: str = "float32") -> str:
+    """Hash of everything the model's numbers depend on.
+
+    A weights file enters by its size and modification time too, so replacing the
+    file re-exports instead of reusing numbers from the old one.
+    """
+    # Term order is output order: keep it (a dict would be hashed sorted).
+    terms = {"content": list(loss.content.items()), "style": list(loss.style.items()),
+             "gram": loss.gram}
+    material: dict[str, Any] = {"spec": spec.key(), "loss": terms, "dtype": dtype,
+                                "graph": "distance", "version": __version__}
+    if spec.weights not in ("imagenet", "random") and os.path.isfile(spec.weights):
+        st = os.stat(spec.weights)
+        material["weights_file"] = [os.path.abspath(spec.weights), st.st_size, st.st_mtime_ns]
+    return _digest(material)
+
+
+def models_dir(cache_dir: str | None = None) -> str:
+    return os.path.join(cache_dir or default_cache_dir(), "models")
+
+
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """Exclusive lock on ``path`` (created if needed) for the block; blocks until free."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _sidecar(path: str) -> str:
+    return os.path.splitext(path)[0] + ".json"
+
+
+def check_entry(path: str, key: str, spec: FeatureSpec, loss: LossConfig,
+                dtype: str) -> tuple[dict[str, Any] | None, str]:
+    """(sidecar record, "") if the entry at ``path`` is intact, else (None, why not)."""
+    if not os.path.isfile(path):
+        return None, "not built yet"
+    try:
+        with open(_sidecar(path), encoding="utf-8") as fh:
+            record = json.load(fh)
+    except (OSError, ValueError) as exc:
+        return None, f"sidecar unreadable ({type(exc).__name__})"
+    if not isinstance(record, dict) or record.get("key") != key:
+        return None, "sidecar is for another model"
+    if sha256_file(path) != record.get("sha256"):
+        return None, "model file does not match the SHA-256 in its sidecar (corrupt or edited)"
+    try:
+        info = read_info(path)
+    except PerceptualError as exc:
+        return None, f"model unreadable ({exc})"
+    if (info.graph, info.dtype, info.spec, info.loss) != ("distance", dtype, spec, loss) or \
+            info.output_names != loss.output_names():
+        return None, "model metadata differs from the requested spec"
+    return record, ""
+
+
+def ensure_model(spec: FeatureSpec, loss: LossConfig, *, dtype: str = "float32",
+                 folder: str | None = None, name: str | None = None, rebuild: bool = False,
+                 say: Callable[[str], None] | None = None) -> CachedModel:
+    """The path of a verified distance model for (spec, loss, dtype), exporting it if needed.
+
+    folder: where entries live (default: ``<default_cache_dir()>/models``).
+    name: file stem (default: the key). rebuild: export even if an entry looks intact
+        (used when an intact-looking entry fails to load).
+    """
+    say = say or (lambda msg: None)
+    key = model_key(spec, loss, dtype)
+    folder = folder or models_dir()
+    path = os.path.join(folder, f"{name or key}.onnx")
+    with file_lock(os.path.join(folder, f"{name or key}.lock")):
+        # Checked under the lock: another process may have just built it.
+        record, why = check_entry(path, key, spec, loss, dtype)
+        if record is not None and not rebuild:
+            return CachedModel(path, key, built=False, errors=record.get("errors", {}))
+        if rebuild:
+            why = "it failed to load"
+        say(f"exporting the distance model to {path} ({why}); this is done once")
+        # The old sidecar stays until the new one replaces it: it cannot vouch for the new
+        # file (its SHA-256 differs), and an export that fails leaves the old entry intact.
+        result = export_onnx(spec, path, graph="distance", loss=loss, dtype=dtype, progress=say)
+        errors = {k: {"max_abs": e.max_abs, "max_rel": e.max_rel} for k, e in result.errors.items()}
+        record = {"key": key, "sha256": sha256_file(path), "spec": spec.to_dict(),
+                  "loss": loss.to_dict(), "dtype": dtype, "version": __version__,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "errors": errors,
+                  "weights_sha256": result.weights_sha256}
+        atomic_write_bytes(_sidecar(path), json.dumps(record, indent=2).encode())
+        return CachedModel(path, key, built=True, errors=errors, seconds=result.seconds)
+
+
+def open_engine(spec: FeatureSpec, loss: LossConfig, *, device: str = "auto",
+                dtype: str = "float32", folder: str | None = None,
+                say: Callable[[str], None] | None = None):
+    """(Engine, CachedModel): the cached model loaded on ``device``; an entry that
+    fails to load (ModelError) is rebuilt once, then any failure is the caller's."""
+    from .runtime import Engine
+
+    def make(path: str):
+        return Engine(path, device)
+
+    entry = ensure_model(spec, loss, dtype=dtype, folder=folder, say=say)
+    try:
+        return make(entry.path), entry
+    except ModelError as exc:
+        if entry.built:
+            raise
+        (say or (lambda m: None))(f"cached model failed to load ({exc}); rebuilding it")
+        entry = ensure_model(spec, loss, dtype=dtype, folder=folder, say=say, rebuild=True)
+        return make(entry.path), entry

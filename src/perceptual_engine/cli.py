@@ -1,0 +1,279 @@
+"""The ``perceptual-engine`` command: a thin argparse layer over the library.
+
+Exit status: 0 success; 1 when some pair failed or the library raised an error
+(one line on stderr, no traceback); 2 for usage and configuration errors;
+130 when interrupted. ``--traceback`` shows the full error (for bug reports).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from .cli_options import SPEC_FLAGS, add_spec_options, positive_int, spec_from_args
+from .errors import ConfigError, ModelError, PerceptualError, WeightsError
+
+PROG = "perceptual-engine"
+
+
+def _say(msg: str) -> None:
+    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+
+
+# -- commands -------------------------------------------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+    from .export.exporter import TOLERANCE
+
+    spec, loss = spec_from_args(args)
+    if args.graph == "features" and loss is not None:
+        raise ConfigError("--content/--style/--gram describe a distance graph; add --graph "
+                          "distance, or drop them to export features.")
+    dtype = args.dtype or "float32"
+    r = export_onnx(spec, args.output, graph=args.graph, loss=loss, dtype=dtype,
+                    progress=lambda m: _say(m))
+    print(f"wrote {r.path} ({r.size_bytes / 1e6:.1f} MB) in {r.seconds:.1f} s")
+    print(f"  graph     {r.graph}, {r.dtype} network, float32 inputs and outputs")
+    print(f"  spec      {spec.arch} {','.join(spec.layers)}; weights {spec.weights}"
+          f"{f' (seed {spec.seed})' if spec.weights == 'random' else ''}, sha256 "
+          f"{r.weights_sha256[:16]}; input range {spec.input_range}; {spec.pooling} pooling")
+    if r.graph == "distance":
+        from .spec import LossConfig
+
+        lc = loss or LossConfig.default_for(spec)
+        terms = [f"content {k}={v:g}" for k, v in lc.content.items()]
+        terms += [f"style {k}={v:g}" for k, v in lc.style.items()]
+        print(f"  loss      {', '.join(terms)}; gram {lc.gram}")
+    dims = "(N, 3, H, W), N, H, W dynamic"
+    print(f"  inputs    {', '.join(r.inputs)}: float32 {dims}")
+    if r.graph == "distance":
+        print(f"  outputs   {', '.join(r.outputs)}: float32 (N,)")
+    else:
+        from . import layers as _layers
+
+        for name in r.outputs:
+            info = _layers.resolve(spec.arch, name)
+            print(f"  output    {name}: float32 (N, {info.channels}, H/{info.downsample}, "
+                  f"W/{info.downsample})")
+    print(f"  parity vs the PyTorch reference on ONNX Runtime CPU (tolerance "
+          f"{TOLERANCE[dtype]:g} relative):")
+    for name, e in r.errors.items():
+        print(f"    {name:<20} max abs {e.max_abs:.2e}   max rel {e.max_rel:.2e}")
+    return 0
+
+
+def _open_engine(args: argparse.Namespace):
+    from .runtime import Engine
+
+    given = [f for f in SPEC_FLAGS if getattr(args, f) is not None]
+    if args.model:
+        if given:
+            raise ConfigError(f"--model reads the spec from the model; drop "
+                              f"{', '.join('--' + f.replace('_', '-') for f in given)}, or drop "
+                              "--model to export one from the flags.")
+        engine = Engine(args.model, args.device)
+    else:
+        from .cache import models_dir, open_engine
+        from .spec import LossConfig
+
+        spec, loss = spec_from_args(args)
+        engine, entry = open_engine(spec, loss or LossConfig.default_for(spec), device=args.device,
+                                    dtype=args.dtype or "float32",
+                                    folder=models_dir(args.cache_dir), say=_say)
+        if not entry.built:
+            _say(f"using the cached model {entry.path}")
+    if engine.info.graph != "distance":
+        raise ModelError(f"{args.model!r} is a features graph; distance needs a model exported "
+                         "with --graph distance.")
+    return engine
+
+
+def cmd_distance(args: argparse.Namespace) -> int:
+    from .pairs import pairs_from_args
+    from .results import ResultFile, StdoutRows
+    from .runner import Progress, run_pairs
+
+    pairs = pairs_from_args(args.a, args.b, args.pairs)
+    engine = _open_engine(args)
+    terms = list(engine.output_names)
+    sinks, closers = [], []
+    skip: set[tuple[str, str]] = set()
+    if args.output:
+        outfile = ResultFile(args.output, terms, resume=args.resume)
+        skip = outfile.done
+        sinks.append(outfile.write)
+        closers.append(outfile.close)
+    todo = sum(p.key not in skip for p in pairs)
+    _say(f"{len(pairs)} pair(s) on {engine.providers[0]}"
+         + (f", {len(pairs) - todo} already in {args.output}" if skip else ""))
+    width = min(max(max(len(p.a), len(p.b)) for p in pairs), 60)
+    screen = StdoutRows(sys.stdout, args.format, terms, path_width=width)
+    sinks.append(screen.write)
+    closers.append(screen.close)
+    bar = Progress(todo, sys.stderr, enabled=sys.stderr.isatty())
+    try:
+        stats = run_pairs(engine, pairs, sinks, batch_size=args.batch_size,
+                          size_policy=args.size_policy, workers=args.workers, skip=skip,
+                          max_pixels=args.max_pixels, progress=bar)
+    except KeyboardInterrupt:
+        bar.close()
+        where = f"; the rows computed so far are in {args.output}, rerun with --resume" \
+            if args.output else ""
+        _say(f"interrupted{where}")
+        return 130
+    finally:
+        for close in closers:
+            close()
+    _say(stats.summary())
+    return 0 if stats.failed == 0 else 1
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .sysinfo import collect, format_text
+
+    info = collect()
+    print(json.dumps(info, indent=2) if args.json else format_text(info))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import default_loss, run_demo
+
+    spec, loss = spec_from_args(args, default_loss=default_loss)
+    return run_demo(spec, loss, out_dir=args.out_dir, photo=args.image, size=args.size,
+                    device=args.device, dtype=args.dtype or "float32", bench=not args.no_bench,
+                    out=sys.stdout, err=sys.stderr)
+
+
+# -- parser ---------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from .images import DEFAULT_MAX_PIXELS, SIZE_POLICIES
+    from .results import STDOUT_FORMATS
+    from .runtime.providers import DEVICES
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=fmt,
+        description="Fast VGG perceptual distances: export verified ONNX models, compute "
+                    "distances between images, report the environment.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--traceback", action="store_true",
+                        help="show the full traceback of an error (for bug reports)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("export", formatter_class=fmt, help="export a verified ONNX model",
+                       description="Export a FeatureSpec to one self-contained ONNX file, verified "
+                                   "with onnx.checker and against the PyTorch reference.")
+    add_spec_options(p)
+    p.add_argument("--graph", choices=("features", "distance"), default="features",
+                   help="features: input x, one output per layer; distance: inputs x, y, "
+                        "outputs content.<l>, style.<l>, total (default: features)")
+    p.add_argument("-o", "--output", required=True, metavar="PATH", help="the .onnx file to write")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "distance", formatter_class=fmt, help="perceptual distances between images",
+        description="Distance between two images, between the files of two folders (matched by "
+                    "relative path), or between the pairs of a CSV file. One row per pair: both "
+                    "paths, every content/style term, total, or the pair's error.",
+        epilog="exit status: 0 every pair computed, 1 some failed (or an error), 2 usage error")
+    p.add_argument("a", nargs="?", help="image file or folder")
+    p.add_argument("b", nargs="?", help="image file or folder")
+    p.add_argument("--pairs", metavar="CSV", help="two columns: image A, image B (instead of A B)")
+    p.add_argument("--model", metavar="ONNX", help="an exported distance model; without it one is "
+                   "exported from the spec flags into the cache once")
+    p.add_argument("--cache-dir", metavar="DIR", help="model cache (default: "
+                   "$PERCEPTUAL_ENGINE_CACHE or ~/.cache/perceptual-engine)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
+                   help="pairs of one size per engine call (default: 8)")
+    p.add_argument("--size-policy", choices=SIZE_POLICIES, default="error",
+                   help="pairs of different sizes: error row, resize B to A, or center-crop both "
+                        "to the common minimum (default: error)")
+    p.add_argument("--output", metavar="FILE.csv|FILE.jsonl",
+                   help="also write rows here, flushed one by one")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the pairs already computed in --output and do only the rest")
+    p.add_argument("--format", choices=STDOUT_FORMATS, default="table",
+                   help="rows on stdout (default: table)")
+    p.add_argument("--workers", type=positive_int, metavar="N",
+                   help="image decoding threads (default: min(4, CPUs))")
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"refuse larger images before decoding (default: {DEFAULT_MAX_PIXELS})")
+    add_spec_options(p)
+    p.set_defaults(func=cmd_distance)
+
+    p = sub.add_parser("info", help="versions, GPU and execution providers that really load",
+                       description="Report versions, CUDA/cuDNN, the GPU and which ONNX Runtime "
+                                   "execution providers load on this machine (each is tried).")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "demo", formatter_class=fmt, help="export, verify, measure distortions, time it",
+        description="Export a distance model into --out-dir, print its parity errors, the "
+                    "distances between a bundled photo and blurred/noisy/JPEG copies at three "
+                    "strengths, and a quick ONNX Runtime vs PyTorch speed table.")
+    p.add_argument("-o", "--out-dir", default="out", help="output folder (default: ./out)")
+    p.add_argument("--image", metavar="PATH",
+                   help="photo to distort (default: the bundled astronaut)")
+    p.add_argument("--size", type=positive_int, default=224, metavar="PIXELS",
+                   help="square side the photo is resized to (default: 224)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
+    p.add_argument("--no-bench", action="store_true", help="skip the speed table")
+    add_spec_options(p, default_layers="the arch's usual four; the demo's loss: content on "
+                                       "relu2_2, style on every layer")
+    p.set_defaults(func=cmd_demo)
+    parser.subcommands = dict(sub.choices)  # type: ignore[attr-defined]
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    first, _, rest = text.partition("\n")
+    return first + (" [more with --traceback]" if rest.strip() else "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _check_distance_args(parser, args)
+    except SystemExit as exc:  # argparse: 2 for usage errors, 0 for --help
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    try:
+        return int(args.func(args))
+    except PerceptualError as exc:
+        if args.traceback:
+            raise
+        hint = ""
+        if isinstance(exc, WeightsError):
+            hint = " On the command line: --weights PATH (.pth/.safetensors) or --weights random."
+        print(f"{PROG}: error: {_one_line(exc)}{hint}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    except OSError as exc:  # unwritable output, full disk: the user's to fix, not a bug
+        if args.traceback:
+            raise
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _check_distance_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot express; errors exit 2 with the subcommand's usage."""
+    if args.command != "distance":
+        return
+    sub = parser.subcommands["distance"]  # type: ignore[attr-defined]
+    if args.pairs and (args.a or args.b):
+        sub.error("give A B or --pairs CSV, not both")
+    if not args.pairs and not (args.a and args.b):
+        sub.error("give two images, two folders, or --pairs CSV")
+    if args.resume and not args.output:
+        sub.error("--resume needs --output (the file to resume)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Reusable option groups of the command line: the FeatureSpec and LossConfig flags."""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+
+def _layer_list(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("give layer names separated by commas, e.g. relu1_2,relu2_2")
+    return names
+
+
+def _weight_map(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value) if sep else 1.0
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not LAYER=WEIGHT; write e.g. relu2_2=1.0,relu3_4=0.5") from None
+    if not out:
+        raise argparse.ArgumentTypeError("give LAYER=WEIGHT pairs separated by commas")
+    return out
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+SPEC_FLAGS = ("arch", "layers", "weights", "seed", "input_range", "pooling", "content", "style",
+              "gram", "dtype")
+
+
+def add_spec_options(p: argparse.ArgumentParser, *, default_layers: str = "the arch's usual four"
+                     ) -> None:
+    from .layers import ARCHS
+    from .spec import GRAM_NORMS, INPUT_RANGES, POOLINGS
+
+    g = p.add_argument_group("model spec (FeatureSpec)")
+    g.add_argument("--arch", choices=ARCHS, help="network (default: vgg19)")
+    g.add_argument("--layers", type=_layer_list, metavar="L1,L2,...",
+                   help="layers to extract, by paper name, e.g. relu1_2,relu2_2 (default: the "
+                        f"layers --content/--style name, else {default_layers})")
+    g.add_argument("--weights", metavar="imagenet|random|PATH",
+                   help="ImageNet (torchvision download), seeded random, or a .pth/.safetensors "
+                        "state dict (default: imagenet)")
+    g.add_argument("--seed", type=int, help="seed of --weights random (default: 0)")
+    g.add_argument("--input-range", choices=tuple(INPUT_RANGES), dest="input_range",
+                   help="pixel range of the inputs (default: 0,1); write --input-range=-1,1")
+    g.add_argument("--pooling", choices=POOLINGS, help="max (as trained) or avg (default: max)")
+    g = p.add_argument_group("loss (LossConfig)")
+    g.add_argument("--content", type=_weight_map, metavar="L=W,...",
+                   help="content terms and weights, e.g. relu2_2=1.0 (default: weight 1 on "
+                        "every layer, when --style is not given either)")
+    g.add_argument("--style", type=_weight_map, metavar="L=W,...",
+                   help="style (Gram) terms and weights, e.g. relu1_2=1,relu2_2=1")
+    g.add_argument("--gram", choices=GRAM_NORMS,
+                   help="Gram normalization: chw (Johnson), hw (Gatys), none (default: chw)")
+    g.add_argument("--dtype", choices=("float32", "float16"),
+                   help="network precision; inputs, Grams and outputs stay float32 (default: float32)")
+
+
+def spec_from_args(args: argparse.Namespace, *,
+                   default_loss: Callable[[Any, str], Any] | None = None):
+    """(FeatureSpec, LossConfig or None) from the spec flags.
+
+    Without --layers, the layers are those --content/--style name (so the network is
+    cut no deeper than needed), else the arch's usual four. Without --content and
+    --style the loss is ``default_loss(spec, gram)`` (a command's own default), or
+    None (export_onnx's default: content weight 1 on every layer).
+    """
+    from . import layers as _layers
+    from .spec import FeatureSpec, LossConfig
+
+    arch = args.arch or "vgg19"
+    gram = args.gram or "chw"
+    user_loss = args.content is not None or args.style is not None
+    chosen = args.layers
+    if chosen is None and user_loss:
+        named = set(args.content or {}) | set(args.style or {})
+        chosen = tuple(sorted(named, key=lambda n: _layers.resolve(arch, n).index))
+    spec = FeatureSpec(arch=arch, layers=chosen, weights=args.weights or "imagenet",
+                       seed=0 if args.seed is None else args.seed,
+                       input_range=args.input_range or "0,1", pooling=args.pooling or "max")
+    if user_loss:
+        return spec, LossConfig(content=args.content or {}, style=args.style or {}, gram=gram)
+    if default_loss is not None:
+        return spec, default_loss(spec, gram)
+    if args.gram:
+        return spec, LossConfig(content={n: 1.0 for n in spec.layers}, gram=gram)
+    return spec, None

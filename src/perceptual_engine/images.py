@@ -1,0 +1,195 @@
+"""Image files -> float32 RGB arrays in [0, 1], with Pillow, by documented rules.
+
+Conversion rules (the same for ``load_image``, ``load_images`` and the CLI):
+
+- The pixel count is read from the header and checked against ``max_pixels``
+  *before* decoding, so a decompression bomb is refused without allocating it.
+- EXIF orientation is applied (``ImageOps.exif_transpose``): a portrait photo
+  stored sideways with an orientation tag comes out upright, H and W swapped.
+- Only the first frame of a multi-frame file (GIF, TIFF) is read.
+- 8-bit grayscale (``L``, and 1-bit ``1``) is replicated to three channels; 16-bit
+  grayscale (``I;16*``, and ``I`` holding 0..65535) is divided by 65535, not 255.
+- Float grayscale (``F``) is taken as already in [0, 1]; other values are refused.
+- Transparency (``RGBA``, ``LA``, ``PA`` and palette ``P`` images, converted via
+  RGBA) is composited over a **white** background: out = a·rgb + (1 − a)·1.
+- CMYK (and YCbCr, LAB, HSV) is converted to RGB by Pillow.
+- Anything that cannot be read (missing file, folder, not an image, truncated or
+  corrupt data, bomb) raises ImageError naming the file and the reason.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import numpy as np
+
+from .errors import ConfigError, ImageError
+
+DEFAULT_MAX_PIXELS = 1 << 26  # 67 M pixels, e.g. 8192 x 8192; below Pillow's own bomb limit
+SIZE_POLICIES = ("error", "resize", "center-crop")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                    ".ppm", ".pgm", ".pbm", ".pnm", ".tga")
+_GRAY16 = ("I;16", "I;16B", "I;16L", "I;16N")
+_TO_RGB = ("CMYK", "YCbCr", "LAB", "HSV", "RGBX")
+
+
+def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read one image file as a float32 array of shape (1, 3, H, W), values in [0, 1].
+
+    H and W are those after EXIF orientation. See the module docstring for how
+    grayscale, 16-bit, palette, transparent and CMYK images are converted.
+    Raises ImageError if the file cannot be read or exceeds ``max_pixels``.
+    """
+    return decode(path, max_pixels=max_pixels)[None]
+
+
+def load_images(paths: Iterable[str | os.PathLike], *,
+                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read images of one size as a float32 batch (N, 3, H, W) in [0, 1].
+
+    Raises ImageError if any cannot be read, or if their sizes differ (naming them).
+    """
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise ImageError("load_images got no paths; give at least one image file.")
+    arrays = [decode(p, max_pixels=max_pixels) for p in paths]
+    sizes = {a.shape[1:] for a in arrays}
+    if len(sizes) > 1:
+        listed = ", ".join(f"{p} is {a.shape[1]}x{a.shape[2]}" for p, a in zip(paths, arrays))
+        raise ImageError(
+            f"images differ in size ({listed}; height x width); accepted: one size for a "
+            "batch. Resize or crop them to one size, or load them one by one with load_image."
+        )
+    return np.ascontiguousarray(np.stack(arrays))
+
+
+def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read one image as (3, H, W) float32 in [0, 1] (``load_image`` without the batch axis)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ImageError(f"{path!r} is a folder; give the path of an image file.")
+    if not os.path.exists(path):
+        raise ImageError(f"{path!r} does not exist; give the path of an image file.")
+    if os.path.getsize(path) == 0:
+        raise ImageError(f"{path!r} is empty (0 bytes); re-export or re-download it.")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageError(
+                    f"{path!r} is {w}x{h} = {w * h} pixels, over the budget of {max_pixels} "
+                    "(refused before decoding: it could be a decompression bomb). Downscale it, "
+                    "or raise the budget (max_pixels= / --max-pixels)."
+                )
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_array(img, path)
+    except ImageError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{path!r} is not an image Pillow can identify; accepted: PNG, JPEG, "
+                         "TIFF, BMP, GIF, WebP and the other formats Pillow reads.") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path!r} was refused as a decompression bomb ({exc}).") from exc
+    except MemoryError as exc:
+        raise ImageError(f"{path!r} does not fit in memory; downscale it.") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
+        # Pillow's plugins report broken data with any of these.
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageError(f"{path!r} is truncated or corrupt ({reason}); re-export or "
+                         "re-download it.") from exc
+
+
+def _to_array(img, path: str) -> np.ndarray:
+    mode = img.mode
+    if mode == "1":
+        img, mode = img.convert("L"), "L"
+    elif mode in ("P", "PA"):
+        img, mode = img.convert("RGBA"), "RGBA"
+    elif mode in _TO_RGB:
+        img, mode = img.convert("RGB"), "RGB"
+    elif mode in ("RGBa", "La"):  # premultiplied alpha
+        img = img.convert("RGBA" if mode == "RGBa" else "LA")
+        mode = img.mode
+    if mode == "RGB":
+        rgb = np.asarray(img, dtype=np.float32) / 255.0
+    elif mode == "L":
+        rgb = _gray(np.asarray(img, dtype=np.float32) / 255.0)
+    elif mode in ("RGBA", "LA"):
+        a = np.asarray(img, dtype=np.float32) / 255.0
+        color, alpha = a[..., :-1], a[..., -1:]
+        rgb = color * alpha + (1.0 - alpha)  # over white
+        if mode == "LA":
+            rgb = _gray(rgb[..., 0])
+    elif mode in _GRAY16 or mode == "I":
+        raw = np.asarray(img)
+        if raw.size and (int(raw.min()) < 0 or int(raw.max()) > 65535):
+            raise ImageError(f"{path!r} is a 32-bit integer image with values in "
+                             f"[{int(raw.min())}, {int(raw.max())}]; accepted: 16-bit "
+                             "(0..65535). Convert it to 8- or 16-bit first.")
+        rgb = _gray(raw.astype(np.float32) / 65535.0)
+    elif mode == "F":
+        raw = np.asarray(img, dtype=np.float32)
+        if raw.size and not (np.isfinite(raw).all() and raw.min() >= -1e-3 and raw.max() <= 1 + 1e-3):
+            raise ImageError(f"{path!r} is a float image with values outside [0, 1] (or NaN); "
+                             "accepted: [0, 1]. Rescale it before saving.")
+        rgb = _gray(np.clip(raw, 0.0, 1.0))
+    else:
+        try:
+            rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        except (ValueError, OSError) as exc:
+            raise ImageError(f"{path!r} has image mode {mode!r}, which cannot be converted to "
+                             "RGB; save it as 8-bit RGB.") from exc
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)
+
+
+def _gray(g: np.ndarray) -> np.ndarray:
+    return np.repeat(g[..., None], 3, axis=-1)
+
+
+def is_image_name(name: str) -> bool:
+    """Does a file name have an image extension (case-insensitive)?"""
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(3, H, W) float32 -> (3, h, w), bicubic (antialiased when shrinking), clipped to [0, 1]."""
+    from PIL import Image
+
+    h, w = size
+    if x.shape[1:] == (h, w):
+        return x
+    planes = [np.asarray(Image.fromarray(c, mode="F").resize((w, h), Image.Resampling.BICUBIC))
+              for c in x]
+    return np.clip(np.stack(planes), 0.0, 1.0).astype(np.float32)
+
+
+def center_crop(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(3, H, W) -> the centered (3, h, w) window (h <= H, w <= W)."""
+    h, w = size
+    top, left = (x.shape[1] - h) // 2, (x.shape[2] - w) // 2
+    return np.ascontiguousarray(x[:, top:top + h, left:left + w])
+
+
+def match_sizes(x: np.ndarray, y: np.ndarray, policy: str) -> tuple[np.ndarray, np.ndarray]:
+    """Apply a size policy to a pair of (3, H, W) arrays.
+
+    "error": differing sizes raise ImageError; "resize": y is resized to x's size;
+    "center-crop": both are center-cropped to the smaller height and width.
+    """
+    if x.shape == y.shape:
+        return x, y
+    if policy == "resize":
+        return x, resize(y, x.shape[1:])
+    if policy == "center-crop":
+        size = (min(x.shape[1], y.shape[1]), min(x.shape[2], y.shape[2]))
+        return center_crop(x, size), center_crop(y, size)
+    if policy == "error":
+        raise ImageError(
+            f"sizes differ: {x.shape[1]}x{x.shape[2]} vs {y.shape[1]}x{y.shape[2]} (height x "
+            "width); use --size-policy resize or center-crop to compare them anyway."
+        )
+    raise ConfigError(f"size policy {policy!r} is not accepted; accepted: "
+                      f"{', '.join(SIZE_POLICIES)}.")

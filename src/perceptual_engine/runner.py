@@ -1,0 +1,233 @@
+"""Compute the distance of many image pairs: decode on threads, batch by size, stream rows.
+
+Images are decoded (and resized/cropped) on a ThreadPoolExecutor, at most
+``prefetch`` pairs ahead, while the calling thread runs the engine on batches of
+equally-sized pairs. The time the engine thread waits for decoded images is
+measured, so the summary says whether the engine was starved.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import IO, Callable, Iterable, Sequence
+
+import numpy as np
+
+from .errors import ImageError, PerceptualError
+from .images import DEFAULT_MAX_PIXELS, decode, match_sizes
+from .pairs import Pair
+from .results import Row
+from .spec import INPUT_RANGES
+
+
+@dataclass
+class RunStats:
+    total: int = 0  # pairs asked for, skipped ones included
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0  # already in the output (--resume)
+    wall_s: float = 0.0
+    engine_s: float = 0.0  # inside Engine.distance
+    wait_s: float = 0.0  # engine thread blocked on a decode
+    decode_s: float = 0.0  # summed over decode threads
+    workers: int = 0
+    batches: int = 0
+    failures: list[Row] = field(default_factory=list)
+
+    @property
+    def idle_fraction(self) -> float:
+        """Share of the run's wall time the engine thread spent waiting for images."""
+        return self.wait_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    def summary(self) -> str:
+        done = self.ok + self.failed
+        rate = done / self.wall_s if self.wall_s > 0 else 0.0
+        parts = [f"{self.total} pair(s): {self.ok} ok, {self.failed} failed"]
+        if self.skipped:
+            parts[0] += f", {self.skipped} skipped (already in the output)"
+        parts.append(f"{self.wall_s:.2f} s, {rate:.1f} pairs/s")
+        parts.append(f"engine busy {self.engine_s:.2f} s in {self.batches} batch(es), idle "
+                     f"{100 * self.idle_fraction:.0f}% waiting for images (decode "
+                     f"{self.decode_s:.2f} s on {self.workers} thread(s))")
+        return "; ".join(parts)
+
+
+@dataclass
+class _Decoded:
+    pair: Pair
+    x: np.ndarray | None = None
+    y: np.ndarray | None = None
+    error: str = ""
+    seconds: float = 0.0
+
+
+class Progress:
+    """A one-line progress bar with rate and ETA, drawn only when ``enabled``."""
+
+    def __init__(self, total: int, stream: IO[str], enabled: bool) -> None:
+        self.total, self.stream, self.enabled = total, stream, enabled
+        self.done, self.start, self._last = 0, time.perf_counter(), 0.0
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.enabled and (now - self._last > 0.1 or self.done >= self.total):
+            self._last = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        frac = self.done / self.total if self.total else 1.0
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
+        self.stream.write(f"\r[{bar}] {self.done}/{self.total} pairs {100 * frac:3.0f}% "
+                          f"{rate:.1f} pairs/s ETA {int(eta) // 60}:{int(eta) % 60:02d} ")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """Print a line on the stream without garbling the bar."""
+        if self.enabled:
+            self.stream.write("\r\033[K")
+        self.stream.write(text + "\n")
+        if self.enabled and self.done:
+            self._draw(time.perf_counter())
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def _decode_pair(pair: Pair, policy: str, scale: tuple[float, float], min_size: int,
+                 max_pixels: int | None) -> _Decoded:
+    start = time.perf_counter()
+    out = _Decoded(pair)
+    try:
+        x = decode(pair.a, max_pixels=max_pixels)
+        y = decode(pair.b, max_pixels=max_pixels)
+        x, y = match_sizes(x, y, policy)
+        h, w = x.shape[1:]
+        if min(h, w) < min_size:
+            raise ImageError(f"{h}x{w} is too small for the model's deepest layer; accepted: "
+                             f"height and width >= {min_size}.")
+        lo, hi = scale
+        if (lo, hi) != (0.0, 1.0):
+            x, y = lo + (hi - lo) * x, lo + (hi - lo) * y
+        out.x, out.y = x, y
+    except ImageError as exc:
+        out.error = str(exc)
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+def run_pairs(engine, pairs: Sequence[Pair], sinks: Iterable[Callable[[Row], None]], *,
+              batch_size: int = 8, size_policy: str = "error", workers: int | None = None,
+              skip: set[tuple[str, str]] | frozenset = frozenset(),
+              max_pixels: int | None = DEFAULT_MAX_PIXELS,
+              progress: Progress | None = None) -> RunStats:
+    """Compute every pair not in ``skip`` with ``engine`` (a distance Engine); each row
+    goes to every sink as soon as it is known. Returns the run's statistics."""
+    sinks = list(sinks)
+    terms = list(engine.output_names)
+    workers = workers or min(4, os.cpu_count() or 1)
+    prefetch = max(2 * batch_size, 2 * workers)
+    stats = RunStats(total=len(pairs), workers=workers)
+    todo = [p for p in pairs if p.key not in skip]
+    stats.skipped = len(pairs) - len(todo)
+    bar = progress or Progress(len(todo), sys.stderr, enabled=False)
+    scale = INPUT_RANGES[engine.spec.input_range]
+    budget = engine.max_pixels
+
+    def emit(pair: Pair, values: dict[str, float] | None, error: str = "") -> None:
+        row: Row = {"a": pair.a, "b": pair.b}
+        row.update({t: (values[t] if values else None) for t in terms})
+        row["error"] = error
+        for sink in sinks:
+            sink(row)
+        if error:
+            stats.failed += 1
+            stats.failures.append(row)
+            bar.message(f"perceptual-engine: failed: {pair.a} | {pair.b}: {error}")
+        else:
+            stats.ok += 1
+        bar.advance()
+
+    def run_batch(items: list[_Decoded]) -> None:
+        x = np.ascontiguousarray(np.stack([i.x for i in items]))
+        y = np.ascontiguousarray(np.stack([i.y for i in items]))
+        start = time.perf_counter()
+        try:
+            out = engine.distance(x, y)
+        except PerceptualError as exc:
+            stats.engine_s += time.perf_counter() - start
+            if len(items) == 1:
+                emit(items[0].pair, None, str(exc))
+            else:  # find which pair it was: one at a time
+                for item in items:
+                    run_batch([item])
+            return
+        stats.engine_s += time.perf_counter() - start
+        stats.batches += 1
+        for k, item in enumerate(items):
+            # The shortest decimal that is the same float32: no float64 noise digits.
+            emit(item.pair, {t: float(str(np.float32(out[t][k]))) for t in terms})
+
+    def batch_limit(shape: tuple[int, ...]) -> int:
+        if budget is None:
+            return batch_size
+        return max(1, min(batch_size, budget // (shape[1] * shape[2])))
+
+    start = time.perf_counter()
+    groups: dict[tuple[int, ...], list[_Decoded]] = collections.defaultdict(list)
+    held = 0
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        it = iter(todo)
+        queue: collections.deque[Future[_Decoded]] = collections.deque()
+
+        def fill() -> None:
+            while len(queue) < prefetch:
+                pair = next(it, None)
+                if pair is None:
+                    return
+                if pair.error:
+                    emit(pair, None, pair.error)
+                    continue
+                queue.append(pool.submit(_decode_pair, pair, size_policy, scale,
+                                         engine.spec.min_size, max_pixels))
+
+        try:
+            fill()
+            while queue:
+                fut = queue.popleft()
+                fill()
+                t0 = time.perf_counter()
+                item = fut.result()
+                stats.wait_s += time.perf_counter() - t0
+                stats.decode_s += item.seconds
+                if item.error:
+                    emit(item.pair, None, item.error)
+                    continue
+                shape = item.x.shape  # type: ignore[union-attr]
+                groups[shape].append(item)
+                held += 1
+                if len(groups[shape]) >= batch_limit(shape):
+                    held -= len(groups[shape])
+                    run_batch(groups.pop(shape))
+                elif held > prefetch:  # many sizes: do not hold images forever
+                    largest = max(groups, key=lambda s: len(groups[s]))
+                    held -= len(groups[largest])
+                    run_batch(groups.pop(largest))
+            for shape in list(groups):
+                run_batch(groups.pop(shape))
+        finally:
+            for fut in queue:
+                fut.cancel()
+    stats.wall_s = time.perf_counter() - start
+    bar.close()
+    return stats
