@@ -111,3 +111,49 @@ def test_one_engine_shared_by_8_threads_matches_sequential(distance_model):
         for a, b in zip(got, expected):
             np.testing.assert_array_equal(a, b)
     assert len(results) == 8
+
+
+def _pngs(folder, n, seed):
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        h, w = (24, 28) if i % 2 else (30, 22)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(f"{folder}/{i}.png")
+
+
+def test_cli_parallel_decoding_matches_serial(distance_model, tmp_path, capsys):
+    import csv
+
+    from perceptual_engine.cli import main
+
+    _pngs(tmp_path / "a", 12, 1)
+    _pngs(tmp_path / "b", 12, 2)
+    rows = {}
+    for workers in ("1", "4"):
+        out = tmp_path / f"w{workers}.csv"
+        code = main(["distance", str(tmp_path / "a"), str(tmp_path / "b"), "--model", distance_model,
+                     "--workers", workers, "--batch-size", "3", "--output", str(out), "--format", "csv"])
+        capsys.readouterr()
+        assert code == 0
+        with open(out) as fh:
+            rows[workers] = {r["a"]: r["total"] for r in csv.DictReader(fh)}
+    assert len(rows["1"]) == 12 and rows["1"] == rows["4"]
+
+
+def test_model_cache_shared_by_processes_exports_once(tmp_path):
+    _pngs(tmp_path / "a", 2, 3)
+    _pngs(tmp_path / "b", 2, 4)
+    cmd = [sys.executable, "-m", "perceptual_engine.cli", "distance", str(tmp_path / "a"),
+           str(tmp_path / "b"), "--layers", "relu1_1,relu1_2", "--weights", "random",
+           "--content", "relu1_2=1", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
+           "--format", "csv"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e for _, e in outs]
+    exporting = sum("exporting the distance model" in err for _, err in outs)
+    assert exporting == 1, [e for _, e in outs]
+    totals = {tuple(sorted(line for line in out.splitlines()[1:])) for out, _ in outs}
+    assert len(totals) == 1  # all three computed the same rows with the same model
