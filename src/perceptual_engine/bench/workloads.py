@@ -1,0 +1,184 @@
+"""The three workloads the benchmark times, their inputs, FLOPs and reference.
+
+- ``features``: the features of x at every layer of the spec (to relu4_4 by default).
+- ``distance``: the distance of an (x, y) pair, content + style terms; both images
+  run through the network, so a pair costs twice an image.
+- ``style``: style distance of x to one cached target (its Grams computed once);
+  only x runs per call.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from .. import layers as _layers
+from ..errors import ConfigError
+from ..spec import FeatureSpec, LossConfig
+from .flops import gram_flops
+
+WORKLOADS = ("features", "distance", "style")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One kind of call: what it computes, its unit and its model graph."""
+
+    name: str
+    unit: str  # "images/s" | "pairs/s"
+    graph: str  # the export_onnx graph kind that serves it
+    description: str
+
+    def loss(self, spec: FeatureSpec) -> LossConfig | None:
+        """The loss the workload computes (None for features)."""
+        if self.name == "features":
+            return None
+        style = {name: 1.0 for name in spec.layers}
+        if self.name == "style":
+            return LossConfig(style=style)
+        # Johnson et al.'s content layer (relu2_2), else the spec's first layer.
+        content = spec.layers[1] if len(spec.layers) > 1 else spec.layers[0]
+        return LossConfig(content={content: 1.0}, style=style)
+
+    def flops_per_item(self, spec: FeatureSpec, size: int) -> int:
+        """FLOPs of one image (features, style) or one pair (distance) at size²:
+        convolutions to the deepest layer, plus the Gram products of style terms."""
+        conv = _layers.conv_flops(spec.arch, spec.deepest, size, size)
+        loss = self.loss(spec)
+        grams = gram_flops(spec.arch, loss.style, size, size) if loss else 0
+        if self.name == "distance":
+            return 2 * (conv + grams)  # x and y both run
+        return conv + grams  # style: the target's Grams are cached
+
+
+REGISTRY: dict[str, Workload] = {
+    "features": Workload("features", "images/s", "features",
+                         "features of x at every spec layer"),
+    "distance": Workload("distance", "pairs/s", "distance",
+                         "content + style distance of an (x, y) pair"),
+    "style": Workload("style", "images/s", "style",
+                      "style distance of x to a cached target"),
+}
+
+
+def get(name: str) -> Workload:
+    if name not in REGISTRY:
+        raise ConfigError(f"workload {name!r} is not accepted; accepted: {', '.join(REGISTRY)}.")
+    return REGISTRY[name]
+
+
+@dataclass
+class Case:
+    """One measured point: a workload at one size and batch, with its input sets.
+
+    ``sets[i]`` is {"x": (B, 3, S, S)} or {"x", "y"} float32 in [0, 1]; ``target``
+    is the style target (1, 3, S, S) of the style workload.
+    """
+
+    workload: Workload
+    spec: FeatureSpec
+    loss: LossConfig | None
+    size: int
+    batch: int
+    sets: list[dict[str, np.ndarray]]
+    target: np.ndarray | None
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.workload.name, self.size, self.batch)
+
+
+def make_case(workload: Workload, spec: FeatureSpec, size: int, batch: int, *,
+              n_sets: int, seed: int) -> Case:
+    """Seeded random images (never zeros), one array per input and set."""
+    if size < spec.min_size:
+        raise ConfigError(f"size {size} is smaller than {spec.deepest} needs ({spec.min_size}); "
+                          "give a larger --sizes or a shallower --layers.")
+    rng = np.random.default_rng([seed, size, batch, WORKLOADS.index(workload.name)])
+    names = ("x", "y") if workload.name == "distance" else ("x",)
+    shape = (batch, 3, size, size)
+    sets = [{n: rng.random(shape, dtype=np.float32) for n in names} for _ in range(n_sets)]
+    target = rng.random((1, 3, size, size), dtype=np.float32) if workload.name == "style" else None
+    return Case(workload, spec, workload.loss(spec), size, batch, sets, target)
+
+
+# -- the PyTorch side: one builder and one call for every torch variant --------
+
+def torch_model(case: Case, weights: Any):
+    """The PyTorch reference module that computes ``case``'s workload (float32, CPU)."""
+    from ..reference import TorchFeatures, TorchPerceptualLoss
+
+    if case.workload.name == "features":
+        return TorchFeatures(case.spec, weights=weights)
+    return TorchPerceptualLoss(case.spec, case.loss, weights=weights)
+
+
+def torch_call(case: Case, model: Any, feeds: Mapping[str, Any]) -> dict[str, Any]:
+    """One call of the reference module on ``feeds`` (torch tensors)."""
+    if case.workload.name == "distance":
+        return model(feeds["x"], feeds["y"])
+    return model(feeds["x"])  # features, or style against the cached target
+
+
+def to_numpy(outputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Outputs (numpy arrays or torch tensors on any device) as float64 numpy."""
+    out = {}
+    for k, v in outputs.items():
+        if isinstance(v, np.ndarray):
+            out[k] = v.astype(np.float64)
+        else:
+            out[k] = v.detach().float().cpu().numpy().astype(np.float64)
+    return out
+
+
+def max_rel_error(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> float:
+    """Largest, over the reference's outputs, of max |a − b| / max |b| (verify.compare).
+
+    Extra outputs of ``actual`` (a style graph's Grams) are ignored; a missing or
+    misshapen output, or a non-finite value, counts as infinite error.
+    """
+    from ..export.verify import compare
+
+    worst = 0.0
+    for name, ref in expected.items():
+        got = actual.get(name)
+        if got is None or np.shape(got) != np.shape(ref):
+            return float("inf")
+        worst = max(worst, compare(got, ref).max_rel)
+    return worst
+
+
+class ModelCache:
+    """Exports each (graph, dtype) once, lazily, into ``folder``; records each export."""
+
+    def __init__(self, folder: str, weights: Callable[[Any], Any], say: Callable[[str], None]) -> None:
+        self.folder, self.weights, self.say = folder, weights, say
+        self.paths: dict[tuple[str, ...], str] = {}
+        self.records: list[dict[str, Any]] = []
+
+    def __call__(self, case: Case, dtype: str) -> str:
+        from ..export import export_onnx
+
+        loss = case.loss
+        key = (case.workload.graph, dtype, case.spec.key(),
+               json.dumps(loss.to_dict() if loss else None, sort_keys=True))
+        if key in self.paths:
+            return self.paths[key]
+        tag = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
+        path = os.path.join(self.folder, f"{case.spec.arch}-{case.workload.graph}-{dtype}-{tag}.onnx")
+        if not os.path.exists(path):
+            self.say(f"exporting the {case.workload.graph} graph ({dtype}) to {path}")
+            res = export_onnx(case.spec, path, graph=case.workload.graph, loss=loss, dtype=dtype,
+                              weights=self.weights(case.spec))
+            self.records.append({"graph": case.workload.graph, "dtype": dtype, "path": path,
+                                 "seconds": res.seconds, "size_bytes": res.size_bytes,
+                                 "verify_max_rel_error": res.max_rel_error, "cached": False})
+        else:
+            self.records.append({"graph": case.workload.graph, "dtype": dtype, "path": path,
+                                 "seconds": 0.0, "cached": True})
+        self.paths[key] = path
+        return path

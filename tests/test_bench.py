@@ -1,0 +1,144 @@
+"""The benchmark end to end on the CPU: skips with reasons, the WRONG flag, the CLI's files."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from perceptual_engine.bench import BenchConfig, run, variants
+from perceptual_engine.bench.cli import add_arguments, main
+from perceptual_engine.bench.report import to_json, to_markdown, to_png
+from perceptual_engine.errors import ConfigError, DeviceError
+from perceptual_engine.runtime.providers import tensorrt_loadable
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skips of a CPU-only machine")
+GPU_VARIANTS = ("torch-fp16-cl", "torch-bf16-cl", "ort-cuda-fp32", "ort-cuda-tf32", "ort-cuda-fp16",
+                "ort-cuda-iobinding", "ort-cuda-graph", "ort-tensorrt")
+# A shallow network and tiny images: the mechanics, not the numbers, are under test.
+TINY = dict(sizes=(32,), batch_sizes=(1,), layers=("relu1_2",), iters=2, warmup=1,
+            measure_peak=False)
+
+
+def test_config_defaults_follow_quick_and_explicit_values_win():
+    quick = BenchConfig(quick=True)
+    assert (quick.workloads, quick.sizes, quick.batch_sizes) == (("features", "distance"), (224,), (1, 4))
+    assert quick.variants == tuple(variants.REGISTRY)
+    full = BenchConfig()
+    assert (full.sizes, full.batch_sizes, full.workloads) == ((224, 512), (1, 8, 32),
+                                                             ("features", "distance", "style"))
+    mine = BenchConfig(workloads=("distance",), sizes=(224,), batch_sizes=(4,), quick=True)
+    assert (mine.workloads, mine.batch_sizes) == (("distance",), (4,))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(variants=("ort-gpu",)), "unknown variant"),
+    (dict(workloads=("segmentation",)), "workload 'segmentation'"),
+    (dict(device="tpu"), "device 'tpu'"),
+    (dict(sizes=(0,)), "sizes"),
+    (dict(iters=0), "iters"),
+])
+def test_config_rejects_bad_values(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        BenchConfig(**kw)
+
+
+@no_cuda
+def test_variants_that_cannot_run_on_a_cpu_machine_are_skipped_with_reasons():
+    result = run(BenchConfig(workloads=("features",), variants=("torch-eager-fp32", "torch-compile")
+                             + GPU_VARIANTS, quick=True, **TINY))
+    skipped = result.skipped
+    assert set(skipped) == set(GPU_VARIANTS) | {"torch-compile"}
+    for name in GPU_VARIANTS:
+        assert skipped[name].startswith("no CUDA GPU: "), skipped[name]
+    assert "--quick" in skipped["torch-compile"]
+    if not tensorrt_loadable()[0]:
+        assert "TensorRT not loadable" in skipped["ort-tensorrt"]
+    row = result.row("ort-cuda-fp32", "features", 32, 1)
+    assert (row.status, row.stats, row.speedup) == ("skipped", None, None)
+    assert result.row("torch-eager-fp32", "features", 32, 1).status == "ok"
+    md = to_markdown(result)
+    assert "### Skipped" in md and "| ort-cuda-graph | no CUDA GPU" in md
+    with pytest.raises(DeviceError, match="no CUDA GPU"):
+        run(BenchConfig(device="cuda", workloads=("features",), **TINY))
+
+
+@dataclass(frozen=True)
+class _Perturbed(variants.TorchVariant):
+    """The eager reference with its outputs scaled by 1 + 1e-3: over fp32's 1e-4."""
+
+    def runner(self, ctx, case):
+        inner = variants.TorchRunner(ctx, case, "fp32")
+        call = inner.call
+        inner.call = lambda i: {k: v * 1.001 for k, v in call(i).items()}  # type: ignore[method-assign]
+        return inner
+
+
+def test_a_variant_off_by_more_than_its_tolerance_is_wrong_and_not_ranked(monkeypatch):
+    monkeypatch.setitem(variants.REGISTRY, "torch-perturbed",
+                        _Perturbed("torch-perturbed", "perturbed on purpose", False))
+    result = run(BenchConfig(workloads=("features",), variants=("torch-eager-fp32", "torch-perturbed"),
+                             device="cpu", **TINY))
+    good = result.row("torch-eager-fp32", "features", 32, 1)
+    bad = result.row("torch-perturbed", "features", 32, 1)
+    assert (good.status, good.speedup, good.max_rel_err) == ("ok", 1.0, 0.0)
+    assert bad.status == "WRONG" and bad.speedup is None
+    assert bad.max_rel_err == pytest.approx(1e-3, rel=1e-2)
+    assert bad.stats is not None  # still timed and shown, only not ranked
+    line = next(ln for ln in to_markdown(result).splitlines() if ln.startswith("| torch-perturbed"))
+    assert "**WRONG** (> 0.0001)" in line and "| — |" in line
+
+
+def test_cli_main_writes_markdown_json_and_png(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "bench"
+    args = parser.parse_args([
+        "--sizes", "32", "--batch-sizes", "1", "--layers", "relu1_2,relu2_2", "--iters", "2",
+        "--warmup", "1", "--workloads", "features,distance,style", "--device", "cpu",
+        "--variants", "torch-eager-fp32,ort-cpu,ort-cuda-graph", "--out", str(out), "--quiet",
+    ])
+    assert main(args) == 0
+    md = (out / "bench.md").read_text()
+    data = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| variant | workload | size | batch | p50 ms |" in md
+    assert "--variants torch-eager-fp32,ort-cpu,ort-cuda-graph" in md  # the command, stated
+    rows = {(r["variant"], r["workload"]): r for r in data["rows"]}
+    for workload in ("features", "distance", "style"):
+        ort = rows[("ort-cpu", workload)]
+        assert ort["status"] == "ok", ort["reason"]
+        assert ort["max_rel_err"] <= 1e-4
+        assert len(ort["stats"]["samples_ms"]) == 2 and ort["speedup"] > 0
+        assert ort["cold_start_s"] > 0 and ort["flops_per_call"] > 0
+    assert rows[("torch-eager-fp32", "distance")]["stats"]["items_per_call"] == 1
+    assert "pairs/s" in md
+    env = data["environment"]
+    for key in ("device_name", "cpu_model", "cpu_cores", "versions", "ort_providers", "tf32",
+                "weights", "command"):
+        assert key in env
+    assert env["weights"]["source"].startswith("random")
+    assert set(env["versions"]) >= {"torch", "torchvision", "onnx", "onnxruntime"}
+    assert "cpu-fp32" in data["peaks"] and rows[("ort-cpu", "features")]["peak_fraction"] > 0
+    assert "ort-cuda-graph" in data["skipped"]
+    assert "wrote" in capsys.readouterr().err
+
+
+def test_png_is_skipped_without_matplotlib(tmp_path, monkeypatch):
+    result = run(BenchConfig(workloads=("features",), variants=("torch-eager-fp32",), device="cpu",
+                             **TINY))
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails
+    assert to_png(result, tmp_path / "x.png") is None
+    assert not (tmp_path / "x.png").exists()
+    assert json.dumps(to_json(result))  # JSON-serializable as returned
+
+
+def test_module_entry_point_has_help():
+    proc = subprocess.run([sys.executable, "-m", "perceptual_engine.bench", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert "--quick" in proc.stdout and "ort-cuda-graph" in proc.stdout
