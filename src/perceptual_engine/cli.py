@@ -38,7 +38,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"  spec      {spec.arch} {','.join(spec.layers)}; weights {spec.weights}"
           f"{f' (seed {spec.seed})' if spec.weights == 'random' else ''}, sha256 "
           f"{r.weights_sha256[:16]}; input range {spec.input_range}; {spec.pooling} pooling")
-    if r.graph == "distance":
+    if r.graph in ("distance", "style"):
         from .spec import LossConfig
 
         lc = loss or LossConfig.default_for(spec)
@@ -46,9 +46,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         terms += [f"style {k}={v:g}" for k, v in lc.style.items()]
         print(f"  loss      {', '.join(terms)}; gram {lc.gram}")
     dims = "(N, 3, H, W), N, H, W dynamic"
-    print(f"  inputs    {', '.join(r.inputs)}: float32 {dims}")
-    if r.graph == "distance":
-        print(f"  outputs   {', '.join(r.outputs)}: float32 (N,)")
+    images = [n for n in r.inputs if not n.startswith("target.")]
+    print(f"  inputs    {', '.join(images)}: float32 {dims}"
+          + ("; target.gram.<l>: float32 (1, C, C)" if len(images) < len(r.inputs) else ""))
+    if r.graph in ("distance", "style"):
+        print(f"  outputs   {', '.join(r.outputs)}: float32 (N,)"
+              + ("; gram.<l> (N, C, C)" if r.graph == "style" else ""))
     else:
         from . import layers as _layers
 
@@ -168,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a FeatureSpec to one self-contained ONNX file, verified "
                                    "with onnx.checker and against the PyTorch reference.")
     add_spec_options(p)
-    p.add_argument("--graph", choices=("features", "distance"), default="features",
+    p.add_argument("--graph", choices=("features", "distance", "style"), default="features",
                    help="features: input x, one output per layer; distance: inputs x, y, "
-                        "outputs content.<l>, style.<l>, total (default: features)")
+                        "outputs content.<l>, style.<l>, total; style: x against a cached "
+                        "target's Grams (style terms only) (default: features)")
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="the .onnx file to write")
     p.set_defaults(func=cmd_export)
 
@@ -227,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_spec_options(p, default_layers="the arch's usual four; the demo's loss: content on "
                                        "relu2_2, style on every layer")
     p.set_defaults(func=cmd_demo)
+    from .bench import cli as bench_cli
+
+    p = sub.add_parser("bench", help="time every variant on the same inputs; Markdown/JSON/PNG",
+                       description=bench_cli.DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_cli.add_arguments(p)
+    p.set_defaults(func=bench_cli.main)
     parser.subcommands = dict(sub.choices)  # type: ignore[attr-defined]
     return parser
 

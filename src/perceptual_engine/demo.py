@@ -120,8 +120,13 @@ def _fallback(spec: FeatureSpec, exc: WeightsError, err: IO[str]) -> FeatureSpec
     return dataclasses.replace(spec, weights="random")
 
 
-def speed_table(out: IO[str]) -> None:
-    """The benchmark package's quick ONNX Runtime vs PyTorch table, if it is installed."""
+def speed_table(out: IO[str], out_dir: str = "out") -> None:
+    """A short ONNX Runtime vs PyTorch table from the benchmark package.
+
+    One point (distance, 224², batch 1, 5 timed calls): enough to show the ratio in
+    a few seconds; ``perceptual-engine bench`` is the real measurement. The bench's
+    model is kept in ``out_dir`` so later demos skip its export.
+    """
     try:
         from perceptual_engine.bench import BenchConfig, run
         from perceptual_engine.bench.report import to_markdown
@@ -129,8 +134,10 @@ def speed_table(out: IO[str]) -> None:
         out.write(f"speed table unavailable: perceptual_engine.bench cannot be imported ({exc}).\n")
         return
     try:
-        result = run(BenchConfig(workloads=("distance",), sizes=(224,), batch_sizes=(4,),
-                                 variants=("torch-eager-fp32", "ort-cpu"), quick=True))
+        result = run(BenchConfig(workloads=("distance",), sizes=(224,), batch_sizes=(1,),
+                                 variants=("torch-eager-fp32", "ort-cpu"), quick=True,
+                                 iters=5, warmup=1, input_sets=2, measure_peak=False,
+                                 cache_dir=os.path.join(out_dir, "bench-models")))
     except Exception as exc:  # the demo's other results stand; say why the table is missing
         out.write(f"speed table unavailable: the benchmark failed ({type(exc).__name__}: {exc}).\n")
         return
@@ -207,7 +214,7 @@ def run_demo(spec: FeatureSpec, loss: LossConfig, *, out_dir: str = "out", photo
     out.write("\n3. speed: ONNX Runtime vs PyTorch (perceptual_engine.bench, quick)\n")
     if bench:
         t0 = time.perf_counter()
-        speed_table(out)
+        speed_table(out, out_dir)
         out.write(f"   (benchmark took {time.perf_counter() - t0:.1f} s)\n")
     else:
         out.write("   skipped (--no-bench)\n")
