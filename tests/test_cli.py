@@ -329,7 +329,12 @@ def test_demo_with_fallback_banner_then_reuse(tmp_path, capsys, monkeypatch):
         raise WeightsError("could not download the ImageNet weights (offline). Accepted: ...")
 
     monkeypatch.setattr(demo, "load_weights", no_imagenet)
-    monkeypatch.setitem(__import__("sys").modules, "perceptual_engine.bench", None)
+    import perceptual_engine.bench as bench
+
+    def broken_bench(config):
+        raise RuntimeError("simulated benchmark failure")
+
+    monkeypatch.setattr(bench, "run", broken_bench)
     out_dir = str(tmp_path / "out")
     argv = ["demo", "-o", out_dir, "--layers", "relu1_2,relu2_2", "--size", "48"]
     code, out, err = _run(capsys, *argv)
@@ -338,7 +343,7 @@ def test_demo_with_fallback_banner_then_reuse(tmp_path, capsys, monkeypatch):
     assert "weights random" in out and "max rel" in out
     assert out.count("gaussian blur") == 3 and out.count("jpeg") >= 3
     assert "grows with strength" in out or "WARNING" in out
-    assert "speed table unavailable" in out
+    assert "speed table unavailable" in out and "simulated benchmark failure" in out
     assert os.path.isfile(os.path.join(out_dir, "vgg19-distance.onnx"))
     code, out, err = _run(capsys, *argv, "--no-bench")
     assert code == 0 and "reused" in out and "skipped (--no-bench)" in out

@@ -127,12 +127,9 @@ def speed_table(out: IO[str], out_dir: str = "out") -> None:
     a few seconds; ``perceptual-engine bench`` is the real measurement. The bench's
     model is kept in ``out_dir`` so later demos skip its export.
     """
-    try:
-        from perceptual_engine.bench import BenchConfig, run
-        from perceptual_engine.bench.report import to_markdown
-    except ImportError as exc:
-        out.write(f"speed table unavailable: perceptual_engine.bench cannot be imported ({exc}).\n")
-        return
+    from perceptual_engine.bench import BenchConfig, run
+    from perceptual_engine.bench.report import to_markdown
+
     try:
         result = run(BenchConfig(workloads=("distance",), sizes=(224,), batch_sizes=(1,),
                                  variants=("torch-eager-fp32", "ort-cpu"), quick=True,
