@@ -177,8 +177,8 @@ def to_png(result: "BenchResult", path: str | os.PathLike) -> str | None:
             _panel(ax, [r for r in measured if (r.workload, r.size) == (workload, size)],
                    workload, size)
     env = result.environment
-    fig.suptitle(f"perceptual-engine throughput on {env['device_name']} "
-                 f"(weights {env['weights']['source']}; hatched = WRONG)", fontsize=11)
+    fig.suptitle(f"perceptual-engine throughput on {env['device_name']}\n"
+                 f"weights {env['weights']['source']}; hatched = WRONG", fontsize=10)
     path = os.fspath(path)
     fig.savefig(path, dpi=110)
     return path
