@@ -98,12 +98,22 @@ def test_bad_image_pair_is_a_row_not_a_crash(model, tmp_path, capsys, case):
     assert re.search(pattern, out + err, flags=re.I), out + err
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="root reads files whatever their permissions")
-def test_unreadable_file(model, tmp_path, capsys):
+def test_unreadable_file(model, tmp_path, capsys, monkeypatch):
     a = _png(tmp_path / "a.png")
     b = _png(tmp_path / "b.png", seed=1)
     os.chmod(b, 0)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # root reads files whatever their mode: make opening b fail as it would for a user
+        import builtins
+
+        real_open = builtins.open
+
+        def guarded_open(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and os.fspath(file) == b:
+                raise PermissionError(13, "Permission denied", b)
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", guarded_open)
     code = main(["distance", a, b, "--model", model])
     out, err = capsys.readouterr()
     assert code == 1 and "Traceback" not in out + err
