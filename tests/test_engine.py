@@ -459,8 +459,10 @@ def test_auto_falls_back_to_cpu_when_the_gpu_session_fails(features_model, monke
         return real(path, so, providers=providers, **kw)
 
     monkeypatch.setattr(ort, "InferenceSession", session)
-    engine = Engine(features_model[0], device="auto")
+    with pytest.warns(RuntimeWarning, match="runs on the CPU: CUDAExecutionProvider failed"):
+        engine = Engine(features_model[0], device="auto")
     assert engine.providers == ["CPUExecutionProvider"]
+    assert "CUDA driver version is insufficient" in engine.fallback_reason
     out = engine.features(_img((1, 3, 37, 53), seed=23))
     assert set(out) == set(features_model[1].layers)
 
