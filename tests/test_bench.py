@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -91,6 +92,24 @@ def test_a_variant_off_by_more_than_its_tolerance_is_wrong_and_not_ranked(monkey
     assert bad.stats is not None  # still timed and shown, only not ranked
     line = next(ln for ln in to_markdown(result).splitlines() if ln.startswith("| torch-perturbed"))
     assert "**WRONG** (> 0.0001)" in line and "| — |" in line
+
+
+def test_cli_exits_1_on_a_wrong_result_and_still_writes_the_reports(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(variants.REGISTRY, "torch-perturbed",
+                        _Perturbed("torch-perturbed", "perturbed on purpose", False))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "bench"
+    args = parser.parse_args(["--sizes", "32", "--batch-sizes", "1", "--layers", "relu1_2",
+                              "--iters", "1", "--warmup", "0", "--workloads", "features",
+                              "--device", "cpu", "--no-peak", "--quiet", "--out", str(out),
+                              "--variants", "torch-eager-fp32,torch-perturbed"])
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "1 result(s) WRONG" in err and "torch-perturbed" in err
+    assert "**WRONG**" in (out / "bench.md").read_text()
+    assert json.loads((out / "bench.json").read_text())["rows"]
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]  # atomic writes, no leftovers
 
 
 def test_cli_main_writes_markdown_json_and_png(tmp_path, capsys):

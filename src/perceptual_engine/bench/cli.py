@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Callable
 
+from .._io import atomic_write_bytes
 from ..errors import PerceptualError
 
 DESCRIPTION = """\
@@ -21,7 +22,11 @@ on the same inputs in one run, check each against the float32 PyTorch reference,
 and write bench.md (table), bench.json (environment and raw samples) and bench.png
 (throughput plot) into --out. Variants that cannot run here are listed as skipped
 with the reason. --quick: one size (224), batches 1 and 4, features and distance,
-3 timed calls: a couple of minutes on a 2-core CPU.
+3 timed calls: under a minute on a 2-core CPU.
+
+Exit status: 0 when every measured variant agrees with the reference within its
+precision's tolerance; 1 when some result is WRONG (the reports are still written)
+or on an error; 2 for a usage error.
 """
 
 
@@ -105,7 +110,11 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the benchmark of ``args`` and write the reports; 0 on success, 1 on an error."""
+    """Run the benchmark of ``args`` and write the reports.
+
+    Returns 0 when every measured variant agreed with the reference, 1 when some
+    result is WRONG (the reports are written all the same) or on an error.
+    """
     from . import BenchConfig, run
     from .report import to_json, to_markdown, to_png
 
@@ -131,10 +140,8 @@ def main(args: argparse.Namespace) -> int:
     json_path = os.path.join(args.out, "bench.json")
     png_path = os.path.join(args.out, "bench.png")
     markdown = to_markdown(result)
-    with open(md_path, "w") as fh:
-        fh.write(markdown)
-    with open(json_path, "w") as fh:
-        json.dump(to_json(result), fh, indent=1)
+    atomic_write_bytes(md_path, markdown.encode())
+    atomic_write_bytes(json_path, json.dumps(to_json(result), indent=1).encode())
     wrote = [md_path, json_path]
     if to_png(result, png_path) is None:
         print("matplotlib is not installed: bench.png skipped (pip install matplotlib)",
@@ -142,9 +149,11 @@ def main(args: argparse.Namespace) -> int:
     else:
         wrote.append(png_path)
     print(markdown)
+    print(f"wrote {', '.join(wrote)} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     wrong = [r for r in result.rows if r.status == "WRONG"]
     if wrong:
-        print(f"{len(wrong)} result(s) WRONG (over their precision's tolerance): "
-              + ", ".join(sorted({r.variant for r in wrong})), file=sys.stderr)
-    print(f"wrote {', '.join(wrote)} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        print(f"perceptual-engine bench: {len(wrong)} result(s) WRONG (over their precision's "
+              "tolerance, see the table): " + ", ".join(sorted({r.variant for r in wrong})),
+              file=sys.stderr)
+        return 1
     return 0

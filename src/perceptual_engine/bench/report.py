@@ -8,6 +8,8 @@ import math
 import os
 from typing import TYPE_CHECKING, Any
 
+from .._io import atomic_path
+
 if TYPE_CHECKING:
     from . import BenchResult, Row
 
@@ -180,8 +182,9 @@ def to_png(result: "BenchResult", path: str | os.PathLike) -> str | None:
     fig.suptitle(f"perceptual-engine throughput on {env['device_name']}\n"
                  f"weights {env['weights']['source']}; hatched = WRONG", fontsize=10)
     path = os.fspath(path)
-    fig.savefig(path, dpi=110)
-    return path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    return os.fspath(path)
 
 
 def _panel(ax: Any, rows: list["Row"], workload: str, size: int) -> None:
