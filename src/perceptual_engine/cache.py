@@ -21,7 +21,7 @@ from .errors import ModelError, PerceptualError
 from .export import export_onnx
 from .runtime import read_info
 from .runtime.providers import default_cache_dir
-from .spec import FeatureSpec, LossConfig, _digest
+from .spec import FeatureSpec, LossConfig, json_digest
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def model_key(spec: FeatureSpec, loss: LossConfig, dtype: str = "float32") -> st
     if spec.weights not in ("imagenet", "random") and os.path.isfile(spec.weights):
         st = os.stat(spec.weights)
         material["weights_file"] = [os.path.abspath(spec.weights), st.st_size, st.st_mtime_ns]
-    return _digest(material)
+    return json_digest(material)
 
 
 def models_dir(cache_dir: str | None = None) -> str:

@@ -111,7 +111,7 @@ class FeatureSpec:
 
     def key(self) -> str:
         """A short stable hash of the spec (cache keys, file names)."""
-        return _digest(self.to_dict())
+        return json_digest(self.to_dict())
 
 
 def _weights_map(what: str, value: Mapping[str, float] | None) -> Mapping[str, float]:
@@ -189,6 +189,7 @@ class LossConfig:
                    gram=d.get("gram", "chw"))
 
 
-def _digest(obj: Any) -> str:
+def json_digest(obj: Any) -> str:
+    """First 16 hex digits of the SHA-256 of ``obj`` as canonical JSON (sorted keys)."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
