@@ -219,6 +219,7 @@ class OrtRunner(Runner):
         b, s = self.case.batch, self.case.size
         opts = ProviderOptions(
             fixed_shapes=True, tf32=self.v.tf32, cuda_graph=self.v.cuda_graph,
+            prefer_nhwc=self.v.nhwc,
             cache_dir=self.ctx.cache_dir,
             shapes=ShapeRange(min=(1, min(s, 32), min(s, 32)), opt=(b, s, s), max=(b, s, s)),
         )
@@ -245,6 +246,7 @@ class OrtVariant(Variant):
     tf32: bool = False
     feed: str = "numpy"  # "numpy" (host arrays) | "torch-cuda" (IO binding)
     cuda_graph: bool = False
+    nhwc: bool = True  # ProviderOptions.prefer_nhwc (the CUDA provider's layout)
 
     def unavailable(self, ctx: Context, case: Case) -> str | None:
         from ..runtime import Engine
@@ -284,6 +286,12 @@ REGISTRY: dict[str, Variant] = {v.name: v for v in (
                True, "cuda", feed="torch-cuda"),
     OrtVariant("ort-cuda-graph", "ONNX Runtime CUDA, float32, IO binding + CUDA graph", True, "cuda",
                feed="torch-cuda", cuda_graph=True),
+    OrtVariant("ort-cuda-fp16-iobinding", "ONNX Runtime CUDA, float16 model, IO binding", True,
+               "cuda", dtype="float16", feed="torch-cuda"),
+    OrtVariant("ort-cuda-fp16-nchw", "as ort-cuda-fp16-iobinding with prefer_nhwc off (NCHW)",
+               True, "cuda", dtype="float16", feed="torch-cuda", nhwc=False),
+    OrtVariant("ort-cuda-fp16-graph", "ONNX Runtime CUDA, float16 model, IO binding + CUDA graph",
+               True, "cuda", dtype="float16", feed="torch-cuda", cuda_graph=True),
     OrtVariant("ort-tensorrt", "ONNX Runtime TensorRT EP (TensorRT's default fp32/TF32)", True,
                "tensorrt", tf32=True),
 )}
