@@ -8,7 +8,9 @@ import onnx
 import pytest
 import torch
 
-from perceptual_engine import Engine, TorchFeatures, TorchPerceptualLoss, losses
+from perceptual_engine import (Engine, FeatureSpec, LossConfig, TorchFeatures, TorchPerceptualLoss,
+                               export_onnx, losses)
+from perceptual_engine.runtime import ProviderOptions
 from perceptual_engine.errors import DeviceError, InputError, ModelError, PerceptualError
 from perceptual_engine.runtime import engine as engine_mod
 from perceptual_engine.runtime import providers as P
@@ -459,12 +461,72 @@ def test_auto_falls_back_to_cpu_when_the_gpu_session_fails(features_model, monke
         return real(path, so, providers=providers, **kw)
 
     monkeypatch.setattr(ort, "InferenceSession", session)
-    with pytest.warns(RuntimeWarning, match="runs on the CPU: CUDAExecutionProvider failed"):
+    with pytest.warns(RuntimeWarning, match="skips CUDAExecutionProvider failed: .*trying CPUExecutionProvider"):
         engine = Engine(features_model[0], device="auto")
     assert engine.providers == ["CPUExecutionProvider"]
     assert "CUDA driver version is insufficient" in engine.fallback_reason
     out = engine.features(_img((1, 3, 37, 53), seed=23))
     assert set(out) == set(features_model[1].layers)
+
+
+def test_auto_goes_from_a_failing_tensorrt_to_cuda_not_to_the_cpu(features_model, monkeypatch):
+    trt, cuda = ("TensorrtExecutionProvider", {}), ("CUDAExecutionProvider", {})
+    monkeypatch.setattr(P, "plan", lambda device, *a, **k: [trt, cuda, ("CPUExecutionProvider", {})])
+    monkeypatch.setattr(engine_mod, "_preload_cuda", lambda: None)
+    import onnxruntime as ort
+
+    real = ort.InferenceSession
+    tried = []
+
+    class FakeSession:  # CUDA "starts"; the graph itself runs on the CPU provider
+        def __init__(self, path, so=None, providers=None, **kw):
+            self.names = [p[0] if isinstance(p, tuple) else p for p in providers]
+            tried.append(self.names[0])
+            if self.names[0] == trt[0]:
+                raise RuntimeError("TensorRT EP could not build the engine")
+            self.real = real(path, so, providers=["CPUExecutionProvider"])
+
+        def get_providers(self):
+            return self.names
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    monkeypatch.setattr(ort, "InferenceSession", FakeSession)
+    with pytest.warns(RuntimeWarning, match="skips TensorrtExecutionProvider failed.*trying CUDAExecutionProvider"):
+        engine = Engine(features_model[0], device="auto")
+    assert tried == [trt[0], cuda[0]]
+    assert engine.providers[0] == cuda[0] and engine.on_gpu
+    assert "TensorrtExecutionProvider failed: TensorRT EP could not build" in engine.fallback_reason
+
+
+def test_the_main_session_never_captures_cuda_graphs(features_model, monkeypatch):
+    seen = []
+    real_plan = P.plan
+
+    def plan(device, options, inputs, key):
+        seen.append((options.cuda_graph, tuple(inputs)))
+        return real_plan("cpu", options, inputs, key)
+
+    monkeypatch.setattr(P, "plan", plan)
+    Engine(features_model[0], device="cpu", options=ProviderOptions(cuda_graph=True, fixed_shapes=True))
+    assert seen == [(False, ("x",))]
+
+
+def test_tensorrt_profile_covers_the_image_inputs_only(tmp_path, monkeypatch):
+    spec = FeatureSpec(layers=("relu1_2",), weights="random")
+    path = str(tmp_path / "style.onnx")
+    export_onnx(spec, path, graph="style", loss=LossConfig(style={"relu1_2": 1.0}))
+    seen = []
+    real_plan = P.plan
+
+    def plan(device, options, inputs, key):
+        seen.append(tuple(inputs))
+        return real_plan("cpu", options, inputs, key)
+
+    monkeypatch.setattr(P, "plan", plan)
+    Engine(path, device="cpu")
+    assert seen == [("x",)]  # not target.gram.relu1_2, whose (1, 64, 64) shape is static
 
 
 def test_unknown_device(features_model):

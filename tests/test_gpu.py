@@ -104,6 +104,36 @@ def test_cuda_graph_fixed_shape_matches_and_is_thread_safe(models):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-12)
 
 
+def test_cuda_graph_engine_gives_fresh_results_for_other_shapes_and_numpy(models):
+    # After the capture, other shapes, numpy inputs and a new style target must be
+    # computed, not answered by a replay of the captured graph.
+    opts = ProviderOptions(tf32=False, cuda_graph=True, fixed_shapes=True)
+    eng = Engine(models["float32"], device="cuda", options=opts)
+    plain = Engine(models["float32"], device="cuda", options=ProviderOptions(tf32=False))
+    x, y = _pair(2, 64, 64, seed=1)
+    eng.distance(x, y)  # captured at (2, 64, 64)
+    for n, h, w in ((1, 48, 80), (2, 64, 64), (3, 33, 47)):
+        x, y = _pair(n, h, w, seed=n + h)
+        torch.testing.assert_close(eng.distance(x, y)["total"], plain.distance(x, y)["total"],
+                                   rtol=1e-5, atol=1e-12)
+        xn, yn = x.cpu().numpy(), y.cpu().numpy()
+        np.testing.assert_allclose(eng.distance(xn, yn)["total"], plain.distance(xn, yn)["total"],
+                                   rtol=1e-5, atol=1e-12)
+
+    style = Engine(models["style"], device="cuda", options=opts)
+    x, t1 = _pair(2, 64, 64, seed=5)
+    _, t2 = _pair(1, 64, 64, seed=6)
+    style.set_style_target(t1[:1])
+    first = style.distance(x)["total"]
+    style.set_style_target(t2)
+    second = style.distance(x)["total"]  # same shape: re-captured with the new target
+    ref = TorchPerceptualLoss(SPEC, style.info.loss).cuda()
+    ref.set_style_target(t2)
+    with torch.no_grad():
+        assert _rel(second, ref(x)["total"]) <= 1e-4
+    assert not torch.equal(first, second)
+
+
 def test_cached_style_target_on_gpu(models):
     eng = Engine(models["style"], device="cuda", options=ProviderOptions(tf32=False))
     x, target = _pair(3, 72, 88)

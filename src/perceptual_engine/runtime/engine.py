@@ -1,6 +1,7 @@
 """Engine: an exported model on ONNX Runtime, called with numpy arrays or torch tensors."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Any, Mapping
@@ -62,29 +63,13 @@ class Engine:
         # Metadata first, from a CPU-free read of the header: the spec names the inputs.
         self.info = read_info(self.path)
         self.inputs = self.info.input_names
-        chain = P.plan(device, self.options, self.inputs, lambda: sha256_file(self.path)[:16])
-        if any(name != "CPUExecutionProvider" for name, _ in chain):
-            _preload_cuda()
-        self.fallback_reason = ""  # why "auto" did not get its first choice
-        so = _session_options(threads, self.cpu_arena)
-        try:
-            self.session = ort.InferenceSession(self.path, so, providers=chain, enable_fallback=0)
-        except Exception as exc:
-            if device in ("cuda", "tensorrt"):
-                raise DeviceError(_why_not(device, exc)) from exc
-            if device == "auto" and len(chain) > 1:
-                # "auto" means TensorRT, then CUDA, then CPU: a GPU that cannot start
-                # is reported in fallback_reason, and the CPU session is built.
-                self.fallback_reason = f"{chain[0][0]} failed: {str(exc).splitlines()[0][:300]}"
-                warnings.warn(f"device='auto' runs on the CPU: {self.fallback_reason}", RuntimeWarning,
-                              stacklevel=2)
-                try:
-                    self.session = ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"],
-                                                        enable_fallback=0)
-                except Exception as exc2:
-                    raise ModelError(f"ONNX Runtime could not load {self.path!r}: {exc2}") from exc2
-            else:
-                raise ModelError(f"ONNX Runtime could not load {self.path!r}: {exc}") from exc
+        # The main session never captures CUDA graphs: numpy calls, other shapes and
+        # set_style_target run here; the TorchBinder keeps a separate session for the
+        # one captured shape (ONNX Runtime replays a captured graph on every later run
+        # of its session, whatever the inputs).
+        self._session_opts = _session_options(threads, self.cpu_arena)
+        self.session, self.fallback_reason = self._open_session(
+            device, dataclasses.replace(self.options, cuda_graph=False))
         self.providers: list[str] = list(self.session.get_providers())
         self.device = device
         want = P.PROVIDER.get(device)
@@ -93,6 +78,44 @@ class Engine:
         self._check_outputs()
         self._binder = TorchBinder(self) if self.on_gpu else None
         self._target: dict[str, Any] | None = None  # cached style Grams, on the session's device
+
+    def _open_session(self, device: str, options: P.ProviderOptions) -> tuple[Any, str]:
+        """An InferenceSession for ``device``, and why "auto" did not get its first choice.
+
+        "auto" walks its chain (TensorRT, CUDA, CPU): a provider that fails to start
+        is skipped with a RuntimeWarning and the next one tried, so a TensorRT failure
+        lands on CUDA, not on the CPU. An explicit GPU device raises DeviceError.
+        """
+        import onnxruntime as ort
+
+        # TensorRT's optimization profile covers the image inputs; the style Grams
+        # (1, C, C) have static shapes.
+        images = [n for n in self.inputs if n in ("x", "y")]
+        chain = P.plan(device, options, images, lambda: sha256_file(self.path)[:16])
+        if any(name != "CPUExecutionProvider" for name, _ in chain):
+            _preload_cuda()
+        failures: list[str] = []
+        for start in range(len(chain)):
+            try:
+                session = ort.InferenceSession(self.path, self._session_opts, providers=chain[start:],
+                                               enable_fallback=0)
+            except Exception as exc:
+                if device in ("cuda", "tensorrt"):
+                    raise DeviceError(_why_not(device, exc)) from exc
+                if device != "auto" or start == len(chain) - 1:
+                    raise ModelError(f"ONNX Runtime could not load {self.path!r}: {exc}") from exc
+                failures.append(f"{chain[start][0]} failed: {str(exc).splitlines()[0][:300]}")
+                warnings.warn(f"device='auto' skips {failures[-1]}; trying {chain[start + 1][0]}",
+                              RuntimeWarning, stacklevel=3)
+                continue
+            return session, "; ".join(failures)
+        raise AssertionError("unreachable: the last provider either returns or raises")
+
+    def _open_graph_session(self) -> Any:
+        """A session with CUDA graphs on, for the provider the main session runs."""
+        device = {v: k for k, v in P.PROVIDER.items()}[self.providers[0]]
+        session, _ = self._open_session(device, dataclasses.replace(self.options, cuda_graph=True))
+        return session
 
     # -- introspection -------------------------------------------------------
     @property
@@ -201,6 +224,8 @@ class Engine:
             c = resolve(self.spec.arch, g[len("gram."):]).channels
             dummy[f"target.{g}"] = np.zeros((1, c, c), np.float32)
         self._target = None
+        if self._binder is not None:
+            self._binder.reset()  # a captured graph holds the old target's buffers
         host = {"x": _to_host(image), **dummy}
         grams = self.session.run(list(self.info.gram_names), host)
         device, dev_id = ("cuda", self.options.device_id) if self.on_gpu else ("cpu", 0)

@@ -6,9 +6,12 @@ ONNX Runtime writes into. torch's current stream is synchronized before the run,
 so ORT never reads an input torch has not finished writing; run_with_iobinding
 synchronizes ORT's stream before returning, so outputs are ready for torch.
 
-With ``ProviderOptions(cuda_graph=True)`` one (batch, height, width) is captured
-as a CUDA graph over fixed buffers; a lock keeps concurrent callers from
-overwriting those buffers; other shapes take the ordinary path.
+With ``ProviderOptions(cuda_graph=True)`` the first (batch, height, width) seen is
+captured as a CUDA graph over fixed buffers, in a session of its own (ONNX Runtime
+replays a session's captured graph on every later run of it, whatever the inputs,
+so other shapes and numpy calls use the Engine's ordinary session). A lock keeps
+concurrent callers from overwriting the fixed buffers; a new style target drops
+the capture (``reset``), and the next call captures again.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import layers as _layers
+from ..errors import InputError
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -46,8 +50,7 @@ class TorchBinder:
         self.device_id = engine.options.device_id
         self.graph = engine.options.cuda_graph
         self._graph_lock = threading.Lock()
-        self._static: dict[str, Any] | None = None  # buffers of the captured shape
-        self._static_binding = None
+        self._static: dict[str, Any] | None = None  # the captured shape's session and buffers
 
     @staticmethod
     def accepts(feeds: dict[str, Any]) -> bool:
@@ -68,13 +71,31 @@ class TorchBinder:
         shapes = output_shapes(self.engine, n, h, w)
         return {k: torch.empty(shapes[k], device=like.device, dtype=torch.float32) for k in names}
 
+    def _check_device(self, feeds: dict[str, Any]) -> None:
+        for name, t in feeds.items():
+            if (t.device.index or 0) != self.device_id:
+                raise InputError(
+                    f"{name} is on {t.device}, but this Engine runs on cuda:{self.device_id}; accepted: "
+                    f"tensors on cuda:{self.device_id}. Move them (t.to('cuda:{self.device_id}')) or "
+                    f"create the Engine with ProviderOptions(device_id={t.device.index or 0}).")
+
+    def reset(self) -> None:
+        """Forget the captured graph (its session and buffers); the next call captures again."""
+        with self._graph_lock:
+            self._static = None
+
     def run(self, feeds: dict[str, Any], extra: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
         import torch
 
+        self._check_device(feeds)
         feeds = {k: v.contiguous() for k, v in feeds.items()}  # NCHW dense, whatever the layout
-        shape = tuple(feeds["x"].shape)
-        if self.graph and (self._static is None or self._static["key"] == (shape, names)):
-            return self._run_graph(feeds, extra, names, shape)
+        if self.graph:
+            key = (tuple(feeds["x"].shape), names)
+            with self._graph_lock:  # the key is read and the buffers used under one lock
+                if self._static is None:
+                    self._static = self._capture(feeds, extra, names, key)
+                if self._static["key"] == key:
+                    return self._replay(self._static, feeds)
         outs = self._alloc(feeds["x"], names)
         binding = self.session.io_binding()
         self._bind(binding, feeds, outs, extra)
@@ -82,22 +103,24 @@ class TorchBinder:
         self.session.run_with_iobinding(binding)
         return outs
 
-    def _run_graph(self, feeds: dict[str, Any], extra: dict[str, Any], names: tuple[str, ...],
-                   shape: tuple[int, ...]) -> dict[str, Any]:
+    def _capture(self, feeds: dict[str, Any], extra: dict[str, Any], names: tuple[str, ...],
+                 key: tuple) -> dict[str, Any]:
         import torch
 
-        with self._graph_lock:
-            if self._static is None:
-                ins = {k: torch.empty_like(v) for k, v in feeds.items()}
-                outs = self._alloc(feeds["x"], names)
-                binding = self.session.io_binding()
-                self._bind(binding, ins, outs, extra)
-                self._static = {"key": (shape, names), "in": ins, "out": outs}
-                self._static_binding = binding
-            st = self._static
-            for k, v in feeds.items():
-                st["in"][k].copy_(v)
-            torch.cuda.current_stream(feeds["x"].device).synchronize()
-            self.session.run_with_iobinding(self._static_binding)
-            # Clones: the static buffers are overwritten by the next call.
-            return {k: v.clone() for k, v in st["out"].items()}
+        session = self.engine._open_graph_session()
+        ins = {k: torch.empty_like(v) for k, v in feeds.items()}
+        outs = self._alloc(feeds["x"], names)
+        binding = session.io_binding()
+        self._bind(binding, ins, outs, extra)
+        return {"key": key, "session": session, "binding": binding, "in": ins, "out": outs}
+
+    @staticmethod
+    def _replay(st: dict[str, Any], feeds: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        for k, v in feeds.items():
+            st["in"][k].copy_(v)
+        torch.cuda.current_stream(feeds["x"].device).synchronize()
+        st["session"].run_with_iobinding(st["binding"])
+        # Clones: the fixed buffers are overwritten by the next call.
+        return {k: v.clone() for k, v in st["out"].items()}
