@@ -162,3 +162,12 @@ def test_module_entry_point_has_help():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     assert "--quick" in proc.stdout and "ort-cuda-graph" in proc.stdout
+
+
+def test_cli_configuration_error_is_exit_2_in_one_line(tmp_path, capsys):
+    from perceptual_engine.cli import main as cli_main
+
+    assert cli_main(["bench", "--variants", "nope", "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown variant(s) ['nope']; accepted: torch-eager-fp32" in err and "Traceback" not in err
+    assert not (tmp_path / "b").exists()

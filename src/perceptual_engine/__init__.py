@@ -3,7 +3,7 @@
 Public API (names are part of the contract)::
 
     from perceptual_engine import FeatureSpec, LossConfig, TorchFeatures, \
-        TorchPerceptualLoss, export_onnx, Engine, PerceptualError
+        TorchPerceptualLoss, export_onnx, Engine, PerceptualError, load_image, load_images
 """
 __version__ = "0.1.0"
 

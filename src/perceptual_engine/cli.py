@@ -87,8 +87,8 @@ def _open_engine(args: argparse.Namespace):
         if not entry.built:
             _say(f"using the cached model {entry.path}")
     if engine.info.graph != "distance":
-        raise ModelError(f"{args.model!r} is a features graph; distance needs a model exported "
-                         "with --graph distance.")
+        raise ModelError(f"{args.model!r} is a {engine.info.graph} graph; distance needs a model "
+                         "exported with --graph distance.")
     return engine
 
 
@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="ONNX", help="an exported distance model; without it one is "
                    "exported from the spec flags into the cache once")
     p.add_argument("--cache-dir", metavar="DIR", help="model cache (default: "
-                   "$PERCEPTUAL_ENGINE_CACHE or ~/.cache/perceptual-engine)")
+                   "$PERCEPTUAL_ENGINE_CACHE, else $XDG_CACHE_HOME/perceptual-engine, else "
+                   "~/.cache/perceptual-engine)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
     p.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                    help="pairs of one size per engine call (default: 8)")

@@ -103,7 +103,7 @@ class TorchFeatures(nn.Module):
 
 
 class TorchPerceptualLoss(nn.Module):
-    """Per-sample content/style terms and total of DESIGN's formulas, differentiable.
+    """Per-sample content/style terms and total (the formulas of losses.py), differentiable.
 
     ``forward(x, y) -> {"content.<l>": (N,), "style.<l>": (N,), "total": (N,)}``.
     ``set_style_target(y)`` caches y's Grams (batch 1, broadcast); then

@@ -14,7 +14,7 @@ import time
 from typing import Callable
 
 from .._io import atomic_write_bytes
-from ..errors import PerceptualError
+from ..errors import ConfigError, PerceptualError
 
 DESCRIPTION = """\
 Time every variant (PyTorch eager/fp16/bf16/compile, ONNX Runtime CPU/CUDA/TensorRT)
@@ -26,7 +26,7 @@ with the reason. --quick: one size (224), batches 1 and 4, features and distance
 
 Exit status: 0 when every measured variant agrees with the reference within its
 precision's tolerance; 1 when some result is WRONG (the reports are still written)
-or on an error; 2 for a usage error.
+or on an error; 2 for a usage or configuration error.
 """
 
 
@@ -133,8 +133,10 @@ def main(args: argparse.Namespace) -> int:
         )
         result = run(config, progress=progress)
     except PerceptualError as exc:
+        if getattr(args, "traceback", False):
+            raise
         print(f"perceptual-engine bench: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, ConfigError) else 1
     os.makedirs(args.out, exist_ok=True)
     md_path = os.path.join(args.out, "bench.md")
     json_path = os.path.join(args.out, "bench.json")

@@ -127,7 +127,7 @@ def export_onnx(
         "distance" (inputs ``x``, ``y``; outputs ``content.<l>``, ``style.<l>``,
         ``total``, each (N,) float32; ``loss`` defaults to content terms of weight 1
         on every layer) or "style" (inputs ``x`` and a cached target's Grams
-        ``gram.<l>`` (1, C, C); outputs ``style.<l>``, ``total`` and x's Grams;
+        ``target.gram.<l>`` (1, C, C); outputs ``style.<l>``, ``total`` and x's Grams;
         ``loss`` with style terms only). Engine.set_style_target drives it.
     dtype: "float32" or "float16" (half-precision network; inputs, Grams,
         reductions and outputs in float32).

@@ -1,4 +1,4 @@
-"""The modules the exporter traces: a features graph and a distance graph.
+"""The modules the exporter traces: the features, distance and style graphs.
 
 Both wrap the reference's TorchFeatures and call losses.py, so the ONNX graph
 computes exactly what the reference computes. For float16 the network runs in
