@@ -171,3 +171,49 @@ def test_cli_configuration_error_is_exit_2_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown variant(s) ['nope']; accepted: torch-eager-fp32" in err and "Traceback" not in err
     assert not (tmp_path / "b").exists()
+
+
+def test_sizes_below_the_deepest_layer_are_refused_before_anything_runs():
+    with pytest.raises(ConfigError, match=r"sizes \[4\] are below 8 pixels, the smallest side relu4_4"):
+        BenchConfig(sizes=(4, 32))
+
+
+@dataclass(frozen=True)
+class _Interrupted(variants.TorchVariant):
+    """Ctrl-C arrives while this variant is being timed."""
+
+    def runner(self, ctx, case):
+        inner = variants.TorchRunner(ctx, case, "fp32")
+        call = inner.call
+
+        def interrupt(i):
+            if i > 0:
+                raise KeyboardInterrupt
+            return call(i)
+
+        inner.call = interrupt  # type: ignore[method-assign]
+        return inner
+
+
+def test_ctrl_c_keeps_the_rows_measured_so_far(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(variants.REGISTRY, "torch-interrupted",
+                        _Interrupted("torch-interrupted", "interrupted on purpose", False))
+    result = run(BenchConfig(workloads=("features",), variants=("torch-eager-fp32", "torch-interrupted"),
+                             device="cpu", **{**TINY, "batch_sizes": (1, 2)}))
+    assert result.interrupted
+    assert [(r.variant, r.batch, r.status) for r in result.rows] == [("torch-eager-fp32", 1, "ok")]
+    assert to_markdown(result).count("Interrupted (Ctrl-C)") == 1
+    assert to_json(result)["interrupted"] is True
+
+
+def test_a_reference_that_fails_fails_its_rows_not_the_run(monkeypatch):
+    import perceptual_engine.bench as bench
+
+    def oom(ctx, case):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(bench, "_reference", oom)
+    result = run(BenchConfig(workloads=("features",), variants=("ort-cpu",), device="cpu",
+                             **{**TINY, "batch_sizes": (1, 2)}))
+    assert [(r.batch, r.status) for r in result.rows] == [(1, "failed"), (2, "failed")]
+    assert "CUDA out of memory" in result.rows[0].reason

@@ -78,6 +78,16 @@ class BenchConfig:
         if self.iters < 1 or self.warmup < 0 or self.input_sets < 1:  # type: ignore[operator]
             raise ConfigError(f"iters={self.iters}, warmup={self.warmup}, input_sets="
                               f"{self.input_sets}: need iters >= 1, warmup >= 0, input_sets >= 1.")
+        # Checked here, not hours into a run: every size must fit the deepest layer.
+        smallest = self.spec().min_size
+        too_small = [s for s in self.sizes if int(s) < smallest]  # type: ignore[union-attr]
+        if too_small:
+            raise ConfigError(f"sizes {too_small} are below {smallest} pixels, the smallest side "
+                              f"{self.spec().deepest} accepts; give sizes of at least {smallest}.")
+
+    def spec(self) -> FeatureSpec:
+        """The network every variant runs (weights are loaded later, once)."""
+        return FeatureSpec(arch=self.arch, layers=self.layers, weights=self.weights, seed=self.seed)
 
 
 @dataclass
@@ -123,6 +133,7 @@ class BenchResult:
     exports: list[dict[str, Any]]
     rows: list[Row] = field(default_factory=list)
     wall_s: float = 0.0
+    interrupted: bool = False  # Ctrl-C stopped the run; ``rows`` hold what was measured
 
     def row(self, variant: str, workload: str, size: int, batch: int) -> Row:
         for r in self.rows:
@@ -155,7 +166,7 @@ def run(config: BenchConfig | None = None, *,
     start = time.perf_counter()
     device, gpu_reason = V.resolve_device(config.device)
     chosen = V.resolve(config.variants)  # type: ignore[arg-type]
-    spec = FeatureSpec(arch=config.arch, layers=config.layers, weights=config.weights, seed=config.seed)
+    spec = config.spec()
     loaded: dict[str, Any] = {}
 
     def weights(s: FeatureSpec) -> Any:
@@ -183,20 +194,31 @@ def run(config: BenchConfig | None = None, *,
     ordered = sorted(chosen, key=lambda v: v.name != BASELINE)
     try:
         for wname in config.workloads:  # type: ignore[union-attr]
+            if result.interrupted:
+                break
             workload = W.get(wname)
             for size in config.sizes:  # type: ignore[union-attr]
                 for batch in config.batch_sizes:  # type: ignore[union-attr]
+                    if result.interrupted:
+                        break
                     case = W.make_case(workload, spec, int(size), int(batch),
                                        n_sets=config.input_sets, seed=config.seed)
                     say(f"{wname} {size}x{size} batch {batch}")
                     ref: dict[str, Any] = {}  # filled by the first variant that runs
-                    rows = [_measure(v, ctx, case, ref, config, device_skips, say) for v in ordered]
+                    rows = []
+                    try:
+                        for v in ordered:
+                            rows.append(_measure(v, ctx, case, ref, config, device_skips, say))
+                    except KeyboardInterrupt:
+                        # Ctrl-C: keep every row measured so far; the reports are still written.
+                        result.interrupted = True
+                        say("interrupted: reporting the rows measured so far")
                     _rank(rows)
                     result.rows.extend(rows)
     finally:
         if tmp is not None:
             tmp.cleanup()
-    if config.measure_peak:  # again at the end: the better of two measurements counts
+    if config.measure_peak and not result.interrupted:  # the better of two measurements counts
         for key, peak in ceilings(chosen, device, say).items():
             if key not in peaks or peak.tflops > peaks[key].tflops:
                 peaks[key] = peak
@@ -241,9 +263,9 @@ def _measure(v: V.Variant, ctx: V.Context, case: W.Case, ref: dict[str, Any], co
         return row
     runner = None
     is_reference = ctx.device == "cpu" and v.name == BASELINE
-    if not ref and not is_reference:
-        ref.update(_reference(ctx, case))
     try:
+        if not ref and not is_reference:  # inside the try: a reference that fails fails this row
+            ref.update(_reference(ctx, case))
         runner = v.runner(ctx, case)  # stages inputs, exports the model: not timed
         row.runs_on, row.precision = runner.runs_on, runner.precision
         row.tolerance = TOLERANCE[runner.precision]

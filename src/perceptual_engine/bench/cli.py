@@ -26,7 +26,8 @@ with the reason. --quick: one size (224), batches 1 and 4, features and distance
 
 Exit status: 0 when every measured variant agrees with the reference within its
 precision's tolerance; 1 when some result is WRONG (the reports are still written)
-or on an error; 2 for a usage or configuration error.
+or on an error; 2 for a usage or configuration error; 130 when interrupted with
+Ctrl-C (the reports of the rows measured so far are written).
 """
 
 
@@ -152,6 +153,8 @@ def main(args: argparse.Namespace) -> int:
         wrote.append(png_path)
     print(markdown)
     print(f"wrote {', '.join(wrote)} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if result.interrupted:
+        return 130
     wrong = [r for r in result.rows if r.status == "WRONG"]
     if wrong:
         print(f"perceptual-engine bench: {len(wrong)} result(s) WRONG (over their precision's "

@@ -69,6 +69,8 @@ def to_markdown(result: "BenchResult") -> str:
     env, cfg = result.environment, result.config
     v = env["versions"]
     lines = ["## perceptual-engine benchmark", ""]
+    if result.interrupted:
+        lines += ["**Interrupted (Ctrl-C): the rows below are those measured before the stop.**", ""]
     where = env["device_name"] if env["device"] == "cuda" else f"CPU: {env['cpu_model']}"
     lines += [
         f"- Device: {where} ({env['cpu_cores']} cores; torch threads {env['torch_threads']}); "
@@ -147,6 +149,7 @@ def to_json(result: "BenchResult") -> dict[str, Any]:
         "rows": [r.to_dict() for r in result.rows],
         "skipped": result.skipped,
         "wall_s": result.wall_s,
+        "interrupted": result.interrupted,
     })
 
 
