@@ -217,3 +217,13 @@ def test_a_reference_that_fails_fails_its_rows_not_the_run(monkeypatch):
                              **{**TINY, "batch_sizes": (1, 2)}))
     assert [(r.batch, r.status) for r in result.rows] == [(1, "failed"), (2, "failed")]
     assert "CUDA out of memory" in result.rows[0].reason
+
+
+def test_cache_dir_reuses_verified_models_across_runs(tmp_path):
+    cfg = BenchConfig(workloads=("features",), variants=("ort-cpu",), device="cpu",
+                      cache_dir=str(tmp_path / "models"), **TINY)
+    first, second = run(cfg), run(cfg)
+    assert [e["cached"] for e in first.exports] == [False]
+    assert [e["cached"] for e in second.exports] == [True]
+    assert first.exports[0]["path"] == second.exports[0]["path"]
+    assert second.rows[0].status == "ok"

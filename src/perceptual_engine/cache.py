@@ -33,17 +33,18 @@ class CachedModel:
     seconds: float = 0.0  # export time when built
 
 
-def model_key(spec: FeatureSpec, loss: LossConfig, dtype: str = "float32") -> str:
+def model_key(spec: FeatureSpec, loss: LossConfig | None, dtype: str = "float32",
+              graph: str = "distance") -> str:
     """Hash of everything the model's numbers depend on.
 
     A weights file enters by its size and modification time too, so replacing the
     file re-exports instead of reusing numbers from the old one.
     """
     # Term order is output order: keep it (a dict would be hashed sorted).
-    terms = {"content": list(loss.content.items()), "style": list(loss.style.items()),
-             "gram": loss.gram}
+    terms = None if loss is None else {"content": list(loss.content.items()),
+                                       "style": list(loss.style.items()), "gram": loss.gram}
     material: dict[str, Any] = {"spec": spec.key(), "loss": terms, "dtype": dtype,
-                                "graph": "distance", "version": __version__}
+                                "graph": graph, "version": __version__}
     if spec.weights not in ("imagenet", "random") and os.path.isfile(spec.weights):
         st = os.stat(spec.weights)
         material["weights_file"] = [os.path.abspath(spec.weights), st.st_size, st.st_mtime_ns]
@@ -72,8 +73,8 @@ def _sidecar(path: str) -> str:
     return os.path.splitext(path)[0] + ".json"
 
 
-def check_entry(path: str, key: str, spec: FeatureSpec, loss: LossConfig,
-                dtype: str) -> tuple[dict[str, Any] | None, str]:
+def check_entry(path: str, key: str, spec: FeatureSpec, loss: LossConfig | None,
+                dtype: str, graph: str = "distance") -> tuple[dict[str, Any] | None, str]:
     """(sidecar record, "") if the entry at ``path`` is intact, else (None, why not)."""
     if not os.path.isfile(path):
         return None, "not built yet"
@@ -90,39 +91,41 @@ def check_entry(path: str, key: str, spec: FeatureSpec, loss: LossConfig,
         info = read_info(path)
     except PerceptualError as exc:
         return None, f"model unreadable ({exc})"
-    if (info.graph, info.dtype, info.spec, info.loss) != ("distance", dtype, spec, loss) or \
-            info.output_names != loss.output_names():
+    if (info.graph, info.dtype, info.spec, info.loss) != (graph, dtype, spec, loss):
         return None, "model metadata differs from the requested spec"
     return record, ""
 
 
-def ensure_model(spec: FeatureSpec, loss: LossConfig, *, dtype: str = "float32",
-                 folder: str | None = None, name: str | None = None, rebuild: bool = False,
+def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "float32",
+                 graph: str = "distance", folder: str | None = None, name: str | None = None,
+                 rebuild: bool = False, weights: Any = None,
                  say: Callable[[str], None] | None = None) -> CachedModel:
-    """The path of a verified distance model for (spec, loss, dtype), exporting it if needed.
+    """The path of a verified model for (spec, loss, dtype, graph), exporting it if needed.
 
     folder: where entries live (default: ``<default_cache_dir()>/models``).
     name: file stem (default: the key). rebuild: export even if an entry looks intact
-        (used when an intact-looking entry fails to load).
+        (used when an intact-looking entry fails to load). weights: already loaded
+        weights for ``spec`` (default: loaded by the export).
     """
     say = say or (lambda msg: None)
-    key = model_key(spec, loss, dtype)
+    key = model_key(spec, loss, dtype, graph)
     folder = folder or models_dir()
     path = os.path.join(folder, f"{name or key}.onnx")
     with file_lock(os.path.join(folder, f"{name or key}.lock")):
         # Checked under the lock: another process may have just built it.
-        record, why = check_entry(path, key, spec, loss, dtype)
+        record, why = check_entry(path, key, spec, loss, dtype, graph)
         if record is not None and not rebuild:
             return CachedModel(path, key, built=False, errors=record.get("errors", {}))
         if rebuild:
             why = "it failed to load"
-        say(f"exporting the distance model to {path} ({why}); this is done once")
+        say(f"exporting the {graph} model to {path} ({why}); this is done once")
         # The old sidecar stays until the new one replaces it: it cannot vouch for the new
         # file (its SHA-256 differs), and an export that fails leaves the old entry intact.
-        result = export_onnx(spec, path, graph="distance", loss=loss, dtype=dtype, progress=say)
+        result = export_onnx(spec, path, graph=graph, loss=loss, dtype=dtype, weights=weights,
+                             progress=say)
         errors = {k: {"max_abs": e.max_abs, "max_rel": e.max_rel} for k, e in result.errors.items()}
         record = {"key": key, "sha256": sha256_file(path), "spec": spec.to_dict(),
-                  "loss": loss.to_dict(), "dtype": dtype, "version": __version__,
+                  "loss": loss.to_dict() if loss else None, "graph": graph, "dtype": dtype, "version": __version__,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "errors": errors,
                   "weights_sha256": result.weights_sha256}
         atomic_write_bytes(_sidecar(path), json.dumps(record, indent=2).encode())

@@ -8,9 +8,6 @@
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -161,24 +158,18 @@ class ModelCache:
         self.records: list[dict[str, Any]] = []
 
     def __call__(self, case: Case, dtype: str) -> str:
-        from ..export import export_onnx
+        """The model for ``case`` in ``dtype``: from the cache (hash-checked, locked,
+        keyed by spec, loss, graph, dtype, weights file and version) or exported now."""
+        from ..cache import ensure_model
 
-        loss = case.loss
-        key = (case.workload.graph, dtype, case.spec.key(),
-               json.dumps(loss.to_dict() if loss else None, sort_keys=True))
-        if key in self.paths:
-            return self.paths[key]
-        tag = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
-        path = os.path.join(self.folder, f"{case.spec.arch}-{case.workload.graph}-{dtype}-{tag}.onnx")
-        if not os.path.exists(path):
-            self.say(f"exporting the {case.workload.graph} graph ({dtype}) to {path}")
-            res = export_onnx(case.spec, path, graph=case.workload.graph, loss=loss, dtype=dtype,
-                              weights=self.weights(case.spec))
-            self.records.append({"graph": case.workload.graph, "dtype": dtype, "path": path,
-                                 "seconds": res.seconds, "size_bytes": res.size_bytes,
-                                 "verify_max_rel_error": res.max_rel_error, "cached": False})
-        else:
-            self.records.append({"graph": case.workload.graph, "dtype": dtype, "path": path,
-                                 "seconds": 0.0, "cached": True})
-        self.paths[key] = path
-        return path
+        graph, loss = case.workload.graph, case.loss
+        key = (graph, dtype, case.spec, loss)
+        if key not in self.paths:
+            entry = ensure_model(case.spec, loss, dtype=dtype, graph=graph, folder=self.folder,
+                                 weights=self.weights(case.spec), say=self.say)
+            errors = [e["max_rel"] for e in entry.errors.values()]
+            self.records.append({"graph": graph, "dtype": dtype, "path": entry.path,
+                                 "seconds": entry.seconds, "cached": not entry.built,
+                                 "verify_max_rel_error": max(errors) if errors else None})
+            self.paths[key] = entry.path
+        return self.paths[key]
