@@ -84,6 +84,14 @@ def test_bad_array_through_engine(engine, case):
 def test_x_and_y_of_different_shapes(engine):
     with pytest.raises(InputError, match=r"x has shape \(1, 3, 17, 19\) but y has \(1, 3, 19, 17\)"):
         engine.distance(_img(), _img(h=19, w=17))
+    nan = _img(h=19, w=17)
+    nan[0, 1, 2, 3] = np.nan  # the cheap shape check speaks before any value is scanned
+    with pytest.raises(InputError, match=r"x has shape \(1, 3, 17, 19\) but y has"):
+        engine.distance(_img(), nan)
+    inf = _img(seed=3)
+    inf[0, 2, 5, 7] = -np.inf
+    with pytest.raises(InputError, match="y contains NaN or Inf"):
+        engine.distance(_img(), inf)
 
 
 def test_error_keeps_engine_usable(engine):

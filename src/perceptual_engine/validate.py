@@ -72,20 +72,24 @@ def check_tensor(
             f"{name} has {n}x{h}x{w} = {n * h * w} pixels, over the budget of {max_pixels}; "
             "split the batch or raise max_pixels."
         )
-    if not check_values or (kind == "torch" and x.device.type != "cpu"):
+    if check_values:
+        _check_values(x, kind, name, spec, check_range)
+
+
+def _check_values(x: Any, kind: str, name: str, spec: FeatureSpec, check_range: bool) -> None:
+    """Finite values (and within the input range): two passes, min and max, on host data.
+
+    A NaN propagates into both, and an Inf is one of them, so the extremes answer
+    finiteness and range together. CUDA tensors are not scanned (a device sync per call).
+    """
+    if kind == "torch" and x.device.type != "cpu":
         return
     arr = x if kind == "numpy" else x.detach()
-    if kind == "numpy":
-        finite = bool(np.isfinite(arr).all())
-    else:
-        import torch
-
-        finite = bool(torch.isfinite(arr).all())
-    if not finite:
+    mn, mx = float(arr.min()), float(arr.max())
+    if not (np.isfinite(mn) and np.isfinite(mx)):
         raise InputError(f"{name} contains NaN or Inf values; accepted: finite values. Check the producer of {name}.")
     if check_range:
         lo, hi = INPUT_RANGES[spec.input_range]
-        mn, mx = float(arr.min()), float(arr.max())
         if mn < lo - RANGE_TOLERANCE or mx > hi + RANGE_TOLERANCE:
             raise InputError(
                 f"{name} has values in [{mn:.4g}, {mx:.4g}], outside the model's input range "
@@ -94,12 +98,16 @@ def check_tensor(
             )
 
 
-def check_pair(x: Any, y: Any, spec: FeatureSpec, **kw: Any) -> None:
-    """Both inputs valid and of the same shape."""
-    check_tensor(x, "x", spec, **kw)
-    check_tensor(y, "y", spec, **kw)
+def check_pair(x: Any, y: Any, spec: FeatureSpec, *, check_values: bool = True,
+               check_range: bool = False, **kw: Any) -> None:
+    """Both inputs valid and of the same shape; values are scanned last."""
+    check_tensor(x, "x", spec, check_values=False, **kw)
+    check_tensor(y, "y", spec, check_values=False, **kw)
     if tuple(x.shape) != tuple(y.shape):
         raise InputError(
             f"x has shape {tuple(x.shape)} but y has {tuple(y.shape)}; accepted: equal shapes. "
             "Resize or crop one to the other (the CLI's --size-policy does this)."
         )
+    if check_values:
+        for name, t in (("x", x), ("y", y)):
+            _check_values(t, _describe(t)[2], name, spec, check_range)
