@@ -11,7 +11,7 @@ import torch
 from perceptual_engine import (Engine, FeatureSpec, LossConfig, TorchFeatures, TorchPerceptualLoss,
                                export_onnx, losses)
 from perceptual_engine.runtime import ProviderOptions
-from perceptual_engine.errors import DeviceError, InputError, ModelError, PerceptualError
+from perceptual_engine.errors import DeviceError, InputError, ModelError, NonFiniteError, PerceptualError
 from perceptual_engine.runtime import engine as engine_mod
 from perceptual_engine.runtime import providers as P
 
@@ -557,3 +557,15 @@ def test_cuda_engine_matches_reference_without_tf32(features_model, rel_err):
         for name in spec.layers:
             assert out[name].is_cuda
             assert rel_err(out[name].cpu().numpy(), ref[name].numpy()) <= TOL, name
+
+
+def test_a_sample_that_overflows_is_named_and_the_others_kept(distance_model):
+    path = distance_model[0]
+    engine = Engine(path, device="cpu", check_range=False)
+    x, y = _img((3, 3, 37, 53), seed=40), _img((3, 3, 37, 53), seed=41)
+    x[1] *= 1e30  # finite input, but its Grams overflow float32
+    with pytest.raises(NonFiniteError, match=r"sample\(s\) \[1\] is not finite") as info:
+        engine.distance(x, y)
+    assert info.value.bad == [1]
+    got = info.value.out["total"]
+    np.testing.assert_allclose(got[[0, 2]], engine.distance(x[[0, 2]], y[[0, 2]])["total"], rtol=1e-5)

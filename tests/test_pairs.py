@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from perceptual_engine.errors import ConfigError, ImageError, InputError
+from perceptual_engine.errors import ConfigError, ImageError, InputError, NonFiniteError
 from perceptual_engine.pairs import (
     Pair,
     pair_folders,
@@ -281,3 +281,27 @@ def test_fake_engine_matches_the_engine_interface():
 
     for name in ("spec", "output_names", "max_pixels", "distance"):
         assert hasattr(Engine, name) or name in Engine.__init__.__code__.co_names
+
+
+class OverflowingEngine(FakeEngine):
+    """Sample 1 of every batch overflows, as a float16 model can."""
+
+    def distance(self, x, y):
+        out = super().distance(x, y)
+        if len(x) > 1:
+            out = {k: v.copy() for k, v in out.items()}
+            out["total"][1] = np.inf
+            raise NonFiniteError("the distance of sample(s) [1] is not finite", out, [1])
+        return out
+
+
+def test_runner_keeps_the_finite_samples_of_an_overflowing_batch(tmp_path):
+    pairs = [Pair(_img(tmp_path / f"a{i}.png", seed=i), _img(tmp_path / f"b{i}.png", seed=i + 9))
+             for i in range(3)]
+    engine = OverflowingEngine()
+    rows, stats = _run(engine, pairs, batch_size=3, workers=1)
+    assert [c[0] for c in engine.calls] == [3]  # one call: nothing recomputed
+    assert (stats.ok, stats.failed) == (2, 1)
+    bad = [r for r in rows if r["error"]]
+    assert len(bad) == 1 and "not finite" in bad[0]["error"] and bad[0]["total"] is None
+    assert all(r["total"] > 0 for r in rows if not r["error"])

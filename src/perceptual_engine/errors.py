@@ -18,6 +18,15 @@ class InputError(PerceptualError, ValueError):
     """An input array or tensor has the wrong rank, dtype, shape or values."""
 
 
+class NonFiniteError(InputError):
+    """Some samples' distances are not finite. ``out`` holds every term as computed
+    (the finite samples are valid), ``bad`` the indices of the others."""
+
+    def __init__(self, message: str, out: dict, bad: list[int]) -> None:
+        super().__init__(message)
+        self.out, self.bad = out, bad
+
+
 class WeightsError(PerceptualError):
     """Model weights could not be obtained or do not fit the architecture."""
 

@@ -17,7 +17,7 @@ from typing import IO, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .errors import ImageError, PerceptualError
+from .errors import ImageError, NonFiniteError, PerceptualError
 from .images import DEFAULT_MAX_PIXELS, decode, match_sizes
 from .pairs import Pair
 from .results import Row
@@ -162,8 +162,11 @@ def run_pairs(engine, pairs: Sequence[Pair], sinks: Iterable[Callable[[Row], Non
         x = np.ascontiguousarray(np.stack([i.x for i in items]))
         y = np.ascontiguousarray(np.stack([i.y for i in items]))
         start = time.perf_counter()
+        bad: set[int] = set()
         try:
             out = engine.distance(x, y)
+        except NonFiniteError as exc:  # the finite samples of the batch stand
+            out, bad = exc.out, set(exc.bad)
         except PerceptualError as exc:
             stats.engine_s += time.perf_counter() - start
             if len(items) == 1:
@@ -175,6 +178,10 @@ def run_pairs(engine, pairs: Sequence[Pair], sinks: Iterable[Callable[[Row], Non
         stats.engine_s += time.perf_counter() - start
         stats.batches += 1
         for k, item in enumerate(items):
+            if k in bad:
+                emit(item.pair, None, "the distance is not finite: the model's precision overflowed "
+                                      "on this pair (a float32 model does not overflow here)")
+                continue
             # The shortest decimal that is the same float32: no float64 noise digits.
             emit(item.pair, {t: float(str(np.float32(out[t][k]))) for t in terms})
 

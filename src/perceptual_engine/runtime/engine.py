@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .._io import sha256_file
-from ..errors import DeviceError, InputError, ModelError
+from ..errors import DeviceError, InputError, ModelError, NonFiniteError
 from ..export.metadata import ModelInfo
 from ..validate import DEFAULT_MAX_PIXELS, check_pair, check_tensor
 from . import providers as P
@@ -247,8 +247,9 @@ def _check_finite(out: Mapping[str, Any]) -> None:
     arr = total if isinstance(total, np.ndarray) else total.detach().float().cpu().numpy()
     if not np.isfinite(arr).all():
         bad = np.flatnonzero(~np.isfinite(arr)).tolist()
-        raise InputError(f"the distance of sample(s) {bad} is not finite; the inputs hold NaN/Inf "
-                         "or overflow the model's precision. Check those inputs.")
+        raise NonFiniteError(f"the distance of sample(s) {bad} is not finite; the inputs hold NaN/Inf "
+                             "or overflow the model's precision. Check those inputs (the other "
+                             "samples' terms are in this error's .out).", dict(out), bad)
 
 
 def read_info(path: str) -> ModelInfo:
