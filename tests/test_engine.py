@@ -569,3 +569,10 @@ def test_a_sample_that_overflows_is_named_and_the_others_kept(distance_model):
     assert info.value.bad == [1]
     got = info.value.out["total"]
     np.testing.assert_allclose(got[[0, 2]], engine.distance(x[[0, 2]], y[[0, 2]])["total"], rtol=1e-5)
+
+
+def test_device_error_names_the_wheels_of_the_missing_libraries(monkeypatch):
+    monkeypatch.setattr(P, "missing_cuda_libraries", lambda: ["libcudnn.so.9", "libcublasLt.so.13"])
+    msg = engine_mod._why_not("cuda", RuntimeError("Failed to load libonnxruntime_providers_cuda.so"))
+    assert "missing libraries: libcudnn.so.9, libcublasLt.so.13" in msg
+    assert "pip install nvidia-cublas nvidia-cudnn-cu13" in msg and "device='cpu'" in msg

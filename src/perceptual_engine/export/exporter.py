@@ -158,9 +158,10 @@ def export_onnx(
 
     say(f"loading {spec.arch} weights ({spec.weights})")
     weights = weights if weights is not None else load_weights(spec)
-    reference = TorchFeatures(spec, weights=weights)
-    traced = TorchFeatures(spec, weights=weights)
+    reference = TorchFeatures(spec, weights=weights)  # float32: what the export is checked against
+    traced = reference  # exporting does not modify the module
     if dtype == "float16":
+        traced = TorchFeatures(spec, weights=weights)
         traced.body.half()
     info = ModelInfo(spec=spec, loss=loss, graph=graph, dtype=dtype,
                      weights_source=weights.source, weights_sha256=weights.sha256,

@@ -253,7 +253,7 @@ def _check_finite(out: Mapping[str, Any]) -> None:
 
 
 def read_info(path: str) -> ModelInfo:
-    """The ModelInfo in ``path``'s metadata, reading only the model header."""
+    """The ModelInfo in ``path``'s metadata (the file is parsed, not run)."""
     import onnx
 
     try:
@@ -286,7 +286,8 @@ def _why_not(device: str, exc: BaseException | None, got: list[str] | None = Non
         parts.append(f"({str(exc).splitlines()[0][:300]})")
     missing = P.missing_cuda_libraries()
     if missing:
-        parts.append(f"; missing libraries: {', '.join(missing)} (pip install nvidia-cudnn-cu13, "
+        wheels = sorted({P.CUDA_WHEELS[lib.split(".so")[0]] for lib in missing})
+        parts.append(f"; missing libraries: {', '.join(missing)} (pip install {' '.join(wheels)}, "
                      "or add their folder to LD_LIBRARY_PATH)")
     parts.append(". Use device='cpu' to run on the CPU deliberately.")
     return " ".join(parts)

@@ -186,8 +186,9 @@ def plan(device: str, options: ProviderOptions, inputs: Sequence[str],
         ok, why_trt = tensorrt_loadable()
         if not ok:
             raise DeviceError(
-                f"device 'tensorrt' needs TensorRT 10 ({why_trt}). Install it (pip install "
-                "tensorrt-cu12-libs, or NVIDIA's packages) or use device='cuda'."
+                f"device 'tensorrt' needs TensorRT 10 ({why_trt}). Install it for onnxruntime's "
+                "CUDA version (pip install tensorrt-cu13-libs for a CUDA 13 build, tensorrt-cu12-libs "
+                "for CUDA 12, or NVIDIA's packages) or use device='cuda'."
             )
         return [(name, tensorrt_options(options, inputs, model_key())),
                 (PROVIDER["cuda"], cuda_options(options)), cpu]
@@ -195,13 +196,21 @@ def plan(device: str, options: ProviderOptions, inputs: Sequence[str],
 
 
 def tensorrt_loadable() -> tuple[bool, str]:
-    for lib in ("libnvinfer.so.10",):
-        try:
-            ctypes.CDLL(lib)
-            return True, ""
-        except OSError as exc:
-            return False, f"{lib} is not loadable: {exc}"
-    return False, "no TensorRT library"
+    """Whether TensorRT 10's runtime library loads (the TensorRT EP needs it)."""
+    try:
+        ctypes.CDLL("libnvinfer.so.10")
+    except OSError as exc:
+        return False, f"libnvinfer.so.10 is not loadable: {exc}"
+    return True, ""
+
+
+# The pip wheel that provides each library the CUDA EP of a CUDA 13 onnxruntime links.
+CUDA_WHEELS = {
+    "libcudart": "nvidia-cuda-runtime",
+    "libcublas": "nvidia-cublas",
+    "libcublasLt": "nvidia-cublas",
+    "libcudnn": "nvidia-cudnn-cu13",
+}
 
 
 def missing_cuda_libraries() -> list[str]:
