@@ -151,7 +151,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- parser ---------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from .images import DEFAULT_MAX_PIXELS, SIZE_POLICIES
+    from .images import MAX_IMAGE_PIXELS, SIZE_POLICIES
     from .results import STDOUT_FORMATS
     from .runtime.providers import DEVICES
 
@@ -206,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows on stdout (default: table)")
     p.add_argument("--workers", type=positive_int, metavar="N",
                    help="image decoding threads (default: min(4, CPUs))")
-    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
-                   help=f"refuse larger images before decoding (default: {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--max-pixels", type=positive_int, default=MAX_IMAGE_PIXELS, metavar="N",
+                   help=f"refuse larger images before decoding (default: {MAX_IMAGE_PIXELS})")
     add_spec_options(p)
     p.set_defaults(func=cmd_distance)
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import ConfigError, ImageError
 
-DEFAULT_MAX_PIXELS = 1 << 26  # 67 M pixels, e.g. 8192 x 8192; below Pillow's own bomb limit
+MAX_IMAGE_PIXELS = 1 << 26  # 67 M pixels, e.g. 8192 x 8192; below Pillow's own bomb limit
 SIZE_POLICIES = ("error", "resize", "center-crop")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                     ".ppm", ".pgm", ".pbm", ".pnm", ".tga")
@@ -33,7 +33,7 @@ _GRAY16 = ("I;16", "I;16B", "I;16L", "I;16N")
 _TO_RGB = ("CMYK", "YCbCr", "LAB", "HSV", "RGBX")
 
 
-def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(path: str | os.PathLike, *, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read one image file as a float32 array of shape (1, 3, H, W), values in [0, 1].
 
     H and W are those after EXIF orientation. See the module docstring for how
@@ -44,7 +44,7 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
 
 
 def load_images(paths: Iterable[str | os.PathLike], *,
-                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+                max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read images of one size as a float32 batch (N, 3, H, W) in [0, 1].
 
     Raises ImageError if any cannot be read, or if their sizes differ (naming them).
@@ -63,7 +63,7 @@ def load_images(paths: Iterable[str | os.PathLike], *,
     return np.ascontiguousarray(np.stack(arrays))
 
 
-def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode(path: str | os.PathLike, *, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read one image as (3, H, W) float32 in [0, 1] (``load_image`` without the batch axis)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 

@@ -18,7 +18,7 @@ from typing import IO, Callable, Iterable, Sequence
 import numpy as np
 
 from .errors import ImageError, NonFiniteError, PerceptualError
-from .images import DEFAULT_MAX_PIXELS, decode, match_sizes
+from .images import MAX_IMAGE_PIXELS, decode, match_sizes
 from .pairs import Pair
 from .results import Row
 from .spec import INPUT_RANGES
@@ -129,7 +129,7 @@ def _decode_pair(pair: Pair, policy: str, scale: tuple[float, float], min_size: 
 def run_pairs(engine, pairs: Sequence[Pair], sinks: Iterable[Callable[[Row], None]], *,
               batch_size: int = 8, size_policy: str = "error", workers: int | None = None,
               skip: set[tuple[str, str]] | frozenset = frozenset(),
-              max_pixels: int | None = DEFAULT_MAX_PIXELS,
+              max_pixels: int | None = MAX_IMAGE_PIXELS,
               progress: Progress | None = None) -> RunStats:
     """Compute every pair not in ``skip`` with ``engine`` (a distance Engine); each row
     goes to every sink as soon as it is known. Returns the run's statistics."""

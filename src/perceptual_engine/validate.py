@@ -13,7 +13,7 @@ import numpy as np
 from .errors import InputError
 from .spec import INPUT_RANGES, FeatureSpec
 
-DEFAULT_MAX_PIXELS = 1 << 27  # N·H·W per call: 134 M, e.g. 64 images of 1448²
+MAX_BATCH_PIXELS = 1 << 27  # N·H·W per call: 134 M, e.g. 64 images of 1448²
 RANGE_TOLERANCE = 1e-3
 
 
@@ -36,7 +36,7 @@ def check_tensor(
     spec: FeatureSpec,
     *,
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16"),
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = MAX_BATCH_PIXELS,
     check_values: bool = True,
     check_range: bool = False,
 ) -> None:

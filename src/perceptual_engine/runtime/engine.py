@@ -11,7 +11,7 @@ import numpy as np
 from .._io import sha256_file
 from ..errors import DeviceError, InputError, ModelError, NonFiniteError
 from ..export.metadata import ModelInfo
-from ..validate import DEFAULT_MAX_PIXELS, check_pair, check_tensor
+from ..validate import MAX_BATCH_PIXELS, check_pair, check_tensor
 from . import providers as P
 from .iobinding import TorchBinder
 
@@ -47,7 +47,7 @@ class Engine:
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", *,
                  options: P.ProviderOptions | None = None, threads: int | None = None,
-                 check_range: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 check_range: bool = True, max_pixels: int | None = MAX_BATCH_PIXELS,
                  cpu_arena: bool | None = None) -> None:
         import onnxruntime as ort
 
