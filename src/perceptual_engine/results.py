@@ -39,6 +39,13 @@ def _csv_line(values: Sequence[Any]) -> str:
     return buf.getvalue()
 
 
+def _json_row(row: Row, columns: Sequence[str]) -> dict[str, Any]:
+    """The row's columns in order; an empty error is null."""
+    obj = {c: row.get(c) for c in columns}
+    obj["error"] = obj["error"] or None
+    return obj
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return ""
@@ -77,9 +84,7 @@ class ResultFile:
     def _format(self, row: Row) -> str:
         if self.format == "csv":
             return _csv_line([_cell(row.get(c)) for c in self.columns])
-        obj = {c: row.get(c) for c in self.columns}
-        obj["error"] = obj["error"] or None
-        return json.dumps(obj) + "\n"
+        return json.dumps(_json_row(row, self.columns)) + "\n"
 
     def _read_done(self) -> list[Row]:
         with open(self.path, newline="", encoding="utf-8") as fh:
@@ -175,9 +180,7 @@ class StdoutRows:
         if self.fmt == "csv":
             self._out(_csv_line([_cell(row.get(c)) for c in self.columns]))
         elif self.fmt == "json":
-            obj = {c: row.get(c) for c in self.columns}
-            obj["error"] = obj["error"] or None
-            self._out(("[\n  " if self.count == 0 else ",\n  ") + json.dumps(obj))
+            self._out(("[\n  " if self.count == 0 else ",\n  ") + json.dumps(_json_row(row, self.columns)))
         else:
             cells = [f"{row['a']:<{self.width}}", f"{row['b']:<{self.width}}"]
             for t in self.terms:
