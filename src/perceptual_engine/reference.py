@@ -97,6 +97,12 @@ class TorchFeatures(nn.Module):
                 found[self._taps[i]] = h
         return {name: found[name] for name in self.spec.layers}
 
+    def extract_pair(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], ...]:
+        """Features of x and of y from one pass over both (concatenated on the batch axis)."""
+        n = x.shape[0]
+        f = self.extract(torch.cat([x, y]))
+        return {k: v[:n] for k, v in f.items()}, {k: v[n:] for k, v in f.items()}
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         check_tensor(x, "x", self.spec)
         return self.extract(x)
@@ -136,11 +142,7 @@ class TorchPerceptualLoss(nn.Module):
             check_tensor(x, "x", self.spec)
             return self.terms(self.features.extract(x), None, self._style_target)
         check_pair(x, y, self.spec)
-        n = x.shape[0]
-        f = self.features.extract(torch.cat([x, y]))  # one pass over both halves
-        fx = {k: v[:n] for k, v in f.items()}
-        fy = {k: v[n:] for k, v in f.items()}
-        return self.terms(fx, fy)
+        return self.terms(*self.features.extract_pair(x, y))
 
 
 def raise_missing_y(has_content: bool) -> None:

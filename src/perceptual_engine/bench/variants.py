@@ -169,10 +169,7 @@ def _compiled_core(case: Case, model: Any) -> Any:
             if name == "style":
                 return losses.distance_terms(feats.extract(feeds["x"]), None, loss,
                                              style_target=self.model._style_target)
-            n = feeds["x"].shape[0]
-            f = feats.extract(torch.cat([feeds["x"], feeds["y"]]))
-            return losses.distance_terms({k: v[:n] for k, v in f.items()},
-                                         {k: v[n:] for k, v in f.items()}, loss)
+            return losses.distance_terms(*feats.extract_pair(feeds["x"], feeds["y"]), loss)
 
     return torch.compile(Core(), dynamic=False)
 

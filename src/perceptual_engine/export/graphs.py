@@ -39,14 +39,9 @@ class DistanceGraph(nn.Module):
         super().__init__()
         self.features = features
         self.loss = loss
-        needed = set(loss.content) | set(loss.style)
-        self._layers = [n for n in features.spec.layers if n in needed]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        n = x.shape[0]
-        feats = self.features.extract(torch.cat([x, y], dim=0))
-        fx = {k: feats[k][:n] for k in self._layers}
-        fy = {k: feats[k][n:] for k in self._layers}
+        fx, fy = self.features.extract_pair(x, y)
         return tuple(losses.distance_terms(fx, fy, self.loss).values())
 
 
