@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from perceptual_engine import LossConfig, cache, export_onnx
+from perceptual_engine import LossConfig, export_onnx
+from perceptual_engine.cli import cache
 from perceptual_engine.cli import main
 from perceptual_engine.errors import ModelError
 from perceptual_engine.spec import FeatureSpec
@@ -209,7 +210,7 @@ def test_progress_bar_on_a_tty_only(model, folders, capsys, monkeypatch):
 
 def test_interrupted_run_keeps_its_rows_and_resumes(model, folders, tmp_path, capsys,
                                                      monkeypatch):
-    import perceptual_engine.runner as runner
+    import perceptual_engine.cli.runner as runner
 
     real = runner._decode_pair
     seen = []
@@ -322,7 +323,7 @@ def test_info_text_and_json(capsys):
 
 
 def test_demo_with_fallback_banner_then_reuse(tmp_path, capsys, monkeypatch):
-    import perceptual_engine.demo as demo
+    import perceptual_engine.cli.demo as demo
     from perceptual_engine.errors import WeightsError
 
     def no_imagenet(spec):

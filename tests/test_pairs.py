@@ -16,15 +16,15 @@ import pytest
 from PIL import Image
 
 from perceptual_engine.errors import ConfigError, ImageError, InputError, NonFiniteError
-from perceptual_engine.pairs import (
+from perceptual_engine.cli.pairs import (
     Pair,
     pair_folders,
     pairs_from_args,
     read_pairs_csv,
     walk_images,
 )
-from perceptual_engine.results import ResultFile, StdoutRows
-from perceptual_engine.runner import Progress, run_pairs
+from perceptual_engine.cli.results import ResultFile, StdoutRows
+from perceptual_engine.cli.runner import Progress, run_pairs
 from perceptual_engine.spec import FeatureSpec
 
 TERMS = ("content.relu1_2", "total")

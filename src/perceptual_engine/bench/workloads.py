@@ -160,7 +160,7 @@ class ModelCache:
     def __call__(self, case: Case, dtype: str) -> str:
         """The model for ``case`` in ``dtype``: from the cache (hash-checked, locked,
         keyed by spec, loss, graph, dtype, weights file and version) or exported now."""
-        from ..cache import ensure_model
+        from ..cli.cache import ensure_model
 
         graph, loss = case.workload.graph, case.loss
         key = (graph, dtype, case.spec, loss)

@@ -13,7 +13,7 @@ import platform
 from importlib import metadata
 from typing import Any
 
-from .runtime import providers as P
+from ..runtime import providers as P
 
 GPU_PROVIDERS = (P.PROVIDER["cuda"], P.PROVIDER["tensorrt"])
 
@@ -83,7 +83,7 @@ def probe_provider(name: str) -> tuple[bool, str]:
 
 def collect() -> dict[str, Any]:
     """Everything ``info`` reports, as plain data."""
-    from . import __version__
+    from .. import __version__
 
     info: dict[str, Any] = {
         "perceptual_engine": __version__,

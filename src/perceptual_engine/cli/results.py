@@ -13,8 +13,8 @@ import math
 import os
 from typing import IO, Any, Sequence
 
-from ._io import atomic_path
-from .errors import ConfigError
+from .._io import atomic_path
+from ..errors import ConfigError
 
 FILE_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 STDOUT_FORMATS = ("table", "csv", "json")

@@ -23,10 +23,10 @@ from typing import IO, Callable
 import numpy as np
 
 from .cache import CachedModel, check_entry, ensure_model, model_key
-from .errors import WeightsError
-from .images import center_crop, decode, resize
-from .spec import FeatureSpec, LossConfig
-from .weights import load_weights
+from ..errors import WeightsError
+from ..images import center_crop, decode, resize
+from ..spec import FeatureSpec, LossConfig
+from ..weights import load_weights
 
 SAMPLE_PHOTOS = ("astronaut.jpg", "coffee.jpg")
 SEED = 0
@@ -148,7 +148,7 @@ def run_demo(spec: FeatureSpec, loss: LossConfig, *, out_dir: str = "out", photo
 
     Returns 0; a distance that does not grow with strength is reported as a warning.
     """
-    from .runtime import Engine
+    from ..runtime import Engine
 
     def say(msg: str) -> None:
         err.write(f"  {msg}\n")

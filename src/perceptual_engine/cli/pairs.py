@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterator
 
-from .errors import ConfigError, ImageError
-from .images import IMAGE_EXTENSIONS, is_image_name
+from ..errors import ConfigError, ImageError
+from ..images import IMAGE_EXTENSIONS, is_image_name
 
 
 @dataclass(frozen=True)

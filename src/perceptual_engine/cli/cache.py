@@ -15,13 +15,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from . import __version__
-from ._io import atomic_write_bytes, sha256_file
-from .errors import ModelError, PerceptualError
-from .export import export_onnx
-from .runtime import read_info
-from .runtime.providers import default_cache_dir
-from .spec import FeatureSpec, LossConfig, json_digest
+from .. import __version__
+from .._io import atomic_write_bytes, sha256_file
+from ..errors import ModelError, PerceptualError
+from ..export import export_onnx
+from ..runtime import read_info
+from ..runtime.providers import default_cache_dir
+from ..spec import FeatureSpec, LossConfig, json_digest
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def open_engine(spec: FeatureSpec, loss: LossConfig, *, device: str = "auto",
                 say: Callable[[str], None] | None = None):
     """(Engine, CachedModel): the cached model loaded on ``device``; an entry that
     fails to load (ModelError) is rebuilt once, then any failure is the caller's."""
-    from .runtime import Engine
+    from ..runtime import Engine
 
     def make(path: str):
         return Engine(path, device)

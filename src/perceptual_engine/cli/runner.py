@@ -17,11 +17,11 @@ from typing import IO, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .errors import ImageError, NonFiniteError, PerceptualError
-from .images import MAX_IMAGE_PIXELS, decode, match_sizes
+from ..errors import ImageError, NonFiniteError, PerceptualError
+from ..images import MAX_IMAGE_PIXELS, decode, match_sizes
 from .pairs import Pair
 from .results import Row
-from .spec import INPUT_RANGES
+from ..spec import INPUT_RANGES
 
 
 @dataclass

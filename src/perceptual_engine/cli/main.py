@@ -11,8 +11,8 @@ import json
 import sys
 from typing import Sequence
 
-from .cli_options import SPEC_FLAGS, add_spec_options, positive_int, spec_from_args
-from .errors import ConfigError, ModelError, PerceptualError, WeightsError
+from .options import SPEC_FLAGS, add_spec_options, positive_int, spec_from_args
+from ..errors import ConfigError, ModelError, PerceptualError, WeightsError
 
 PROG = "perceptual-engine"
 
@@ -23,8 +23,8 @@ def _say(msg: str) -> None:
 
 # -- commands -------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
-    from .export.exporter import TOLERANCE
+    from ..export import export_onnx
+    from ..export.exporter import TOLERANCE
 
     spec, loss = spec_from_args(args)
     if args.graph == "features" and loss is not None:
@@ -39,7 +39,7 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"{f' (seed {spec.seed})' if spec.weights == 'random' else ''}, sha256 "
           f"{r.weights_sha256[:16]}; input range {spec.input_range}; {spec.pooling} pooling")
     if r.graph in ("distance", "style"):
-        from .spec import LossConfig
+        from ..spec import LossConfig
 
         lc = loss or LossConfig.default_for(spec)
         terms = [f"content {k}={v:g}" for k, v in lc.content.items()]
@@ -53,7 +53,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"  outputs   {', '.join(r.outputs)}: float32 (N,)"
               + ("; gram.<l> (N, C, C)" if r.graph == "style" else ""))
     else:
-        from . import layers as _layers
+        from .. import layers as _layers
 
         for name in r.outputs:
             info = _layers.resolve(spec.arch, name)
@@ -67,7 +67,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _open_engine(args: argparse.Namespace):
-    from .runtime import Engine
+    from ..runtime import Engine
 
     given = [f for f in SPEC_FLAGS if getattr(args, f) is not None]
     if args.model:
@@ -78,7 +78,7 @@ def _open_engine(args: argparse.Namespace):
         engine = Engine(args.model, args.device)
     else:
         from .cache import models_dir, open_engine
-        from .spec import LossConfig
+        from ..spec import LossConfig
 
         spec, loss = spec_from_args(args)
         engine, entry = open_engine(spec, loss or LossConfig.default_for(spec), device=args.device,
@@ -133,7 +133,7 @@ def cmd_distance(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .sysinfo import collect, format_text
+    from .info import collect, format_text
 
     info = collect()
     print(json.dumps(info, indent=2) if args.json else format_text(info))
@@ -151,16 +151,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- parser ---------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from .images import MAX_IMAGE_PIXELS, SIZE_POLICIES
+    from ..images import MAX_IMAGE_PIXELS, SIZE_POLICIES
     from .results import STDOUT_FORMATS
-    from .runtime.providers import DEVICES
+    from ..runtime.providers import DEVICES
 
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=fmt,
         description="Fast VGG perceptual distances: export verified ONNX models, compute "
                     "distances between images, report the environment.")
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--traceback", action="store_true",
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_spec_options(p, default_layers="the arch's usual four; the demo's loss: content on "
                                        "relu2_2, style on every layer")
     p.set_defaults(func=cmd_demo)
-    from .bench import cli as bench_cli
+    from ..bench import cli as bench_cli
 
     p = sub.add_parser("bench", help="time every variant on the same inputs; Markdown/JSON/PNG",
                        description=bench_cli.DESCRIPTION,
@@ -286,6 +286,3 @@ def _check_distance_args(parser: argparse.ArgumentParser, args: argparse.Namespa
     if args.resume and not args.output:
         sub.error("--resume needs --output (the file to resume)")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

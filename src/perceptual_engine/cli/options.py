@@ -44,8 +44,8 @@ SPEC_FLAGS = ("arch", "layers", "weights", "seed", "input_range", "pooling", "co
 
 def add_spec_options(p: argparse.ArgumentParser, *, default_layers: str = "the arch's usual four"
                      ) -> None:
-    from .layers import ARCHS
-    from .spec import GRAM_NORMS, INPUT_RANGES, POOLINGS
+    from ..layers import ARCHS
+    from ..spec import GRAM_NORMS, INPUT_RANGES, POOLINGS
 
     g = p.add_argument_group("model spec (FeatureSpec)")
     g.add_argument("--arch", choices=ARCHS, help="network (default: vgg19)")
@@ -80,8 +80,8 @@ def spec_from_args(args: argparse.Namespace, *,
     --style the loss is ``default_loss(spec, gram)`` (a command's own default), or
     None (export_onnx's default: content weight 1 on every layer).
     """
-    from . import layers as _layers
-    from .spec import FeatureSpec, LossConfig
+    from .. import layers as _layers
+    from ..spec import FeatureSpec, LossConfig
 
     arch = args.arch or "vgg19"
     gram = args.gram or "chw"
