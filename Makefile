@@ -7,10 +7,10 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test install bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,plot]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,plot]'
 	touch $@
 
 install: $(VENV)/.installed
