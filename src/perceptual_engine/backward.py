@@ -188,9 +188,9 @@ def loss_scale(grads: Mapping[str, Tensor]) -> Tensor:
 def loss_and_grad(features, loss: LossConfig, x: Tensor, *,
                   content: Mapping[str, Tensor] | None = None,
                   style: Mapping[str, Tensor] | None = None,
-                  seed: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
-    """Terms of ``losses.distance_terms`` for x against the targets, and
-    ∂(Σ_n seed_n · total_n)/∂x (N, 3, H, W) float32 (seed defaults to ones).
+                  seed: Tensor | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+    """x's features, the terms of ``losses.distance_terms`` for x against the targets,
+    and ∂(Σ_n seed_n · total_n)/∂x (N, 3, H, W) float32 (seed defaults to ones).
 
     content: target features {layer: (N or 1, C, H, W)}; style: target Grams
     {layer: (N or 1, C, C)}. float16 networks backpropagate a loss-scaled seed.
@@ -201,7 +201,7 @@ def loss_and_grad(features, loss: LossConfig, x: Tensor, *,
         seed = torch.ones_like(terms["total"])
     grads = terms_vjp(feats, loss, seed, content=content, style=style)
     if features.body[0].weight.dtype == torch.float32:
-        return terms, vjp(grads)
+        return feats, terms, vjp(grads)
     scale = loss_scale(grads)
     scaled = {k: g * scale.view((-1,) + (1,) * (g.dim() - 1)) for k, g in grads.items()}
-    return terms, vjp(scaled) / scale
+    return feats, terms, vjp(scaled) / scale
