@@ -3,7 +3,8 @@
 Public API (names are part of the contract)::
 
     from perceptual_engine import FeatureSpec, LossConfig, TorchFeatures, \
-        TorchPerceptualLoss, export_onnx, Engine, PerceptualError, load_image, load_images
+        TorchPerceptualLoss, export_onnx, Engine, EnginePerceptualLoss, PerceptualError, \
+        load_image, load_images
 """
 __version__ = "0.1.0"
 
@@ -12,6 +13,7 @@ from .export import export_onnx
 from .images import load_image, load_images
 from .reference import TorchFeatures, TorchPerceptualLoss
 from .runtime import Engine
+from .runtime.loss import EnginePerceptualLoss
 from .spec import FeatureSpec, LossConfig
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "TorchPerceptualLoss",
     "export_onnx",
     "Engine",
+    "EnginePerceptualLoss",
     "PerceptualError",
     "load_image",
     "load_images",
