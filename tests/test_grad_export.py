@@ -239,3 +239,14 @@ def test_grad_misuse(grad_models, distance_model, features_model, make_images, t
     style_only = TorchPerceptualLoss(spec, LossConfig(style={"relu1_2": 1.0}))
     with pytest.raises(InputError, match="this loss has no content terms"):
         style_only.set_target(content=torch.from_numpy(x))
+
+
+def test_cli_export_grad_needs_a_loss_graph(tmp_path, capsys):
+    from perceptual_engine.cli.main import main
+
+    out = tmp_path / "f.onnx"
+    code = main(["export", "--graph", "features", "--grad", "--weights", "random", "--layers", "relu1_1",
+                 "-o", str(out)])
+    assert code == 2 and not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "grad=True needs graph='distance' or 'target'" in err[0]
