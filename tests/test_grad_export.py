@@ -250,3 +250,20 @@ def test_cli_export_grad_needs_a_loss_graph(tmp_path, capsys):
     assert code == 2 and not out.exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "grad=True needs graph='distance' or 'target'" in err[0]
+
+
+@pytest.mark.gpu
+def test_engine_loss_on_cuda_tensors(grad_models, make_images):
+    # CUDA tensors through IO binding: grad.x and targets on the device, same numbers as CPU.
+    path, *_ = grad_models["target"]
+    c = torch.from_numpy(make_images((1, 3, 25, 31), seed=1))
+    x = make_images((2, 3, 25, 31), seed=2)
+    grads = []
+    for device in ("cpu", "cuda"):
+        crit = EnginePerceptualLoss(path, device=device)
+        crit.set_target(content=c.to(device), style=c.to(device))
+        xt = torch.from_numpy(x).to(device).requires_grad_()
+        crit(xt)["total"].sum().backward()
+        assert xt.grad.device.type == device
+        grads.append(xt.grad.cpu().numpy())
+    gradref.assert_grad_close(grads[1], grads[0], 1e-3, forgive=gradref.MAX_POOL_FORGIVE)
