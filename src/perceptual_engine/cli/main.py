@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import warnings
 from typing import Sequence
 
 from .options import SPEC_FLAGS, add_spec_options, positive_int, spec_from_args
@@ -158,6 +160,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import default_loss, run_demo
 
     spec, loss = spec_from_args(args, default_loss=default_loss)
+    built = loss.used_spec(spec)
+    if args.size < built.min_size:
+        raise ConfigError(f"--size {args.size} is too small for {built.deepest} "
+                          f"({built.min_size}x downsampling); accepted: --size >= {built.min_size}.")
     return run_demo(spec, loss, out_dir=args.out_dir, photo=args.image, size=args.size,
                     device=args.device, dtype=args.dtype or "float32", bench=not args.no_bench,
                     out=sys.stdout, err=sys.stderr)
@@ -257,8 +263,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The library's messages name API arguments; on the command line, name the flags.
+_CLI_WORDING = (
+    (re.compile(r"\bdevice='(\w+)'"), r"--device \1"),
+    (re.compile(r"\bgraph='(\w+)'"), r"--graph \1"),
+    (re.compile(r"\bweights='(\w+)'"), r"--weights \1"),
+    (re.compile(r"\bFeatureSpec\.layers\b"), "--layers"),
+)
+
+
+def cli_wording(text: str) -> str:
+    for pattern, flag in _CLI_WORDING:
+        text = pattern.sub(flag, text)
+    return text
+
+
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    text = cli_wording(str(exc).strip() or type(exc).__name__)
     first, _, rest = text.partition("\n")
     return first + (" [more with --traceback]" if rest.strip() else "")
 
@@ -278,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    # Pillow warns about images above its own pixel limit; the command line applies its
+    # own budget (--max-pixels, checked from the header) and reports refusals as rows.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -9,9 +9,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from .._io import sha256_file
-from ..errors import DeviceError, InputError, ModelError, NonFiniteError
+from ..errors import DeviceError, InputError, ModelError, NonFiniteError, NonFiniteInputError
 from ..export.metadata import ModelInfo
-from ..validate import MAX_BATCH_PIXELS, check_pair, check_tensor
+from ..validate import MAX_BATCH_PIXELS, check_pair, check_tensor, nonfinite_samples
 from . import providers as P
 from .iobinding import TorchBinder
 
@@ -57,7 +57,9 @@ class Engine:
         self.max_pixels = max_pixels
         self.cpu_arena = self.options.fixed_shapes if cpu_arena is None else cpu_arena
         if not os.path.isfile(self.path):
-            what = "a folder" if os.path.isdir(self.path) else "missing"
+            what = ("a folder" if os.path.isdir(self.path) else
+                    "not a regular file (a device, pipe or socket)" if os.path.exists(self.path)
+                    else "missing")
             raise ModelError(f"model {self.path!r} is {what}; give the path of an exported .onnx file "
                              "(perceptual-engine export -o model.onnx).")
         # Metadata first, from a CPU-free read of the header: the spec names the inputs.
@@ -181,7 +183,30 @@ class Engine:
 
         On a style model (graph="style") y is omitted: x is compared with the
         target given to ``set_style_target``, and only x runs through the network.
+        A sample whose input holds NaN/Inf is not computed: the others are, and a
+        NonFiniteError names the bad samples and carries every term in ``.out``
+        (NaN for the bad samples).
         """
+        try:
+            return self._distance(x, y)
+        except NonFiniteInputError as exc:
+            return self._distance_finite_samples(x, y, exc)
+
+    def _distance_finite_samples(self, x: Any, y: Any, exc: NonFiniteInputError) -> dict[str, Any]:
+        bad = sorted(set(nonfinite_samples(_host_view(x)))
+                     | (set(nonfinite_samples(_host_view(y))) if y is not None else set()))
+        n = int(x.shape[0])
+        keep = [i for i in range(n) if i not in bad]
+        if not keep:
+            raise exc
+        sub = self._distance(x[keep], None if y is None else y[keep])
+        out = {k: _scatter(v, keep, n) for k, v in sub.items()}
+        raise NonFiniteError(
+            f"the input of sample(s) {bad} holds NaN or Inf: those were not computed; the other "
+            f"{len(keep)} sample(s)' terms are in this error's .out (NaN for the bad ones). "
+            "Check those inputs.", out, bad, inputs=True)
+
+    def _distance(self, x: Any, y: Any = None) -> dict[str, Any]:
         if self.info.graph == "style":
             if y is not None:
                 raise InputError("this is a style model: call distance(x) after set_style_target(y), "
@@ -234,6 +259,23 @@ class Engine:
 
     def __repr__(self) -> str:
         return f"Engine({self.path!r}, graph={self.info.graph}, providers={self.providers})"
+
+
+def _host_view(v: Any) -> Any:
+    """A numpy array or CPU torch tensor as is (CUDA tensors are never scanned)."""
+    return v if isinstance(v, np.ndarray) else v.detach()
+
+
+def _scatter(v: Any, keep: list[int], n: int) -> Any:
+    """Rows ``keep`` of an (n, ...) result filled from ``v``, the others NaN."""
+    if isinstance(v, np.ndarray):
+        full = np.full((n, *v.shape[1:]), np.nan, dtype=v.dtype)
+    else:
+        import torch
+
+        full = torch.full((n, *v.shape[1:]), float("nan"), dtype=v.dtype, device=v.device)
+    full[keep] = v
+    return full
 
 
 def _to_host(v: Any) -> np.ndarray:
