@@ -112,7 +112,8 @@ class ModelInfo:
         try:
             _check_together(info)
         except (Invalid, ConfigError) as exc:
-            raise ModelError(f"{path}: the metadata keys disagree: {exc} Re-export the model.") from None
+            raise ModelError(f"{path}: the metadata keys disagree: {exc} The file was damaged or edited "
+                             "after export: re-export the model.") from None
         return info
 
 
@@ -251,19 +252,23 @@ FIELDS: dict[str, Field] = {
 
 def _no_loss(info: ModelInfo) -> None:
     if info.loss is not None:
-        raise Invalid(f"a {info.graph} graph has no loss, but loss is {info.loss.to_dict()}.")
+        raise Invalid(f"{PREFIX}loss is {info.loss.to_dict()}, but a {info.graph} graph has no loss.")
 
 
 def _any_loss(info: ModelInfo) -> None:
     if info.loss is None:
-        raise Invalid(f"a {info.graph} graph needs a loss, but loss is null.")
-    info.loss.check_against(info.spec)
+        raise Invalid(f"{PREFIX}loss is null, but a {info.graph} graph needs one.")
+    try:
+        info.loss.check_against(info.spec)
+    except ConfigError as exc:
+        raise Invalid(f"{PREFIX}loss does not fit {PREFIX}spec: {exc}") from None
 
 
 def _style_loss(info: ModelInfo) -> None:
     _any_loss(info)
     if info.loss.content or not info.loss.style:  # type: ignore[union-attr]
-        raise Invalid(f"a style graph needs style terms only, but loss is {info.loss.to_dict()}.")  # type: ignore[union-attr]
+        raise Invalid(f"{PREFIX}loss is {info.loss.to_dict()}, but a style graph needs style "  # type: ignore[union-attr]
+                      "terms only.")
 
 
 # graph kind -> what its loss must be; a kind without an entry is not checked here.
@@ -277,5 +282,5 @@ def _check_together(info: ModelInfo) -> None:
     spec, source = info.spec, info.weights_source
     expected = {"random": f"random(seed={spec.seed})", "imagenet": "imagenet"}.get(spec.weights)
     if expected is not None and source != expected:
-        raise Invalid(f"spec.weights is {spec.weights!r} but weights_source is {_short(source, 60)} "
-                      f"(expected {expected!r}).")
+        raise Invalid(f"{PREFIX}weights_source is {_short(source, 60)}, but {PREFIX}spec has weights "
+                      f"{spec.weights!r} (expected {expected!r}).")
