@@ -170,6 +170,15 @@ def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
         )
 
 
+def restrict(weights: Weights, spec: FeatureSpec) -> Weights:
+    """``weights`` cut to the convolutions ``spec`` uses (a shallower spec of the same
+    arch), with the hash recomputed over what remains."""
+    state = {key: weights.state[key] for key, _ in _conv_keys(spec)}
+    if len(state) == len(weights.state):
+        return weights
+    return Weights(state=state, source=weights.source, sha256=_digest(state))
+
+
 def load_weights(spec: FeatureSpec) -> Weights:
     """The checked float32 convolution weights of ``spec`` up to its deepest layer.
 
