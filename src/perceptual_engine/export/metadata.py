@@ -112,14 +112,21 @@ class ModelInfo:
         try:
             _check_together(info)
         except (Invalid, ConfigError) as exc:
-            raise ModelError(f"{path}: the metadata keys disagree: {exc} The file was damaged or edited "
+            raise ModelError(f"{path}: the metadata keys disagree: {_cut(str(exc))} The file was damaged or edited "
                              "after export: re-export the model.") from None
         return info
 
 
+def _cut(text: str, limit: int = 300) -> str:
+    """``text`` shortened for a one-line message: values in the file may be long."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _error(path: str, key: str, raw: Any, accepted: str, why: str = "") -> ModelError:
-    detail = f" ({why.rstrip('.')})" if why else ""
-    return ModelError(f"{path}: metadata key {PREFIX}{key} holds {_short(raw, 60)}{detail}; accepted: "
+    name = PREFIX + key if len(key) <= 64 and key.isprintable() else _short(PREFIX + key, 60)
+    detail = f" ({_cut(why).rstrip('.')})" if why else ""
+    return ModelError(f"{path}: metadata key {name} holds {_short(raw, 60)}{detail}; accepted: "
                       f"{accepted}. The file was damaged or edited after export: re-export the model.")
 
 
