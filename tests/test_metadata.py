@@ -117,6 +117,7 @@ FUZZ = {
     "format negative": ("format", lambda p: {"format": "-2"}),
     "format 99": ("format", lambda p: {"format": "99"}),
     "format 1 (older)": ("format", lambda p: {"format": "1"}),
+    "format 2 (older)": ("format", lambda p: {"format": "2"}),
     "format huge": ("format", lambda p: {"format": "9" * 100000}),
     "weights_sha256 not hex": ("weights_sha256", lambda p: {"weights_sha256": "z" * 64}),
     "weights_sha256 short": ("weights_sha256", lambda p: {"weights_sha256": "ab12"}),
@@ -126,6 +127,9 @@ FUZZ = {
     "weights_source disagrees": ("weights_source", lambda p: {"weights_source": "imagenet"}),
     "version empty": ("version", lambda p: {"version": ""}),
     "version huge": ("version", lambda p: {"version": "1" * 1_000_000}),
+    "grad not a bool": ("grad", lambda p: {"grad": "yes"}),
+    "grad json true": ("grad", lambda p: {"grad": "True"}),
+    "grad on a features graph": ("grad", lambda p: {"graph": "features", "loss": "null", "grad": "true"}),
     "graph_sha256 not hex": ("graph_sha256", lambda p: {"graph_sha256": "not a digest"}),
     "integrity missing": ("integrity", lambda p: {"integrity": None}),
     "graph missing": ("graph", lambda p: {"graph": None}),
@@ -322,15 +326,18 @@ def test_graph_digest_once_per_file_identity(distance_model, tmp_path, monkeypat
 
 
 def _as_format_1(src, dst) -> str:
-    """``src`` as an earlier version wrote it: format 1, no digests, the loss sorted."""
+    """``src`` as an earlier version wrote it: format 1, no digests, no grad, the loss sorted."""
     props = _props(src)
     loss = json.dumps(json.loads(props[PREFIX + "loss"]), sort_keys=True)
-    return _rewrite(src, dst, format="1", graph_sha256=None, integrity=None, loss=loss)
+    return _rewrite(src, dst, format="1", graph_sha256=None, integrity=None, grad=None, loss=loss)
 
 
-def test_format_1_models_are_refused_with_re_export(distance_model, tmp_path):
+@pytest.mark.parametrize("fmt", ["1", "2"])
+def test_older_formats_are_refused_with_re_export(distance_model, tmp_path, fmt):
     p = _as_format_1(distance_model[0], tmp_path / "old.onnx")
-    with pytest.raises(ModelError, match=r"has metadata format '1', written by an older perceptual-engine "
+    if fmt == "2":  # format 2 added grad, still without digests
+        p = _rewrite(p, tmp_path / "old2.onnx", format="2", grad="false")
+    with pytest.raises(ModelError, match=rf"has metadata format '{fmt}', written by an older perceptual-engine "
                                          r"without an integrity digest.*Re-export the model"):
         Engine(p)
 

@@ -8,8 +8,10 @@ is accepted. To add a key: a ``ModelInfo`` attribute and a ``FIELDS`` row; to ad
 a graph kind: ``graphs.GRAPH_KINDS`` and a ``GRAPH_RULES`` entry.
 
 ``FORMAT_VERSION`` is bumped whenever a key is added or its meaning changes; a
-reader refuses newer formats. Format 2 added ``graph_sha256`` and ``integrity``
-(see integrity.py); format 1 files cannot be verified and are refused.
+reader refuses newer formats. Format 2 added ``grad`` (the model outputs
+``grad.x``) and the ``target`` graph; format 3 added ``graph_sha256`` and
+``integrity`` (see integrity.py) and is always written. Formats 1 and 2 carry no
+digests, so their claims cannot be verified: they are refused with "re-export".
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from ..errors import ConfigError, ModelError
 from ..spec import FeatureSpec, LossConfig, _short
 from .graphs import GRAPH_KINDS
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 PREFIX = "perceptual_engine."
 DTYPES = ("float32", "float16")
 # Bounds on a value before it is parsed: a spec or loss is a few hundred characters.
@@ -40,12 +42,13 @@ class Invalid(ValueError):
 class ModelInfo:
     spec: FeatureSpec
     loss: LossConfig | None
-    graph: str  # one of graphs.GRAPH_KINDS
+    graph: str  # one of graphs.GRAPH_KINDS: "features" | "distance" | "style" | "target"
     dtype: str  # "float32" | "float16"
     weights_source: str
     weights_sha256: str
     version: str
     format: int = FORMAT_VERSION
+    grad: bool = False  # outputs grad.x (N, 3, H, W), ∂(Σ_n total_n)/∂x
     graph_sha256: str = ""  # set when the model is sealed (integrity.seal)
 
     @property
@@ -54,20 +57,35 @@ class ModelInfo:
             return ("x",)
         if self.graph == "distance":
             return ("x", "y")
-        return ("x",) + tuple(f"target.{g}" for g in self.gram_names)
+        content = tuple(f"target.content.{n}" for n in self.loss.content) if self.graph == "target" else ()  # type: ignore[union-attr]
+        return ("x",) + content + tuple(f"target.{g}" for g in self.gram_names)
 
     @property
     def gram_names(self) -> tuple[str, ...]:
-        """x's Gram outputs ``gram.<l>`` of a style graph; its target inputs are ``target.gram.<l>``."""
-        if self.graph != "style" or self.loss is None:
+        """x's Gram outputs ``gram.<l>`` of a style or target graph; its target inputs are ``target.gram.<l>``."""
+        if self.graph not in ("style", "target") or self.loss is None:
             return ()
         return tuple(f"gram.{n}" for n in self.loss.style)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """x's content-layer feature outputs ``feature.<l>`` of a target graph (to cache a content target)."""
+        if self.graph != "target" or self.loss is None:
+            return ()
+        return tuple(f"feature.{n}" for n in self.loss.content)
+
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """What ``Engine.distance`` returns: the loss terms, total, and ``grad.x`` if present."""
+        if self.loss is None:
+            return ()
+        return self.loss.output_names() + (("grad.x",) if self.grad else ())
 
     @property
     def output_names(self) -> tuple[str, ...]:
         if self.graph == "features" or self.loss is None:
             return tuple(self.spec.layers)
-        return self.loss.output_names() + self.gram_names
+        return self.term_names + self.feature_names + self.gram_names
 
     def to_props(self) -> dict[str, str]:
         """The metadata_props of this model (without ``integrity``, which seals them)."""
@@ -223,6 +241,12 @@ def _match(pattern: re.Pattern[str], what: str) -> Callable[[str], str]:
     return parse
 
 
+def _bool(raw: str) -> bool:
+    if raw not in ("true", "false"):
+        raise Invalid("not true or false")
+    return raw == "true"
+
+
 def _text(raw: str) -> str:
     if not raw or len(raw) > 4096 or not raw.isprintable():
         raise Invalid("empty, longer than 4096 characters or with control characters")
@@ -249,6 +273,7 @@ FIELDS: dict[str, Field] = {
     "weights_source": Field(_text, str, "'imagenet', 'random(seed=N)' or a weights file path"),
     "weights_sha256": Field(_match(_HEX64, "64 hex digits"), str, "a SHA-256: 64 lowercase hex digits"),
     "version": Field(_match(_VERSION, "a version"), str, "a package version such as 0.1.0"),
+    "grad": Field(_bool, lambda b: "true" if b else "false", "true or false"),
     "graph_sha256": Field(_match(_HEX64, "64 hex digits"), str, "a SHA-256: 64 lowercase hex digits"),
     "integrity": Field(_match(_HEX64, "64 hex digits"), str, "a SHA-256: 64 lowercase hex digits",
                        stored=False),
@@ -278,9 +303,18 @@ def _style_loss(info: ModelInfo) -> None:
                       "terms only.")
 
 
-# graph kind -> what its loss must be; a kind without an entry is not checked here.
+def _no_grad(rule: Callable[[ModelInfo], None]) -> Callable[[ModelInfo], None]:
+    def check(info: ModelInfo) -> None:
+        rule(info)
+        if info.grad:
+            raise Invalid(f"{PREFIX}grad is true, but a {info.graph} graph has no grad.x output.")
+    return check
+
+
+# graph kind -> what its loss and grad must be; a kind without an entry is not checked here.
 GRAPH_RULES: dict[str, Callable[[ModelInfo], None]] = {
-    "features": _no_loss, "distance": _any_loss, "style": _style_loss,
+    "features": _no_grad(_no_loss), "distance": _any_loss, "style": _no_grad(_style_loss),
+    "target": _any_loss,
 }
 
 
