@@ -114,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"config": label, "side": side, "error": proc.stderr.strip().splitlines()[-1:]}
             else:
                 row = {"config": label, "side": side, **json.loads(proc.stdout.strip().splitlines()[-1])}
+            taps = None if info.loss is None else tuple(dict.fromkeys((*info.loss.content,
+                                                                       *info.loss.style)))
             est = estimate(info.spec, info.graph, args.batch, side, side, dtype=info.dtype,
-                           loss=info.loss)
+                           taps=taps, arena=args.arena == "on")
             row["estimate_bytes"] = est.total
             if "call_bytes" in row:
                 row["ratio"] = est.total / row["call_bytes"]

@@ -71,6 +71,7 @@ def test_estimate_grows_with_everything_that_costs_memory():
     assert total() < total(grad=True)
     assert total(dtype="float16", device="cuda") < total(dtype="float32", device="cuda")
     assert total(dtype="float16", device="cpu") == total(dtype="float32", device="cpu")
+    assert total() < total(arena=True) == total(device="cuda")
     assert total(graph="some-future-kind") >= total(graph="distance")  # unknown: costed as a pair
     with pytest.raises(ConfigError, match="int8"):
         total(dtype="int8")

@@ -33,10 +33,11 @@ IMAGES_PER_SAMPLE: dict[str, int] = {"features": 1, "style": 1, "target": 1, "di
 # x/y slices and the loss's difference and square). GRAD_WORK: gradient tensors
 # alive at once during the backward, on top of every saved activation.
 WORK = 2.0
-TAP = {"features": 1.0, "style": 1.0, "target": 1.0, "distance": 1.0, "lpips": 2.0}
+TAP = {"features": 1.0, "style": 1.0, "target": 1.0, "distance": 0.5, "lpips": 2.0}
 GRAD_WORK = 3.0
-FIXED = 32 << 20  # session run overhead: thread pools, small buffers
+FIXED = 16 << 20  # per call, whatever the size: small buffers, the outputs, allocator slack
 MARGIN = 1.10  # the bound is the model times this
+ARENA = 1.25  # ONNX Runtime's memory arena (CPU arena on, or any GPU) rounds and keeps blocks
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def itemsize(dtype: str, device: str = "cpu") -> int:
 
 def estimate(spec, graph: str, n: int, height: int, width: int, *, dtype: str = "float32",
              grad: bool = False, taps: tuple[str, ...] | None = None,
-             device: str = "cpu") -> MemoryEstimate:
+             device: str = "cpu", arena: bool = False) -> MemoryEstimate:
     """Upper bound of the peak memory of one call, in bytes.
 
     spec: the FeatureSpec (arch, layers: the network is cut after the deepest).
@@ -84,6 +85,8 @@ def estimate(spec, graph: str, n: int, height: int, width: int, *, dtype: str = 
     n, height, width: the batch and the input size in pixels.
     taps: the layers whose outputs the graph keeps (default: ``spec.layers``).
     grad: the graph also computes a gradient (every activation is kept for the backward).
+    device: "cpu" or a GPU ("cuda"); arena: ONNX Runtime allocates from its memory
+        arena (the CPU arena when on, always on a GPU).
 
     With B images through the network (N, or 2N for pair graphs), s bytes per
     element (``itemsize``), e_l = C_l·⌊H/d_l⌋·⌊W/d_l⌋ the elements of layer l per
@@ -92,7 +95,8 @@ def estimate(spec, graph: str, n: int, height: int, width: int, *, dtype: str = 
         forward = s·B·max_l (WORK·e_l + Σ_{tap t ≤ l} TAP[graph]·e_t)
         grad    = s·B·(Σ_{l ≤ deepest} e_l + GRAD_WORK·max_l e_l)     (replaces forward)
         inputs  = 4·B·3·H·W·2      (the caller's arrays and the normalized copy)
-        total   = MARGIN·(forward or grad + inputs) + FIXED
+        total   = MARGIN·A·(forward or grad + inputs) + FIXED
+                  with A = ARENA when an arena allocates (``arena``, or a GPU), else 1
 
     l runs over the conv, ReLU and pool layers up to the deepest. The constants
     are measured (docs/memory.md): the bound is 1.0–1.5 times the measured peak
@@ -120,7 +124,8 @@ def estimate(spec, graph: str, n: int, height: int, width: int, *, dtype: str = 
     else:
         body = size * images * worst
     inputs = 4 * images * 3 * height * width * 2
-    total = int(MARGIN * (body + inputs)) + FIXED
+    pool = ARENA if (arena or device != "cpu") else 1.0
+    total = int(MARGIN * pool * (body + inputs)) + FIXED
     return MemoryEstimate(total, images, height, width, graph, dtype, grad,
                           table[last].name, worst_at)
 

@@ -105,7 +105,7 @@ class Engine:
             tuple(dict.fromkeys((*info.loss.content, *info.loss.style)))
         return _memory.estimate(self.spec, info.graph, n, height, width, dtype=info.dtype,
                                 grad="grad.x" in self.output_names, taps=taps,
-                                device="cuda" if self.on_gpu else "cpu")
+                                device="cuda" if self.on_gpu else "cpu", arena=self.cpu_arena)
 
     def memory_limit(self) -> int | None:
         """The memory budget in bytes now, or None (none set, or available memory unknown)."""
