@@ -15,6 +15,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 
 from . import layers as _layers
 from .errors import ConfigError, MemoryBudgetError, OutOfMemoryError
@@ -75,6 +76,7 @@ def itemsize(dtype: str, device: str = "cpu") -> int:
     raise ConfigError(f"dtype {dtype!r} is not accepted; accepted: 'float32', 'float16'.")
 
 
+@lru_cache(maxsize=4096)  # a call's check is then a dictionary lookup
 def estimate(spec, graph: str, n: int, height: int, width: int, *, dtype: str = "float32",
              grad: bool = False, taps: tuple[str, ...] | None = None,
              device: str = "cpu", arena: bool = False) -> MemoryEstimate:
@@ -104,13 +106,12 @@ def estimate(spec, graph: str, n: int, height: int, width: int, *, dtype: str = 
     """
     images = n * IMAGES_PER_SAMPLE.get(graph, 2)
     size = itemsize(dtype, device)
-    table = _layers.table(spec.arch)
-    last = _layers.deepest(spec.arch, spec.layers).index
     tapped = set(spec.layers if taps is None else taps)
     tap_factor = TAP.get(graph, max(TAP.values()))
+    layers = _layers.table(spec.arch)[: _layers.deepest(spec.arch, spec.layers).index + 1]
     held = 0.0  # tap copies accumulated so far, elements per image
-    total_act, biggest, worst, worst_at = 0, 0, 0.0, table[0].name
-    for info in table[: last + 1]:
+    total_act, biggest, worst, worst_at = 0, 0, 0.0, layers[0].name
+    for info in layers:
         e = info.channels * (height // info.downsample) * (width // info.downsample)
         if info.name in tapped:
             held += tap_factor * e
@@ -127,7 +128,7 @@ def estimate(spec, graph: str, n: int, height: int, width: int, *, dtype: str = 
     pool = ARENA if (arena or device != "cpu") else 1.0
     total = int(MARGIN * pool * (body + inputs)) + FIXED
     return MemoryEstimate(total, images, height, width, graph, dtype, grad,
-                          table[last].name, worst_at)
+                          layers[-1].name, worst_at)
 
 
 # -- budgets --------------------------------------------------------------------------

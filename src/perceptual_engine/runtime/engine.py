@@ -95,17 +95,19 @@ class Engine:
 
     @memory_budget.setter
     def memory_budget(self, value: Any) -> None:
+        info = self.info
         self._memory = _memory.MemoryGuard(value, "cuda" if self.on_gpu else "cpu", self.options.device_id)
         self._memory_budget = value
+        self._memory_args = dict(  # what the estimate needs besides the shape, fixed per model
+            dtype=info.dtype, grad="grad.x" in self.output_names, arena=self.cpu_arena,
+            device="cuda" if self.on_gpu else "cpu",
+            taps=None if info.graph == "features" or info.loss is None
+            else tuple(dict.fromkeys((*info.loss.content, *info.loss.style))))
 
     def estimate_memory(self, n: int, height: int, width: int) -> "_memory.MemoryEstimate":
         """Upper bound of the peak memory of a call on n images (pairs) of height x width."""
-        info = self.info
-        taps = None if info.graph == "features" or info.loss is None else \
-            tuple(dict.fromkeys((*info.loss.content, *info.loss.style)))
-        return _memory.estimate(self.spec, info.graph, n, height, width, dtype=info.dtype,
-                                grad="grad.x" in self.output_names, taps=taps,
-                                device="cuda" if self.on_gpu else "cpu", arena=self.cpu_arena)
+        return _memory.estimate(self.spec, self.info.graph, int(n), int(height), int(width),
+                                **self._memory_args)
 
     def memory_limit(self) -> int | None:
         """The memory budget in bytes now, or None (none set, or available memory unknown)."""
