@@ -239,3 +239,12 @@ def test_an_out_of_memory_pair_costs_only_itself(engine, tmp_path, monkeypatch):
 def test_bad_memory_budget_flag_is_a_usage_error(capsys):
     assert main(["distance", "a.png", "b.png", "--memory-budget", "lots"]) == 2
     assert "--memory-budget" in capsys.readouterr().err
+
+
+def test_limit_side_keeps_the_aspect_ratio(make_images):
+    from perceptual_engine.images import limit_side
+
+    x = make_images((1, 3, 301, 150), seed=4)[0]
+    assert limit_side(x, 100).shape == (3, 100, 50)
+    assert limit_side(x, 400) is x and limit_side(x, None) is x
+    assert limit_side(make_images((1, 3, 5, 1000), seed=5)[0], 10).shape == (3, 1, 10)
