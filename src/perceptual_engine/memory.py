@@ -66,9 +66,9 @@ class MemoryEstimate:
 
 
 def itemsize(dtype: str, device: str = "cpu") -> int:
-    """Bytes per activation element. ONNX Runtime's CPU provider has no float16
-    convolution on x86 and runs a float16 graph in float32 between casts, so float16
-    saves nothing there; on a GPU it halves the activations."""
+    """Bytes per activation element. On ONNX Runtime's CPU provider a float16 model
+    was measured to take as much memory as a float32 one (docs/memory.md), so it is
+    costed at 4 bytes there; on a GPU float16 halves the activations."""
     if dtype == "float16" and device != "cpu":
         return 2
     if dtype in ("float32", "float16"):
