@@ -29,10 +29,11 @@ AVAILABLE_TTL_S = 1.0  # how long a reading of available memory is reused
 IMAGES_PER_SAMPLE: dict[str, int] = {"features": 1, "style": 1, "target": 1, "distance": 2, "lpips": 2}
 
 # Calibration (docs/memory.md). WORK: live activation tensors while a convolution
-# runs (its input and output, ONNX Runtime's blocked-layout copies). TAP: copies held
-# per tapped layer until the end (the output in NCHW; for a pair graph also the
-# x/y slices and the loss's difference and square). GRAD_WORK: gradient tensors
-# alive at once during the backward, on top of every saved activation.
+# runs (its input and output). TAP: copies held per tapped layer, fitted per graph
+# kind (a features graph returns every tap, so all stay alive; a distance graph's
+# loss consumes them sooner). GRAD_WORK: gradient tensors alive at once during the
+# backward, on top of every saved activation. TAP["lpips"], GRAD_WORK and ARENA on
+# a GPU are not measured yet: conservative guesses.
 WORK = 2.0
 TAP = {"features": 1.0, "style": 1.0, "target": 1.0, "distance": 0.5, "lpips": 2.0}
 GRAD_WORK = 3.0
