@@ -13,7 +13,7 @@ import sys
 import warnings
 from typing import Sequence
 
-from .options import SPEC_FLAGS, add_spec_options, positive_int, spec_from_args
+from .options import SPEC_FLAGS, add_memory_options, add_spec_options, positive_int, spec_from_args
 from ..errors import ConfigError, ModelError, PerceptualError, WeightsError
 
 PROG = "perceptual-engine"
@@ -94,6 +94,7 @@ def _open_engine(args: argparse.Namespace):
     if engine.info.graph != "distance":
         raise ModelError(f"{args.model!r} is a {engine.info.graph} graph; distance needs a model "
                          "exported with --graph distance.")
+    engine.memory_budget = getattr(args, "memory_budget", None)
     return engine
 
 
@@ -126,7 +127,7 @@ def cmd_distance(args: argparse.Namespace) -> int:
     try:
         stats = run_pairs(engine, pairs, sinks, batch_size=args.batch_size,
                           size_policy=args.size_policy, workers=args.workers, skip=skip,
-                          max_pixels=args.max_pixels, progress=bar)
+                          max_pixels=args.max_pixels, max_side=args.max_side, progress=bar)
     except KeyboardInterrupt:
         bar.close()
         where = f"; the rows computed so far are in {args.output}, rerun with --resume" \
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image decoding threads (default: min(4, CPUs))")
     p.add_argument("--max-pixels", type=positive_int, default=MAX_IMAGE_PIXELS, metavar="N",
                    help=f"refuse larger images before decoding (default: {MAX_IMAGE_PIXELS})")
+    add_memory_options(p)
     add_spec_options(p)
     p.set_defaults(func=cmd_distance)
 
