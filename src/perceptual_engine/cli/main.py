@@ -97,6 +97,10 @@ def cmd_distance(args: argparse.Namespace) -> int:
     from .results import ResultFile, StdoutRows
     from .runner import Progress, run_pairs
 
+    if args.ray:
+        from ..distributed.cli import run_distance
+
+        return run_distance(args, _say)
     pairs = pairs_from_args(args.a, args.b, args.pairs)
     engine = _open_engine(args)
     terms = list(engine.output_names)
@@ -208,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image decoding threads (default: min(4, CPUs))")
     p.add_argument("--max-pixels", type=positive_int, default=MAX_IMAGE_PIXELS, metavar="N",
                    help=f"refuse larger images before decoding (default: {MAX_IMAGE_PIXELS})")
+    g = p.add_argument_group("Ray (dataset scale; needs perceptual-engine[ray])")
+    g.add_argument("--ray", action="store_true",
+                   help="decode in Ray tasks and compute on a pool of Engine actors (one per GPU); "
+                        "--output may then also be .parquet")
+    g.add_argument("--ray-address", metavar="ADDR",
+                   help="a running Ray cluster (default: start a local Ray sized to this machine)")
+    g.add_argument("--ray-actors", type=positive_int, metavar="N",
+                   help="Engine actors (default: one per GPU; without GPUs, one per 4 CPUs)")
     add_spec_options(p)
     p.set_defaults(func=cmd_distance)
 
@@ -285,4 +297,6 @@ def _check_distance_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         sub.error("give two images, two folders, or --pairs CSV")
     if args.resume and not args.output:
         sub.error("--resume needs --output (the file to resume)")
+    if (args.ray_address or args.ray_actors) and not args.ray:
+        sub.error("--ray-address and --ray-actors go with --ray")
 

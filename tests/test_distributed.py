@@ -1,0 +1,220 @@
+"""Ray Data distances: the same rows as the single-machine command, a killed actor, resume.
+
+Ray runs locally with 2 CPUs and no dashboard, started once for the module. The
+model is conftest's shallow distance model (VGG19 to relu3_1, seeded random weights),
+the images a folder of about 30 small pairs of odd sizes with bad and one-sided files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from perceptual_engine.cli.main import main  # noqa: E402
+from perceptual_engine.cli.pairs import pair_folders  # noqa: E402
+from perceptual_engine.distributed import distances, write_distances  # noqa: E402
+
+REL = 1e-6  # float32 outputs of one model on one provider; batch composition may differ
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Two folders: 24 computable pairs in 4 odd sizes (gray, RGBA and 16-bit files among
+    them, some in a subfolder), plus a size mismatch, a tiny pair, a corrupt file, an
+    empty file and three files present on one side only."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("pairs")
+    a, b = root / "a", root / "b"
+    for side in (a, b):
+        (side / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(12)
+    sizes = [(19, 23), (25, 21), (23, 23), (21, 27)]
+
+    def save(path, h, w, mode="RGB"):
+        arr = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        img = Image.fromarray(arr)
+        if mode == "L":
+            img = img.convert("L")
+        elif mode == "RGBA":
+            img = img.convert("RGBA")
+            img.putalpha(Image.fromarray((rng.random((h, w)) * 255).astype(np.uint8)))
+        img.save(path)
+
+    for i in range(24):
+        h, w = sizes[i % 4]
+        rel = f"sub/p{i:02d}.png" if i % 5 == 0 else f"p{i:02d}.png"
+        save(a / rel, h, w, "L" if i == 3 else "RGB")
+        save(b / rel, h, w, "RGBA" if i == 7 else "RGB")
+    save(a / "mismatch.png", 19, 23)
+    save(b / "mismatch.png", 23, 19)
+    save(a / "tiny.png", 2, 3)
+    save(b / "tiny.png", 2, 3)
+    save(a / "corrupt.png", 19, 23)
+    (b / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(200))
+    (a / "empty.png").write_bytes(b"")
+    save(b / "empty.png", 19, 23)
+    save(a / "only_a1.png", 19, 23)
+    save(a / "sub" / "only_a2.png", 19, 23)
+    save(b / "only_b.png", 19, 23)
+    return str(a), str(b)
+
+
+@pytest.fixture(scope="module")
+def single_rows(folder, distance_model, tmp_path_factory):
+    """Rows of the single-machine command (``distance A B --output rows.jsonl``)."""
+    out = tmp_path_factory.mktemp("single") / "rows.jsonl"
+    code = main(["distance", *folder, "--model", distance_model[0], "--output", str(out),
+                 "--format", "csv", "--batch-size", "4"])
+    assert code == 1  # some pairs fail on purpose
+    return _keyed(_read(str(out)))
+
+
+def _read(path: str) -> list[dict]:
+    if path.endswith(".parquet"):
+        rows = pq.read_table(path).to_pylist()
+    elif path.endswith(".csv"):
+        import csv
+
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        for r in rows:
+            for k, v in r.items():
+                if k not in ("a", "b", "error"):
+                    r[k] = float(v) if v else None
+    else:
+        with open(path) as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    for r in rows:
+        r["error"] = r["error"] or ""
+    return rows
+
+
+def _keyed(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    keys = [(r["a"], r["b"]) for r in rows]
+    assert len(keys) == len(set(keys)), "a pair appears more than once"
+    return dict(zip(keys, rows))
+
+
+def _same(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    failed = 0
+    for key, w in want.items():
+        g = got[key]
+        assert list(g) == list(w), key
+        assert g["error"] == w["error"], key
+        failed += bool(w["error"])
+        for col in list(w)[2:-1]:
+            if w[col] is None:
+                assert g[col] is None, (key, col)
+            else:
+                assert g[col] == pytest.approx(w[col], rel=REL), (key, col)
+    assert 0 < failed < len(want)  # both kinds of row are compared
+
+
+def test_rows_equal_single_machine_one_actor(local_ray, folder, distance_model, single_rows):
+    ds = distances(*folder, model=distance_model[0], actors=1, batch_size=4)
+    rows = ds.take_all()
+    _same(_keyed(rows), single_rows)
+    assert len(single_rows) == 31
+    assert sum(1 for r in rows if "only in" in r["error"]) == 3
+    # Decoding ran in its own CPU tasks, not fused into the Engine actors.
+    plan = ds.stats()
+    assert "MapBatches(decode_batch)->" not in plan and "MapBatches(DistanceActor)" in plan
+
+
+def test_rows_equal_single_machine_two_actors_cli(local_ray, folder, distance_model, single_rows,
+                                                  tmp_path, capsys):
+    out = tmp_path / "rows.csv"
+    code = main(["distance", *folder, "--model", distance_model[0], "--ray", "--ray-actors", "2",
+                 "--batch-size", "4", "--output", str(out), "--format", "csv"])
+    assert code == 1
+    _same(_keyed(_read(str(out))), single_rows)
+    err = capsys.readouterr().err
+    summary = [line for line in err.splitlines() if "pair(s):" in line][-1]
+    assert "31 pair(s): 24 ok, 7 failed;" in summary and "on 2 actor(s)" in summary
+
+
+def _actor_pids() -> list[int]:
+    """Processes of this test's Ray (descendants of this process) running DistanceActor."""
+    import psutil
+
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "DistanceActor" in " ".join(p.cmdline()):
+                found.append(p.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_killed_actor_is_replaced_and_its_batch_redone(local_ray, folder, distance_model,
+                                                        single_rows):
+    ds = distances(*folder, model=distance_model[0], actors=1, batch_size=1)
+    rows, killed, before = [], [], []
+    for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        rows += table.to_pylist()
+        if not killed:
+            pids = _actor_pids()
+            assert len(pids) == 1, pids
+            before.append(len(rows))
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+    assert before[0] < len(single_rows) - 2, "the job ended before the actor was killed"
+    assert killed[0] not in _actor_pids()
+    _same(_keyed(rows), single_rows)  # every pair exactly once
+
+
+def test_resume_completes_a_partial_parquet_without_duplicates(local_ray, folder, distance_model,
+                                                               single_rows, tmp_path):
+    import pyarrow as pa
+
+    out = str(tmp_path / "rows.parquet")
+    done = [r for r in single_rows.values() if not r["error"]][:10]
+    failed = next(r for r in single_rows.values() if r["error"] and "only in" not in r["error"])
+    partial = [dict(r, error=None) for r in done] + [failed]
+    pq.write_table(pa.Table.from_pylist(partial), out)
+    stats = write_distances(*folder, model=distance_model[0], output=out, resume=True, actors=1,
+                            batch_size=4)
+    assert stats.skipped == 10 and stats.ok + stats.failed == len(single_rows) - 10
+    rows = _keyed(_read(out))
+    _same(rows, single_rows)
+    for r in done:  # kept as they were, not recomputed
+        assert rows[(r["a"], r["b"])] == dict(r, error="")
+
+
+def test_without_ray_installed(distance_model, folder):
+    """`import perceptual_engine` leaves Ray alone; --ray without Ray says how to install it."""
+    code = ("import sys; import perceptual_engine, perceptual_engine.distributed\n"
+            "from perceptual_engine.cli.main import main\n"
+            "assert 'ray' not in sys.modules, 'ray imported'\n"
+            "sys.modules['ray'] = None\n"
+            f"sys.exit(main(['distance', {folder[0]!r}, {folder[1]!r}, '--model', "
+            f"{distance_model[0]!r}, '--ray']))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install 'perceptual-engine[ray]'" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
