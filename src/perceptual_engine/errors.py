@@ -45,3 +45,7 @@ class ImageError(PerceptualError):
 
 class ExportError(PerceptualError, RuntimeError):
     """Export or its verification failed; the destination was left untouched."""
+
+
+class OutputError(PerceptualError):
+    """A result file could not be written, or was changed by someone else while being written."""

@@ -152,6 +152,15 @@ def _check(spec: FeatureSpec, raw: Mapping[str, object], source: str) -> dict[st
     return state
 
 
+def restrict(weights: Weights, spec: FeatureSpec) -> Weights:
+    """``weights`` cut to the convolutions ``spec`` uses (a shallower spec of the same
+    arch), with the hash recomputed over what remains."""
+    state = {key: weights.state[key] for key, _ in _conv_keys(spec)}
+    if len(state) == len(weights.state):
+        return weights
+    return Weights(state=state, source=weights.source, sha256=_digest(state))
+
+
 def load_weights(spec: FeatureSpec) -> Weights:
     """The checked float32 convolution weights of ``spec`` up to its deepest layer."""
     if spec.weights == "random":

@@ -94,7 +94,7 @@ def _open_engine(args: argparse.Namespace):
 
 def cmd_distance(args: argparse.Namespace) -> int:
     from .pairs import pairs_from_args
-    from .results import ResultFile, StdoutRows
+    from .results import ResultFile, StdoutRows, check_output_path, model_identity
     from .runner import Progress, run_pairs
 
     if args.ray:
@@ -102,12 +102,15 @@ def cmd_distance(args: argparse.Namespace) -> int:
 
         return run_distance(args, _say)
     pairs = pairs_from_args(args.a, args.b, args.pairs)
+    if args.output:
+        check_output_path(args.output)  # before a model is exported or loaded
     engine = _open_engine(args)
     terms = list(engine.output_names)
     sinks, closers = [], []
     skip: set[tuple[str, str]] = set()
     if args.output:
-        outfile = ResultFile(args.output, terms, resume=args.resume)
+        outfile = ResultFile(args.output, terms, resume=args.resume,
+                             identity=model_identity(engine.info))
         skip = outfile.done
         sinks.append(outfile.write)
         closers.append(outfile.close)
@@ -130,10 +133,21 @@ def cmd_distance(args: argparse.Namespace) -> int:
         _say(f"interrupted{where}")
         return 130
     finally:
-        for close in closers:
-            close()
+        _close_all(closers)
     _say(stats.summary())
     return 0 if stats.failed == 0 else 1
+
+
+def _close_all(closers) -> None:
+    """Close every sink, then raise the first failure (a result file that is no longer ours)."""
+    failure = None
+    for close in closers:
+        try:
+            close()
+        except PerceptualError as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -262,7 +276,20 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status.
+
+    Ctrl-C anywhere (start-up, an export, a model build, a run) ends with one line
+    and exit status 130; what was already written stays (exports and cache entries
+    are atomic, result files keep their rows).
+    """
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
