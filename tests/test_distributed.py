@@ -188,13 +188,18 @@ def test_killed_actor_is_replaced_and_its_batch_redone(local_ray, folder, distan
 
 def test_resume_completes_a_partial_parquet_without_duplicates(local_ray, folder, distance_model,
                                                                single_rows, tmp_path):
-    import pyarrow as pa
+    from perceptual_engine.cli.results import model_identity
+    from perceptual_engine.distributed.output import ParquetResultFile
+    from perceptual_engine.runtime import read_info
 
     out = str(tmp_path / "rows.parquet")
     done = [r for r in single_rows.values() if not r["error"]][:10]
     failed = next(r for r in single_rows.values() if r["error"] and "only in" not in r["error"])
-    partial = [dict(r, error=None) for r in done] + [failed]
-    pq.write_table(pa.Table.from_pylist(partial), out)
+    info = read_info(distance_model[0])
+    partial = ParquetResultFile(out, info.output_names, identity=model_identity(info))
+    for r in done + [failed]:  # what an interrupted run leaves
+        partial.write(r)
+    partial.close()
     stats = write_distances(*folder, model=distance_model[0], output=out, resume=True, actors=1,
                             batch_size=4)
     assert stats.skipped == 10 and stats.ok + stats.failed == len(single_rows) - 10

@@ -26,6 +26,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export_onnx
     from ..export.exporter import TOLERANCE
 
+    if args.triton_name and not args.triton_repo:
+        raise ConfigError("--triton-name names the model in --triton-repo DIR; add --triton-repo.")
     spec, loss = spec_from_args(args)
     if args.graph == "features" and loss is not None:
         raise ConfigError("--content/--style/--gram describe a distance graph; add --graph "
@@ -63,6 +65,13 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"{TOLERANCE[dtype]:g} relative):")
     for name, e in r.errors.items():
         print(f"    {name:<20} max abs {e.max_abs:.2e}   max rel {e.max_rel:.2e}")
+    if args.triton_repo:
+        from ..export.triton import write_triton_repo
+
+        t = write_triton_repo(r.path, args.triton_repo, args.triton_name)
+        print(f"wrote Triton model {t.folder} (config.pbtxt, 1/model.onnx), max_batch_size "
+              f"{t.max_batch_size}; config " + ("checked against Triton's schema and the graph"
+                                                if t.checked else t.note))
     return 0
 
 
@@ -194,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "outputs content.<l>, style.<l>, total; style: x against a cached "
                         "target's Grams (style terms only) (default: features)")
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="the .onnx file to write")
+    p.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository "
+                   "entry: DIR/NAME/config.pbtxt and DIR/NAME/1/model.onnx (see docs/scale.md)")
+    p.add_argument("--triton-name", metavar="NAME", help="the Triton model name (default: the "
+                   "stem of --output)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(

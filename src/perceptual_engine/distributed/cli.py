@@ -15,13 +15,15 @@ from ..errors import ConfigError
 
 def run_distance(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     from ..cli.pairs import pairs_from_args
-    from ..cli.results import StdoutRows
+    from ..cli.results import StdoutRows, check_output_path
     from ..cli.runner import Progress
     from ..runtime import read_info
     from .job import import_ray, resolve_model, start_ray, write_distances
 
     import_ray()  # before any work: without Ray, say how to install it
     pairs = pairs_from_args(args.a, args.b, args.pairs)
+    if args.output:
+        check_output_path(args.output)  # before a model is exported or Ray started
     given = [f for f in SPEC_FLAGS if getattr(args, f) is not None]
     if args.model and given:
         raise ConfigError(f"--model reads the spec from the model; drop "

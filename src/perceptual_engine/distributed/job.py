@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .._io import sha256_file
-from ..cli.pairs import Pair, pairs_from_args
+from ..cli.pairs import Pair, pair_key, pairs_from_args
 from ..cli.results import Row
 from ..cli.runner import Progress, RunStats
 from ..errors import ConfigError, DeviceError, ModelError
@@ -145,7 +145,8 @@ def _prepare(batch: dict, skip: frozenset) -> dict:
     """A user's Dataset of (a, b) -> the job's input columns, minus the pairs to skip."""
     import numpy as np
 
-    keep = [k for k, (a, b) in enumerate(zip(batch["a"], batch["b"])) if (str(a), str(b)) not in skip]
+    keep = [k for k, (a, b) in enumerate(zip(batch["a"], batch["b"]))
+            if pair_key(str(a), str(b)) not in skip]
     err = batch.get("error")
     return {"a": np.asarray(batch["a"])[keep], "b": np.asarray(batch["b"])[keep],
             "error": np.array(["" if err is None else str(err[k] or "") for k in keep], dtype=object)}
@@ -275,6 +276,7 @@ def write_distances(a: str | None = None, b: str | None = None, *, output: str |
     .jsonl) and to each of ``sinks`` as they arrive; ``resume`` keeps the pairs already
     computed in ``output``. Returns the run's statistics (``summary()`` is one line)."""
     from .output import open_result_file
+    from ..cli.results import model_identity
     from ..runtime import read_info
 
     start = time.perf_counter()
@@ -285,8 +287,10 @@ def write_distances(a: str | None = None, b: str | None = None, *, output: str |
         path = resolve_model(options.pop("model", None), options.pop("spec", None),
                              options.pop("loss", None), dtype=options.get("dtype", "float32"),
                              cache_dir=options.get("cache_dir"), say=say)
-        terms = list(read_info(path).output_names)
-        writer = open_result_file(output, terms, resume=resume) if output else None
+        info = read_info(path)
+        terms = list(info.output_names)
+        writer = open_result_file(output, terms, resume=resume,
+                                  identity=model_identity(info)) if output else None
         try:
             job = build_job(a, b, model=path, skip=writer.done if writer else frozenset(), say=say,
                             **options)

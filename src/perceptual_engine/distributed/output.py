@@ -10,26 +10,31 @@ file. Resuming keeps the computed rows and drops failed ones, as ``ResultFile`` 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import secrets
+import time
 from typing import Any, Sequence
 
-from ..cli.results import ResultFile, Row, columns_for
-from ..errors import ConfigError
+from .._io import atomic_write_bytes
+from ..cli.pairs import pair_key
+from ..cli.results import ResultFile, Row, sidecar_path
+from ..errors import ConfigError, OutputError
 
 FORMATS = (".parquet", ".csv", ".jsonl", ".ndjson")
 
 
-def open_result_file(path: str, terms: Sequence[str], *, resume: bool = False):
-    """A writer with ``done`` (pair keys already computed), ``write(row)`` and ``close()``."""
+def open_result_file(path: str, terms: Sequence[str], *, resume: bool = False,
+                     identity: dict[str, Any] | None = None) -> ResultFile:
+    """A writer with ``done`` (pair keys already computed), ``write(row)`` and ``close()``;
+    ``identity`` (``model_identity(info)``) is recorded beside the file and checked on resume."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in FORMATS:
         raise ConfigError(f"--output {path!r} has extension {ext!r}; accepted with --ray: "
                           f"{', '.join(FORMATS)} (Parquet, CSV or JSON lines).")
-    if ext == ".parquet":
-        return ParquetResultFile(path, terms, resume=resume)
-    return ResultFile(path, terms, resume=resume)
+    cls = ParquetResultFile if ext == ".parquet" else ResultFile
+    return cls(path, terms, resume=resume, identity=identity)
 
 
 def _schema(columns: Sequence[str]):
@@ -39,30 +44,38 @@ def _schema(columns: Sequence[str]):
                       for c in columns])
 
 
-class ParquetResultFile:
-    """Rows into one Parquet file, a row group per ``group_rows`` rows.
+def _parquet_format(path: str) -> str:
+    if os.path.splitext(path)[1].lower() != ".parquet":
+        raise ConfigError(f"{path!r} is not a .parquet path; give FILE.parquet.")
+    return "parquet"
+
+
+class ParquetResultFile(ResultFile):
+    """Rows into one Parquet file, a row group per ``GROUP_ROWS`` rows.
 
     Columns as the CLI's files: ``a``, ``b``, every term (float64, null when not
-    computed), ``error`` (null when computed).
+    computed), ``error`` (null when computed). The sidecar, the single-writer lock and
+    the resume rules are ``ResultFile``'s.
     """
 
-    def __init__(self, path: str, terms: Sequence[str], *, resume: bool = False,
-                 group_rows: int = 4096) -> None:
+    GROUP_ROWS = 4096
+    file_format = staticmethod(_parquet_format)
+
+    def _open(self, resume: bool) -> None:
         import pyarrow.parquet as pq
 
-        self.path = path
-        self.columns = columns_for(terms)
-        self.schema = _schema(self.columns)
-        self.group_rows = group_rows
-        self.done: set[tuple[str, str]] = set()
-        self._rows: list[Row] = []
         kept: list[Row] = []
-        if resume and os.path.exists(path):
+        if resume and os.path.exists(self.path):
+            cwd = self._check_identity()
             kept = self._read_done()
-            self.done = {(r["a"], r["b"]) for r in kept}
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        self._tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+            self.done = {pair_key(r["a"], r["b"], cwd) for r in kept}
+        record = {"format": 1, "columns": self.columns, "cwd": os.getcwd(),
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": self.identity}
+        atomic_write_bytes(sidecar_path(self.path), json.dumps(record, indent=2).encode())
+        self.schema = _schema(self.columns)
+        self._rows: list[Row] = []
+        folder, name = os.path.split(os.path.abspath(self.path))
+        self._tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
         self._writer: Any = pq.ParquetWriter(self._tmp, self.schema)
         for row in kept:
             self.write(row)
@@ -76,18 +89,16 @@ class ParquetResultFile:
             raise ConfigError(f"--resume: {self.path!r} is not a readable Parquet file ({exc}); "
                               "give another --output, or drop --resume to overwrite it.") from exc
         if table.column_names != self.columns:
-            raise ConfigError(f"--resume: {self.path!r} has columns {table.column_names}, but this "
-                              f"model writes {self.columns}; it was written by another model. Give "
-                              "another --output, or drop --resume to overwrite it.")
+            raise self._mismatch(table.column_names)
         return [r for r in table.to_pylist() if not r.get("error")
                 and r.get("total") is not None and math.isfinite(r["total"])]
 
     def write(self, row: Row) -> None:
         if self._writer is None:
-            raise ConfigError(f"{self.path!r} is closed; open a new result file to write rows.")
+            raise OutputError(f"{self.path!r} is closed; no more rows can be written to it.")
         self._rows.append({c: (row.get(c) or None) if c == "error" else row.get(c)
                            for c in self.columns})
-        if len(self._rows) >= self.group_rows:
+        if len(self._rows) >= self.GROUP_ROWS:
             self._flush()
 
     def _flush(self) -> None:
@@ -98,8 +109,8 @@ class ParquetResultFile:
             self._rows = []
 
     def close(self) -> None:
-        """Write the footer and move the file into place (the job's rows so far)."""
-        if self._writer is None:
+        """Write the footer and move the file into place (the rows so far); release the lock."""
+        if getattr(self, "_writer", None) is None:
             return
         try:
             self._flush()
@@ -109,3 +120,4 @@ class ParquetResultFile:
             self._writer = None
             if os.path.exists(self._tmp):
                 os.unlink(self._tmp)
+            self._lock.__exit__(None, None, None)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._io import atomic_path, sha256_file
+from .._io import atomic_path, file_lock, sha256_file
 from ..cli.pairs import Pair
 from ..cli.runner import _Decoded, _decode_pair, compute_batch
 
@@ -55,10 +55,9 @@ def local_model_copy(data: bytes, sha256: str, folder: str | None = None) -> str
     """
     import tempfile
 
-    from ..cli.cache import file_lock
-
     folder = folder or os.path.join(tempfile.gettempdir(), "perceptual-engine-ray")
     path = os.path.join(folder, f"{sha256[:32]}.onnx")
+    os.makedirs(folder, exist_ok=True)
     with file_lock(path + ".lock"):
         if not (os.path.isfile(path) and sha256_file(path) == sha256):
             with atomic_path(path) as tmp:
