@@ -132,27 +132,42 @@ def _same(got: dict, want: dict) -> None:
     assert 0 < failed < len(want)  # both kinds of row are compared
 
 
-def test_rows_equal_single_machine_one_actor(local_ray, folder, distance_model, single_rows):
-    ds = distances(*folder, model=distance_model[0], actors=1, batch_size=4)
-    rows = ds.take_all()
+def test_rows_equal_single_machine_one_actor(local_ray, folder, distance_model, single_rows,
+                                             tmp_path):
+    out = str(tmp_path / "rows.csv")
+    stats = write_distances(*folder, model=distance_model[0], output=out, actors=1, batch_size=4)
+    rows = _read(out)
     _same(_keyed(rows), single_rows)
-    assert len(single_rows) == 31
+    assert len(single_rows) == 31 and (stats.ok, stats.failed) == (24, 7)
     assert sum(1 for r in rows if "only in" in r["error"]) == 3
-    # Decoding ran in its own CPU tasks, not fused into the Engine actors.
-    plan = ds.stats()
-    assert "MapBatches(decode_batch)->" not in plan and "MapBatches(DistanceActor)" in plan
 
 
-def test_rows_equal_single_machine_two_actors_cli(local_ray, folder, distance_model, single_rows,
-                                                  tmp_path, capsys):
-    out = tmp_path / "rows.csv"
+def test_two_actors_resume_a_partial_parquet_cli(local_ray, folder, distance_model, single_rows,
+                                                 tmp_path, capsys):
+    """The command line with 2 actors completes what an interrupted run left: rows equal
+    to the single-machine ones, each pair once, the kept rows not recomputed."""
+    from perceptual_engine.cli.results import model_identity
+    from perceptual_engine.distributed.output import ParquetResultFile
+    from perceptual_engine.runtime import read_info
+
+    out = str(tmp_path / "rows.parquet")
+    done = [r for r in single_rows.values() if not r["error"]][:10]
+    failed = next(r for r in single_rows.values() if r["error"] and "only in" not in r["error"])
+    info = read_info(distance_model[0])
+    partial = ParquetResultFile(out, info.output_names, identity=model_identity(info))
+    for r in done + [failed]:  # what an interrupted run leaves
+        partial.write(r)
+    partial.close()
     code = main(["distance", *folder, "--model", distance_model[0], "--ray", "--ray-actors", "2",
-                 "--batch-size", "4", "--output", str(out), "--format", "csv"])
-    assert code == 1
-    _same(_keyed(_read(str(out))), single_rows)
+                 "--batch-size", "4", "--output", out, "--resume", "--format", "csv"])
+    assert code == 1  # some pairs fail on purpose
+    rows = _keyed(_read(out))
+    _same(rows, single_rows)
+    for r in done:  # kept as they were
+        assert rows[(r["a"], r["b"])] == dict(r, error="")
     err = capsys.readouterr().err
     summary = [line for line in err.splitlines() if "pair(s):" in line][-1]
-    assert "31 pair(s): 24 ok, 7 failed;" in summary and "on 2 actor(s)" in summary
+    assert "31 pair(s): 14 ok, 7 failed, 10 skipped" in summary and "on 2 actor(s)" in summary
 
 
 def _actor_pids() -> list[int]:
@@ -184,29 +199,9 @@ def test_killed_actor_is_replaced_and_its_batch_redone(local_ray, folder, distan
     assert before[0] < len(single_rows) - 2, "the job ended before the actor was killed"
     assert killed[0] not in _actor_pids()
     _same(_keyed(rows), single_rows)  # every pair exactly once
-
-
-def test_resume_completes_a_partial_parquet_without_duplicates(local_ray, folder, distance_model,
-                                                               single_rows, tmp_path):
-    from perceptual_engine.cli.results import model_identity
-    from perceptual_engine.distributed.output import ParquetResultFile
-    from perceptual_engine.runtime import read_info
-
-    out = str(tmp_path / "rows.parquet")
-    done = [r for r in single_rows.values() if not r["error"]][:10]
-    failed = next(r for r in single_rows.values() if r["error"] and "only in" not in r["error"])
-    info = read_info(distance_model[0])
-    partial = ParquetResultFile(out, info.output_names, identity=model_identity(info))
-    for r in done + [failed]:  # what an interrupted run leaves
-        partial.write(r)
-    partial.close()
-    stats = write_distances(*folder, model=distance_model[0], output=out, resume=True, actors=1,
-                            batch_size=4)
-    assert stats.skipped == 10 and stats.ok + stats.failed == len(single_rows) - 10
-    rows = _keyed(_read(out))
-    _same(rows, single_rows)
-    for r in done:  # kept as they were, not recomputed
-        assert rows[(r["a"], r["b"])] == dict(r, error="")
+    # Decoding ran in its own CPU tasks, not fused into the Engine actors.
+    plan = ds.stats()
+    assert "MapBatches(decode_batch)->" not in plan and "MapBatches(DistanceActor)" in plan
 
 
 def test_without_ray_installed(distance_model, folder):

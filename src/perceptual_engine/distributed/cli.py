@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Callable
 
 from ..cli.options import SPEC_FLAGS, spec_from_args
@@ -39,7 +40,11 @@ def run_distance(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     where = args.ray_address or "a local Ray sized to this machine"
     say(f"{len(pairs)} pair(s) on Ray ({where})")
     bar = Progress(len(pairs), sys.stderr, enabled=sys.stderr.isatty())
+    t0 = time.perf_counter()
     started = start_ray(args.ray_address)
+    if started:
+        say(f"Ray {'connected' if args.ray_address else 'started'} in "
+            f"{time.perf_counter() - t0:.1f} s")
     try:
         stats = write_distances(
             pairs=pairs, model=model, output=args.output, resume=args.resume,

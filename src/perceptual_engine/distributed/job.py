@@ -257,13 +257,15 @@ class RayStats(RunStats):
     """RunStats of a Ray job: the single-machine summary, with Ray's startup and actors."""
 
     actors: int = 0
+    actor_s: float = 0.0  # inside the actors' calls, engine included
     provider: str = ""
     startup_s: float = 0.0  # Ray start, model resolution, until the first row
 
     def summary(self) -> str:
         head = super().summary().split("; engine busy")[0]
         return (f"{head}; engine busy {self.engine_s:.2f} s in {self.batches} batch(es) on "
-                f"{self.actors} actor(s) ({self.provider or 'no actor ran'}), decode "
+                f"{self.actors} actor(s) ({self.provider or 'no actor ran'}; "
+                f"{self.actor_s:.2f} s in actor calls), decode "
                 f"{self.decode_s:.2f} s in CPU tasks, {self.startup_s:.2f} s to the first row")
 
 
@@ -315,6 +317,7 @@ def _drain(job: Job, sinks: Sequence[Callable[[Row], None]], progress: Progress 
                 first = time.perf_counter()
             for row in table.to_pylist():
                 stats.engine_s += row.pop("_engine_s")
+                stats.actor_s += row.pop("_actor_s")
                 stats.decode_s += row.pop("_decode_s")
                 stats.batches += row.pop("_calls")
                 stats.provider = row.pop("_provider") or stats.provider

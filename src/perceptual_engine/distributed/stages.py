@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import os
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -21,7 +22,7 @@ from ..cli.pairs import Pair
 from ..cli.runner import _Decoded, _decode_pair, compute_batch
 
 # Columns of the job's rows beside a, b, the terms and error; dropped before rows leave.
-STATS_COLUMNS = ("_engine_s", "_decode_s", "_calls", "_provider")
+STATS_COLUMNS = ("_engine_s", "_actor_s", "_decode_s", "_calls", "_provider")
 _EMPTY = np.zeros((3, 0, 0), np.float32)
 
 
@@ -99,6 +100,7 @@ class DistanceActor:
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
 
+        start = time.perf_counter()
         n = len(batch["a"])
         values: list[dict[str, float] | None] = [None] * n
         errors = [str(e) for e in batch["error"]]
@@ -127,6 +129,8 @@ class DistanceActor:
         cols["error"] = pa.array(errors, pa.string())
         cols["_engine_s"] = pa.array(engine_s)
         cols["_decode_s"] = pa.array(np.asarray(batch["decode_s"], np.float64))
+        # The whole call, engine included: the rest is this stage's own per-batch cost.
+        cols["_actor_s"] = pa.array(np.full(n, (time.perf_counter() - start) / max(n, 1)))
         cols["_calls"] = pa.array(calls)
         cols["_provider"] = pa.array([self.provider] * n, pa.string())
         return pa.table(cols)
