@@ -3,7 +3,8 @@
 Public API (names are part of the contract)::
 
     from perceptual_engine import FeatureSpec, LossConfig, TorchFeatures, \
-        TorchPerceptualLoss, export_onnx, Engine, PerceptualError, load_image, load_images
+        TorchPerceptualLoss, export_onnx, Engine, EnginePerceptualLoss, PerceptualError, \
+        load_image, load_images
 
 Names are imported on first use (PEP 562), so ``import perceptual_engine`` and the
 command line's start-up do not pay for torch and ONNX until they are needed.
@@ -23,6 +24,7 @@ _EXPORTS = {
     "TorchPerceptualLoss": ".reference",
     "export_onnx": ".export",
     "Engine": ".runtime",
+    "EnginePerceptualLoss": ".runtime.loss",
     "PerceptualError": ".errors",
     "load_image": ".images",
     "load_images": ".images",
@@ -36,6 +38,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from .images import load_image, load_images
     from .reference import TorchFeatures, TorchPerceptualLoss
     from .runtime import Engine
+    from .runtime.loss import EnginePerceptualLoss
     from .spec import FeatureSpec, LossConfig
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import warnings
 from typing import Sequence
 
 from .options import SPEC_FLAGS, add_spec_options, positive_int, spec_from_args
@@ -34,13 +36,13 @@ def cmd_export(args: argparse.Namespace) -> int:
                           "distance, or drop them to export features.")
     dtype = args.dtype or "float32"
     r = export_onnx(spec, args.output, graph=args.graph, loss=loss, dtype=dtype,
-                    progress=lambda m: _say(m))
+                    progress=lambda m: _say(m), grad=args.grad)
     print(f"wrote {r.path} ({r.size_bytes / 1e6:.1f} MB) in {r.seconds:.1f} s")
     print(f"  graph     {r.graph}, {r.dtype} network, float32 inputs and outputs")
     print(f"  spec      {spec.arch} {','.join(spec.layers)}; weights {spec.weights}"
           f"{f' (seed {spec.seed})' if spec.weights == 'random' else ''}, sha256 "
           f"{r.weights_sha256[:16]}; input range {spec.input_range}; {spec.pooling} pooling")
-    if r.graph in ("distance", "style"):
+    if r.graph in ("distance", "style", "target"):
         from ..spec import LossConfig
 
         lc = loss or LossConfig.default_for(spec)
@@ -50,10 +52,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     dims = "(N, 3, H, W), N, H, W dynamic"
     images = [n for n in r.inputs if not n.startswith("target.")]
     print(f"  inputs    {', '.join(images)}: float32 {dims}"
+          + ("; target.content.<l>: float32 (1, C, H_l, W_l)" if r.graph == "target" else "")
           + ("; target.gram.<l>: float32 (1, C, C)" if len(images) < len(r.inputs) else ""))
-    if r.graph in ("distance", "style"):
+    if r.graph in ("distance", "style", "target"):
         print(f"  outputs   {', '.join(r.outputs)}: float32 (N,)"
-              + ("; gram.<l> (N, C, C)" if r.graph == "style" else ""))
+              + ("; grad.x (N, 3, H, W)" if "grad.x" in r.outputs else "")
+              + ("; feature.<l> (N, C, H_l, W_l)" if r.graph == "target" else "")
+              + ("; gram.<l> (N, C, C)" if r.graph in ("style", "target") else ""))
     else:
         from .. import layers as _layers
 
@@ -114,7 +119,7 @@ def cmd_distance(args: argparse.Namespace) -> int:
     if args.output:
         check_output_path(args.output)  # before a model is exported or loaded
     engine = _open_engine(args)
-    terms = list(engine.output_names)
+    terms = [t for t in engine.output_names if t != "grad.x"]  # per-pair scalars only
     sinks, closers = [], []
     skip: set[tuple[str, str]] = set()
     if args.output:
@@ -171,6 +176,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import default_loss, run_demo
 
     spec, loss = spec_from_args(args, default_loss=default_loss)
+    built = loss.used_spec(spec)
+    if args.size < built.min_size:
+        raise ConfigError(f"--size {args.size} is too small for {built.deepest} "
+                          f"({built.min_size}x downsampling); accepted: --size >= {built.min_size}.")
     return run_demo(spec, loss, out_dir=args.out_dir, photo=args.image, size=args.size,
                     device=args.device, dtype=args.dtype or "float32", bench=not args.no_bench,
                     out=sys.stdout, err=sys.stderr)
@@ -198,10 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a FeatureSpec to one self-contained ONNX file, verified "
                                    "with onnx.checker and against the PyTorch reference.")
     add_spec_options(p)
-    p.add_argument("--graph", choices=("features", "distance", "style"), default="features",
+    p.add_argument("--graph", choices=("features", "distance", "style", "target"), default="features",
                    help="features: input x, one output per layer; distance: inputs x, y, "
-                        "outputs content.<l>, style.<l>, total; style: x against a cached "
-                        "target's Grams (style terms only) (default: features)")
+                        "outputs content.<l>, style.<l>, total; target: x against cached "
+                        "content features and style Grams (Engine.set_target); style: x against "
+                        "a cached target's Grams (style terms only) (default: features)")
+    p.add_argument("--grad", action="store_true",
+                   help="also output grad.x (N, 3, H, W), the gradient of the summed total with "
+                        "respect to x (distance and target graphs; docs/training.md)")
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="the .onnx file to write")
     p.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository "
                    "entry: DIR/NAME/config.pbtxt and DIR/NAME/1/model.onnx (see docs/scale.md)")
@@ -282,8 +295,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The library's messages name API arguments; on the command line, name the flags.
+_CLI_WORDING = (
+    (re.compile(r"\bdevice='(\w+)'"), r"--device \1"),
+    (re.compile(r"\bgraph='(\w+)'"), r"--graph \1"),
+    (re.compile(r"\bweights='(\w+)'"), r"--weights \1"),
+    (re.compile(r"\bFeatureSpec\.layers\b"), "--layers"),
+)
+
+
+def cli_wording(text: str) -> str:
+    for pattern, flag in _CLI_WORDING:
+        text = pattern.sub(flag, text)
+    return text
+
+
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    text = cli_wording(str(exc).strip() or type(exc).__name__)
     first, _, rest = text.partition("\n")
     return first + (" [more with --traceback]" if rest.strip() else "")
 
@@ -303,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    # Pillow warns about images above its own pixel limit; the command line applies its
+    # own budget (--max-pixels, checked from the header) and reports refusals as rows.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

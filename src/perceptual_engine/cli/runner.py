@@ -128,6 +128,7 @@ def _decode_pair(pair: Pair, policy: str, scale: tuple[float, float], min_size: 
 
 NOT_FINITE = ("the distance is not finite: the model's precision overflowed on this pair (a "
               "float32 model does not overflow here)")
+NOT_FINITE_INPUT = "the image holds NaN or Inf values"
 
 
 def make_row(pair: Pair, terms: Sequence[str], values: dict[str, float] | None,
@@ -152,10 +153,12 @@ def compute_batch(engine, items: Sequence[_Decoded]
     y = np.ascontiguousarray(np.stack([i.y for i in items]))
     start = time.perf_counter()
     bad: set[int] = set()
+    why = NOT_FINITE
     try:
         out = engine.distance(x, y)
     except NonFiniteError as exc:  # the finite samples of the batch stand
         out, bad = exc.out, set(exc.bad)
+        why = NOT_FINITE_INPUT if exc.inputs else NOT_FINITE
     except PerceptualError as exc:
         seconds = time.perf_counter() - start
         if len(items) == 1:
@@ -171,7 +174,7 @@ def compute_batch(engine, items: Sequence[_Decoded]
     results = []
     for k, item in enumerate(items):
         if k in bad:
-            results.append((item.pair, None, NOT_FINITE))
+            results.append((item.pair, None, why))
         else:
             # The shortest decimal that is the same float32: no float64 noise digits.
             results.append((item.pair, {t: float(str(np.float32(out[t][k]))) for t in terms}, ""))
