@@ -14,8 +14,19 @@ from perceptual_engine.export.triton import check_config, graph_tensors, write_t
 mc = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 text_format = pytest.importorskip("google.protobuf.text_format")
 
-# Every graph kind exported by conftest (one session-scoped export each).
-GRAPH_FIXTURES = ["features_model", "distance_model", "style_model"]
+# Every graph kind: conftest's session-scoped exports, and a target graph with grad.x here.
+GRAPH_FIXTURES = ["features_model", "distance_model", "style_model", "target_model"]
+UNBATCHED = ("style_model", "target_model")  # cached targets are (1, ...) inputs
+
+
+@pytest.fixture(scope="module")
+def target_model(tmp_path_factory):
+    from perceptual_engine import FeatureSpec, LossConfig, export_onnx
+
+    spec = FeatureSpec(arch="vgg19", layers=("relu1_2", "relu2_2"), weights="random", seed=3)
+    path = str(tmp_path_factory.mktemp("target") / "target.onnx")
+    loss = LossConfig(content={"relu2_2": 1.0}, style={"relu1_2": 1.0})
+    return path, export_onnx(spec, path, graph="target", loss=loss, grad=True)
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: mc.TYPE_FP32, onnx.TensorProto.FLOAT16: mc.TYPE_FP16}
 
 
@@ -38,7 +49,7 @@ def test_config_parses_and_agrees_with_the_graph(fixture, request, tmp_path):
     assert config.platform == "onnxruntime_onnx" and config.name == "m"
     # The style graph's target Grams are (1, C, C): Triton must not batch it.
     batched = all(v.type.tensor_type.shape.dim[0].dim_param for v in (*graph.input, *graph.output))
-    assert (config.max_batch_size > 0) == batched == (fixture != "style_model")
+    assert (config.max_batch_size > 0) == batched == (fixture not in UNBATCHED)
     for declared, values in ((config.input, graph.input), (config.output, graph.output)):
         assert [d.name for d in declared] == [v.name for v in values]
         for d, v in zip(declared, values):
@@ -57,12 +68,27 @@ def test_config_parses_and_agrees_with_the_graph(fixture, request, tmp_path):
     p = dict(trt.parameters)
     assert p["precision_mode"] == "FP16" and p["trt_engine_cache_enable"] == "1"
     assert int(p["max_workspace_size_bytes"]) > 0 and p["trt_engine_cache_path"]
-    images = [v.name for v in graph.input if v.name in ("x", "y")]
+    # Every input with a dynamic axis has a profile shape of its own rank.
+    dynamic = {v.name: len(v.type.tensor_type.shape.dim) for v in graph.input
+               if any(d.dim_param for d in v.type.tensor_type.shape.dim)}
     for key in ("min", "opt", "max"):
-        assert [s.split(":")[0] for s in p[f"trt_profile_{key}_shapes"].split(",")] == images
+        shapes = dict(s.split(":") for s in p[f"trt_profile_{key}_shapes"].split(","))
+        assert {k: len(v.split("x")) for k, v in shapes.items()} == dynamic
     (warm,) = config.model_warmup
     assert set(warm.inputs) == {v.name for v in graph.input}
     assert all(w.random_data for w in warm.inputs.values())
+    # The warmup request runs on ONNX Runtime CPU here: shapes that fit each other.
+    import numpy as np
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    feeds = {k: rng.random(([1] if batched else []) + list(w.dims), dtype=np.float32)
+             for k, w in warm.inputs.items()}
+    if "x" in feeds:  # the warmup size is the profile's opt side; keep the CPU run small
+        feeds = {k: v[..., : max(1, v.shape[-2] // 8), : max(1, v.shape[-1] // 8)]
+                 if v.ndim == 4 else v for k, v in feeds.items()}
+    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    sess.run(None, feeds)
 
 
 def test_check_fails_on_a_config_that_disagrees(distance_model, tmp_path):

@@ -14,8 +14,9 @@ kind, spec, loss), so every graph kind gets a correct config without a table her
   of every request into a batch the graph does not accept.
 - The TensorRT accelerator: FP16 (FP32 for raw "none" Grams, which overflow float16),
   workspace, engine cache and an optimization profile for the image inputs.
-- Warmup with random images of the profile's "opt" size, so the first request does
-  not pay for building the TensorRT engine.
+- Warmup with random images of the profile's "opt" size (and cached target features
+  of the matching size), so the first request does not pay for building the TensorRT
+  engine.
 
 The written config is parsed back with Triton's own protobuf schema
 (``tritonclient.grpc.model_config_pb2``, the ``perceptual-engine[triton]`` extra) and
@@ -109,9 +110,15 @@ def _list(values) -> str:
 
 def render_config(name: str, inputs, outputs, *, max_batch_size: int, precision: str,
                   min_hw: int, opt_hw: int, max_hw: int, workspace_bytes: int,
-                  engine_cache: str, instances: int = 1) -> str:
-    """The config.pbtxt text (Triton's protobuf text format)."""
+                  engine_cache: str, profile_batch: int = 16,
+                  features: dict[str, tuple[int, int]] | None = None, instances: int = 1) -> str:
+    """The config.pbtxt text (Triton's protobuf text format).
+
+    features: inputs that are feature maps of the image, (1, C, H/d, W/d), by name ->
+        (C, d); their profile and warmup shapes follow the image's.
+    """
     batched = max_batch_size > 0
+    features = features or {}
     images = [t for t in inputs if len(t.shape) == 4 and t.shape[1] == 3]
     lines = [f'name: "{name}"', 'platform: "onnxruntime_onnx"', f"max_batch_size: {max_batch_size}"]
 
@@ -133,10 +140,12 @@ def render_config(name: str, inputs, outputs, *, max_batch_size: int, precision:
         preferred = sorted({b for b in (max_batch_size // 2, max_batch_size) if b >= 1})
         lines += ["dynamic_batching {", f"  preferred_batch_size: {_list(preferred)}",
                   "  max_queue_delay_microseconds: 2000", "}"]
-    top = max(max_batch_size, 1)
+    top = max(profile_batch, 1)
 
     def profile(n: int, hw: int) -> str:
-        return ",".join(f"{t.name}:{n}x3x{hw}x{hw}" for t in images)
+        shapes = [f"{t.name}:{n}x3x{hw}x{hw}" for t in images]
+        shapes += [f"{k}:1x{c}x{hw // d}x{hw // d}" for k, (c, d) in features.items()]
+        return ",".join(shapes)
 
     params = {"precision_mode": precision, "max_workspace_size_bytes": str(workspace_bytes),
               "trt_engine_cache_enable": "1", "trt_engine_cache_path": engine_cache,
@@ -153,6 +162,9 @@ def render_config(name: str, inputs, outputs, *, max_batch_size: int, precision:
     for t in inputs:
         if t in images:
             shape = [3, opt_hw, opt_hw] if batched else [1, 3, opt_hw, opt_hw]
+        elif t.name in features:
+            c, d = features[t.name]
+            shape = [1, c, opt_hw // d, opt_hw // d]
         else:
             shape = [1 if isinstance(d, str) else d for d in (t.shape[1:] if batched else t.shape)]
         lines += [f'  inputs {{ key: "{t.name}" value: {{ data_type: {t.dtype} '
@@ -215,6 +227,7 @@ def write_triton_repo(model: str | os.PathLike, repo: str | os.PathLike, name: s
     engine_cache: where TensorRT engines are cached on the server
         (default: ``/tmp/triton-trt-cache/<name>``).
     """
+    from .. import layers as _layers
     from ..runtime import read_info
 
     model = os.fspath(model)
@@ -230,10 +243,17 @@ def write_triton_repo(model: str | os.PathLike, repo: str | os.PathLike, name: s
         raise ConfigError(f"profile_hw={profile_hw}; accepted: (min, opt, max) with min <= opt <= max.")
     inputs, outputs = graph_tensors(model)
     batched = _batch_axis(inputs, outputs) is not None
+    # A target graph's cached content features are (1, C, H/d, W/d) of the image's size.
+    features = {}
+    for t in inputs:
+        if t.name.startswith("target.content."):
+            layer = _layers.resolve(info.spec.arch, t.name[len("target.content."):])
+            features[t.name] = (layer.channels, layer.downsample)
     raw_grams = info.loss is not None and info.loss.gram == "none" and bool(info.loss.style)
     text = render_config(name, inputs, outputs, max_batch_size=max_batch_size if batched else 0,
                          precision="FP32" if raw_grams else "FP16", min_hw=lo, opt_hw=opt,
-                         max_hw=hi, workspace_bytes=workspace_bytes,
+                         max_hw=hi, workspace_bytes=workspace_bytes, profile_batch=max_batch_size,
+                         features=features,
                          engine_cache=engine_cache or f"/tmp/triton-trt-cache/{name}")
     checked, note = check_config(text, inputs, outputs)
 
