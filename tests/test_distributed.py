@@ -186,7 +186,10 @@ def _actor_pids() -> list[int]:
 
 def test_killed_actor_is_replaced_and_its_batch_redone(local_ray, folder, distance_model,
                                                         single_rows):
-    ds = distances(*folder, model=distance_model[0], actors=1, batch_size=1)
+    # Pairs given as a Ray Dataset of paths (one-sided pairs carry their error column).
+    items = [{"a": p.a, "b": p.b, "error": p.error} for p in pair_folders(*folder)]
+    ds = distances(dataset=ray.data.from_items(items, override_num_blocks=8),
+                   model=distance_model[0], actors=1, batch_size=1)
     rows, killed, before = [], [], []
     for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         rows += table.to_pylist()

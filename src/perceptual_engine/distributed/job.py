@@ -190,7 +190,8 @@ def build_job(a: str | None = None, b: str | None = None, *, pairs: str | Sequen
             raise ConfigError(f"dataset has columns {dataset.columns()}; accepted: a Dataset with "
                               "string columns 'a' and 'b' (image paths every node can read).")
         source = dataset.map_batches(_prepare, batch_format="numpy", fn_kwargs={"skip": skip},
-                                     compute=ray.data.TaskPoolStrategy(), num_cpus=0.1)
+                                     compute=ray.data.TaskPoolStrategy(),
+                                     num_cpus=res.decode_cpus)  # fused with decoding
         skipped = len(skip)
     else:
         if isinstance(pairs, (list, tuple)):
