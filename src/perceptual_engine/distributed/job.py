@@ -40,7 +40,7 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> boo
     ray = import_ray()
     if ray.is_initialized():
         return False
-    kw: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
+    kw: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
     if address:
         ray.init(address=address, **kw)
     else:  # CPUs and GPUs detected by Ray; no dashboard for a one-off job
@@ -54,7 +54,7 @@ def _quiet_data_context():
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the command line draws its own
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # e.g. "progress bars disabled"
     return ctx
 
 
