@@ -354,9 +354,9 @@ def test_onnx_without_our_metadata(tmp_path, features_model):
 
 def test_newer_metadata_format(tmp_path, features_model):
     p = _edit(features_model[0], tmp_path / "newer.onnx",
-              lambda m: _set_prop(m, "perceptual_engine.format", "3"))
-    with pytest.raises(ModelError, match=r"has metadata format '3'; this version of perceptual-engine reads "
-                                         r"formats 1 to 2\. Upgrade perceptual-engine"):
+              lambda m: _set_prop(m, "perceptual_engine.format", "4"))
+    with pytest.raises(ModelError, match=r"has metadata format '4'; this version of perceptual-engine reads "
+                                         r"format 3\. Upgrade perceptual-engine"):
         Engine(p)
 
 
@@ -367,7 +367,27 @@ def test_newer_metadata_format(tmp_path, features_model):
 ])
 def test_damaged_metadata(tmp_path, features_model, key, value):
     p = _edit(features_model[0], tmp_path / "damaged.onnx", lambda m: _set_prop(m, key, value))
-    with pytest.raises(ModelError, match=r"damaged perceptual-engine metadata|metadata format 'one'"):
+    with pytest.raises(ModelError, match=rf"metadata key {key} holds .*re-export the model"):
+        Engine(p)
+
+
+def _resealed(change):
+    """``change``, then the digests recomputed: an edit that integrity.py cannot see, so
+    the Engine's own check of names against the metadata is what must catch it."""
+    from perceptual_engine.export.integrity import seal
+    from perceptual_engine.export.metadata import ModelInfo
+
+    def edit(m):
+        info = ModelInfo.from_props({p.key: p.value for p in m.metadata_props}, "edited")
+        change(m)
+        seal(m, info)
+    return edit
+
+
+def test_edited_graph_is_refused_unless_resealed(tmp_path, features_model):
+    p = _edit(features_model[0], tmp_path / "dropped0.onnx", lambda m: m.graph.output.pop())
+    with pytest.raises(ModelError, match=r"weights or graph .* do not match the graph_sha256 recorded at "
+                                         r"export .*edited after export"):
         Engine(p)
 
 
@@ -375,7 +395,7 @@ def test_outputs_disagree_with_metadata(tmp_path, features_model):
     def drop_last_output(m):
         m.graph.output.pop()
 
-    p = _edit(features_model[0], tmp_path / "dropped.onnx", drop_last_output)
+    p = _edit(features_model[0], tmp_path / "dropped.onnx", _resealed(drop_last_output))
     with pytest.raises(ModelError, match=r"has inputs \('x',\) and outputs \('conv1_1', 'relu1_2', "
                                          r"'relu2_2', 'conv3_1'\), but its metadata promises \('x',\) and "
                                          r"\('conv1_1', 'relu1_2', 'relu2_2', 'conv3_1', 'relu3_1'\).*"
@@ -386,7 +406,8 @@ def test_outputs_disagree_with_metadata(tmp_path, features_model):
 def test_metadata_claims_the_other_graph_kind(tmp_path, features_model):
     p = _edit(features_model[0], tmp_path / "liar.onnx",
               lambda m: _set_prop(m, "perceptual_engine.graph", "distance"))
-    with pytest.raises(ModelError, match=r"but its metadata promises \('x', 'y'\)"):
+    with pytest.raises(ModelError, match=r"metadata keys disagree: perceptual_engine\.loss is null, but a distance graph "
+                                         r"needs one"):
         Engine(p)
 
 
@@ -400,7 +421,7 @@ def test_renamed_output(tmp_path, features_model):
                     if name == old:
                         names[i] = "features0"
 
-    p = _edit(features_model[0], tmp_path / "renamed.onnx", rename)
+    p = _edit(features_model[0], tmp_path / "renamed.onnx", _resealed(rename))
     with pytest.raises(ModelError, match=r"outputs \('features0', .*the file was edited or damaged"):
         Engine(p)
 

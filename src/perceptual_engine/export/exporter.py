@@ -27,10 +27,10 @@ from ..reference import TorchFeatures
 from ..spec import FeatureSpec, LossConfig
 from ..weights import Weights, load_weights, restrict
 from .graphs import GRAPH_KINDS, DistanceGraph, FeaturesGraph, StyleGraph, TargetGraph
-from .metadata import ModelInfo
+from .integrity import seal
+from .metadata import DTYPES, ModelInfo
 from .verify import OutputError, verify_model
 
-DTYPES = ("float32", "float16")
 # Max relative error (max |ort - ref| / max |ref|) accepted per output at export.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 # The same for grad.x: float16 backpropagates through the half network too.
@@ -199,7 +199,7 @@ def export_onnx(
     say(f"exporting {graph} graph ({dtype}) to ONNX")
     with logging_level(logging.ERROR):
         proto = _to_onnx(module, args, inputs, outputs, dynamic)
-    onnx.helper.set_model_props(proto, info.to_props())
+    seal(proto, info)  # the metadata and the digests binding it to this graph
 
     errors: dict[str, OutputError] = {}
     with atomic_path(path) as tmp:

@@ -10,6 +10,7 @@ import numpy as np
 
 from .._io import sha256_file
 from ..errors import DeviceError, InputError, ModelError, NonFiniteError, NonFiniteInputError
+from ..export.integrity import read_model
 from ..export.metadata import ModelInfo
 from ..validate import MAX_BATCH_PIXELS, check_pair, check_tensor, nonfinite_samples
 from . import providers as P
@@ -309,18 +310,9 @@ def _check_finite(out: Mapping[str, Any]) -> None:
 
 
 def read_info(path: str) -> ModelInfo:
-    """The ModelInfo in ``path``'s metadata (the file is parsed, not run)."""
-    import onnx
-
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except Exception as exc:
-        raise ModelError(
-            f"{path!r} is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]}); it may "
-            "be truncated or another kind of file. Re-export it with perceptual-engine export."
-        ) from exc
-    props = {p.key: p.value for p in model.metadata_props}
-    return ModelInfo.from_props(props, path)
+    """The ModelInfo in ``path``'s metadata (the file is parsed, not run), validated
+    against the schema and checked against the digests recorded at export."""
+    return read_model(path)
 
 
 def _preload_cuda() -> None:
