@@ -171,17 +171,30 @@ def test_two_actors_resume_a_partial_parquet_cli(local_ray, folder, distance_mod
 
 
 def _actor_pids() -> list[int]:
-    """Processes of this test's Ray (descendants of this process) running DistanceActor."""
-    import psutil
-
-    found = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "DistanceActor" in " ".join(p.cmdline()):
-                found.append(p.pid)
-        except psutil.Error:
+    """Processes of this test's Ray (descendants of this process) running DistanceActor,
+    read from /proc (Ray titles its actor processes after their class)."""
+    parent, title = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
             continue
-    return found
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                parent[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                title[int(entry)] = fh.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+
+    def ours(pid: int) -> bool:
+        seen = set()
+        while pid in parent and pid not in seen:
+            if parent[pid] == os.getpid():
+                return True
+            seen.add(pid)
+            pid = parent[pid]
+        return False
+
+    return [pid for pid, t in title.items() if "DistanceActor" in t and ours(pid)]
 
 
 def test_killed_actor_is_replaced_and_its_batch_redone(local_ray, folder, distance_model,
