@@ -133,7 +133,9 @@ def _same(got: dict, want: dict) -> None:
 def test_rows_equal_single_machine_one_actor(local_ray, folder, distance_model, single_rows,
                                              tmp_path):
     out = str(tmp_path / "rows.csv")
-    stats = write_distances(*folder, model=distance_model[0], output=out, actors=1, batch_size=4)
+    # The model reaches the actor through the object store, as on a cluster of several nodes.
+    stats = write_distances(*folder, model=distance_model[0], output=out, actors=1, batch_size=4,
+                            share="object-store")
     rows = _read(out)
     _same(_keyed(rows), single_rows)
     assert len(single_rows) == 31 and (stats.ok, stats.failed) == (24, 7)
