@@ -114,10 +114,12 @@ class ResultFile:
     meanwhile, so no run reports rows as saved that are not in the file.
     """
 
+    file_format = staticmethod(file_format)  # a subclass may write other formats
+
     def __init__(self, path: str, terms: Sequence[str], *, resume: bool = False,
                  identity: dict[str, Any] | None = None) -> None:
         self.path = path
-        self.format = file_format(path)
+        self.format = self.file_format(path)
         check_output_path(path)
         self.columns = columns_for(terms)
         self.identity = dict(identity or {})

@@ -128,6 +128,61 @@ def _decode_pair(pair: Pair, policy: str, scale: tuple[float, float], min_size: 
     return out
 
 
+NOT_FINITE = ("the distance is not finite: the model's precision overflowed on this pair (a "
+              "float32 model does not overflow here)")
+NOT_FINITE_INPUT = "the image holds NaN or Inf values"
+
+
+def make_row(pair: Pair, terms: Sequence[str], values: dict[str, float] | None,
+             error: str = "") -> Row:
+    """The result row of one pair: both paths, every term (None when not computed), error."""
+    row: Row = {"a": pair.a, "b": pair.b}
+    row.update({t: (values[t] if values else None) for t in terms})
+    row["error"] = error
+    return row
+
+
+def compute_batch(engine, items: Sequence[_Decoded]
+                  ) -> tuple[list[tuple[Pair, dict[str, float] | None, str]], float, int]:
+    """Run decoded pairs of one size through ``engine`` as one batch.
+
+    Returns ([(pair, terms or None, error)] in input order, seconds inside the engine,
+    successful engine calls). A non-finite sample fails alone; a batch the engine
+    refuses is retried one pair at a time, so the error lands on the pair that caused it.
+    """
+    terms = list(engine.output_names)
+    x = np.ascontiguousarray(np.stack([i.x for i in items]))
+    y = np.ascontiguousarray(np.stack([i.y for i in items]))
+    start = time.perf_counter()
+    bad: set[int] = set()
+    why = NOT_FINITE
+    try:
+        out = engine.distance(x, y)
+    except NonFiniteError as exc:  # the finite samples of the batch stand
+        out, bad = exc.out, set(exc.bad)
+        why = NOT_FINITE_INPUT if exc.inputs else NOT_FINITE
+    except PerceptualError as exc:
+        seconds = time.perf_counter() - start
+        if len(items) == 1:
+            return [(items[0].pair, None, _row_error(exc, items[0].x.shape))], seconds, 0
+        results, calls = [], 0
+        for item in items:  # find which pair it was: one at a time
+            r, s, c = compute_batch(engine, [item])
+            results += r
+            seconds += s
+            calls += c
+        return results, seconds, calls
+    seconds = time.perf_counter() - start
+    results = []
+    for k, item in enumerate(items):
+        if k in bad:
+            results.append((item.pair, None, why))
+        else:
+            # The shortest decimal that is the same float32: no float64 noise digits.
+            results.append((item.pair, {t: float(str(np.float32(out[t][k]))) for t in terms}, ""))
+    return results, seconds, 1
+
+
 def run_pairs(engine, pairs: Sequence[Pair], sinks: Iterable[Callable[[Row], None]], *,
               batch_size: int = 8, size_policy: str = "error", workers: int | None = None,
               skip: set[tuple[str, str]] | frozenset = frozenset(),
@@ -152,9 +207,7 @@ def run_pairs(engine, pairs: Sequence[Pair], sinks: Iterable[Callable[[Row], Non
     budget = engine.max_pixels
 
     def emit(pair: Pair, values: dict[str, float] | None, error: str = "") -> None:
-        row: Row = {"a": pair.a, "b": pair.b}
-        row.update({t: (values[t] if values else None) for t in terms})
-        row["error"] = error
+        row = make_row(pair, terms, values, error)
         for sink in sinks:
             sink(row)
         if error:
@@ -166,34 +219,11 @@ def run_pairs(engine, pairs: Sequence[Pair], sinks: Iterable[Callable[[Row], Non
         bar.advance()
 
     def run_batch(items: list[_Decoded]) -> None:
-        x = np.ascontiguousarray(np.stack([i.x for i in items]))
-        y = np.ascontiguousarray(np.stack([i.y for i in items]))
-        start = time.perf_counter()
-        bad: set[int] = set()
-        why = ""
-        try:
-            out = engine.distance(x, y)
-        except NonFiniteError as exc:  # the finite samples of the batch stand
-            out, bad = exc.out, set(exc.bad)
-            why = ("the image holds NaN or Inf values" if exc.inputs else
-                   "the distance is not finite: the model's precision overflowed on this pair "
-                   "(a float32 model does not overflow here)")
-        except PerceptualError as exc:
-            stats.engine_s += time.perf_counter() - start
-            if len(items) == 1:
-                emit(items[0].pair, None, _row_error(exc, items[0].x.shape))
-            else:  # find which pair it was: one at a time
-                for item in items:
-                    run_batch([item])
-            return
-        stats.engine_s += time.perf_counter() - start
-        stats.batches += 1
-        for k, item in enumerate(items):
-            if k in bad:
-                emit(item.pair, None, why)
-                continue
-            # The shortest decimal that is the same float32: no float64 noise digits.
-            emit(item.pair, {t: float(str(np.float32(out[t][k]))) for t in terms})
+        results, seconds, calls = compute_batch(engine, items)
+        stats.engine_s += seconds
+        stats.batches += calls
+        for pair, values, error in results:
+            emit(pair, values, error)
 
     def batch_limit(shape: tuple[int, ...]) -> int:
         most = batch_size if budget is None else max(1, min(batch_size, budget // (shape[1] * shape[2])))
