@@ -23,10 +23,12 @@ import torch
 from .. import __version__
 from .._io import atomic_path
 from ..errors import ConfigError, ExportError
-from ..reference import TorchFeatures
+from .. import lpips as _lpips
+from ..lpips import LinearWeights
+from ..reference import TorchFeatures, TorchLPIPS
 from ..spec import FeatureSpec, LossConfig
 from ..weights import Weights, load_weights
-from .graphs import GRAPH_KINDS, DistanceGraph, FeaturesGraph, StyleGraph
+from .graphs import GRAPH_KINDS, DistanceGraph, FeaturesGraph, LpipsGraph, StyleGraph
 from .metadata import ModelInfo
 from .verify import OutputError, verify_model
 
@@ -120,6 +122,8 @@ def export_onnx(
     verify: bool = True,
     weights: Weights | None = None,
     progress: Callable[[str], None] | None = None,
+    lpips_weights: "str | os.PathLike | LinearWeights | None" = None,
+    spatial: bool = False,
 ) -> ExportResult:
     """Export ``spec`` as a verified, self-contained ONNX file at ``path``.
 
@@ -129,6 +133,12 @@ def export_onnx(
         on every layer) or "style" (inputs ``x`` and a cached target's Grams
         ``target.gram.<l>`` (1, C, C); outputs ``style.<l>``, ``total`` and x's Grams;
         ``loss`` with style terms only). Engine.set_style_target drives it.
+        "lpips" (inputs ``x``, ``y``; outputs ``lpips.<l>`` per tap and ``total``, (N,)
+        float32; ``spec`` must be VGG16 at ``perceptual_engine.lpips.LAYERS``, its
+        input range is the images' ("-1,1" as lpips, "0,1" as its normalize=True)).
+    lpips_weights: graph "lpips" only: the linear weights file (.pth), LinearWeights,
+        or None for the installed lpips package's ``weights/v0.1/vgg.pth``.
+    spatial: graph "lpips" only: also output the per-pixel map ``spatial`` (N, 1, H, W).
     dtype: "float32" or "float16" (half-precision network; inputs, Grams,
         reductions and outputs in float32).
     dynamic: batch, height and width dynamic (named axes) if True.
@@ -152,10 +162,21 @@ def export_onnx(
         loss.check_against(spec)
     elif loss is not None:
         raise ConfigError("loss is only used by graph='distance' or 'style'; drop it or export one of those.")
+    if graph == "lpips":
+        _lpips.check_spec(spec)
+    elif lpips_weights is not None or spatial:
+        raise ConfigError("lpips_weights and spatial are options of graph='lpips'; drop them or "
+                          "export graph='lpips'.")
     say = progress or (lambda msg: None)
     start = time.perf_counter()
     path = os.fspath(path)
 
+    lin, lpips_meta = None, None
+    if graph == "lpips":  # before the network: a missing lpips package fails fast
+        lin = (lpips_weights if isinstance(lpips_weights, _lpips.LinearWeights)
+               else _lpips.load_linear_weights(lpips_weights))
+        lpips_meta = {"weights_source": lin.source, "weights_sha256": lin.sha256,
+                      "spatial": bool(spatial)}
     say(f"loading {spec.arch} weights ({spec.weights})")
     weights = weights if weights is not None else load_weights(spec)
     reference = TorchFeatures(spec, weights=weights)  # float32: what the export is checked against
@@ -165,14 +186,18 @@ def export_onnx(
         traced.body.half()
     info = ModelInfo(spec=spec, loss=loss, graph=graph, dtype=dtype,
                      weights_source=weights.source, weights_sha256=weights.sha256,
-                     version=__version__)
-    module = {"features": FeaturesGraph, "distance": DistanceGraph, "style": StyleGraph}[graph](
-        traced, *(() if graph == "features" else (loss,)))
+                     version=__version__, lpips=lpips_meta)
+    if graph == "lpips":
+        module: torch.nn.Module = LpipsGraph(traced, lin, bool(spatial))
+        reference = TorchLPIPS(spec, lin, spatial=bool(spatial), weights=weights)  # type: ignore[assignment]
+    else:
+        module = {"features": FeaturesGraph, "distance": DistanceGraph, "style": StyleGraph}[graph](
+            traced, *(() if graph == "features" else (loss,)))
     inputs, outputs = info.input_names, info.output_names
 
     size = _example_size(spec)
     g = torch.Generator().manual_seed(0)
-    args = tuple(torch.rand(2, 3, size, size + 2, generator=g) for _ in ("x", "y")[: 1 + (graph == "distance")])
+    args = tuple(torch.rand(2, 3, size, size + 2, generator=g) for _ in ("x", "y")[: 1 + (graph in ("distance", "lpips"))])
     args += tuple(torch.rand(1, c, c, generator=g) for c in _gram_channels(spec, loss, graph))
     say(f"exporting {graph} graph ({dtype}) to ONNX")
     with logging_level(logging.ERROR):

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from .. import losses
+from .. import lpips as _lpips
 from ..reference import TorchFeatures
 from ..spec import LossConfig
 
-GRAPH_KINDS = ("features", "distance", "style")
+GRAPH_KINDS = ("features", "distance", "style", "lpips")
 
 
 class FeaturesGraph(nn.Module):
@@ -62,3 +63,18 @@ class StyleGraph(nn.Module):
         gx = losses.style_grams(self.features.extract(x), self.loss)
         terms = losses.style_terms(gx, dict(zip(self.loss.style, target)), self.loss)
         return tuple(terms.values()) + tuple(gx.values())
+
+
+class LpipsGraph(nn.Module):
+    """(x, y) (N, 3, H, W) float32 -> ``lpips.<l>`` (N,) per tap, ``total`` (N,) and, when
+    ``spatial``, the map ``spatial`` (N, 1, H, W); all float32 (the head is float32
+    even when the network is float16: see lpips.py)."""
+
+    def __init__(self, features: TorchFeatures, lin: "_lpips.LinearWeights", spatial: bool) -> None:
+        super().__init__()
+        self.features, self.lin, self.spatial = features, lin, spatial
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        fx, fy = self.features.extract_pair(x, y)
+        size = (x.shape[2], x.shape[3]) if self.spatial else None
+        return tuple(_lpips.head(fx, fy, self.lin, size=size).values())

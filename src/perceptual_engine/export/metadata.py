@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 from ..errors import ModelError
 from ..spec import FeatureSpec, LossConfig
@@ -26,12 +26,14 @@ class ModelInfo:
     weights_sha256: str
     version: str
     format: int = FORMAT_VERSION
+    # graph "lpips": {"weights_source", "weights_sha256", "spatial"} of its linear head
+    lpips: Mapping[str, Any] | None = None
 
     @property
     def input_names(self) -> tuple[str, ...]:
         if self.graph == "features":
             return ("x",)
-        if self.graph == "distance":
+        if self.graph in ("distance", "lpips"):
             return ("x", "y")
         return ("x",) + tuple(f"target.{g}" for g in self.gram_names)
 
@@ -44,12 +46,21 @@ class ModelInfo:
 
     @property
     def output_names(self) -> tuple[str, ...]:
+        if self.graph == "lpips":
+            from ..lpips import output_names
+
+            return output_names(self.spec.layers, self.spatial)
         if self.graph == "features" or self.loss is None:
             return tuple(self.spec.layers)
         return self.loss.output_names() + self.gram_names
 
+    @property
+    def spatial(self) -> bool:
+        """An LPIPS graph with the per-pixel map output ``spatial``."""
+        return bool(self.lpips and self.lpips.get("spatial"))
+
     def to_props(self) -> dict[str, str]:
-        return {
+        props = {
             PREFIX + "format": str(self.format),
             PREFIX + "spec": json.dumps(self.spec.to_dict(), sort_keys=True),
             PREFIX + "loss": json.dumps(self.loss.to_dict() if self.loss else None, sort_keys=True),
@@ -59,6 +70,9 @@ class ModelInfo:
             PREFIX + "weights_sha256": self.weights_sha256,
             PREFIX + "version": self.version,
         }
+        if self.lpips is not None:
+            props[PREFIX + "lpips"] = json.dumps(dict(self.lpips), sort_keys=True)
+        return props
 
     @classmethod
     def from_props(cls, props: Mapping[str, str], path: str) -> "ModelInfo":
@@ -90,6 +104,7 @@ class ModelInfo:
                 weights_sha256=props.get(PREFIX + "weights_sha256", ""),
                 version=props.get(PREFIX + "version", ""),
                 format=fmt,
+                lpips=json.loads(props[PREFIX + "lpips"]) if PREFIX + "lpips" in props else None,
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise ModelError(

@@ -9,7 +9,7 @@ import torch
 
 from .. import losses
 from ..errors import ExportError
-from ..reference import TorchFeatures
+from ..reference import TorchFeatures, TorchLPIPS
 from .metadata import ModelInfo
 
 
@@ -38,11 +38,14 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> OutputError:
     return OutputError(diff, diff / scale if scale > 0 else diff)
 
 
-def reference_outputs(reference: TorchFeatures, info: ModelInfo,
+def reference_outputs(reference: "TorchFeatures | TorchLPIPS", info: ModelInfo,
                       feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The float32 reference's values of every output of ``info`` for ``feeds``."""
     with torch.no_grad():
         x = torch.from_numpy(feeds["x"])
+        if info.graph == "lpips":  # reference: a TorchLPIPS
+            terms = reference.terms(x, torch.from_numpy(feeds["y"]))  # type: ignore[operator]
+            return {k: v.numpy() for k, v in terms.items()}
         fx = reference.extract(x)
         if info.graph == "features":
             return {k: v.numpy() for k, v in fx.items()}
@@ -57,7 +60,7 @@ def reference_outputs(reference: TorchFeatures, info: ModelInfo,
         return {k: v.numpy() for k, v in terms.items()}
 
 
-def verify_model(path: str, reference: TorchFeatures, info: ModelInfo, *,
+def verify_model(path: str, reference: "TorchFeatures | TorchLPIPS", info: ModelInfo, *,
                  tolerance: float, batch: int = 2) -> dict[str, OutputError]:
     """Check ``path`` structurally and against ``reference``; raise ExportError if off."""
     import onnxruntime as ort
@@ -73,7 +76,7 @@ def verify_model(path: str, reference: TorchFeatures, info: ModelInfo, *,
     from ..spec import INPUT_RANGES
 
     lo, hi = INPUT_RANGES[spec.input_range]
-    images = ("x",) if info.graph != "distance" else ("x", "y")
+    images = ("x", "y") if info.graph in ("distance", "lpips") else ("x",)
     feeds = {n: rng.uniform(lo, hi, size=(batch, 3, h, w)).astype(np.float32) for n in images}
     if info.gram_names:  # a real target's Grams, from another random image
         target = rng.uniform(lo, hi, size=(1, 3, h + 2, w - 2)).astype(np.float32)

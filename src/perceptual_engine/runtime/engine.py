@@ -179,6 +179,9 @@ class Engine:
     def distance(self, x: Any, y: Any = None) -> dict[str, Any]:
         """Per-sample terms {"content.<l>", "style.<l>", "total"}: each (N,) float32.
 
+        On an LPIPS model (graph="lpips"): {"lpips.<l>", "total"} (N,), and "spatial"
+        (N, 1, H, W) when it was exported with spatial=True.
+
         On a style model (graph="style") y is omitted: x is compared with the
         target given to ``set_style_target``, and only x runs through the network.
         """
@@ -190,14 +193,14 @@ class Engine:
                 raise InputError("no style target is set; call engine.set_style_target(image) first.")
             self._check(x)
             out = self._run({"x": x}, self.info.loss.output_names())  # type: ignore[union-attr]
-        elif self.info.graph == "distance":
+        elif self.info.graph in ("distance", "lpips"):
             if y is None:
-                raise InputError("distance(x, y) needs y on a distance model; pass y.")
+                raise InputError(f"distance(x, y) needs y on a {self.info.graph} model; pass y.")
             self._check(x, y)
             out = self._run({"x": x, "y": y})
         else:
             raise ModelError(f"{self.path!r} is a features graph; distance() needs a model exported "
-                             "with graph='distance' or 'style' (perceptual-engine export --graph distance).")
+                             "with graph='distance', 'style' or 'lpips' (perceptual-engine export --graph distance).")
         _check_finite(out)
         return out
 
