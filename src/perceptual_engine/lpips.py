@@ -227,3 +227,22 @@ def head_vjp(fx: Mapping[str, torch.Tensor], fy: Mapping[str, torch.Tensor], lin
         gn = d * w * (2.0 * g_total.float().view(-1, 1, 1, 1) / hw)
         out[name] = normalize_vjp(a, gn)
     return out
+
+
+def lpips_and_grad(features, x: torch.Tensor, fy: Mapping[str, torch.Tensor], lin: LinearWeights, *,
+                   size: tuple[int, int] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The head's outputs (as ``head``) for x against y's features ``fy``, and
+    ∂(Σ_n total_n)/∂x (N, 3, H, W) float32, by hand-written VJPs (traceable into ONNX).
+
+    features: a ``TorchFeatures`` of an LPIPS spec. float16 networks backpropagate
+    a per-sample power-of-two scaled seed (backward.loss_scale), unscaled in float32.
+    """
+    from . import backward
+
+    fx, vjp = backward.features_and_vjp(features, x)
+    out = head(fx, fy, lin, size=size)
+    grads = head_vjp(fx, fy, lin, torch.ones_like(out["total"]))
+    if features.body[0].weight.dtype == torch.float32:
+        return out, vjp(grads)
+    scale = backward.loss_scale(grads)
+    return out, vjp({k: g * scale for k, g in grads.items()}) / scale
