@@ -45,6 +45,9 @@ def output_names(layers: tuple[str, ...] = LAYERS, spatial: bool = False) -> tup
 
 def check_spec(spec: FeatureSpec) -> None:
     """LPIPS is defined on VGG16 at its five taps, in order; anything else is refused."""
+    if spec.pooling != "max":
+        raise ConfigError(f"LPIPS runs VGG16 with max pooling, as trained; got pooling {spec.pooling!r}. "
+                          "Drop pooling='avg' (--pooling avg).")
     if spec.arch != ARCH or tuple(spec.layers) != LAYERS:
         raise ConfigError(
             f"LPIPS needs arch 'vgg16' with layers {','.join(LAYERS)}; got arch {spec.arch!r} with "
@@ -53,7 +56,7 @@ def check_spec(spec: FeatureSpec) -> None:
         )
 
 
-def default_spec(weights: str = "imagenet", *, input_range: str = "-1,1", seed: int = 0) -> FeatureSpec:
+def default_spec(weights: str = "imagenet", *, input_range: str = "0,1", seed: int = 0) -> FeatureSpec:
     """The spec of LPIPS: VGG16, the five taps; ``input_range`` "-1,1" is lpips' default,
     "0,1" its ``normalize=True``."""
     return FeatureSpec(arch=ARCH, layers=LAYERS, weights=weights, seed=seed, input_range=input_range)

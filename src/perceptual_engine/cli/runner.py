@@ -130,11 +130,15 @@ def run_pairs(engine, pairs: Sequence[Pair], sinks: Iterable[Callable[[Row], Non
               batch_size: int = 8, size_policy: str = "error", workers: int | None = None,
               skip: set[tuple[str, str]] | frozenset = frozenset(),
               max_pixels: int | None = MAX_IMAGE_PIXELS,
-              progress: Progress | None = None) -> RunStats:
-    """Compute every pair not in ``skip`` with ``engine`` (a distance Engine); each row
-    goes to every sink as soon as it is known. Returns the run's statistics."""
+              progress: Progress | None = None,
+              maps: Callable[[Pair, np.ndarray], None] | None = None) -> RunStats:
+    """Compute every pair not in ``skip`` with ``engine`` (a distance or LPIPS Engine);
+    each row goes to every sink as soon as it is known. ``maps`` receives each computed
+    pair's LPIPS map (H, W) float32 (an LPIPS model with the ``spatial`` output).
+    Returns the run's statistics."""
     sinks = list(sinks)
-    terms = list(engine.output_names)
+    # Per-pair maps and gradients are not row columns.
+    terms = [n for n in engine.output_names if n not in ("spatial", "grad.x")]
     workers = workers or min(4, os.cpu_count() or 1)
     prefetch = max(2 * batch_size, 2 * workers)
     stats = RunStats(total=len(pairs), workers=workers)
@@ -183,6 +187,8 @@ def run_pairs(engine, pairs: Sequence[Pair], sinks: Iterable[Callable[[Row], Non
                                       "on this pair (a float32 model does not overflow here)")
                 continue
             # The shortest decimal that is the same float32: no float64 noise digits.
+            if maps is not None:
+                maps(item.pair, np.asarray(out["spatial"][k, 0]))
             emit(item.pair, {t: float(str(np.float32(out[t][k]))) for t in terms})
 
     def batch_limit(shape: tuple[int, ...]) -> int:
