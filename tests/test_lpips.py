@@ -70,17 +70,23 @@ def test_loader_reads_the_package_file():
 @pytest.mark.parametrize("shape", [(1, 3, 35, 49), (3, 3, 41, 33)])
 def test_onnx_float32_matches_lpips_package(lpips_models, lpips_pkg, rel_err, shape):
     path, spec, result = lpips_models["fp32"]
-    assert result.outputs == L.output_names(spatial=True)
+    assert result.outputs == L.output_names(spatial=True) + ("grad.x",)
     assert result.max_rel_error <= 1e-4
     engine = Engine(path, "cpu")
     assert engine.info.lpips["weights_sha256"] == L.load_linear_weights().sha256
     x, y = images(shape, 3, -1.0), images(shape, 4, -1.0)
     got = engine.distance(x.numpy(), y.numpy())
+    grad = got.pop("grad.x")
     want = pkg_outputs(lpips_pkg["model"], x, y, normalize=False, spatial=True)
     assert list(got) == list(want)
     for name in want:
         assert got[name].shape == want[name].shape
         assert rel_err(got[name], want[name]) <= 1e-4, name
+    # grad.x against torch autograd of the lpips package
+    xa = x.clone().requires_grad_()
+    lpips_pkg["model"](xa, y).sum().backward()
+    assert np.isfinite(xa.grad.numpy()).all()
+    assert rel_err(grad, xa.grad.numpy()) <= 1e-4
 
 
 def test_onnx_float16_large_activations(lpips_models, lpips_pkg, rel_err):
@@ -98,6 +104,11 @@ def test_onnx_float16_large_activations(lpips_models, lpips_pkg, rel_err):
     for name in want:
         assert np.isfinite(got[name]).all(), name
         assert rel_err(got[name], want[name]) <= 2e-2, name
+    # grad.x: the half-precision backward with a loss-scaled seed, within 5e-2 of autograd
+    xa = x.clone().requires_grad_()
+    lpips_pkg["scaled"](xa, y, normalize=True).sum().backward()
+    assert np.isfinite(got["grad.x"]).all()
+    assert rel_err(got["grad.x"], xa.grad.numpy()) <= 5e-2
 
 
 # -- gradient --------------------------------------------------------------------------
@@ -157,7 +168,7 @@ def _grad_through_engine_head(spec, lin, x, y):
 
 
 def test_gradient_matches_lpips_package_autograd(lpips_pkg):
-    spec = L.default_spec(lpips_pkg["weights"])
+    spec = L.default_spec(lpips_pkg["weights"], input_range="-1,1")
     lin = L.load_linear_weights()
     x, y = images((2, 3, 35, 39), 11, -1.0), images((2, 3, 35, 39), 12, -1.0)
     got = _grad_through_engine_head(spec, lin, x, y)
@@ -181,7 +192,7 @@ def test_gradient_finite_on_constant_image(lpips_pkg, tmp_path):
     state["features.28.bias"] = torch.full_like(state["features.28.bias"], -1e3)
     path = tmp_path / "dead.pth"
     torch.save(state, path)
-    spec, lin = L.default_spec(str(path)), L.load_linear_weights()
+    spec, lin = L.default_spec(str(path), input_range="-1,1"), L.load_linear_weights()
     x = torch.full((1, 3, 33, 35), 0.25)  # a constant grey image
     y = images((1, 3, 33, 35), 13, -1.0)
 

@@ -194,6 +194,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     spec, loss = spec_from_args(args, default_loss=default_loss)
     return run_demo(spec, loss, out_dir=args.out_dir, photo=args.image, size=args.size,
                     device=args.device, dtype=args.dtype or "float32", bench=not args.no_bench,
+                    lpips=not args.no_lpips,
                     out=sys.stdout, err=sys.stderr)
 
 
@@ -286,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="square side the photo is resized to (default: 224)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
     p.add_argument("--no-bench", action="store_true", help="skip the speed table")
+    p.add_argument("--no-lpips", action="store_true", help="skip the LPIPS column (its model "
+                   "is exported once into --out-dir)")
     add_spec_options(p, default_layers="the arch's usual four; the demo's loss: content on "
                                        "relu2_2, style on every layer")
     p.set_defaults(func=cmd_demo)
