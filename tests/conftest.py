@@ -315,8 +315,8 @@ LPIPS_FP16_SCALE = 1.7
 @pytest.fixture(scope="session")
 def lpips_models(model_dir, lpips_pkg):
     """{"fp32": (path, spec, result): float32 LPIPS with the spatial map and grad.x,
-    inputs in [-1, 1]; "fp16": (path, spec, result): float16 LPIPS with grad.x on the
-    scaled trunk, inputs in [0, 1]}. Two VGG16 exports to relu5_3: the slow part."""
+    inputs in [-1, 1]; "fp16": (path, spec, result): float16 LPIPS on the scaled trunk,
+    inputs in [0, 1]}. Two VGG16 exports to relu5_3: the slow part."""
     from perceptual_engine import lpips as L
 
     out = {}
@@ -325,6 +325,7 @@ def lpips_models(model_dir, lpips_pkg):
             ("fp16", lpips_pkg["scaled_weights"], "0,1", "float16", False)):
         spec = L.default_spec(weights, input_range=rng)
         path = model_dir / f"lpips_{key}.onnx"
-        result = export_onnx(spec, path, graph="lpips", dtype=dtype, spatial=spatial, grad=True)
+        result = export_onnx(spec, path, graph="lpips", dtype=dtype, spatial=spatial,
+                             grad=dtype == "float32")
         out[key] = (str(path), spec, result)
     return out

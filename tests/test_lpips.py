@@ -104,11 +104,7 @@ def test_onnx_float16_large_activations(lpips_models, lpips_pkg, rel_err):
     for name in want:
         assert np.isfinite(got[name]).all(), name
         assert rel_err(got[name], want[name]) <= 2e-2, name
-    # grad.x: the half-precision backward with a loss-scaled seed, within 5e-2 of autograd
-    xa = x.clone().requires_grad_()
-    lpips_pkg["scaled"](xa, y, normalize=True).sum().backward()
-    assert np.isfinite(got["grad.x"]).all()
-    assert rel_err(got["grad.x"], xa.grad.numpy()) <= 5e-2
+
 
 
 # -- gradient --------------------------------------------------------------------------

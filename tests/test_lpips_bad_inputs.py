@@ -113,3 +113,9 @@ def test_lpips_options_on_other_graphs(tmp_path):
     with pytest.raises(ConfigError, match="options of graph='lpips'"):
         export_onnx(FeatureSpec(weights="random"), tmp_path / "m.onnx", graph="features",
                     spatial=True)
+
+
+def test_float16_gradient_refused(tmp_path):
+    with pytest.raises(ConfigError, match="needs dtype='float32'"):
+        export_onnx(L.default_spec("random"), tmp_path / "m.onnx", graph="lpips", dtype="float16",
+                    grad=True)
