@@ -255,7 +255,7 @@ def test_invalid_input(feat, x, pattern):
 def test_non_finite_input(feat, dist, bad):
     x = _img(GOOD, seed=9)
     x[0, 1, 5, 7] = bad
-    with pytest.raises(InputError, match=r"x contains NaN or Inf values; accepted: finite values"):
+    with pytest.raises(InputError, match=r"x contains NaN or Inf values in sample\(s\) \[0\] \(of 1\); accepted: finite values"):
         feat[0].features(x)
     with pytest.raises(InputError, match=r"y contains NaN or Inf values"):
         dist[0].distance(_img(GOOD), x)
@@ -354,9 +354,9 @@ def test_onnx_without_our_metadata(tmp_path, features_model):
 
 def test_newer_metadata_format(tmp_path, features_model):
     p = _edit(features_model[0], tmp_path / "newer.onnx",
-              lambda m: _set_prop(m, "perceptual_engine.format", "2"))
-    with pytest.raises(ModelError, match=r"has metadata format '2'; this version of perceptual-engine reads "
-                                         r"format 1\. Upgrade perceptual-engine"):
+              lambda m: _set_prop(m, "perceptual_engine.format", "3"))
+    with pytest.raises(ModelError, match=r"has metadata format '3'; this version of perceptual-engine reads "
+                                         r"formats 1 to 2\. Upgrade perceptual-engine"):
         Engine(p)
 
 
@@ -576,3 +576,22 @@ def test_device_error_names_the_wheels_of_the_missing_libraries(monkeypatch):
     msg = engine_mod._why_not("cuda", RuntimeError("Failed to load libonnxruntime_providers_cuda.so"))
     assert "missing libraries: libcudnn.so.9, libcublasLt.so.13" in msg
     assert "pip install nvidia-cublas nvidia-cudnn-cu13" in msg and "device='cpu'" in msg
+
+
+def test_non_finite_input_sample_is_named_and_the_others_computed(dist):
+    engine = dist[0]
+    x = np.concatenate([_img(GOOD, seed=s) for s in (1, 2, 3)])
+    y = np.concatenate([_img(GOOD, seed=s) for s in (4, 5, 6)])
+    y[1, 0, 3, 4] = np.nan
+    with pytest.raises(NonFiniteError, match=r"input of sample\(s\) \[1\] holds NaN or Inf") as info:
+        engine.distance(x, y)
+    assert info.value.bad == [1] and info.value.inputs
+    total = info.value.out["total"]
+    assert np.isnan(total[1])
+    alone = engine.distance(x[[0, 2]], y[[0, 2]])["total"]
+    np.testing.assert_allclose(total[[0, 2]], alone, rtol=1e-6)
+    x[2, 1, 0, 0] = np.inf  # x's and y's bad samples together
+    with pytest.raises(NonFiniteError, match=r"sample\(s\) \[1, 2\]"):
+        engine.distance(x, y)
+    with pytest.raises(InputError, match=r"y contains NaN or Inf values in sample\(s\) \[0\]"):
+        engine.distance(x[[1]], y[[1]])  # nothing left to compute: the plain input error

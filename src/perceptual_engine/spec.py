@@ -6,6 +6,8 @@ where it is written, not deep inside an export. ``None`` defaults are resolved i
 """
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import math
@@ -84,6 +86,9 @@ class FeatureSpec:
             )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"seed {self.seed!r} is not an int; give an integer seed.")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed {self.seed} is out of range; accepted: 0 <= seed < 2**63 "
+                              f"({2**63 - 1}). Give a smaller seed.")
         _choice("input_range", self.input_range, tuple(INPUT_RANGES))
         _choice("pooling", self.pooling, POOLINGS)
 
@@ -171,6 +176,12 @@ class LossConfig:
                     f"{what} names layer(s) {missing} that the FeatureSpec does not extract; "
                     f"extracted: {list(spec.layers)}. Add them to FeatureSpec.layers."
                 )
+
+    def used_spec(self, spec: FeatureSpec) -> FeatureSpec:
+        """``spec`` with only the layers this loss weighs (in the spec's order), so the
+        network ends at the deepest layer the loss needs."""
+        used = tuple(n for n in spec.layers if n in self.content or n in self.style)
+        return spec if used == tuple(spec.layers) else dataclasses.replace(spec, layers=used)
 
     def output_names(self) -> tuple[str, ...]:
         """Names of a distance graph's outputs, in order."""

@@ -11,6 +11,7 @@ import hashlib
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -92,7 +93,11 @@ def _read_file(path: str) -> Mapping[str, torch.Tensor]:
 
             return load_file(path, device="cpu")
         # weights_only=True: a pickle that would run code or build arbitrary objects is refused.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # "Detected pickle protocol 4": torch's note on files saved by older
+            # versions, which it loads fine; not the user's concern.
+            warnings.filterwarnings("ignore", message=r".*pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's own message suggests weights_only=False, exactly what must not be done.
         plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
@@ -150,6 +155,15 @@ def _check(spec: FeatureSpec, raw: Mapping[str, object], source: str) -> dict[st
             f"Check that the file is a {spec.arch} checkpoint (not vgg16 vs vgg19) in float."
         )
     return state
+
+
+def restrict(weights: Weights, spec: FeatureSpec) -> Weights:
+    """``weights`` cut to the convolutions ``spec`` uses (a shallower spec of the same
+    arch), with the hash recomputed over what remains."""
+    state = {key: weights.state[key] for key, _ in _conv_keys(spec)}
+    if len(state) == len(weights.state):
+        return weights
+    return Weights(state=state, source=weights.source, sha256=_digest(state))
 
 
 def load_weights(spec: FeatureSpec) -> Weights:

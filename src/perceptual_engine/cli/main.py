@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import warnings
 from typing import Sequence
 
 from .options import (SPEC_FLAGS, add_lpips_options, add_spec_options, lpips_spec_from_args,
@@ -41,13 +43,13 @@ def cmd_export(args: argparse.Namespace) -> int:
                           "distance, or drop them to export features.")
     dtype = args.dtype or "float32"
     r = export_onnx(spec, args.output, graph=args.graph, loss=loss, dtype=dtype,
-                    progress=lambda m: _say(m), **lpips_kw)
+                    progress=lambda m: _say(m), grad=args.grad, **lpips_kw)
     print(f"wrote {r.path} ({r.size_bytes / 1e6:.1f} MB) in {r.seconds:.1f} s")
     print(f"  graph     {r.graph}, {r.dtype} network, float32 inputs and outputs")
     print(f"  spec      {spec.arch} {','.join(spec.layers)}; weights {spec.weights}"
           f"{f' (seed {spec.seed})' if spec.weights == 'random' else ''}, sha256 "
           f"{r.weights_sha256[:16]}; input range {spec.input_range}; {spec.pooling} pooling")
-    if r.graph in ("distance", "style"):
+    if r.graph in ("distance", "style", "target"):
         from ..spec import LossConfig
 
         lc = loss or LossConfig.default_for(spec)
@@ -57,6 +59,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     dims = "(N, 3, H, W), N, H, W dynamic"
     images = [n for n in r.inputs if not n.startswith("target.")]
     print(f"  inputs    {', '.join(images)}: float32 {dims}"
+          + ("; target.content.<l>: float32 (1, C, H_l, W_l)" if r.graph == "target" else "")
           + ("; target.gram.<l>: float32 (1, C, C)" if len(images) < len(r.inputs) else ""))
     if r.graph == "lpips":
         from ..runtime import read_info
@@ -66,10 +69,13 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"{str(head.get('weights_sha256'))[:16]}; head in float32")
         scalars = [o for o in r.outputs if o not in ("spatial", "grad.x")]
         print(f"  outputs   {', '.join(scalars)}: float32 (N,)"
-              + ("; spatial: float32 (N, 1, H, W)" if "spatial" in r.outputs else ""))
-    elif r.graph in ("distance", "style"):
+              + ("; spatial: float32 (N, 1, H, W)" if "spatial" in r.outputs else "")
+              + ("; grad.x (N, 3, H, W)" if "grad.x" in r.outputs else ""))
+    elif r.graph in ("distance", "style", "target"):
         print(f"  outputs   {', '.join(r.outputs)}: float32 (N,)"
-              + ("; gram.<l> (N, C, C)" if r.graph == "style" else ""))
+              + ("; grad.x (N, 3, H, W)" if "grad.x" in r.outputs else "")
+              + ("; feature.<l> (N, C, H_l, W_l)" if r.graph == "target" else "")
+              + ("; gram.<l> (N, C, C)" if r.graph in ("style", "target") else ""))
     else:
         from .. import layers as _layers
 
@@ -134,12 +140,14 @@ def scalar_outputs(engine) -> list[str]:
 
 def cmd_distance(args: argparse.Namespace) -> int:
     from .pairs import pairs_from_args
-    from .results import ResultFile, StdoutRows
+    from .results import ResultFile, StdoutRows, check_output_path, model_identity
     from .runner import Progress, run_pairs
 
     pairs = pairs_from_args(args.a, args.b, args.pairs)
+    if args.output:
+        check_output_path(args.output)  # before a model is exported or loaded
     engine = _open_engine(args)
-    terms = scalar_outputs(engine)
+    terms = scalar_outputs(engine)  # per-pair scalars only
     maps = None
     if args.spatial_dir is not None:
         from .spatial import MapWriter
@@ -148,7 +156,8 @@ def cmd_distance(args: argparse.Namespace) -> int:
     sinks, closers = [], []
     skip: set[tuple[str, str]] = set()
     if args.output:
-        outfile = ResultFile(args.output, terms, resume=args.resume)
+        outfile = ResultFile(args.output, terms, resume=args.resume,
+                             identity=model_identity(engine.info))
         skip = outfile.done
         sinks.append(outfile.write)
         closers.append(outfile.close)
@@ -172,12 +181,23 @@ def cmd_distance(args: argparse.Namespace) -> int:
         _say(f"interrupted{where}")
         return 130
     finally:
-        for close in closers:
-            close()
+        _close_all(closers)
     _say(stats.summary())
     if maps is not None:
         _say(f"{maps.count} spatial map(s) in {args.spatial_dir} (PNG, white = the map's maximum)")
     return 0 if stats.failed == 0 else 1
+
+
+def _close_all(closers) -> None:
+    """Close every sink, then raise the first failure (a result file that is no longer ours)."""
+    failure = None
+    for close in closers:
+        try:
+            close()
+        except PerceptualError as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -192,6 +212,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import default_loss, run_demo
 
     spec, loss = spec_from_args(args, default_loss=default_loss)
+    built = loss.used_spec(spec)
+    if args.size < built.min_size:
+        raise ConfigError(f"--size {args.size} is too small for {built.deepest} "
+                          f"({built.min_size}x downsampling); accepted: --size >= {built.min_size}.")
     return run_demo(spec, loss, out_dir=args.out_dir, photo=args.image, size=args.size,
                     device=args.device, dtype=args.dtype or "float32", bench=not args.no_bench,
                     lpips=not args.no_lpips,
@@ -220,11 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a FeatureSpec to one self-contained ONNX file, verified "
                                    "with onnx.checker and against the PyTorch reference.")
     add_spec_options(p)
-    p.add_argument("--graph", choices=("features", "distance", "style", "lpips"), default="features",
+    p.add_argument("--graph", choices=("features", "distance", "style", "target", "lpips"),
+                   default="features",
                    help="features: input x, one output per layer; distance: inputs x, y, "
-                        "outputs content.<l>, style.<l>, total; style: x against a cached "
-                        "target's Grams (style terms only); lpips: LPIPS (VGG16, lpips v0.1 "
-                        "weights), outputs lpips.<l>, total (default: features)")
+                        "outputs content.<l>, style.<l>, total; target: x against cached "
+                        "content features and style Grams (Engine.set_target); style: x against "
+                        "a cached target's Grams (style terms only); lpips: LPIPS (VGG16, lpips "
+                        "v0.1 weights), outputs lpips.<l>, total (default: features)")
+    p.add_argument("--grad", action="store_true",
+                   help="also output grad.x (N, 3, H, W), the gradient of the summed total with "
+                        "respect to x (distance, target and lpips graphs; docs/training.md)")
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="the .onnx file to write")
     add_lpips_options(p, spatial_flag=True)
     p.set_defaults(func=cmd_export)
@@ -303,14 +332,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The library's messages name API arguments; on the command line, name the flags.
+_CLI_WORDING = (
+    (re.compile(r"\bdevice='(\w+)'"), r"--device \1"),
+    (re.compile(r"\bgraph='(\w+)'"), r"--graph \1"),
+    (re.compile(r"\bweights='(\w+)'"), r"--weights \1"),
+    (re.compile(r"\bFeatureSpec\.layers\b"), "--layers"),
+)
+
+
+def cli_wording(text: str) -> str:
+    for pattern, flag in _CLI_WORDING:
+        text = pattern.sub(flag, text)
+    return text
+
+
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    text = cli_wording(str(exc).strip() or type(exc).__name__)
     first, _, rest = text.partition("\n")
     return first + (" [more with --traceback]" if rest.strip() else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status.
+
+    Ctrl-C anywhere (start-up, an export, a model build, a run) ends with one line
+    and exit status 130; what was already written stays (exports and cache entries
+    are atomic, result files keep their rows).
+    """
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    # Pillow warns about images above its own pixel limit; the command line applies its
+    # own budget (--max-pixels, checked from the header) and reports refusals as rows.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
