@@ -89,6 +89,23 @@ def test_onnx_float32_matches_lpips_package(lpips_models, lpips_pkg, rel_err, sh
     assert rel_err(grad, xa.grad.numpy()) <= 1e-4
 
 
+def test_engine_perceptual_loss_on_lpips(lpips_models, lpips_pkg, rel_err):
+    """EnginePerceptualLoss on an LPIPS grad model: weighted totals backpropagate to x as
+    lpips' own autograd does."""
+    from perceptual_engine.runtime.loss import EnginePerceptualLoss
+
+    crit = EnginePerceptualLoss(lpips_models["fp32"][0], "cpu")
+    x, y = images((2, 3, 33, 37), 14, -1.0), images((2, 3, 33, 37), 15, -1.0)
+    w = torch.tensor([0.5, 2.0])
+    xe = x.clone().requires_grad_()
+    out = crit(xe, y)
+    (w * out["total"]).sum().backward()
+    xa = x.clone().requires_grad_()
+    (w * lpips_pkg["model"](xa, y).flatten()).sum().backward()
+    assert rel_err(out["total"].detach().numpy(), lpips_pkg["model"](x, y).flatten().detach().numpy()) <= 1e-4
+    assert rel_err(xe.grad.numpy(), xa.grad.numpy()) <= 1e-4
+
+
 def test_onnx_float16_large_activations(lpips_models, lpips_pkg, rel_err):
     """float16 network, float32 head: finite and within 2e-2 of the lpips package (float32)
     where the channel sum of squares would overflow float16."""
