@@ -58,6 +58,17 @@ def test_distance_folders_with_maps(lpips_models, tmp_path, capsys):
     assert totals == sorted(totals)
 
 
+def test_io_binding_output_shapes(lpips_models):
+    """The shapes IO binding preallocates for an LPIPS model (CUDA tensors in, checked on
+    the GPU by the gpu tests) equal what ONNX Runtime returns on the CPU."""
+    from perceptual_engine.runtime.iobinding import output_shapes
+
+    engine = Engine(lpips_models["fp32"][0], "cpu")
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 35, 41)).astype(np.float32)
+    got = engine.distance(x, x[::-1].copy())
+    assert output_shapes(engine, 2, 35, 41) == {k: v.shape for k, v in got.items()}
+
+
 def test_cache_key_and_entry_check(lpips_models, tmp_path):
     path, spec, _ = lpips_models["fp32"]
     lin = L.load_linear_weights()
