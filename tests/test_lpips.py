@@ -226,3 +226,25 @@ def test_gradient_finite_on_constant_image(lpips_pkg, tmp_path):
     pkg(xa, y).sum().backward()
     assert torch.isfinite(got).all() and got.abs().max() > 0
     assert float((got - xa.grad).abs().max() / xa.grad.abs().max()) < 1e-4
+
+
+def test_bench_lpips_workload_baseline_is_the_package(rel_err):
+    """The lpips workload: VGG16 pairs in [-1, 1], and its PyTorch baseline (the lpips
+    package's module with the run's trunk) agrees with our reference."""
+    from perceptual_engine.bench import workloads as W
+    from perceptual_engine.bench.lpips_baseline import LpipsPackage
+    from perceptual_engine.spec import FeatureSpec
+    from perceptual_engine.weights import load_weights
+
+    case = W.make_case(W.get("lpips"), FeatureSpec(weights="random", seed=4), 33, 2, n_sets=1, seed=0)
+    assert case.spec.layers == L.LAYERS and case.spec.input_range == "-1,1" and case.loss is None
+    x, y = (torch.from_numpy(case.sets[0][k]) for k in ("x", "y"))
+    assert x.min() < -0.9 and x.max() > 0.9
+    weights = load_weights(case.spec)
+    with torch.no_grad():
+        got = W.torch_call(case, W.torch_model(case, weights), {"x": x, "y": y})
+        want = TorchLPIPS(case.spec, weights=weights)(x, y)
+    assert isinstance(W.torch_model(case, weights), LpipsPackage)
+    assert list(got) == list(want)
+    for name in want:
+        assert rel_err(got[name].numpy(), want[name].numpy()) <= 1e-5, name
