@@ -120,20 +120,26 @@ def test_lpips_missing_on_the_command_line(monkeypatch, tmp_path, capsys):
     assert "pip install perceptual-engine[lpips]" in err and "--lpips-weights" in err
 
 
-def test_demo_lpips_column(lpips_models, tmp_path, capsys, monkeypatch):
-    """The demo's table gains an LPIPS column (the exported LPIPS model is the fixture's,
-    so no VGG16 export happens here)."""
+def test_demo_lpips_column(lpips_models, distance_model, tmp_path, monkeypatch):
+    """The demo's table gains an LPIPS column. Both models are the session's fixtures
+    (the demo's exports are replaced), so nothing is exported here."""
+    import io
+
     import perceptual_engine.cli.demo as demo
     from perceptual_engine.cli.cache import CachedModel
 
-    path = lpips_models["fp32"][0]
-    monkeypatch.setattr(demo, "lpips_model", lambda *a: (CachedModel(path, "k", built=False), "random"))
-    rc = main(["demo", "-o", str(tmp_path / "out"), "--weights", "random", "--layers",
-               "relu1_2,relu2_2", "--size", "40", "--no-bench"])
-    out = capsys.readouterr().out
+    dpath, dspec, dloss, _ = distance_model
+    monkeypatch.setattr(demo, "export_model",
+                        lambda spec, *a: (spec, CachedModel(dpath, "d", built=False)))
+    lpath = lpips_models["fp32"][0]
+    monkeypatch.setattr(demo, "lpips_model", lambda *a: (CachedModel(lpath, "k", built=False), "random"))
+    out, err = io.StringIO(), io.StringIO()
+    rc = demo.run_demo(dspec, dloss, out_dir=str(tmp_path / "out"), size=40, bench=False,
+                       device="cpu", out=out, err=err)
+    text = out.getvalue()
     assert rc == 0
-    lines = [ln for ln in out.splitlines() if ln.strip().startswith(("gaussian", "jpeg"))]
-    assert len(lines) == 9 and "LPIPS" in out and "lpips v0.1 linear weights" in out
+    lines = [ln for ln in text.splitlines() if ln.strip().startswith(("gaussian", "jpeg"))]
+    assert len(lines) == 9 and "LPIPS" in text and "lpips v0.1 linear weights" in text
     values = [float(ln.split()[-1]) for ln in lines]
     assert all(np.isfinite(values)) and min(values) > 0
     blur = values[:3]
