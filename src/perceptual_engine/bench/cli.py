@@ -52,8 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.description = DESCRIPTION
     what = parser.add_argument_group("what to measure")
     what.add_argument("--workloads", type=_list(str), default=None, metavar="LIST",
-                      help=f"comma-separated, of {', '.join(WORKLOADS)} (default: all; "
-                           "--quick: features,distance)")
+                      help=f"comma-separated, of {', '.join(WORKLOADS)} (default: "
+                           "features,distance,style; --quick: features,distance; lpips: "
+                           "LPIPS against the lpips package, VGG16, needs it installed)")
     what.add_argument("--sizes", type=_list(int), default=None, metavar="LIST",
                       help="square image sides in pixels (default: 224,512; --quick: 224)")
     what.add_argument("--batch-sizes", type=_list(int), default=None, metavar="LIST",

@@ -5,6 +5,9 @@
   run through the network, so a pair costs twice an image.
 - ``style``: style distance of x to one cached target (its Grams computed once);
   only x runs per call.
+- ``lpips``: LPIPS of an (x, y) pair in [-1, 1] (VGG16 to relu5_3, whatever the run's
+  arch and layers); its PyTorch baseline is the lpips package's own ``LPIPS(net='vgg')``
+  with the run's trunk weights copied in, so every variant is checked against lpips.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from ..errors import ConfigError
 from ..spec import FeatureSpec, LossConfig
 from .flops import gram_flops
 
-WORKLOADS = ("features", "distance", "style")
+WORKLOADS = ("features", "distance", "style", "lpips")
 
 
 @dataclass(frozen=True)
@@ -30,9 +33,17 @@ class Workload:
     graph: str  # the export_onnx graph kind that serves it
     description: str
 
+    def spec_for(self, spec: FeatureSpec) -> FeatureSpec:
+        """The network the workload runs: the run's, except LPIPS (VGG16, its taps, [-1, 1])."""
+        if self.name != "lpips":
+            return spec
+        from ..lpips import default_spec
+
+        return default_spec(spec.weights, seed=spec.seed, input_range="-1,1")
+
     def loss(self, spec: FeatureSpec) -> LossConfig | None:
-        """The loss the workload computes (None for features)."""
-        if self.name == "features":
+        """The loss the workload computes (None for features and lpips)."""
+        if self.name in ("features", "lpips"):
             return None
         style = {name: 1.0 for name in spec.layers}
         if self.name == "style":
@@ -47,8 +58,8 @@ class Workload:
         conv = _layers.conv_flops(spec.arch, spec.deepest, size, size)
         loss = self.loss(spec)
         grams = gram_flops(spec.arch, loss.style, size, size) if loss else 0
-        if self.name == "distance":
-            return 2 * (conv + grams)  # x and y both run
+        if self.name in ("distance", "lpips"):
+            return 2 * (conv + grams)  # x and y both run (LPIPS' head is negligible)
         return conv + grams  # style: the target's Grams are cached
 
 
@@ -59,6 +70,8 @@ REGISTRY: dict[str, Workload] = {
                          "content + style distance of an (x, y) pair"),
     "style": Workload("style", "images/s", "style",
                       "style distance of x to a cached target"),
+    "lpips": Workload("lpips", "pairs/s", "lpips",
+                      "LPIPS (VGG16, lpips v0.1 weights) of an (x, y) pair in [-1, 1]"),
 }
 
 
@@ -92,13 +105,16 @@ class Case:
 def make_case(workload: Workload, spec: FeatureSpec, size: int, batch: int, *,
               n_sets: int, seed: int) -> Case:
     """Seeded random images (never zeros), one array per input and set."""
+    spec = workload.spec_for(spec)
     if size < spec.min_size:
         raise ConfigError(f"size {size} is smaller than {spec.deepest} needs ({spec.min_size}); "
                           "give a larger --sizes or a shallower --layers.")
     rng = np.random.default_rng([seed, size, batch, WORKLOADS.index(workload.name)])
-    names = ("x", "y") if workload.name == "distance" else ("x",)
+    names = ("x", "y") if workload.name in ("distance", "lpips") else ("x",)
     shape = (batch, 3, size, size)
     sets = [{n: rng.random(shape, dtype=np.float32) for n in names} for _ in range(n_sets)]
+    if workload.name == "lpips":  # lpips' own convention: images in [-1, 1]
+        sets = [{n: 2.0 * a - 1.0 for n, a in s.items()} for s in sets]
     target = rng.random((1, 3, size, size), dtype=np.float32) if workload.name == "style" else None
     return Case(workload, spec, workload.loss(spec), size, batch, sets, target)
 
@@ -111,12 +127,16 @@ def torch_model(case: Case, weights: Any):
 
     if case.workload.name == "features":
         return TorchFeatures(case.spec, weights=weights)
+    if case.workload.name == "lpips":
+        from .lpips_baseline import LpipsPackage
+
+        return LpipsPackage(weights)
     return TorchPerceptualLoss(case.spec, case.loss, weights=weights)
 
 
 def torch_call(case: Case, model: Any, feeds: Mapping[str, Any]) -> dict[str, Any]:
     """One call of the reference module on ``feeds`` (torch tensors)."""
-    if case.workload.name == "distance":
+    if case.workload.name in ("distance", "lpips"):
         return model(feeds["x"], feeds["y"])
     return model(feeds["x"])  # features, or style against the cached target
 
