@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from . import layers as _layers
 from .errors import ConfigError, WeightsError
+from .export.metadata import lpips_output_names
 from .spec import FeatureSpec
 
 LAYERS: tuple[str, ...] = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
@@ -40,7 +41,7 @@ INSTALL_HINT = ("pip install perceptual-engine[lpips] (the package ships the wei
 
 def output_names(layers: tuple[str, ...] = LAYERS, spatial: bool = False) -> tuple[str, ...]:
     """Outputs of an LPIPS graph, in order: ``lpips.<l>`` per tap, ``total``, [``spatial``]."""
-    return tuple(f"lpips.{n}" for n in layers) + ("total",) + (("spatial",) if spatial else ())
+    return lpips_output_names(layers, spatial)
 
 
 def check_spec(spec: FeatureSpec) -> None:

@@ -129,8 +129,9 @@ class TorchRunner(Runner):
         if self.mode == "compile":
             # A cold start compiles from scratch: Inductor's on-disk caches from an
             # earlier run would otherwise turn it into a cache load. Restored in close().
-            self._caches = torch.compiler.config.force_disable_caches
-            torch.compiler.config.force_disable_caches = True
+            self._cache_cfg = _cache_config()
+            self._caches = self._cache_cfg.force_disable_caches
+            self._cache_cfg.force_disable_caches = True
             self.fn = _compiled_core(self.case, model)
 
     def call(self, i: int) -> Any:
@@ -145,7 +146,20 @@ class TorchRunner(Runner):
 
             torch._dynamo.reset()  # drop the compiled graphs of this shape
             if hasattr(self, "_caches"):
-                torch.compiler.config.force_disable_caches = self._caches
+                self._cache_cfg.force_disable_caches = self._caches
+
+
+def _cache_config() -> Any:
+    """The config holding ``force_disable_caches``: torch.compiler.config from torch 2.9,
+    Inductor's own config before (torch 2.6 to 2.8)."""
+    import torch
+
+    cfg = getattr(torch.compiler, "config", None)
+    if cfg is not None and hasattr(cfg, "force_disable_caches"):
+        return cfg
+    import torch._inductor.config as inductor_config
+
+    return inductor_config
 
 
 def _compiled_core(case: Case, model: Any) -> Any:

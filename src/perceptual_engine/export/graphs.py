@@ -15,7 +15,7 @@ from .. import lpips as _lpips
 from ..reference import TorchFeatures
 from ..spec import LossConfig
 
-GRAPH_KINDS = ("features", "distance", "style", "target", "lpips")
+from .metadata import GRAPH_KINDS  # noqa: F401  (re-exported: the kinds these modules build)
 
 
 class FeaturesGraph(nn.Module):

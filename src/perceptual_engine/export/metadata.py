@@ -5,7 +5,7 @@ against ``FIELDS`` (one row per key: parser, writer, what is accepted), then the
 keys are checked against each other (``GRAPH_RULES``: which graphs take a loss).
 Anything else is a ModelError naming the key, what it holds (shortened) and what
 is accepted. To add a key: a ``ModelInfo`` attribute and a ``FIELDS`` row; to add
-a graph kind: ``graphs.GRAPH_KINDS`` and a ``GRAPH_RULES`` entry.
+a graph kind: ``GRAPH_KINDS`` and a ``GRAPH_RULES`` entry.
 
 ``FORMAT_VERSION`` is bumped whenever a key is added or its meaning changes; a
 reader refuses newer formats. Format 2 added ``grad`` (the model outputs
@@ -22,7 +22,6 @@ from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError, ModelError
 from ..spec import FeatureSpec, LossConfig, _short
-from .graphs import GRAPH_KINDS
 
 FORMAT_VERSION = 3
 PREFIX = "perceptual_engine."
@@ -30,6 +29,8 @@ DTYPES = ("float32", "float16")
 # Bounds on a value before it is parsed: a spec or loss is a few hundred characters.
 MAX_VALUE_CHARS = 65536
 MAX_JSON_DEPTH = 8
+# Defined here, not beside the graph modules, so reading metadata needs no torch.
+GRAPH_KINDS = ("features", "distance", "style", "target", "lpips")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _VERSION = re.compile(r"[0-9A-Za-z.+!_-]{1,64}")
 
@@ -38,11 +39,16 @@ class Invalid(ValueError):
     """A value that does not parse; the message says what is accepted."""
 
 
+def lpips_output_names(layers: tuple[str, ...], spatial: bool = False) -> tuple[str, ...]:
+    """Outputs of an LPIPS graph, in order: ``lpips.<l>`` per tap, ``total``, [``spatial``]."""
+    return tuple(f"lpips.{n}" for n in layers) + ("total",) + (("spatial",) if spatial else ())
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     spec: FeatureSpec
     loss: LossConfig | None
-    graph: str  # one of graphs.GRAPH_KINDS: "features" | "distance" | "style" | "target"
+    graph: str  # one of GRAPH_KINDS: "features" | "distance" | "style" | "target"
     dtype: str  # "float32" | "float16"
     weights_source: str
     weights_sha256: str
@@ -80,9 +86,7 @@ class ModelInfo:
     def term_names(self) -> tuple[str, ...]:
         """What ``Engine.distance`` returns: the loss terms, total, and ``grad.x`` if present."""
         if self.graph == "lpips":
-            from ..lpips import output_names
-
-            return output_names(self.spec.layers, self.spatial) + (("grad.x",) if self.grad else ())
+            return lpips_output_names(self.spec.layers, self.spatial) + (("grad.x",) if self.grad else ())
         if self.loss is None:
             return ()
         return self.loss.output_names() + (("grad.x",) if self.grad else ())
