@@ -25,14 +25,29 @@ def gram(f: torch.Tensor, norm: str = "chw") -> torch.Tensor:
 
     norm: "chw" divides by C·H·W, "hw" by H·W, "none" by 1.
     """
-    flat = f.flatten(2).float()  # (N, C, HW)
-    if norm == "chw":
-        flat = flat * torch.rsqrt(_size(flat, (1, 2)))
-    elif norm == "hw":
-        flat = flat * torch.rsqrt(_size(flat, (2,)))
-    elif norm != "none":
-        raise ValueError(f"unknown gram norm {norm!r}")
+    flat = scaled_flat(f, norm)
     return torch.bmm(flat, flat.transpose(1, 2))
+
+
+def scaled_flat(f: torch.Tensor, norm: str = "chw") -> torch.Tensor:
+    """F/√norm in float32, F = f reshaped to C × (H·W): (N, C, H, W) -> (N, C, HW).
+
+    The Gram is this times its transpose; backward.py uses it for the Gram's VJP.
+    """
+    flat = f.flatten(2).float()  # (N, C, HW)
+    factor = gram_factor(flat, norm)
+    return flat if factor is None else flat * factor
+
+
+def gram_factor(flat: torch.Tensor, norm: str) -> torch.Tensor | None:
+    """1/√norm for a flattened (N, C, HW) feature, as a float32 scalar tensor; None for "none"."""
+    if norm == "chw":
+        return torch.rsqrt(_size(flat, (1, 2)))
+    if norm == "hw":
+        return torch.rsqrt(_size(flat, (2,)))
+    if norm != "none":
+        raise ValueError(f"unknown gram norm {norm!r}")
+    return None
 
 
 def content_term(fx: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:

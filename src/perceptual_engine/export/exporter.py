@@ -26,13 +26,15 @@ from ..errors import ConfigError, ExportError
 from ..reference import TorchFeatures
 from ..spec import FeatureSpec, LossConfig
 from ..weights import Weights, load_weights
-from .graphs import GRAPH_KINDS, DistanceGraph, FeaturesGraph, StyleGraph
+from .graphs import GRAPH_KINDS, DistanceGraph, FeaturesGraph, StyleGraph, TargetGraph
 from .metadata import ModelInfo
 from .verify import OutputError, verify_model
 
 DTYPES = ("float32", "float16")
 # Max relative error (max |ort - ref| / max |ref|) accepted per output at export.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
+# The same for grad.x: float16 backpropagates through the half network too.
+GRAD_TOLERANCE = {"float32": 1e-4, "float16": 5e-2}
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,12 @@ def _to_onnx(module: torch.nn.Module, args: tuple[torch.Tensor, ...], inputs: tu
         # ONNX graph handles fine. The axes are given their names afterwards.
         image = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
         dims = {n: image for n in inputs if n in ("x", "y")}
-        if len(inputs) > len(dims):  # StyleGraph.forward(x, *target): static Grams
-            dims["target"] = tuple(None for _ in inputs[len(dims):])
+        if len(inputs) > len(dims):  # forward(x, *target): static Grams, content targets
+            # A content target's sides follow x's (H // downsample): AUTO lets
+            # torch.export record that relation instead of refusing it.
+            side = {2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+            dims["target"] = tuple(side if n.startswith("target.content.") else None
+                                   for n in inputs[len(dims):])
     # The exporter reports progress through print and logging; keep the caller's
     # output clean and show it only if the export fails.
     buf = io.StringIO()
@@ -120,6 +126,7 @@ def export_onnx(
     verify: bool = True,
     weights: Weights | None = None,
     progress: Callable[[str], None] | None = None,
+    grad: bool = False,
 ) -> ExportResult:
     """Export ``spec`` as a verified, self-contained ONNX file at ``path``.
 
@@ -129,6 +136,14 @@ def export_onnx(
         on every layer) or "style" (inputs ``x`` and a cached target's Grams
         ``target.gram.<l>`` (1, C, C); outputs ``style.<l>``, ``total`` and x's Grams;
         ``loss`` with style terms only). Engine.set_style_target drives it.
+        "target" generalizes "style": inputs ``x``, ``target.content.<l>``
+        (1, C, H_l, W_l) per content layer (x's feature size) and ``target.gram.<l>``
+        (1, C, C) per style layer; outputs ``content.<l>``, ``style.<l>``, ``total``
+        (N,), then x's ``feature.<l>`` and ``gram.<l>`` (to cache targets; see
+        Engine.set_target). ``loss`` defaults to content terms of weight 1.
+    grad: also output ``grad.x`` (N, 3, H, W) float32, ∂(Σ_n total_n)/∂x (x's half
+        only), after the terms; "distance" and "target" graphs only. Verified
+        against torch autograd of the reference like the other outputs.
     dtype: "float32" or "float16" (half-precision network; inputs, Grams,
         reductions and outputs in float32).
     dynamic: batch, height and width dynamic (named axes) if True.
@@ -139,7 +154,10 @@ def export_onnx(
         raise ConfigError(f"graph {graph!r} is not accepted; accepted: {', '.join(GRAPH_KINDS)}.")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not accepted; accepted: {', '.join(DTYPES)}.")
-    if graph == "distance":
+    if grad and graph not in ("distance", "target"):
+        raise ConfigError(f"grad=True needs graph='distance' or 'target' (a loss to differentiate); "
+                          f"got graph={graph!r}. Export one of those, or drop grad.")
+    if graph in ("distance", "target"):
         loss = loss if loss is not None else LossConfig.default_for(spec)
         loss.check_against(spec)
     elif graph == "style":
@@ -151,7 +169,7 @@ def export_onnx(
             )
         loss.check_against(spec)
     elif loss is not None:
-        raise ConfigError("loss is only used by graph='distance' or 'style'; drop it or export one of those.")
+        raise ConfigError("loss is only used by graph='distance', 'target' or 'style'; drop it or export one of those.")
     say = progress or (lambda msg: None)
     start = time.perf_counter()
     path = os.fspath(path)
@@ -165,15 +183,16 @@ def export_onnx(
         traced.body.half()
     info = ModelInfo(spec=spec, loss=loss, graph=graph, dtype=dtype,
                      weights_source=weights.source, weights_sha256=weights.sha256,
-                     version=__version__)
-    module = {"features": FeaturesGraph, "distance": DistanceGraph, "style": StyleGraph}[graph](
-        traced, *(() if graph == "features" else (loss,)))
+                     version=__version__, grad=grad)
+    kind = {"features": FeaturesGraph, "distance": DistanceGraph, "style": StyleGraph, "target": TargetGraph}
+    module = kind[graph](traced, *(() if graph == "features" else (loss,)),
+                         *((grad,) if graph in ("distance", "target") else ()))
     inputs, outputs = info.input_names, info.output_names
 
     size = _example_size(spec)
     g = torch.Generator().manual_seed(0)
     args = tuple(torch.rand(2, 3, size, size + 2, generator=g) for _ in ("x", "y")[: 1 + (graph == "distance")])
-    args += tuple(torch.rand(1, c, c, generator=g) for c in _gram_channels(spec, loss, graph))
+    args += tuple(torch.rand(1, *shape, generator=g) for shape in _target_shapes(spec, loss, graph, size))
     say(f"exporting {graph} graph ({dtype}) to ONNX")
     with logging_level(logging.ERROR):
         proto = _to_onnx(module, args, inputs, outputs, dynamic)
@@ -185,7 +204,8 @@ def export_onnx(
         del proto
         if verify:
             say("verifying: onnx.checker (full) and ONNX Runtime CPU parity")
-            errors = verify_model(tmp, reference, info, tolerance=TOLERANCE[dtype])
+            tol = {"grad.x": GRAD_TOLERANCE[dtype]} if grad else {}
+            errors = verify_model(tmp, reference, info, tolerance=TOLERANCE[dtype], tolerances=tol)
     say(f"wrote {path}")
     return ExportResult(
         path=path, graph=graph, dtype=dtype, inputs=inputs, outputs=outputs, errors=errors,
@@ -194,12 +214,18 @@ def export_onnx(
     )
 
 
-def _gram_channels(spec: FeatureSpec, loss: LossConfig | None, graph: str) -> list[int]:
+def _target_shapes(spec: FeatureSpec, loss: LossConfig | None, graph: str, size: int) -> list[tuple[int, ...]]:
+    """Shapes (without batch) of the target inputs for an example x of size x (size + 2)."""
     from ..layers import resolve
 
-    if graph != "style" or loss is None:
+    if graph not in ("style", "target") or loss is None:
         return []
-    return [resolve(spec.arch, n).channels for n in loss.style]
+    shapes: list[tuple[int, ...]] = []
+    if graph == "target":
+        for n in loss.content:
+            info = resolve(spec.arch, n)
+            shapes.append((info.channels, size // info.downsample, (size + 2) // info.downsample))
+    return shapes + [(resolve(spec.arch, n).channels,) * 2 for n in loss.style]
 
 
 @contextlib.contextmanager

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import losses
+from .. import backward, losses
 from ..reference import TorchFeatures
 from ..spec import LossConfig
 
-GRAPH_KINDS = ("features", "distance", "style")
+GRAPH_KINDS = ("features", "distance", "style", "target")
 
 
 class FeaturesGraph(nn.Module):
@@ -32,17 +32,57 @@ class FeaturesGraph(nn.Module):
 class DistanceGraph(nn.Module):
     """(x, y) (N, 3, H, W) float32 -> content.<l>, style.<l>, total, each (N,) float32.
 
-    x and y run through the network as one batch of 2N, then split.
+    x and y run through the network as one batch of 2N, then split. With ``grad``
+    the last output is ``grad.x`` (N, 3, H, W) float32, ∂(Σ_n total_n)/∂x; then x
+    and y run separately, and only x's half is differentiated (backward.py).
     """
 
-    def __init__(self, features: TorchFeatures, loss: LossConfig) -> None:
+    def __init__(self, features: TorchFeatures, loss: LossConfig, grad: bool = False) -> None:
         super().__init__()
         self.features = features
         self.loss = loss
+        self.grad = grad
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        fx, fy = self.features.extract_pair(x, y)
-        return tuple(losses.distance_terms(fx, fy, self.loss).values())
+        if not self.grad:
+            fx, fy = self.features.extract_pair(x, y)
+            return tuple(losses.distance_terms(fx, fy, self.loss).values())
+        fy = self.features.extract(y)
+        _, terms, gx = backward.loss_and_grad(self.features, self.loss, x, content=fy,
+                                           style=losses.style_grams(fy, self.loss))
+        return tuple(terms.values()) + (gx,)
+
+
+class TargetGraph(nn.Module):
+    """x against cached targets: x (N, 3, H, W), ``target.content.<l>`` (1, C, H_l, W_l)
+    per content layer (x's feature size) and ``target.gram.<l>`` (1, C, C) per style layer
+    -> ``content.<l>``, ``style.<l>``, ``total`` (N,), ``grad.x`` (with ``grad``), then
+    x's own ``feature.<l>`` (content layers) and ``gram.<l>`` (style layers), float32.
+
+    Only x runs through the network. To cache targets, run the graph with the
+    target image as x (any targets of the right shapes fed) and keep its
+    ``feature.<l>`` / ``gram.<l>`` outputs (Engine.set_target does this).
+    """
+
+    def __init__(self, features: TorchFeatures, loss: LossConfig, grad: bool = False) -> None:
+        super().__init__()
+        self.features = features
+        self.loss = loss
+        self.grad = grad
+
+    def forward(self, x: torch.Tensor, *target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        nc = len(self.loss.content)
+        content = dict(zip(self.loss.content, target[:nc]))
+        style = dict(zip(self.loss.style, target[nc:]))
+        gx = None
+        if self.grad:
+            fx, terms, gx = backward.loss_and_grad(self.features, self.loss, x, content=content, style=style)
+        else:
+            fx = self.features.extract(x)
+            terms = losses.distance_terms(fx, content, self.loss, style_target=style)
+        out = tuple(terms.values()) + ((gx,) if gx is not None else ())
+        out += tuple(fx[n].float() for n in self.loss.content)
+        return out + tuple(losses.style_grams(fx, self.loss).values())
 
 
 class StyleGraph(nn.Module):

@@ -2,6 +2,9 @@
 
 The Engine reads these so a user never repeats the spec. ``FORMAT_VERSION`` is
 bumped whenever the meaning of a key changes; a reader refuses newer formats.
+Format 2 adds ``grad`` (the model outputs ``grad.x``) and the ``target`` graph; a
+model that uses neither is still written as format 1, so older readers keep
+reading it, and format 1 files read as ``grad=False``.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import Mapping
 from ..errors import ModelError
 from ..spec import FeatureSpec, LossConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PREFIX = "perceptual_engine."
 
 
@@ -20,12 +23,13 @@ PREFIX = "perceptual_engine."
 class ModelInfo:
     spec: FeatureSpec
     loss: LossConfig | None
-    graph: str  # "features" | "distance" | "style"
+    graph: str  # "features" | "distance" | "style" | "target"
     dtype: str  # "float32" | "float16"
     weights_source: str
     weights_sha256: str
     version: str
     format: int = FORMAT_VERSION
+    grad: bool = False  # outputs grad.x (N, 3, H, W), ∂(Σ_n total_n)/∂x
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -33,24 +37,40 @@ class ModelInfo:
             return ("x",)
         if self.graph == "distance":
             return ("x", "y")
-        return ("x",) + tuple(f"target.{g}" for g in self.gram_names)
+        content = tuple(f"target.content.{n}" for n in self.loss.content) if self.graph == "target" else ()  # type: ignore[union-attr]
+        return ("x",) + content + tuple(f"target.{g}" for g in self.gram_names)
 
     @property
     def gram_names(self) -> tuple[str, ...]:
-        """x's Gram outputs ``gram.<l>`` of a style graph; its target inputs are ``target.gram.<l>``."""
-        if self.graph != "style" or self.loss is None:
+        """x's Gram outputs ``gram.<l>`` of a style or target graph; its target inputs are ``target.gram.<l>``."""
+        if self.graph not in ("style", "target") or self.loss is None:
             return ()
         return tuple(f"gram.{n}" for n in self.loss.style)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """x's content-layer feature outputs ``feature.<l>`` of a target graph (to cache a content target)."""
+        if self.graph != "target" or self.loss is None:
+            return ()
+        return tuple(f"feature.{n}" for n in self.loss.content)
+
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """What ``Engine.distance`` returns: the loss terms, total, and ``grad.x`` if present."""
+        if self.loss is None:
+            return ()
+        return self.loss.output_names() + (("grad.x",) if self.grad else ())
 
     @property
     def output_names(self) -> tuple[str, ...]:
         if self.graph == "features" or self.loss is None:
             return tuple(self.spec.layers)
-        return self.loss.output_names() + self.gram_names
+        return self.term_names + self.feature_names + self.gram_names
 
     def to_props(self) -> dict[str, str]:
-        return {
-            PREFIX + "format": str(self.format),
+        fmt = self.format if (self.grad or self.graph == "target") else 1
+        props = {
+            PREFIX + "format": str(fmt),
             PREFIX + "spec": json.dumps(self.spec.to_dict(), sort_keys=True),
             PREFIX + "loss": json.dumps(self.loss.to_dict() if self.loss else None, sort_keys=True),
             PREFIX + "graph": self.graph,
@@ -59,6 +79,9 @@ class ModelInfo:
             PREFIX + "weights_sha256": self.weights_sha256,
             PREFIX + "version": self.version,
         }
+        if fmt >= 2:
+            props[PREFIX + "grad"] = "true" if self.grad else "false"
+        return props
 
     @classmethod
     def from_props(cls, props: Mapping[str, str], path: str) -> "ModelInfo":
@@ -90,6 +113,7 @@ class ModelInfo:
                 weights_sha256=props.get(PREFIX + "weights_sha256", ""),
                 version=props.get(PREFIX + "version", ""),
                 format=fmt,
+                grad={"true": True, "false": False}[props.get(PREFIX + "grad", "false")],
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise ModelError(
