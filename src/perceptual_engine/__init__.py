@@ -3,13 +3,15 @@
 Public API (names are part of the contract)::
 
     from perceptual_engine import FeatureSpec, LossConfig, TorchFeatures, \
-        TorchPerceptualLoss, export_onnx, Engine, PerceptualError, load_image, load_images
+        TorchPerceptualLoss, export_onnx, Engine, PerceptualError, load_image, load_images, \
+        stylize, StylizeResult
 """
 __version__ = "0.1.0"
 
 from .errors import PerceptualError
 from .export import export_onnx
 from .images import load_image, load_images
+from .optimize import StylizeResult, stylize
 from .reference import TorchFeatures, TorchPerceptualLoss
 from .runtime import Engine
 from .spec import FeatureSpec, LossConfig
@@ -24,5 +26,7 @@ __all__ = [
     "PerceptualError",
     "load_image",
     "load_images",
+    "stylize",
+    "StylizeResult",
     "__version__",
 ]

@@ -90,6 +90,7 @@ class StylizeResult:
     evaluations: int = 0
     saved: list[str] = field(default_factory=list)
     terms: dict[str, float] = field(default_factory=dict)
+    input_range: str = "0,1"
     model_path: str | None = None
     providers: list[str] = field(default_factory=list)
 
@@ -232,7 +233,7 @@ def optimize_image(loss_module: Any, x0: Any, *, steps: int = 300, optimizer: st
     if len(losses) == len(seconds):
         losses.append(terms["total"])
     image = x.detach().numpy().astype(np.float32, copy=True)
-    return StylizeResult(image, losses, seconds, stopped, evaluations, saved, terms)
+    return StylizeResult(image, losses, seconds, stopped, evaluations, saved, terms, input_range)
 
 
 class _Stop(Exception):
@@ -304,7 +305,8 @@ def stylize(content: Any, style: Any, *, spec: FeatureSpec | None = None,
             loss: LossConfig | None = None, model: str | os.PathLike | None = None,
             steps: int = 300, optimizer: str = "adam", lr: float | None = None,
             init: str = "content", stop_below: float | None = None, size: int | None = None,
-            style_size: int | None = None, device: str = "auto", seed: int = 0,
+            style_size: int | None = None, device: str = "auto", dtype: str = "float32",
+            seed: int = 0,
             save_every: int | None = None, save_path: str | os.PathLike | None = None,
             progress: Progress | None = None, cache_dir: str | None = None,
             say: Callable[[str], None] | None = None) -> StylizeResult:
@@ -321,7 +323,8 @@ def stylize(content: Any, style: Any, *, spec: FeatureSpec | None = None,
         with gradient to use instead (its metadata gives spec and loss).
     init: "content" (start from the content image) or "noise" (uniform in the input
         range, seeded by ``seed``). Other options: see ``optimize_image``.
-    device: the Engine's device ("auto", "cpu", "cuda", "tensorrt").
+    device: the Engine's device ("auto", "cpu", "cuda", "tensorrt"). dtype: the
+        exported network's precision ("float32" or "float16"; see export_onnx).
     Returns a StylizeResult: the image (1, 3, H, W) float32 in the input range,
     the loss after every step and each step's time.
     """
@@ -341,7 +344,7 @@ def stylize(content: Any, style: Any, *, spec: FeatureSpec | None = None,
     # Images first: a bad file or size fails in a moment, before any export.
     c, s = prepare_images(content, style, size=size, style_size=style_size,
                           min_size=spec.min_size, input_range=spec.input_range)
-    path = os.fspath(model) if model is not None else _cached_model(spec, loss, cache_dir, say)
+    path = os.fspath(model) if model is not None else _cached_model(spec, loss, dtype, cache_dir, say)
     module = _engine_loss(path, device)
     module.set_target(content=c, style=s)
     if init == "content":
@@ -357,12 +360,12 @@ def stylize(content: Any, style: Any, *, spec: FeatureSpec | None = None,
     return result
 
 
-def _cached_model(spec: FeatureSpec, loss: LossConfig | None, cache_dir: str | None,
-                  say: Callable[[str], None]) -> str:
+def _cached_model(spec: FeatureSpec, loss: LossConfig | None, dtype: str,
+                  cache_dir: str | None, say: Callable[[str], None]) -> str:
     from .cli.cache import ensure_model, models_dir
 
-    entry = ensure_model(spec, loss, graph="target", grad=True, folder=models_dir(cache_dir),
-                         say=say)
+    entry = ensure_model(spec, loss, dtype=dtype, graph="target", grad=True,
+                         folder=models_dir(cache_dir), say=say)
     return entry.path
 
 

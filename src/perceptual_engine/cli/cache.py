@@ -34,7 +34,7 @@ class CachedModel:
 
 
 def model_key(spec: FeatureSpec, loss: LossConfig | None, dtype: str = "float32",
-              graph: str = "distance") -> str:
+              graph: str = "distance", grad: bool = False) -> str:
     """Hash of everything the model's numbers depend on.
 
     A weights file enters by its size and modification time too, so replacing the
@@ -45,6 +45,8 @@ def model_key(spec: FeatureSpec, loss: LossConfig | None, dtype: str = "float32"
                                        "style": list(loss.style.items()), "gram": loss.gram}
     material: dict[str, Any] = {"spec": spec.key(), "loss": terms, "dtype": dtype,
                                 "graph": graph, "version": __version__}
+    if grad:  # only when set, so the keys of models without a gradient stay as they were
+        material["grad"] = True
     if spec.weights not in ("imagenet", "random") and os.path.isfile(spec.weights):
         st = os.stat(spec.weights)
         material["weights_file"] = [os.path.abspath(spec.weights), st.st_size, st.st_mtime_ns]
@@ -74,7 +76,8 @@ def _sidecar(path: str) -> str:
 
 
 def check_entry(path: str, key: str, spec: FeatureSpec, loss: LossConfig | None,
-                dtype: str, graph: str = "distance") -> tuple[dict[str, Any] | None, str]:
+                dtype: str, graph: str = "distance", grad: bool = False
+                ) -> tuple[dict[str, Any] | None, str]:
     """(sidecar record, "") if the entry at ``path`` is intact, else (None, why not)."""
     if not os.path.isfile(path):
         return None, "not built yet"
@@ -91,29 +94,30 @@ def check_entry(path: str, key: str, spec: FeatureSpec, loss: LossConfig | None,
         info = read_info(path)
     except PerceptualError as exc:
         return None, f"model unreadable ({exc})"
-    if (info.graph, info.dtype, info.spec, info.loss) != (graph, dtype, spec, loss):
+    if (info.graph, info.dtype, info.spec, info.loss, info.grad) != (graph, dtype, spec, loss, grad):
         return None, "model metadata differs from the requested spec"
     return record, ""
 
 
 def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "float32",
                  graph: str = "distance", folder: str | None = None, name: str | None = None,
-                 rebuild: bool = False, weights: Any = None,
+                 rebuild: bool = False, weights: Any = None, grad: bool = False,
                  say: Callable[[str], None] | None = None) -> CachedModel:
     """The path of a verified model for (spec, loss, dtype, graph), exporting it if needed.
 
     folder: where entries live (default: ``<default_cache_dir()>/models``).
     name: file stem (default: the key). rebuild: export even if an entry looks intact
         (used when an intact-looking entry fails to load). weights: already loaded
-        weights for ``spec`` (default: loaded by the export).
+        weights for ``spec`` (default: loaded by the export). grad: a model that also
+        outputs ``grad.x`` (export_onnx's ``grad``); part of the key.
     """
     say = say or (lambda msg: None)
-    key = model_key(spec, loss, dtype, graph)
+    key = model_key(spec, loss, dtype, graph, grad)
     folder = folder or models_dir()
     path = os.path.join(folder, f"{name or key}.onnx")
     with file_lock(os.path.join(folder, f"{name or key}.lock")):
         # Checked under the lock: another process may have just built it.
-        record, why = check_entry(path, key, spec, loss, dtype, graph)
+        record, why = check_entry(path, key, spec, loss, dtype, graph, grad)
         if record is not None and not rebuild:
             return CachedModel(path, key, built=False, errors=record.get("errors", {}))
         if rebuild:
@@ -122,10 +126,10 @@ def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "fl
         # The old sidecar stays until the new one replaces it: it cannot vouch for the new
         # file (its SHA-256 differs), and an export that fails leaves the old entry intact.
         result = export_onnx(spec, path, graph=graph, loss=loss, dtype=dtype, weights=weights,
-                             progress=say)
+                             progress=say, **({"grad": True} if grad else {}))
         errors = {k: {"max_abs": e.max_abs, "max_rel": e.max_rel} for k, e in result.errors.items()}
         record = {"key": key, "sha256": sha256_file(path), "spec": spec.to_dict(),
-                  "loss": loss.to_dict() if loss else None, "graph": graph, "dtype": dtype, "version": __version__,
+                  "loss": loss.to_dict() if loss else None, "graph": graph, "grad": grad, "dtype": dtype, "version": __version__,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "errors": errors,
                   "weights_sha256": result.weights_sha256}
         atomic_write_bytes(_sidecar(path), json.dumps(record, indent=2).encode())
