@@ -55,9 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help=f"comma-separated, of {', '.join(WORKLOADS)} (default: all; "
                            "--quick: features,distance)")
     what.add_argument("--sizes", type=_list(int), default=None, metavar="LIST",
-                      help="square image sides in pixels (default: 224,512; --quick: 224)")
+                      help="square image sides in pixels (default: 224,512; --quick: 224; "
+                           "train: 224, stylize-step: 512; --quick: 64 for both)")
     what.add_argument("--batch-sizes", type=_list(int), default=None, metavar="LIST",
-                      help="batch sizes (default: 1,8,32; --quick: 1,4)")
+                      help="batch sizes (default: 1,8,32; --quick: 1,4; train --quick: 1; "
+                           "stylize-step: always 1)")
     what.add_argument("--variants", type=_list(str), default=None, metavar="LIST",
                       help="comma-separated variants, or 'all' (default). Known: "
                            + ", ".join(REGISTRY))
