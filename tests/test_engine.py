@@ -354,9 +354,9 @@ def test_onnx_without_our_metadata(tmp_path, features_model):
 
 def test_newer_metadata_format(tmp_path, features_model):
     p = _edit(features_model[0], tmp_path / "newer.onnx",
-              lambda m: _set_prop(m, "perceptual_engine.format", "2"))
-    with pytest.raises(ModelError, match=r"has metadata format '2'; this version of perceptual-engine reads "
-                                         r"format 1\. Upgrade perceptual-engine"):
+              lambda m: _set_prop(m, "perceptual_engine.format", "3"))
+    with pytest.raises(ModelError, match=r"has metadata format '3'; this version of perceptual-engine reads "
+                                         r"formats 1 to 2\. Upgrade perceptual-engine"):
         Engine(p)
 
 

@@ -3,8 +3,8 @@
 Public API (names are part of the contract)::
 
     from perceptual_engine import FeatureSpec, LossConfig, TorchFeatures, \
-        TorchPerceptualLoss, export_onnx, Engine, PerceptualError, load_image, load_images, \
-        stylize, StylizeResult
+        TorchPerceptualLoss, export_onnx, Engine, EnginePerceptualLoss, PerceptualError, \
+        load_image, load_images, stylize, StylizeResult
 """
 __version__ = "0.1.0"
 
@@ -14,6 +14,7 @@ from .images import load_image, load_images
 from .optimize import StylizeResult, stylize
 from .reference import TorchFeatures, TorchPerceptualLoss
 from .runtime import Engine
+from .runtime.loss import EnginePerceptualLoss
 from .spec import FeatureSpec, LossConfig
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "TorchPerceptualLoss",
     "export_onnx",
     "Engine",
+    "EnginePerceptualLoss",
     "PerceptualError",
     "load_image",
     "load_images",

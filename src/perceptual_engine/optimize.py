@@ -356,7 +356,7 @@ def stylize(content: Any, style: Any, *, spec: FeatureSpec | None = None,
                             input_range=spec.input_range, stop_below=stop_below,
                             save_every=save_every, save_path=save_path, progress=progress)
     result.model_path = path
-    result.providers = list(getattr(module, "providers", []))
+    result.providers = list(module.engine.providers)
     return result
 
 
@@ -370,6 +370,6 @@ def _cached_model(spec: FeatureSpec, loss: LossConfig | None, dtype: str,
 
 
 def _engine_loss(path: str, device: str) -> Any:
-    from .runtime import EnginePerceptualLoss  # type: ignore[attr-defined]
+    from .runtime.loss import EnginePerceptualLoss
 
     return EnginePerceptualLoss(path, device=device)

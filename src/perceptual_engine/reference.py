@@ -112,8 +112,11 @@ class TorchPerceptualLoss(nn.Module):
     """Per-sample content/style terms and total (the formulas of losses.py), differentiable.
 
     ``forward(x, y) -> {"content.<l>": (N,), "style.<l>": (N,), "total": (N,)}``.
-    ``set_style_target(y)`` caches y's Grams (batch 1, broadcast); then
-    ``forward(x)`` may omit y when the loss has no content term.
+    Only x's half is differentiated when y does not require grad (x and y then run
+    as two batches, y's under no_grad; otherwise as one batch of 2N).
+    ``set_target(content=, style=)`` caches targets (content features of an image of
+    x's size, Grams of a style image of any size; None keeps the current one); then
+    ``forward(x)`` omits y. ``set_style_target(y)`` is ``set_target(style=y)``.
     """
 
     def __init__(self, spec: FeatureSpec, loss: LossConfig | None = None, *,
@@ -123,13 +126,41 @@ class TorchPerceptualLoss(nn.Module):
         self.loss.check_against(spec)
         self.features = TorchFeatures(spec, weights=weights)
         self.spec = spec
+        self._content_target: dict[str, torch.Tensor] | None = None
         self._style_target: dict[str, torch.Tensor] | None = None
 
-    def set_style_target(self, y: torch.Tensor) -> None:
-        check_tensor(y, "style target", self.spec)
+    def set_target(self, content: torch.Tensor | None = None, style: torch.Tensor | None = None) -> None:
+        """Cache targets for ``forward(x)``: images (1, 3, H, W) in the input range.
+
+        content: x is compared with its features at the content layers (x must have
+        its size); style: x's Grams with its Grams. None keeps the current one.
+        """
+        if content is None and style is None:
+            raise InputError("set_target() got neither content nor style; give an image (1, 3, H, W) "
+                             "for at least one of them.")
+        new_content, new_style = self._content_target, self._style_target
         with torch.no_grad():
-            fy = self.features.extract(y)
-            self._style_target = {k: v.detach() for k, v in losses.style_grams(fy, self.loss).items()}
+            if content is not None:
+                fc = self.features.extract(self._target_image(content, "content", self.loss.content))
+                new_content = {n: fc[n].detach() for n in self.loss.content}
+            if style is not None:
+                fs = self.features.extract(self._target_image(style, "style", self.loss.style))
+                new_style = {k: v.detach() for k, v in losses.style_grams(fs, self.loss).items()}
+        self._content_target, self._style_target = new_content, new_style
+
+    def set_style_target(self, y: torch.Tensor) -> None:
+        """Cache the Grams of y (1, 3, H, W): ``set_target(style=y)``."""
+        self.set_target(style=y)
+
+    def _target_image(self, image: torch.Tensor, what: str, terms: Mapping[str, float]) -> torch.Tensor:
+        if not terms:
+            raise InputError(f"this loss has no {what} terms, so it takes no {what} target "
+                             f"(loss {self.loss.to_dict()}); drop {what}= or add {what} terms.")
+        check_tensor(image, f"{what} target", self.spec)
+        if image.shape[0] != 1:
+            raise InputError(f"the {what} target has batch {image.shape[0]}; accepted: one image, "
+                             "shape (1, 3, H, W). Pass target[None] or target[:1].")
+        return image
 
     def terms(self, fx: Mapping[str, torch.Tensor], fy: Mapping[str, torch.Tensor] | None,
               style_target: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -137,16 +168,32 @@ class TorchPerceptualLoss(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if y is None:
-            if self._style_target is None or self.loss.content:
-                raise_missing_y(bool(self.loss.content))
             check_tensor(x, "x", self.spec)
-            return self.terms(self.features.extract(x), None, self._style_target)
+            content, style = self._content_target, self._style_target
+            if (self.loss.content and content is None) or (self.loss.style and style is None):
+                raise_missing_y(bool(self.loss.content and content is None),
+                                bool(self.loss.style and style is None))
+            fx = self.features.extract(x)
+            for name, t in (content or {}).items():
+                if fx[name].shape[2:] != t.shape[2:]:
+                    raise InputError(
+                        f"x is {x.shape[2]}x{x.shape[3]}, so its {name} features are "
+                        f"{tuple(fx[name].shape[2:])}, but the content target's are {tuple(t.shape[2:])}; "
+                        "set the target from an image of x's size: set_target(content=image).")
+            return self.terms(fx, content, style)
         check_pair(x, y, self.spec)
+        if torch.is_grad_enabled() and not y.requires_grad:
+            # Two batches, y's without a graph: the backward then runs on N images, not 2N.
+            fx = self.features.extract(x)
+            with torch.no_grad():
+                fy = self.features.extract(y)
+            return self.terms(fx, fy)
         return self.terms(*self.features.extract_pair(x, y))
 
 
-def raise_missing_y(has_content: bool) -> None:
-    why = "the loss has content terms, which need y" if has_content else "no style target is set"
+def raise_missing_y(no_content: bool, no_style: bool) -> None:
+    what = " and ".join(w for w, miss in (("content", no_content), ("style", no_style)) if miss)
     raise InputError(
-        f"y was not given and {why}. Pass y, or call set_style_target(y) on a style-only loss."
+        f"y was not given and no {what} target is set. Pass y, or call "
+        f"set_target({', '.join(f'{w}=image' for w in what.split(' and '))}) first."
     )

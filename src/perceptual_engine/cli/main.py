@@ -32,13 +32,13 @@ def cmd_export(args: argparse.Namespace) -> int:
                           "distance, or drop them to export features.")
     dtype = args.dtype or "float32"
     r = export_onnx(spec, args.output, graph=args.graph, loss=loss, dtype=dtype,
-                    progress=lambda m: _say(m))
+                    progress=lambda m: _say(m), grad=args.grad)
     print(f"wrote {r.path} ({r.size_bytes / 1e6:.1f} MB) in {r.seconds:.1f} s")
     print(f"  graph     {r.graph}, {r.dtype} network, float32 inputs and outputs")
     print(f"  spec      {spec.arch} {','.join(spec.layers)}; weights {spec.weights}"
           f"{f' (seed {spec.seed})' if spec.weights == 'random' else ''}, sha256 "
           f"{r.weights_sha256[:16]}; input range {spec.input_range}; {spec.pooling} pooling")
-    if r.graph in ("distance", "style"):
+    if r.graph in ("distance", "style", "target"):
         from ..spec import LossConfig
 
         lc = loss or LossConfig.default_for(spec)
@@ -48,10 +48,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     dims = "(N, 3, H, W), N, H, W dynamic"
     images = [n for n in r.inputs if not n.startswith("target.")]
     print(f"  inputs    {', '.join(images)}: float32 {dims}"
+          + ("; target.content.<l>: float32 (1, C, H_l, W_l)" if r.graph == "target" else "")
           + ("; target.gram.<l>: float32 (1, C, C)" if len(images) < len(r.inputs) else ""))
-    if r.graph in ("distance", "style"):
+    if r.graph in ("distance", "style", "target"):
         print(f"  outputs   {', '.join(r.outputs)}: float32 (N,)"
-              + ("; gram.<l> (N, C, C)" if r.graph == "style" else ""))
+              + ("; grad.x (N, 3, H, W)" if "grad.x" in r.outputs else "")
+              + ("; feature.<l> (N, C, H_l, W_l)" if r.graph == "target" else "")
+              + ("; gram.<l> (N, C, C)" if r.graph in ("style", "target") else ""))
     else:
         from .. import layers as _layers
 
@@ -99,7 +102,7 @@ def cmd_distance(args: argparse.Namespace) -> int:
 
     pairs = pairs_from_args(args.a, args.b, args.pairs)
     engine = _open_engine(args)
-    terms = list(engine.output_names)
+    terms = [t for t in engine.output_names if t != "grad.x"]  # per-pair scalars only
     sinks, closers = [], []
     skip: set[tuple[str, str]] = set()
     if args.output:
@@ -171,10 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a FeatureSpec to one self-contained ONNX file, verified "
                                    "with onnx.checker and against the PyTorch reference.")
     add_spec_options(p)
-    p.add_argument("--graph", choices=("features", "distance", "style"), default="features",
+    p.add_argument("--graph", choices=("features", "distance", "style", "target"), default="features",
                    help="features: input x, one output per layer; distance: inputs x, y, "
-                        "outputs content.<l>, style.<l>, total; style: x against a cached "
-                        "target's Grams (style terms only) (default: features)")
+                        "outputs content.<l>, style.<l>, total; target: x against cached "
+                        "content features and style Grams (Engine.set_target); style: x against "
+                        "a cached target's Grams (style terms only) (default: features)")
+    p.add_argument("--grad", action="store_true",
+                   help="also output grad.x (N, 3, H, W), the gradient of the summed total with "
+                        "respect to x (distance and target graphs; docs/training.md)")
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="the .onnx file to write")
     p.set_defaults(func=cmd_export)
 

@@ -72,7 +72,8 @@ class ModelInfo:
         props = {
             PREFIX + "format": str(fmt),
             PREFIX + "spec": json.dumps(self.spec.to_dict(), sort_keys=True),
-            PREFIX + "loss": json.dumps(self.loss.to_dict() if self.loss else None, sort_keys=True),
+            # Key order kept: it is the order of the graph's inputs and outputs.
+            PREFIX + "loss": json.dumps(self.loss.to_dict() if self.loss else None),
             PREFIX + "graph": self.graph,
             PREFIX + "dtype": self.dtype,
             PREFIX + "weights_source": self.weights_source,
@@ -98,7 +99,7 @@ class ModelInfo:
         if fmt > FORMAT_VERSION or fmt < 1:
             raise ModelError(
                 f"{path} has metadata format {props[PREFIX + 'format']!r}; this version of "
-                f"perceptual-engine reads format {FORMAT_VERSION}. Upgrade perceptual-engine "
+                f"perceptual-engine reads formats 1 to {FORMAT_VERSION}. Upgrade perceptual-engine "
                 "or re-export the model with this version."
             )
         try:

@@ -13,6 +13,7 @@ from ..errors import DeviceError, InputError, ModelError, NonFiniteError
 from ..export.metadata import ModelInfo
 from ..validate import MAX_BATCH_PIXELS, check_pair, check_tensor
 from . import providers as P
+from . import targets as T
 from .iobinding import TorchBinder
 
 
@@ -77,7 +78,7 @@ class Engine:
             raise DeviceError(_why_not(device, None, got=self.providers))
         self._check_outputs()
         self._binder = TorchBinder(self) if self.on_gpu else None
-        self._target: dict[str, Any] | None = None  # cached style Grams, on the session's device
+        self._target: T.Target | None = None  # cached targets, on the session's device; swapped whole
 
     def _open_session(self, device: str, options: P.ProviderOptions) -> tuple[Any, str]:
         """An InferenceSession for ``device``, and why "auto" did not get its first choice.
@@ -148,11 +149,12 @@ class Engine:
         else:
             check_pair(arrays[0], arrays[1], self.spec, **kw)
 
-    def _run(self, feeds: dict[str, Any], names: tuple[str, ...] | None = None) -> dict[str, Any]:
-        """Run on ``feeds``; ``names`` picks outputs (all by default). Cached style
-        Grams are added to the feeds as device-resident OrtValues."""
+    def _run(self, feeds: dict[str, Any], names: tuple[str, ...] | None = None,
+             target: "T.Target | None" = None) -> dict[str, Any]:
+        """Run on ``feeds``; ``names`` picks outputs (all by default). A cached
+        ``target``'s feeds are added as device-resident OrtValues."""
         names = names or self.output_names
-        extra = self._target or {}
+        extra = target.feeds if target is not None else {}
         if self._binder is not None and self._binder.accepts(feeds):
             return self._binder.run(feeds, extra, names)
         if not extra:
@@ -177,60 +179,72 @@ class Engine:
         return self._run({"x": x})
 
     def distance(self, x: Any, y: Any = None) -> dict[str, Any]:
-        """Per-sample terms {"content.<l>", "style.<l>", "total"}: each (N,) float32.
+        """Per-sample terms {"content.<l>", "style.<l>", "total"}: each (N,) float32,
+        and ``grad.x`` (N, 3, H, W) float32, ∂(Σ_n total_n)/∂x, if the model was
+        exported with ``grad=True`` (its finiteness is not checked).
 
-        On a style model (graph="style") y is omitted: x is compared with the
-        target given to ``set_style_target``, and only x runs through the network.
+        On a style or target model (graph="style"/"target") y is omitted: x is
+        compared with the targets given to ``set_target``/``set_style_target``, and
+        only x runs through the network.
         """
-        if self.info.graph == "style":
+        if self.info.graph in ("style", "target"):
             if y is not None:
-                raise InputError("this is a style model: call distance(x) after set_style_target(y), "
+                call = "set_style_target(y)" if self.info.graph == "style" else "set_target(content=, style=)"
+                raise InputError(f"this is a {self.info.graph} model: call distance(x) after {call}, "
                                  "or export graph='distance' to compare x with y directly.")
-            if self._target is None:
-                raise InputError("no style target is set; call engine.set_style_target(image) first.")
+            target = self._target  # one read: a concurrent set_target swaps the whole object
+            T.check_ready(self, target, x)
             self._check(x)
-            out = self._run({"x": x}, self.info.loss.output_names())  # type: ignore[union-attr]
+            out = self._run({"x": x}, self.info.term_names, target)
         elif self.info.graph == "distance":
             if y is None:
                 raise InputError("distance(x, y) needs y on a distance model; pass y.")
             self._check(x, y)
-            out = self._run({"x": x, "y": y})
+            out = self._run({"x": x, "y": y}, self.info.term_names)
         else:
             raise ModelError(f"{self.path!r} is a features graph; distance() needs a model exported "
-                             "with graph='distance' or 'style' (perceptual-engine export --graph distance).")
+                             "with graph='distance', 'target' or 'style' (perceptual-engine export --graph distance).")
         _check_finite(out)
         return out
+
+    def set_target(self, content: Any = None, style: Any = None) -> None:
+        """Cache targets for ``distance(x)`` on a target graph (graph="target").
+
+        content: an image (1, 3, H, W) float32 (numpy or torch) whose features at the
+            content layers x is compared with; x must then give features of the same
+            size (an image of x's size). style: an image (1, 3, H', W') of any size
+            whose Grams x's are compared with. ``None`` keeps the current one (there
+            is none at first); the two may come from different images. The new
+            targets are computed first and swapped in at once: a concurrent
+            ``distance`` sees the old targets or the new ones.
+        """
+        if self.info.graph == "style":
+            if content is not None:
+                raise ModelError(f"{self.path!r} is a style graph (style terms only); it takes no content "
+                                 "target. Export graph='target' for content and style targets.")
+            return self.set_style_target(style)
+        if self.info.graph != "target":
+            raise ModelError(f"{self.path!r} is a {self.info.graph} graph; set_target needs a model exported "
+                             "with graph='target' (perceptual-engine export --graph target).")
+        self._swap(T.build(self, self._target, content, style))
 
     def set_style_target(self, image: Any) -> None:
         """Compute the Grams of ``image`` (1, 3, H, W) once and keep them on the device.
 
         Later ``distance(x)`` calls run the network on x only. Needs a model
-        exported with graph="style".
+        exported with graph="style" or "target" (there: ``set_target(style=image)``).
         """
-        import onnxruntime as ort
-
+        if self.info.graph == "target":
+            return self.set_target(style=image)
         if self.info.graph != "style":
             raise ModelError(f"{self.path!r} is a {self.info.graph} graph; set_style_target needs a model "
-                             "exported with graph='style' and a style-only loss.")
-        self._check(image, name="style target")
-        if tuple(image.shape)[0] != 1:
-            raise InputError(f"the style target has batch {tuple(image.shape)[0]}; accepted: one image, "
-                             "shape (1, 3, H, W). Pass target[None] or target[:1].")
-        from ..layers import resolve
+                             "exported with graph='style' (a style-only loss) or graph='target'.")
+        self._swap(T.build(self, None, None, image))
 
-        # Any Grams will do as the target input here: only x's Grams are read.
-        dummy = {}
-        for g in self.info.gram_names:
-            c = resolve(self.spec.arch, g[len("gram."):]).channels
-            dummy[f"target.{g}"] = np.zeros((1, c, c), np.float32)
-        self._target = None
+    def _swap(self, target: T.Target) -> None:
+        self._target = target
         if self._binder is not None:
             self._binder.reset()  # a captured graph holds the old target's buffers
-        host = {"x": _to_host(image), **dummy}
-        grams = self.session.run(list(self.info.gram_names), host)
-        device, dev_id = ("cuda", self.options.device_id) if self.on_gpu else ("cpu", 0)
-        self._target = {f"target.{g}": ort.OrtValue.ortvalue_from_numpy(v, device, dev_id)
-                        for g, v in zip(self.info.gram_names, grams)}
 
     def __repr__(self) -> str:
         return f"Engine({self.path!r}, graph={self.info.graph}, providers={self.providers})"

@@ -10,13 +10,14 @@ With ``ProviderOptions(cuda_graph=True)`` the first (batch, height, width) seen 
 captured as a CUDA graph over fixed buffers, in a session of its own (ONNX Runtime
 replays a session's captured graph on every later run of it, whatever the inputs,
 so other shapes and numpy calls use the Engine's ordinary session). A lock keeps
-concurrent callers from overwriting the fixed buffers; a new style target drops
-the capture (``reset``), and the next call captures again.
+concurrent callers from overwriting the fixed buffers; a new target drops the
+capture (``reset``), and the next call captures again (a capture is keyed by the
+target it bound, so a call holding the old target never replays the new one's).
 """
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
@@ -34,6 +35,11 @@ def output_shapes(engine: "Engine", n: int, h: int, w: int) -> dict[str, tuple[i
     for name in engine.output_names:
         if engine.info.graph == "features":
             info = _layers.resolve(arch, name)
+            shapes[name] = (n, info.channels, h // info.downsample, w // info.downsample)
+        elif name == "grad.x":
+            shapes[name] = (n, 3, h, w)
+        elif name.startswith("feature."):
+            info = _layers.resolve(arch, name[len("feature."):])
             shapes[name] = (n, info.channels, h // info.downsample, w // info.downsample)
         elif name.startswith("gram."):
             c = _layers.resolve(arch, name[len("gram."):]).channels
@@ -56,8 +62,8 @@ class TorchBinder:
     def accepts(feeds: dict[str, Any]) -> bool:
         return all(getattr(getattr(v, "device", None), "type", None) == "cuda" for v in feeds.values())
 
-    def _bind(self, binding, feeds: dict[str, Any], outs: dict[str, Any], extra: dict[str, Any]) -> None:
-        for name, value in extra.items():  # OrtValues already on the device (style Grams)
+    def _bind(self, binding, feeds: dict[str, Any], outs: dict[str, Any], extra: Mapping[str, Any]) -> None:
+        for name, value in extra.items():  # OrtValues already on the device (cached targets)
             binding.bind_ortvalue_input(name, value)
         for name, t in feeds.items():
             binding.bind_input(name, "cuda", t.device.index or 0, np.float32, tuple(t.shape), t.data_ptr())
@@ -84,13 +90,15 @@ class TorchBinder:
         with self._graph_lock:
             self._static = None
 
-    def run(self, feeds: dict[str, Any], extra: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    def run(self, feeds: dict[str, Any], extra: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
         import torch
 
         self._check_device(feeds)
         feeds = {k: v.contiguous() for k, v in feeds.items()}  # NCHW dense, whatever the layout
         if self.graph:
-            key = (tuple(feeds["x"].shape), names)
+            # The target's OrtValues are part of the key: a capture binds them, and
+            # the capture holds them, so their ids cannot be reused while it lives.
+            key = (tuple(feeds["x"].shape), names, tuple(id(v) for v in extra.values()))
             with self._graph_lock:  # the key is read and the buffers used under one lock
                 if self._static is None:
                     self._static = self._capture(feeds, extra, names, key)
@@ -103,7 +111,7 @@ class TorchBinder:
         self.session.run_with_iobinding(binding)
         return outs
 
-    def _capture(self, feeds: dict[str, Any], extra: dict[str, Any], names: tuple[str, ...],
+    def _capture(self, feeds: dict[str, Any], extra: Mapping[str, Any], names: tuple[str, ...],
                  key: tuple) -> dict[str, Any]:
         import torch
 
@@ -112,7 +120,8 @@ class TorchBinder:
         outs = self._alloc(feeds["x"], names)
         binding = session.io_binding()
         self._bind(binding, ins, outs, extra)
-        return {"key": key, "session": session, "binding": binding, "in": ins, "out": outs}
+        return {"key": key, "session": session, "binding": binding, "in": ins, "out": outs,
+                "extra": dict(extra)}
 
     @staticmethod
     def _replay(st: dict[str, Any], feeds: dict[str, Any]) -> dict[str, Any]:
