@@ -26,19 +26,6 @@ def _smooth(seed: int, lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
     return (lo + (hi - lo) * up).numpy()
 
 
-if not hasattr(TorchPerceptualLoss, "set_target"):  # TEMPORARY until the reference has it
-    from perceptual_engine import losses as _L
-
-    class TorchPerceptualLoss(TorchPerceptualLoss):  # type: ignore[no-redef]
-        def set_target(self, content=None, style=None):
-            with torch.no_grad():
-                self._c = {k: v for k, v in self.features.extract(content).items() if k in self.loss.content}
-                self._g = _L.style_grams(self.features.extract(style), self.loss)
-
-        def forward(self, x, y=None):
-            return _L.distance_terms(self.features.extract(x), self._c, self.loss, style_target=self._g)
-
-
 def _module(spec: FeatureSpec = SPEC) -> TorchPerceptualLoss:
     module = TorchPerceptualLoss(spec, LOSS)
     module.set_target(content=torch.from_numpy(_smooth(1, *_range(spec))),

@@ -372,4 +372,6 @@ def _cached_model(spec: FeatureSpec, loss: LossConfig | None, dtype: str,
 def _engine_loss(path: str, device: str) -> Any:
     from .runtime.loss import EnginePerceptualLoss
 
-    return EnginePerceptualLoss(path, device=device)
+    # check_range off: L-BFGS's line search evaluates trial points beyond the range
+    # before the step is clamped; that is intended, not a caller's mistake.
+    return EnginePerceptualLoss(path, device=device, check_range=False)

@@ -39,8 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..optimize import DEFAULT_LR, INITS, OPTIMIZERS
     from ..runtime.providers import DEVICES
 
-    p.add_argument("content", help="content image file")
-    p.add_argument("style", help="style image file")
+    # dests apart from --content/--style (the loss's weights)
+    p.add_argument("content_image", metavar="CONTENT", help="content image file")
+    p.add_argument("style_image", metavar="STYLE", help="style image file")
     p.add_argument("-o", "--output", required=True, metavar="OUT.png",
                    help="image to write (atomically); format from the extension")
     g = p.add_argument_group("optimization")
@@ -141,7 +142,7 @@ def main(args: argparse.Namespace, say) -> int:
     _check_output(args.output)
     report = _Report(args.steps, sys.stderr, sys.stderr.isatty())
     try:
-        result = stylize(args.content, args.style, spec=spec, loss=loss, model=args.model,
+        result = stylize(args.content_image, args.style_image, spec=spec, loss=loss, model=args.model,
                          steps=args.steps, optimizer=args.optimizer, lr=args.lr,
                          init=args.init, stop_below=args.stop_below, size=args.size,
                          style_size=args.style_size, device=args.device,
