@@ -1,7 +1,7 @@
 """stylize on the Engine (target graph with gradient) and the ``stylize`` command.
 
-One model is exported into a module-wide cache; the API and the CLI find it there
-by its key (spec, loss, graph, grad), so nothing else is exported.
+One model is exported into a cache (conftest.target_grad_cache); the API and the
+CLI find it there by its key (spec, loss, graph, grad), so nothing else is exported.
 """
 from __future__ import annotations
 
@@ -18,24 +18,20 @@ from PIL import Image
 
 from perceptual_engine import FeatureSpec, LossConfig, TorchPerceptualLoss, load_image, stylize
 from perceptual_engine.cli import main
-from perceptual_engine.cli.cache import ensure_model, models_dir
 from perceptual_engine.optimize import optimize_image, prepare_images
 
-# No pooling (relu1_x only): the export is the cheapest a target graph with gradient gets.
-SPEC = FeatureSpec(layers=("relu1_1", "relu1_2"), weights="random", seed=5)
-LOSS = LossConfig(content={"relu1_2": 1.0}, style={"relu1_1": 100.0, "relu1_2": 100.0}, gram="hw")
-# The same spec and loss as command-line flags (gram hw is stylize's default).
-FLAGS = ["--weights", "random", "--seed", "5", "--content", "relu1_2=1",
-         "--style", "relu1_1=100,relu1_2=100", "--device", "cpu"]
+from conftest import TARGET_GRAD_LOSS as LOSS, TARGET_GRAD_SPEC as SPEC
+
+# The same spec and loss as command-line flags (stylize's own default gram is hw).
+FLAGS = ["--weights", "random", "--seed", "0", "--content", "relu1_2=1",
+         "--style", "relu1_1=1,relu1_2=1", "--gram", "chw", "--device", "cpu"]
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cache")
-    entry = ensure_model(SPEC, LOSS, graph="target", grad=True, folder=models_dir(str(folder)))
-    assert entry.built and set(entry.errors) >= {"total", "grad.x"}
-    return str(folder), entry.path
+def cache(target_grad_cache):
+    root, _, path = target_grad_cache
+    return root, path
 
 
 def _photo(path, h, w, seed):
@@ -62,7 +58,8 @@ def _reference(content, style):
 
 def test_stylize_on_the_engine_follows_the_pytorch_reference(cache, photos):
     folder, path = cache
-    r = stylize(*photos, spec=SPEC, loss=LOSS, cache_dir=folder, steps=5, device="cpu")
+    r = stylize(*photos, spec=SPEC, loss=LOSS, cache_dir=folder, steps=5, device="cpu",
+                init="noise", seed=3)
     assert r.model_path == path and r.providers == ["CPUExecutionProvider"]  # reused, not re-exported
     assert (r.stopped, r.steps_done, r.image.shape) == ("steps", 5, (1, 3, 27, 33))
     assert r.final_loss < 0.7 * r.initial_loss, r.losses
@@ -71,7 +68,8 @@ def test_stylize_on_the_engine_follows_the_pytorch_reference(cache, photos):
     content, style = prepare_images(*photos)
     assert style.shape == content.shape
     ref = _reference(content, style)
-    expected = optimize_image(ref, content, steps=5)
+    noise = np.random.default_rng(3).uniform(0, 1, content.shape).astype(np.float32)
+    expected = optimize_image(ref, noise, steps=5)
     np.testing.assert_allclose(r.losses, expected.losses, rtol=1e-3)
     np.testing.assert_allclose(r.image, expected.image, atol=1e-3)
 
