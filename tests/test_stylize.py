@@ -22,9 +22,9 @@ from perceptual_engine.optimize import optimize_image, prepare_images
 
 from conftest import TARGET_GRAD_LOSS as LOSS, TARGET_GRAD_SPEC as SPEC
 
-# The same spec and loss as command-line flags (stylize's own default gram is hw).
+# The same spec and loss as command-line flags (stylize's own defaults: --gram hw, --pooling avg).
 FLAGS = ["--weights", "random", "--seed", "0", "--content", "relu1_2=1",
-         "--style", "relu1_1=1,relu1_2=1", "--gram", "chw", "--device", "cpu"]
+         "--style", "relu1_1=1,relu1_2=1", "--gram", "chw", "--pooling", "max", "--device", "cpu"]
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 
 

@@ -17,6 +17,8 @@ Neural Networks" (CVPR 2016):
   conv1_1..conv5_1, taken after their ReLU as the paper's code does), content on
   relu4_2 (the paper's conv4_2, likewise): deep enough to keep the layout of the
   content image, not its textures.
+- Average pooling (the paper's choice for image synthesis; ``pooling="max"`` is one
+  argument away).
 - Grams normalized by H·W (``gram="hw"``): then our style term is exactly 4·E_l of
   the paper (E_l = Σ(G − A)² / (4 N² M²) with raw Grams), independent of image size.
 - Weights: content 1, each style layer ``DEFAULT_STYLE_WEIGHT``: chosen so that,
@@ -52,8 +54,10 @@ Progress = Callable[[int, int, float], None]  # (steps done, steps asked, curren
 
 
 def gatys_spec(weights: str = "imagenet", *, arch: str = "vgg19", seed: int = 0,
-               pooling: str = "max", input_range: str = "0,1") -> FeatureSpec:
-    """The default spec of ``stylize``: ``arch`` cut after relu5_1 (GATYS_LAYERS)."""
+               pooling: str = "avg", input_range: str = "0,1") -> FeatureSpec:
+    """The default spec of ``stylize``: ``arch`` cut after relu5_1 (GATYS_LAYERS), with
+    average pooling, as the paper synthesizes images (its gradient is smooth; max
+    pooling's jumps where two values in a window are nearly equal)."""
     return FeatureSpec(arch=arch, layers=GATYS_LAYERS, weights=weights, seed=seed,
                        pooling=pooling, input_range=input_range)
 

@@ -24,9 +24,9 @@ the model cache), then updates the pixels (Adam or L-BFGS) and clamps them to th
 input range.
 
 Defaults: VGG19; content relu4_2 (weight 1); style relu1_1, relu2_1, relu3_1,
-relu4_1, relu5_1 (weight 100 each); --gram hw; max pooling (--pooling avg is
-Gatys' variant); start from the content image; the style image is resized to the
-content image's size. --weights defaults to imagenet (downloaded by torchvision);
+relu4_1, relu5_1 (weight 100 each); --gram hw; --pooling avg (as Gatys et al.
+synthesize images; --pooling max is the network as trained); start from the content
+image; the style image is resized to the content image's size. --weights defaults to imagenet (downloaded by torchvision);
 with --weights random the result is a texture-like recoloring, not a painting.
 
 Exit status: 0 done; 1 an error while running (e.g. weights not available);
@@ -103,6 +103,7 @@ def _spec_and_loss(args: argparse.Namespace):
     if args.layers is None and args.content is None and args.style is None:
         args.layers = GATYS_LAYERS  # Gatys' layers, not export's usual four
     args.gram = args.gram or "hw"
+    args.pooling = args.pooling or "avg"  # Gatys' choice for synthesis
     return spec_from_args(args, default_loss=default_loss)
 
 
