@@ -26,8 +26,9 @@ input range.
 Defaults: VGG19; content relu4_2 (weight 1); style relu1_1, relu2_1, relu3_1,
 relu4_1, relu5_1 (weight 100 each); --gram hw; --pooling avg (as Gatys et al.
 synthesize images; --pooling max is the network as trained); start from the content
-image; the style image is resized to the content image's size. --weights defaults to imagenet (downloaded by torchvision);
-with --weights random the result is a texture-like recoloring, not a painting.
+image; the style image is resized to the content image's size. --weights defaults
+to imagenet (downloaded by torchvision); with --weights random the result stays
+close to the content image, slightly recolored (see docs/stylize.md).
 
 Exit status: 0 done; 1 an error while running (e.g. weights not available);
 2 usage errors (missing or unreadable images, sizes below the deepest layer's
@@ -112,16 +113,20 @@ class _Report:
 
     def __init__(self, steps: int, stream: IO[str], tty: bool) -> None:
         self.steps, self.stream, self.tty = steps, stream, tty
-        self.start = time.perf_counter()
+        self.first = 0.0  # when step 1 ended: the rate is measured from there (no export)
         self.done = 0
         self.every = max(1, steps // 10)
 
     def __call__(self, done: int, steps: int, loss: float) -> None:
+        now = time.perf_counter()
+        if self.done == 0:
+            self.first = now
         self.done = done
-        per = (time.perf_counter() - self.start) / done
-        eta = per * (steps - done)
-        text = (f"step {done}/{steps} loss {loss:.4g} {per:.2f} s/step "
-                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        text = f"step {done}/{steps} loss {loss:.4g}"
+        if done > 1:
+            per = (now - self.first) / (done - 1)
+            eta = per * (steps - done)
+            text += f" {per:.2f} s/step ETA {int(eta) // 60}:{int(eta) % 60:02d}"
         if self.tty:
             frac = done / steps
             bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
