@@ -160,8 +160,9 @@ MODEL_CASES = {
     "empty file": (lambda model, tmp: _write(tmp / "e.onnx", b""), "without perceptual-engine metadata|not a readable"),
     "no metadata": (lambda model, tmp: _edited(model, tmp, _drop_metadata), "without perceptual-engine metadata"),
     "newer format": (lambda model, tmp: _edited(model, tmp, _newer_format), "format '99'.*Upgrade"),
-    "outputs disagree": (lambda model, tmp: _edited(model, tmp, _rename_output), "metadata promises"),
-    "damaged metadata": (lambda model, tmp: _edited(model, tmp, _damage_spec), "damaged perceptual-engine metadata"),
+    "outputs disagree": (lambda model, tmp: _edited(model, tmp, _rename_output), "edited after export"),
+    "damaged metadata": (lambda model, tmp: _edited(model, tmp, _damage_spec),
+                         "metadata key perceptual_engine.spec holds '{not json' \\(not JSON"),
     "missing": (lambda model, tmp: tmp / "nope.onnx", "missing"),
     "a folder": (lambda model, tmp: tmp, "is a folder"),
 }

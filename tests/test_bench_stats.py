@@ -42,13 +42,20 @@ def test_summarize_gives_items_per_second_at_the_median():
     assert stats.p50 == pytest.approx(25.0)
     assert stats.throughput == pytest.approx(8 / 0.025)  # 320 images/s
     assert (stats.n, stats.min, stats.max, stats.mean) == (4, 10.0, 40.0, 25.0)
-    assert stats.p90 == pytest.approx(37.0)
-    assert stats.p99 == pytest.approx(39.7)
+    assert stats.p90 is None and stats.p99 is None  # 4 samples support neither
+
+
+def test_tail_percentiles_only_from_enough_samples():
+    ten = harness.summarize([float(v) for v in range(10, 110, 10)], items_per_call=1)
+    assert ten.p90 == pytest.approx(91.0) and ten.p99 is None
+    hundred = harness.summarize([float(v) for v in range(1, 101)], items_per_call=1)
+    assert hundred.p90 == pytest.approx(90.1) and hundred.p99 == pytest.approx(99.01)
+    assert report._ms(None) == "—"
 
 
 def test_summarize_of_one_sample():
     stats = harness.summarize([12.5], items_per_call=1)
-    assert stats.p50 == stats.p90 == stats.p99 == 12.5
+    assert stats.p50 == 12.5 and stats.p90 is None and stats.p99 is None
     assert stats.throughput == pytest.approx(80.0)
 
 

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -128,6 +129,7 @@ def test_resume_computes_only_missing_pairs(model, folders, tmp_path, capsys):
         w.writerow(good[0])
         w.writerow(next(r for r in rows if r["error"]))
         fh.write(f"{good[1]['a']},{good[1]['b']},0.12")
+    shutil.copy(full + ".meta.json", partial + ".meta.json")  # the interrupted run's record
     code, out, err = _run(capsys, "distance", a, b, "--model", model, "--output", partial,
                           "--resume", "--format", "csv")
     assert code == 1  # the broken and one-sided pairs still fail

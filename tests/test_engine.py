@@ -255,7 +255,7 @@ def test_invalid_input(feat, x, pattern):
 def test_non_finite_input(feat, dist, bad):
     x = _img(GOOD, seed=9)
     x[0, 1, 5, 7] = bad
-    with pytest.raises(InputError, match=r"x contains NaN or Inf values; accepted: finite values"):
+    with pytest.raises(InputError, match=r"x contains NaN or Inf values in sample\(s\) \[0\] \(of 1\); accepted: finite values"):
         feat[0].features(x)
     with pytest.raises(InputError, match=r"y contains NaN or Inf values"):
         dist[0].distance(_img(GOOD), x)
@@ -354,9 +354,9 @@ def test_onnx_without_our_metadata(tmp_path, features_model):
 
 def test_newer_metadata_format(tmp_path, features_model):
     p = _edit(features_model[0], tmp_path / "newer.onnx",
-              lambda m: _set_prop(m, "perceptual_engine.format", "3"))
-    with pytest.raises(ModelError, match=r"has metadata format '3'; this version of perceptual-engine reads "
-                                         r"formats 1 to 2\. Upgrade perceptual-engine"):
+              lambda m: _set_prop(m, "perceptual_engine.format", "4"))
+    with pytest.raises(ModelError, match=r"has metadata format '4'; this version of perceptual-engine reads "
+                                         r"format 3\. Upgrade perceptual-engine"):
         Engine(p)
 
 
@@ -367,7 +367,27 @@ def test_newer_metadata_format(tmp_path, features_model):
 ])
 def test_damaged_metadata(tmp_path, features_model, key, value):
     p = _edit(features_model[0], tmp_path / "damaged.onnx", lambda m: _set_prop(m, key, value))
-    with pytest.raises(ModelError, match=r"damaged perceptual-engine metadata|metadata format 'one'"):
+    with pytest.raises(ModelError, match=rf"metadata key {key} holds .*re-export the model"):
+        Engine(p)
+
+
+def _resealed(change):
+    """``change``, then the digests recomputed: an edit that integrity.py cannot see, so
+    the Engine's own check of names against the metadata is what must catch it."""
+    from perceptual_engine.export.integrity import seal
+    from perceptual_engine.export.metadata import ModelInfo
+
+    def edit(m):
+        info = ModelInfo.from_props({p.key: p.value for p in m.metadata_props}, "edited")
+        change(m)
+        seal(m, info)
+    return edit
+
+
+def test_edited_graph_is_refused_unless_resealed(tmp_path, features_model):
+    p = _edit(features_model[0], tmp_path / "dropped0.onnx", lambda m: m.graph.output.pop())
+    with pytest.raises(ModelError, match=r"weights or graph .* do not match the graph_sha256 recorded at "
+                                         r"export .*edited after export"):
         Engine(p)
 
 
@@ -375,7 +395,7 @@ def test_outputs_disagree_with_metadata(tmp_path, features_model):
     def drop_last_output(m):
         m.graph.output.pop()
 
-    p = _edit(features_model[0], tmp_path / "dropped.onnx", drop_last_output)
+    p = _edit(features_model[0], tmp_path / "dropped.onnx", _resealed(drop_last_output))
     with pytest.raises(ModelError, match=r"has inputs \('x',\) and outputs \('conv1_1', 'relu1_2', "
                                          r"'relu2_2', 'conv3_1'\), but its metadata promises \('x',\) and "
                                          r"\('conv1_1', 'relu1_2', 'relu2_2', 'conv3_1', 'relu3_1'\).*"
@@ -386,7 +406,8 @@ def test_outputs_disagree_with_metadata(tmp_path, features_model):
 def test_metadata_claims_the_other_graph_kind(tmp_path, features_model):
     p = _edit(features_model[0], tmp_path / "liar.onnx",
               lambda m: _set_prop(m, "perceptual_engine.graph", "distance"))
-    with pytest.raises(ModelError, match=r"but its metadata promises \('x', 'y'\)"):
+    with pytest.raises(ModelError, match=r"metadata keys disagree: perceptual_engine\.loss is null, but a distance graph "
+                                         r"needs one"):
         Engine(p)
 
 
@@ -400,7 +421,7 @@ def test_renamed_output(tmp_path, features_model):
                     if name == old:
                         names[i] = "features0"
 
-    p = _edit(features_model[0], tmp_path / "renamed.onnx", rename)
+    p = _edit(features_model[0], tmp_path / "renamed.onnx", _resealed(rename))
     with pytest.raises(ModelError, match=r"outputs \('features0', .*the file was edited or damaged"):
         Engine(p)
 
@@ -576,3 +597,22 @@ def test_device_error_names_the_wheels_of_the_missing_libraries(monkeypatch):
     msg = engine_mod._why_not("cuda", RuntimeError("Failed to load libonnxruntime_providers_cuda.so"))
     assert "missing libraries: libcudnn.so.9, libcublasLt.so.13" in msg
     assert "pip install nvidia-cublas nvidia-cudnn-cu13" in msg and "device='cpu'" in msg
+
+
+def test_non_finite_input_sample_is_named_and_the_others_computed(dist):
+    engine = dist[0]
+    x = np.concatenate([_img(GOOD, seed=s) for s in (1, 2, 3)])
+    y = np.concatenate([_img(GOOD, seed=s) for s in (4, 5, 6)])
+    y[1, 0, 3, 4] = np.nan
+    with pytest.raises(NonFiniteError, match=r"input of sample\(s\) \[1\] holds NaN or Inf") as info:
+        engine.distance(x, y)
+    assert info.value.bad == [1] and info.value.inputs
+    total = info.value.out["total"]
+    assert np.isnan(total[1])
+    alone = engine.distance(x[[0, 2]], y[[0, 2]])["total"]
+    np.testing.assert_allclose(total[[0, 2]], alone, rtol=1e-6)
+    x[2, 1, 0, 0] = np.inf  # x's and y's bad samples together
+    with pytest.raises(NonFiniteError, match=r"sample\(s\) \[1, 2\]"):
+        engine.distance(x, y)
+    with pytest.raises(InputError, match=r"y contains NaN or Inf values in sample\(s\) \[0\]"):
+        engine.distance(x[[1]], y[[1]])  # nothing left to compute: the plain input error

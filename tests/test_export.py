@@ -189,7 +189,7 @@ def test_names_and_shapes_are_dynamic(features_model, distance_model):
 def test_metadata(features_model, distance_model):
     path, spec, result = features_model
     meta = _props(path)
-    assert meta["perceptual_engine.format"] == "1"
+    assert meta["perceptual_engine.format"] == "3"
     assert FeatureSpec.from_dict(json.loads(meta["perceptual_engine.spec"])) == spec
     assert json.loads(meta["perceptual_engine.loss"]) is None
     assert meta["perceptual_engine.graph"] == "features"

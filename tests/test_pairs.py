@@ -17,6 +17,7 @@ from PIL import Image
 
 from perceptual_engine.errors import ConfigError, ImageError, InputError, NonFiniteError
 from perceptual_engine.cli.pairs import (
+    pair_key,
     Pair,
     pair_folders,
     pairs_from_args,
@@ -225,7 +226,7 @@ def test_result_file_resume_keeps_successes_only(tmp_path, ext):
     with open(path, "a") as fh:
         fh.write('4,4\',0.1' if ext == ".csv" else '{"a": "4", "b"')  # killed mid-row
     f = ResultFile(path, TERMS, resume=True)
-    assert f.done == {("1", "1'"), ("3", "3'")}
+    assert f.done == {pair_key("1", "1'"), pair_key("3", "3'")}
     f.write(_row("2", 0.75))
     f.close()
     text = open(path).read()

@@ -173,3 +173,28 @@ def test_perceptual_loss_matches_features_and_formulas():
         torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-8)
     with pytest.raises(InputError, match="x has shape .* but y has"):
         loss(x, y[:1])
+
+
+def test_loss_stays_frozen_and_in_eval_inside_a_training_model():
+    spec = FeatureSpec(arch="vgg16", layers=("relu1_2",), weights="random", seed=2)
+    crit = TorchPerceptualLoss(spec)
+    assert not crit.training and not crit.features.training
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Conv2d(3, 3, 1)
+            self.crit = crit
+
+    model = Model()
+    model.train()
+    model.requires_grad_(True)
+    assert model.training and not crit.training and not crit.features.body.training
+    assert [n for n, _ in model.named_parameters()] == ["head.weight", "head.bias"]
+    weights = [b for n, b in crit.named_buffers() if n.endswith(("weight", "bias"))]
+    assert len(weights) == 4 and not any(w.requires_grad for w in weights)
+    x = torch.rand(1, 3, 11, 13, generator=torch.Generator().manual_seed(0))
+    out = crit(model.head(x), torch.rand(1, 3, 11, 13, generator=torch.Generator().manual_seed(1)))
+    out["total"].sum().backward()
+    assert model.head.weight.grad is not None and torch.isfinite(model.head.weight.grad).all()
+    assert all(w.grad is None for w in weights)

@@ -157,3 +157,56 @@ def test_model_cache_shared_by_processes_exports_once(tmp_path):
     assert exporting == 1, [e for _, e in outs]
     totals = {tuple(sorted(line for line in out.splitlines()[1:])) for out, _ in outs}
     assert len(totals) == 1  # all three computed the same rows with the same model
+
+
+@pytest.mark.parametrize("graph", ["style", "target"])
+def test_target_swap_under_4_threads_never_leaves_no_target(tmp_path, graph):
+    """set_style_target / set_target while 4 threads call distance: each call sees the
+    old target or the new one (its result equals one of the two), never none."""
+    import threading
+
+    from perceptual_engine import Engine, FeatureSpec, LossConfig, export_onnx
+
+    spec = FeatureSpec(arch="vgg16", layers=("relu1_2",), weights="random", seed=5)
+    loss = LossConfig(style={"relu1_2": 1.0}) if graph == "style" else \
+        LossConfig(content={"relu1_2": 1.0}, style={"relu1_2": 1.0})
+    path = str(tmp_path / f"{graph}.onnx")
+    export_onnx(spec, path, graph=graph, loss=loss)
+    engine = Engine(path, device="cpu")
+    rng = np.random.default_rng(0)
+    x = rng.random((1, 3, 9, 11), dtype=np.float32)
+    targets = [rng.random((1, 3, 9, 11), dtype=np.float32) for _ in range(2)]
+
+    def set_target(t):
+        if graph == "style":
+            engine.set_style_target(t)
+        else:
+            engine.set_target(content=t, style=t)
+
+    expected = []
+    for t in targets:
+        set_target(t)
+        expected.append(float(engine.distance(x)["total"][0]))
+    assert expected[0] != expected[1]
+    errors, seen = [], []
+    stop = threading.Event()
+
+    def call():
+        while not stop.is_set():
+            try:
+                seen.append(float(engine.distance(x)["total"][0]))
+            except Exception as exc:  # any failure is the bug this test is about
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for k in range(60):
+        set_target(targets[k % 2])
+    stop.set()
+    for th in threads:
+        th.join()
+    assert not errors, errors[:3]
+    assert seen
+    assert all(any(abs(v - e) <= 1e-5 * abs(e) for e in expected) for v in seen)

@@ -5,30 +5,54 @@ Public API (names are part of the contract)::
     from perceptual_engine import FeatureSpec, LossConfig, TorchFeatures, \
         TorchPerceptualLoss, export_onnx, Engine, EnginePerceptualLoss, PerceptualError, \
         load_image, load_images, stylize, StylizeResult
+
+Names are imported on first use (PEP 562), so ``import perceptual_engine`` and the
+command line's start-up do not pay for torch and ONNX until they are needed.
 """
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from .errors import PerceptualError
-from .export import export_onnx
-from .images import load_image, load_images
-from .optimize import StylizeResult, stylize
-from .reference import TorchFeatures, TorchPerceptualLoss
-from .runtime import Engine
-from .runtime.loss import EnginePerceptualLoss
-from .spec import FeatureSpec, LossConfig
+# public name -> the module that defines it
+_EXPORTS = {
+    "FeatureSpec": ".spec",
+    "LossConfig": ".spec",
+    "TorchFeatures": ".reference",
+    "TorchPerceptualLoss": ".reference",
+    "export_onnx": ".export",
+    "Engine": ".runtime",
+    "EnginePerceptualLoss": ".runtime.loss",
+    "PerceptualError": ".errors",
+    "load_image": ".images",
+    "load_images": ".images",
+    "stylize": ".optimize",
+    "StylizeResult": ".optimize",
+}
 
-__all__ = [
-    "FeatureSpec",
-    "LossConfig",
-    "TorchFeatures",
-    "TorchPerceptualLoss",
-    "export_onnx",
-    "Engine",
-    "EnginePerceptualLoss",
-    "PerceptualError",
-    "load_image",
-    "load_images",
-    "stylize",
-    "StylizeResult",
-    "__version__",
-]
+__all__ = [*_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports lazily
+    from .errors import PerceptualError
+    from .export import export_onnx
+    from .images import load_image, load_images
+    from .optimize import StylizeResult, stylize
+    from .reference import TorchFeatures, TorchPerceptualLoss
+    from .runtime import Engine
+    from .runtime.loss import EnginePerceptualLoss
+    from .spec import FeatureSpec, LossConfig
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'perceptual_engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -58,6 +58,41 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.write(data)
 
 
+class LockBusy(OSError):
+    """``file_lock(..., wait=False)`` found the lock held; ``holder`` is what its owner wrote."""
+
+    def __init__(self, path: str, holder: str) -> None:
+        super().__init__(f"{path} is locked by {holder or 'another process'}")
+        self.path, self.holder = path, holder
+
+
+@contextlib.contextmanager
+def file_lock(path: str, *, wait: bool = True, note: str = "") -> Iterator[None]:
+    """Exclusive ``fcntl.flock`` on ``path`` (created if needed) for the block.
+
+    wait: block until the lock is free; False raises LockBusy at once instead.
+    note: written into the lock file while held (who holds it), for LockBusy's message.
+    The lock file is left in place: deleting it could let two processes lock two
+    different files of the same name. The kernel drops the lock if the process dies.
+    """
+    import fcntl
+
+    with open(path, "a+b") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            fh.seek(0)
+            raise LockBusy(path, fh.read(200).decode("utf-8", "replace").strip()) from None
+        try:
+            if note:
+                fh.truncate(0)
+                fh.write(note.encode())
+                fh.flush()
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     import hashlib
 

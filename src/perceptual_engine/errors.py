@@ -20,11 +20,21 @@ class InputError(PerceptualError, ValueError):
 
 class NonFiniteError(InputError):
     """Some samples' distances are not finite. ``out`` holds every term as computed
-    (the finite samples are valid), ``bad`` the indices of the others."""
+    (the finite samples are valid), ``bad`` the indices of the others. ``inputs``:
+    True when those samples' inputs held NaN/Inf (they were not computed and their
+    terms are NaN), False when the outputs overflowed."""
 
-    def __init__(self, message: str, out: dict, bad: list[int]) -> None:
+    def __init__(self, message: str, out: dict, bad: list[int], inputs: bool = False) -> None:
         super().__init__(message)
-        self.out, self.bad = out, bad
+        self.out, self.bad, self.inputs = out, bad, inputs
+
+
+class NonFiniteInputError(InputError):
+    """An input holds NaN or Inf; ``bad`` lists the sample indices (axis 0) that do."""
+
+    def __init__(self, message: str, name: str, bad: list[int]) -> None:
+        super().__init__(message)
+        self.name, self.bad = name, bad
 
 
 class WeightsError(PerceptualError):
@@ -45,3 +55,7 @@ class ImageError(PerceptualError):
 
 class ExportError(PerceptualError, RuntimeError):
     """Export or its verification failed; the destination was left untouched."""
+
+
+class OutputError(PerceptualError):
+    """A result file could not be written, or was changed by someone else while being written."""

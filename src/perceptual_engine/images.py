@@ -89,6 +89,11 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = MAX_IMAGE_PIXELS
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
+        kind = _signature(path)
+        if kind:  # the header says image, the data does not parse: damaged, not foreign
+            raise ImageError(f"{path!r} starts like a {kind} file but is corrupt (Pillow cannot "
+                             "parse it: a bad checksum or a damaged header); re-export or "
+                             "re-download it.") from exc
         raise ImageError(f"{path!r} is not an image Pillow can identify; accepted: PNG, JPEG, "
                          "TIFF, BMP, GIF, WebP and the other formats Pillow reads.") from exc
     except Image.DecompressionBombError as exc:
@@ -100,6 +105,24 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = MAX_IMAGE_PIXELS
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageError(f"{path!r} is truncated or corrupt ({reason}); re-export or "
                          "re-download it.") from exc
+
+
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"),
+)
+
+
+def _signature(path: str) -> str:
+    """The image format a file's first bytes announce, or "" (WebP: RIFF....WEBP)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+    except OSError:
+        return ""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _SIGNATURES if head.startswith(magic)), "")
 
 
 def _to_array(img, path: str) -> np.ndarray:

@@ -63,12 +63,26 @@ def build_layers(spec: FeatureSpec, weights: Weights) -> nn.Sequential:
         else:
             mods.append(nn.AvgPool2d(2, 2))
     seq = nn.Sequential(*mods).eval()
-    for p in seq.parameters():
-        p.requires_grad_(False)
+    # The pretrained weights are constants, not parameters: as buffers, a parent's
+    # requires_grad_(True) or an optimizer over model.parameters() cannot unfreeze
+    # them, while .half(), .to(device) and state_dict() still carry them.
+    for mod in seq:
+        if isinstance(mod, nn.Conv2d):
+            for name in ("weight", "bias"):
+                value = getattr(mod, name).detach()
+                del mod._parameters[name]
+                mod.register_buffer(name, value)
     return seq
 
 
-class TorchFeatures(nn.Module):
+class _AlwaysEval(nn.Module):
+    """A frozen network: ``train()`` (also through a parent's) leaves it in eval mode."""
+
+    def train(self, mode: bool = True) -> "_AlwaysEval":
+        return super().train(False)
+
+
+class TorchFeatures(_AlwaysEval):
     """VGG features at named layers: ``forward(x) -> {layer: (N, C_l, H_l, W_l)}``.
 
     x: float32 (N, 3, H, W) in the spec's input range, H, W >= ``spec.min_size``.
@@ -108,7 +122,7 @@ class TorchFeatures(nn.Module):
         return self.extract(x)
 
 
-class TorchPerceptualLoss(nn.Module):
+class TorchPerceptualLoss(_AlwaysEval):
     """Per-sample content/style terms and total (the formulas of losses.py), differentiable.
 
     ``forward(x, y) -> {"content.<l>": (N,), "style.<l>": (N,), "total": (N,)}``.
@@ -128,6 +142,7 @@ class TorchPerceptualLoss(nn.Module):
         self.spec = spec
         self._content_target: dict[str, torch.Tensor] | None = None
         self._style_target: dict[str, torch.Tensor] | None = None
+        self.eval()
 
     def set_target(self, content: torch.Tensor | None = None, style: torch.Tensor | None = None) -> None:
         """Cache targets for ``forward(x)``: images (1, 3, H, W) in the input range.

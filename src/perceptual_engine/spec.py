@@ -6,6 +6,8 @@ where it is written, not deep inside an export. ``None`` defaults are resolved i
 """
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import math
@@ -27,10 +29,16 @@ GRAM_NORMS = ("chw", "hw", "none")
 WEIGHT_SOURCES = ("imagenet", "random")
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to ``limit`` characters: messages stay one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _choice(what: str, value: Any, accepted: tuple[str, ...], fix: str = "") -> None:
-    if value not in accepted:
+    if not isinstance(value, str) or value not in accepted:
         raise ConfigError(
-            f"{what} {value!r} is not accepted; accepted: {', '.join(map(repr, accepted))}.{fix}"
+            f"{what} {_short(value)} is not accepted; accepted: {', '.join(map(repr, accepted))}.{fix}"
         )
 
 
@@ -60,6 +68,11 @@ class FeatureSpec:
         layers = DEFAULT_LAYERS[self.arch] if self.layers is None else self.layers
         if isinstance(layers, str):
             layers = (layers,)
+        if not isinstance(layers, (tuple, list)) or not all(isinstance(n, str) for n in layers):
+            raise ConfigError(
+                f"layers {_short(layers)} is not accepted; accepted: a list of layer names, "
+                "e.g. ('relu1_2', 'relu2_2')."
+            )
         layers = tuple(layers)
         if not layers:
             raise ConfigError("layers is empty; name at least one layer, e.g. ('relu2_2',).")
@@ -72,18 +85,21 @@ class FeatureSpec:
             object.__setattr__(self, "weights", os.fspath(self.weights))
         if not isinstance(self.weights, str) or not self.weights:
             raise ConfigError(
-                f"weights {self.weights!r} is not accepted; accepted: 'imagenet', 'random' "
+                f"weights {_short(self.weights)} is not accepted; accepted: 'imagenet', 'random' "
                 "or the path of a .pth/.safetensors state dict."
             )
         if self.weights not in WEIGHT_SOURCES and not self.weights.endswith(
             (".pth", ".pt", ".safetensors")
         ):
             raise ConfigError(
-                f"weights {self.weights!r} is neither 'imagenet', 'random' nor a "
+                f"weights {_short(self.weights)} is neither 'imagenet', 'random' nor a "
                 ".pth/.pt/.safetensors file path; give one of those."
             )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError(f"seed {self.seed!r} is not an int; give an integer seed.")
+            raise ConfigError(f"seed {_short(self.seed)} is not an int; give an integer seed.")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed {self.seed} is out of range; accepted: 0 <= seed < 2**63 "
+                              f"({2**63 - 1}). Give a smaller seed.")
         _choice("input_range", self.input_range, tuple(INPUT_RANGES))
         _choice("pooling", self.pooling, POOLINGS)
 
@@ -104,8 +120,12 @@ class FeatureSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FeatureSpec":
+        """The spec of ``to_dict``'s output; keys it does not know are ignored."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"a FeatureSpec needs a mapping such as {{'arch': 'vgg19', "
+                              f"'layers': ['relu2_2']}}; got {_short(d)}.")
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        if "layers" in known and known["layers"] is not None:
+        if isinstance(known.get("layers"), list):
             known["layers"] = tuple(known["layers"])
         return cls(**known)
 
@@ -119,13 +139,13 @@ def _weights_map(what: str, value: Mapping[str, float] | None) -> Mapping[str, f
         return MappingProxyType({})
     if not isinstance(value, Mapping):
         raise ConfigError(
-            f"{what} must map layer names to weights, e.g. {{'relu2_2': 1.0}}; got {value!r}."
+            f"{what} must map layer names to weights, e.g. {{'relu2_2': 1.0}}; got {_short(value)}."
         )
     out: dict[str, float] = {}
     for name, w in value.items():
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise ConfigError(
-                f"{what} weight of {name!r} is {w!r}; accepted: a finite number >= 0."
+                f"{what} weight of {_short(name)} is {_short(w)}; accepted: a finite number >= 0."
             )
         out[str(name)] = float(w)
     return MappingProxyType(out)
@@ -172,6 +192,12 @@ class LossConfig:
                     f"extracted: {list(spec.layers)}. Add them to FeatureSpec.layers."
                 )
 
+    def used_spec(self, spec: FeatureSpec) -> FeatureSpec:
+        """``spec`` with only the layers this loss weighs (in the spec's order), so the
+        network ends at the deepest layer the loss needs."""
+        used = tuple(n for n in spec.layers if n in self.content or n in self.style)
+        return spec if used == tuple(spec.layers) else dataclasses.replace(spec, layers=used)
+
     def output_names(self) -> tuple[str, ...]:
         """Names of a distance graph's outputs, in order."""
         return (
@@ -185,7 +211,12 @@ class LossConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LossConfig":
-        return cls(content=d.get("content") or {}, style=d.get("style") or {},
+        """The config of ``to_dict``'s output; a missing or null content/style is no term."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"a LossConfig needs a mapping such as {{'content': {{'relu2_2': 1.0}}}}; "
+                              f"got {_short(d)}.")
+        content, style = d.get("content"), d.get("style")
+        return cls(content={} if content is None else content, style={} if style is None else style,
                    gram=d.get("gram", "chw"))
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, NonFiniteInputError
 from .spec import INPUT_RANGES, FeatureSpec
 
 MAX_BATCH_PIXELS = 1 << 27  # N·H·W per call: 134 M, e.g. 64 images of 1448²
@@ -87,7 +87,10 @@ def _check_values(x: Any, kind: str, name: str, spec: FeatureSpec, check_range: 
     arr = x if kind == "numpy" else x.detach()
     mn, mx = float(arr.min()), float(arr.max())
     if not (np.isfinite(mn) and np.isfinite(mx)):
-        raise InputError(f"{name} contains NaN or Inf values; accepted: finite values. Check the producer of {name}.")
+        bad = nonfinite_samples(arr)
+        raise NonFiniteInputError(
+            f"{name} contains NaN or Inf values in sample(s) {bad} (of {arr.shape[0]}); accepted: "
+            f"finite values. Check the producer of {name}.", name, bad)
     if check_range:
         lo, hi = INPUT_RANGES[spec.input_range]
         if mn < lo - RANGE_TOLERANCE or mx > hi + RANGE_TOLERANCE:
@@ -96,6 +99,14 @@ def _check_values(x: Any, kind: str, name: str, spec: FeatureSpec, check_range: 
                 f"[{lo:g}, {hi:g}]. Clip or rescale it (0..255 images: divide by 255), or pass "
                 "check_range=False if this is intended."
             )
+
+
+def nonfinite_samples(arr: Any) -> list[int]:
+    """Indices along axis 0 of the samples holding NaN or Inf (numpy array or CPU tensor)."""
+    flat = arr.reshape(arr.shape[0], -1)
+    if isinstance(flat, np.ndarray):
+        return np.flatnonzero(~np.isfinite(flat).all(axis=1)).tolist()
+    return (~flat.isfinite().all(dim=1)).nonzero().flatten().tolist()
 
 
 def check_pair(x: Any, y: Any, spec: FeatureSpec, *, check_values: bool = True,

@@ -11,6 +11,7 @@ import hashlib
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -92,7 +93,11 @@ def _read_file(path: str) -> Mapping[str, torch.Tensor]:
 
             return load_file(path, device="cpu")
         # weights_only=True: a pickle that would run code or build arbitrary objects is refused.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # "Detected pickle protocol 4": torch's note on files saved by older
+            # versions, which it loads fine; not the user's concern.
+            warnings.filterwarnings("ignore", message=r".*pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's own message suggests weights_only=False, exactly what must not be done.
         plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
@@ -152,8 +157,38 @@ def _check(spec: FeatureSpec, raw: Mapping[str, object], source: str) -> dict[st
     return state
 
 
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or Inf: no export of them can give a finite distance."""
+    bad = []
+    for key in sorted(state):
+        t = state[key]
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            n = int((~finite).sum())
+            first = tuple(int(i) for i in (~finite).nonzero()[0])
+            bad.append(f"{key} ({n} of {t.numel()} values, first at index {first})")
+    if bad:
+        raise WeightsError(
+            f"weights {source!r} hold NaN or Inf values in {len(bad)} tensor(s): {'; '.join(bad[:4])}"
+            f"{' ...' if len(bad) > 4 else ''}. The checkpoint is damaged or came from a diverged "
+            "training run; use another checkpoint (or re-download it)."
+        )
+
+
+def restrict(weights: Weights, spec: FeatureSpec) -> Weights:
+    """``weights`` cut to the convolutions ``spec`` uses (a shallower spec of the same
+    arch), with the hash recomputed over what remains."""
+    state = {key: weights.state[key] for key, _ in _conv_keys(spec)}
+    if len(state) == len(weights.state):
+        return weights
+    return Weights(state=state, source=weights.source, sha256=_digest(state))
+
+
 def load_weights(spec: FeatureSpec) -> Weights:
-    """The checked float32 convolution weights of ``spec`` up to its deepest layer."""
+    """The checked float32 convolution weights of ``spec`` up to its deepest layer.
+
+    Raises WeightsError if they are missing, do not fit the arch, or hold NaN/Inf.
+    """
     if spec.weights == "random":
         state = _random_state(spec)
         source = f"random(seed={spec.seed})"
@@ -163,4 +198,5 @@ def load_weights(spec: FeatureSpec) -> Weights:
     else:
         state = _check(spec, _read_file(spec.weights), spec.weights)
         source = os.path.abspath(spec.weights)
+    check_finite(state, source)
     return Weights(state=state, source=source, sha256=_digest(state))

@@ -38,8 +38,8 @@ class Stats:
 
     n: int
     p50: float
-    p90: float
-    p99: float
+    p90: float | None  # None below MIN_SAMPLES[90] samples: too few to support it
+    p99: float | None
     mean: float
     min: float
     max: float
@@ -53,6 +53,11 @@ class Stats:
         return d
 
 
+# A p-th percentile needs enough samples beyond it to mean anything: with 3 samples
+# "p99" is just the maximum. Below these counts it is not reported.
+MIN_SAMPLES = {90: 10, 99: 100}
+
+
 def summarize(samples_ms: Sequence[float], items_per_call: int) -> Stats:
     """Median, p90, p99, mean, extremes and items/s of per-call latencies (ms)."""
     if not samples_ms:
@@ -63,8 +68,8 @@ def summarize(samples_ms: Sequence[float], items_per_call: int) -> Stats:
     return Stats(
         n=len(samples_ms),
         p50=p50,
-        p90=percentile(samples_ms, 90),
-        p99=percentile(samples_ms, 99),
+        p90=percentile(samples_ms, 90) if len(samples_ms) >= MIN_SAMPLES[90] else None,
+        p99=percentile(samples_ms, 99) if len(samples_ms) >= MIN_SAMPLES[99] else None,
         mean=sum(samples_ms) / len(samples_ms),
         min=min(samples_ms),
         max=max(samples_ms),

@@ -18,7 +18,9 @@ COLUMNS = ("variant", "workload", "size", "batch", "p50 ms", "p90 ms", "p99 ms",
            "status")
 
 
-def _ms(v: float) -> str:
+def _ms(v: float | None) -> str:
+    if v is None:  # too few samples for this percentile
+        return "—"
     return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
 
 
@@ -85,7 +87,7 @@ def to_markdown(result: "BenchResult") -> str:
                                           env["tf32"]["ort use_tf32 by variant"].items()) or "—")
         + "; reference: " + env["tf32"]["reference"],
         f"- Method: {cfg.warmup} warm-up and {cfg.iters} timed calls per point over "
-        f"{cfg.input_sets} rotated input sets; median/p90/p99 per call; throughput at the "
+        f"{cfg.input_sets} rotated input sets; median/p90/p99 per call (p90 from 10 samples up, p99 from 100, a dash below); throughput at the "
         "median; cold start = build (session creation / model build) + first call, timed "
         "separately; GPU work timed after torch.cuda.synchronize().",
         "- Memory: host peak MiB = this process's RSS high-water mark while the variant ran "

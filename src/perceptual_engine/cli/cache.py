@@ -8,7 +8,6 @@ lock file (``fcntl.flock``) serializes processes that build the same entry.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from .. import __version__
-from .._io import atomic_write_bytes, sha256_file
+from .._io import atomic_write_bytes, file_lock, sha256_file
 from ..errors import ModelError, PerceptualError
 from ..export import export_onnx
 from ..runtime import read_info
@@ -57,20 +56,6 @@ def models_dir(cache_dir: str | None = None) -> str:
     return os.path.join(cache_dir or default_cache_dir(), "models")
 
 
-@contextlib.contextmanager
-def file_lock(path: str) -> Iterator[None]:
-    """Exclusive lock on ``path`` (created if needed) for the block; blocks until free."""
-    import fcntl
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def _sidecar(path: str) -> str:
     return os.path.splitext(path)[0] + ".json"
 
@@ -94,7 +79,9 @@ def check_entry(path: str, key: str, spec: FeatureSpec, loss: LossConfig | None,
         info = read_info(path)
     except PerceptualError as exc:
         return None, f"model unreadable ({exc})"
-    if (info.graph, info.dtype, info.spec, info.loss, info.grad) != (graph, dtype, spec, loss, grad):
+    # The exporter cuts the spec to the layers the loss weighs: compare with that.
+    built_spec = loss.used_spec(spec) if loss is not None else spec
+    if (info.graph, info.dtype, info.spec, info.loss, info.grad) != (graph, dtype, built_spec, loss, grad):
         return None, "model metadata differs from the requested spec"
     return record, ""
 
@@ -115,6 +102,7 @@ def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "fl
     key = model_key(spec, loss, dtype, graph, grad)
     folder = folder or models_dir()
     path = os.path.join(folder, f"{name or key}.onnx")
+    os.makedirs(folder, exist_ok=True)
     with file_lock(os.path.join(folder, f"{name or key}.lock")):
         # Checked under the lock: another process may have just built it.
         record, why = check_entry(path, key, spec, loss, dtype, graph, grad)

@@ -156,7 +156,8 @@ def run_demo(spec: FeatureSpec, loss: LossConfig, *, out_dir: str = "out", photo
 
     start = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
-    out.write(f"1. distance model: {spec.arch} up to {spec.deepest}, weights {spec.weights}\n")
+    # The weights are named after export_model: it may have fallen back to random ones.
+    out.write(f"1. distance model: {spec.arch} up to {spec.deepest}\n")
     spec, entry = export_model(spec, loss, out_dir, dtype, say, err)
     state = f"exported in {entry.seconds:.1f} s" if entry.built else "reused (already exported)"
     out.write(f"   {entry.path} ({os.path.getsize(entry.path) / 1e6:.1f} MB, {state}), weights "

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import warnings
 from typing import Sequence
 
 from .options import SPEC_FLAGS, add_spec_options, positive_int, spec_from_args
@@ -97,16 +99,19 @@ def _open_engine(args: argparse.Namespace):
 
 def cmd_distance(args: argparse.Namespace) -> int:
     from .pairs import pairs_from_args
-    from .results import ResultFile, StdoutRows
+    from .results import ResultFile, StdoutRows, check_output_path, model_identity
     from .runner import Progress, run_pairs
 
     pairs = pairs_from_args(args.a, args.b, args.pairs)
+    if args.output:
+        check_output_path(args.output)  # before a model is exported or loaded
     engine = _open_engine(args)
     terms = [t for t in engine.output_names if t != "grad.x"]  # per-pair scalars only
     sinks, closers = [], []
     skip: set[tuple[str, str]] = set()
     if args.output:
-        outfile = ResultFile(args.output, terms, resume=args.resume)
+        outfile = ResultFile(args.output, terms, resume=args.resume,
+                             identity=model_identity(engine.info))
         skip = outfile.done
         sinks.append(outfile.write)
         closers.append(outfile.close)
@@ -129,10 +134,21 @@ def cmd_distance(args: argparse.Namespace) -> int:
         _say(f"interrupted{where}")
         return 130
     finally:
-        for close in closers:
-            close()
+        _close_all(closers)
     _say(stats.summary())
     return 0 if stats.failed == 0 else 1
+
+
+def _close_all(closers) -> None:
+    """Close every sink, then raise the first failure (a result file that is no longer ours)."""
+    failure = None
+    for close in closers:
+        try:
+            close()
+        except PerceptualError as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -147,6 +163,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import default_loss, run_demo
 
     spec, loss = spec_from_args(args, default_loss=default_loss)
+    built = loss.used_spec(spec)
+    if args.size < built.min_size:
+        raise ConfigError(f"--size {args.size} is too small for {built.deepest} "
+                          f"({built.min_size}x downsampling); accepted: --size >= {built.min_size}.")
     return run_demo(spec, loss, out_dir=args.out_dir, photo=args.image, size=args.size,
                     device=args.device, dtype=args.dtype or "float32", bench=not args.no_bench,
                     out=sys.stdout, err=sys.stderr)
@@ -256,14 +276,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The library's messages name API arguments; on the command line, name the flags.
+_CLI_WORDING = (
+    (re.compile(r"\bdevice='(\w+)'"), r"--device \1"),
+    (re.compile(r"\bgraph='(\w+)'"), r"--graph \1"),
+    (re.compile(r"\bweights='(\w+)'"), r"--weights \1"),
+    (re.compile(r"\bFeatureSpec\.layers\b"), "--layers"),
+)
+
+
+def cli_wording(text: str) -> str:
+    for pattern, flag in _CLI_WORDING:
+        text = pattern.sub(flag, text)
+    return text
+
+
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    text = cli_wording(str(exc).strip() or type(exc).__name__)
     first, _, rest = text.partition("\n")
     return first + (" [more with --traceback]" if rest.strip() else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status.
+
+    Ctrl-C anywhere (start-up, an export, a model build, a run) ends with one line
+    and exit status 130; what was already written stays (exports and cache entries
+    are atomic, result files keep their rows).
+    """
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    # Pillow warns about images above its own pixel limit; the command line applies its
+    # own budget (--max-pixels, checked from the header) and reports refusals as rows.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

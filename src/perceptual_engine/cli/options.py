@@ -18,8 +18,12 @@ def _weight_map(text: str) -> dict[str, float]:
         if not item:
             continue
         name, sep, value = item.partition("=")
+        name = name.strip()
+        if name in out:
+            raise argparse.ArgumentTypeError(
+                f"{name} is given twice in {text!r}; name each layer once, e.g. {name}={value or 1}")
         try:
-            out[name.strip()] = float(value) if sep else 1.0
+            out[name] = float(value) if sep else 1.0
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"{item!r} is not LAYER=WEIGHT; write e.g. relu2_2=1.0,relu3_4=0.5") from None

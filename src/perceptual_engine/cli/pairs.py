@@ -1,7 +1,7 @@
 """Which images to compare: two files, two folders matched by relative path, or a CSV.
 
-Every pair keeps the two paths as they will be printed and written (the key that
-``--resume`` matches on). A pair that cannot be formed (a file present in one
+Every pair keeps the two paths as they will be printed and written; ``--resume``
+matches pairs by ``pair_key``, what the paths point to, not how they were typed. A pair that cannot be formed (a file present in one
 folder only) is kept with its ``error`` set, so it is reported, never dropped.
 """
 from __future__ import annotations
@@ -23,7 +23,21 @@ class Pair:
 
     @property
     def key(self) -> tuple[str, str]:
-        return (self.a, self.b)
+        """What the pair is (see ``pair_key``): ``--resume`` matches on this."""
+        return pair_key(self.a, self.b)
+
+
+def pair_key(a: str, b: str, cwd: str | None = None) -> tuple[str, str]:
+    """What a pair *is*, whatever way its paths were typed: both paths made absolute
+    (against ``cwd``) with their folders' symlinks resolved (``odd/A``, ``./odd/A/``,
+    the absolute path and a symlinked folder give one key). The file name itself is
+    kept, so two links to one image stay two pairs."""
+    def canon(p: str) -> str:
+        full = os.path.normpath(os.path.join(cwd or os.getcwd(), p))
+        head, tail = os.path.split(full)
+        return os.path.join(os.path.realpath(head), tail)
+
+    return canon(a), canon(b)
 
 
 def pairs_from_args(a: str | None, b: str | None, pairs_csv: str | None) -> list[Pair]:

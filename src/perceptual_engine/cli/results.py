@@ -11,10 +11,12 @@ import io
 import json
 import math
 import os
+import time
 from typing import IO, Any, Sequence
 
-from .._io import atomic_path
-from ..errors import ConfigError
+from .._io import LockBusy, atomic_path, atomic_write_bytes, file_lock
+from ..errors import ConfigError, OutputError
+from .pairs import pair_key
 
 FILE_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 STDOUT_FORMATS = ("table", "csv", "json")
@@ -54,32 +56,131 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-class ResultFile:
-    """Append rows to ``path`` as they come, one flush per row.
+def model_identity(info: Any) -> dict[str, Any]:
+    """What a result file records about the model that computed its rows (a ModelInfo):
+    graph, precision, hashes of the spec and the loss, the weights' SHA-256, the
+    version that exported the model and the version that ran it."""
+    from .. import __version__
+    from ..spec import json_digest
 
-    With ``resume`` the rows already there are read first: pairs that succeeded are
-    kept (their keys in ``done``), failed pairs and a half-written last line are
-    dropped, so they are computed again and each pair ends up in the file once.
+    return {
+        "graph": info.graph,
+        "dtype": info.dtype,
+        "spec": json_digest(info.spec.to_dict()),
+        "loss": json_digest(info.loss.to_dict() if info.loss is not None else None),
+        "weights_sha256": info.weights_sha256,
+        "exported_by": info.version,
+        "package": __version__,
+    }
+
+
+def sidecar_path(path: str) -> str:
+    """``results.csv`` -> ``results.csv.meta.json``: which model wrote the rows."""
+    return path + ".meta.json"
+
+
+def lock_path(path: str) -> str:
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.lock")
+
+
+def check_output_path(path: str, flag: str = "--output") -> str:
+    """Refuse an output that cannot be written before any work is done."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path!r} is a folder; give a file path inside it, e.g. "
+                          f"{os.path.join(path, 'results.csv')!r}.")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{flag} {path!r}: the folder {folder!r} does not exist; create it "
+                          f"first (mkdir -p {folder}) or give another path.")
+    return folder
+
+
+class ResultFile:
+    """Append rows to ``path`` as they come, one flush per row; one writer at a time.
+
+    identity: what produced the rows (the model's graph, spec, loss, weights hash and
+        package version), recorded in the sidecar ``<path>.meta.json``.
+    resume: keep the rows already there if the sidecar names the same identity (else
+        ConfigError): pairs that succeeded are kept (their ``pair_key`` in ``done``),
+        failed pairs and a half-written last line are dropped, so they are computed
+        again and each pair ends up in the file once.
+
+    A lock file ``.<name>.lock`` beside the output is held from construction to
+    ``close()``: a second writer is refused at once (ConfigError), before it touches
+    the file. ``close()`` raises OutputError if the file was replaced or removed
+    meanwhile, so no run reports rows as saved that are not in the file.
     """
 
-    def __init__(self, path: str, terms: Sequence[str], *, resume: bool = False) -> None:
+    def __init__(self, path: str, terms: Sequence[str], *, resume: bool = False,
+                 identity: dict[str, Any] | None = None) -> None:
         self.path = path
         self.format = file_format(path)
+        check_output_path(path)
         self.columns = columns_for(terms)
+        self.identity = dict(identity or {})
         self.done: set[tuple[str, str]] = set()
+        self._fh: IO[str] | None = None
+        self._lock = file_lock(lock_path(path), wait=False,
+                               note=f"perceptual-engine (pid {os.getpid()})")
+        try:
+            self._lock.__enter__()
+        except LockBusy as exc:
+            raise ConfigError(
+                f"--output {path!r} is being written by another run ({exc.holder or 'another process'}); "
+                "one file has one writer at a time. Wait for that run to finish (then --resume "
+                "it if it was interrupted), or give another --output."
+            ) from None
+        try:
+            self._open(resume)
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+
+    def _open(self, resume: bool) -> None:
         kept: list[Row] = []
-        if resume and os.path.exists(path):
+        if resume and os.path.exists(self.path):
+            cwd = self._check_identity()
             kept = self._read_done()
-            self.done = {(r["a"], r["b"]) for r in kept}
+            self.done = {pair_key(r["a"], r["b"], cwd) for r in kept}
+        record = {"format": 1, "columns": self.columns, "cwd": os.getcwd(),
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": self.identity}
         # Start from a file holding exactly the kept rows (atomically: an interrupted
-        # rewrite leaves the previous file).
-        with atomic_path(path) as tmp:
+        # rewrite leaves the previous file). The sidecar first: a file never has rows
+        # without a record of the model that wrote them.
+        atomic_write_bytes(sidecar_path(self.path), json.dumps(record, indent=2).encode())
+        with atomic_path(self.path) as tmp:
             with open(tmp, "w", newline="", encoding="utf-8") as fh:
                 if self.format == "csv":
                     fh.write(_csv_line(self.columns))
                 for row in kept:
                     fh.write(self._format(row))
-        self._fh: IO[str] | None = open(path, "a", newline="", encoding="utf-8")
+        self._fh = open(self.path, "a", newline="", encoding="utf-8")
+        self._ino = os.fstat(self._fh.fileno()).st_ino
+
+    def _check_identity(self) -> str | None:
+        """The writer's working folder from the sidecar; ConfigError if another model wrote it."""
+        side = sidecar_path(self.path)
+        try:
+            with open(side, encoding="utf-8") as fh:
+                record = json.load(fh)
+        except (OSError, ValueError):
+            raise ConfigError(
+                f"--resume: {self.path!r} has no readable {os.path.basename(side)!r}, so which model "
+                "wrote its rows is unknown; rows of two models must not mix. Give another --output, "
+                "or drop --resume to start the file again."
+            ) from None
+        theirs = record.get("model") if isinstance(record, dict) else None
+        if theirs != self.identity:
+            diff = sorted(k for k in set(self.identity) | set(theirs or {})
+                          if (theirs or {}).get(k) != self.identity.get(k))
+            raise ConfigError(
+                f"--resume: {self.path!r} was written by another model (differs in: "
+                f"{', '.join(diff) or 'everything'}); rows of two models must not mix. Resume "
+                "with the model that wrote it, give another --output, or drop --resume to start over."
+            )
+        cwd = record.get("cwd")
+        return cwd if isinstance(cwd, str) else None
 
     def _format(self, row: Row) -> str:
         if self.format == "csv":
@@ -138,14 +239,33 @@ class ResultFile:
         return rows
 
     def write(self, row: Row) -> None:
-        assert self._fh is not None, "write after close"
-        self._fh.write(self._format(row))
-        self._fh.flush()
+        if self._fh is None:
+            raise OutputError(f"{self.path!r} is closed; no more rows can be written to it.")
+        try:
+            self._fh.write(self._format(row))
+            self._fh.flush()
+        except OSError as exc:
+            raise OutputError(f"writing a row to {self.path!r} failed ({exc}); the rows before it "
+                              "are in the file. Free space or fix permissions, then --resume.") from exc
 
     def close(self) -> None:
-        if self._fh is not None:
+        """Close the file and release the lock; OutputError if the file is no longer ours."""
+        if self._fh is None:
+            return
+        try:
             self._fh.close()
             self._fh = None
+            try:
+                same = os.stat(self.path).st_ino == self._ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                raise OutputError(
+                    f"{self.path!r} was replaced or removed while this run wrote to it; its rows "
+                    "are not in the file now. Run again (with --resume if the file is there)."
+                )
+        finally:
+            self._lock.__exit__(None, None, None)
 
 
 def _finite(v: Any) -> bool:

@@ -163,10 +163,14 @@ def run_pairs(engine, pairs: Sequence[Pair], sinks: Iterable[Callable[[Row], Non
         y = np.ascontiguousarray(np.stack([i.y for i in items]))
         start = time.perf_counter()
         bad: set[int] = set()
+        why = ""
         try:
             out = engine.distance(x, y)
         except NonFiniteError as exc:  # the finite samples of the batch stand
             out, bad = exc.out, set(exc.bad)
+            why = ("the image holds NaN or Inf values" if exc.inputs else
+                   "the distance is not finite: the model's precision overflowed on this pair "
+                   "(a float32 model does not overflow here)")
         except PerceptualError as exc:
             stats.engine_s += time.perf_counter() - start
             if len(items) == 1:
@@ -179,8 +183,7 @@ def run_pairs(engine, pairs: Sequence[Pair], sinks: Iterable[Callable[[Row], Non
         stats.batches += 1
         for k, item in enumerate(items):
             if k in bad:
-                emit(item.pair, None, "the distance is not finite: the model's precision overflowed "
-                                      "on this pair (a float32 model does not overflow here)")
+                emit(item.pair, None, why)
                 continue
             # The shortest decimal that is the same float32: no float64 noise digits.
             emit(item.pair, {t: float(str(np.float32(out[t][k]))) for t in terms})

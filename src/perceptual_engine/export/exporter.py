@@ -25,12 +25,12 @@ from .._io import atomic_path
 from ..errors import ConfigError, ExportError
 from ..reference import TorchFeatures
 from ..spec import FeatureSpec, LossConfig
-from ..weights import Weights, load_weights
+from ..weights import Weights, load_weights, restrict
 from .graphs import GRAPH_KINDS, DistanceGraph, FeaturesGraph, StyleGraph, TargetGraph
-from .metadata import ModelInfo
+from .integrity import seal
+from .metadata import DTYPES, ModelInfo
 from .verify import OutputError, verify_model
 
-DTYPES = ("float32", "float16")
 # Max relative error (max |ort - ref| / max |ref|) accepted per output at export.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 # The same for grad.x: float16 backpropagates through the half network too.
@@ -170,12 +170,15 @@ def export_onnx(
         loss.check_against(spec)
     elif loss is not None:
         raise ConfigError("loss is only used by graph='distance', 'target' or 'style'; drop it or export one of those.")
+    if loss is not None:
+        spec = _trim_to_loss(spec, loss)
+    path = os.fspath(path)
+    _check_destination(path)
     say = progress or (lambda msg: None)
     start = time.perf_counter()
-    path = os.fspath(path)
 
     say(f"loading {spec.arch} weights ({spec.weights})")
-    weights = weights if weights is not None else load_weights(spec)
+    weights = restrict(weights, spec) if weights is not None else load_weights(spec)
     reference = TorchFeatures(spec, weights=weights)  # float32: what the export is checked against
     traced = reference  # exporting does not modify the module
     if dtype == "float16":
@@ -196,7 +199,7 @@ def export_onnx(
     say(f"exporting {graph} graph ({dtype}) to ONNX")
     with logging_level(logging.ERROR):
         proto = _to_onnx(module, args, inputs, outputs, dynamic)
-    onnx.helper.set_model_props(proto, info.to_props())
+    seal(proto, info)  # the metadata and the digests binding it to this graph
 
     errors: dict[str, OutputError] = {}
     with atomic_path(path) as tmp:
@@ -212,6 +215,33 @@ def export_onnx(
         size_bytes=os.path.getsize(path), weights_sha256=weights.sha256,
         seconds=time.perf_counter() - start,
     )
+
+
+def _trim_to_loss(spec: FeatureSpec, loss: LossConfig) -> FeatureSpec:
+    """The spec cut to the layers the loss weighs, with a warning when that drops any:
+    the model then computes (and its size check and weights hash cover) only those."""
+    used = loss.used_spec(spec)
+    if used is not spec:
+        dropped = [n for n in spec.layers if n not in used.layers]
+        warnings.warn(
+            f"layers {dropped} are not used by the loss; the model extracts {list(used.layers)} "
+            f"only and ends at {used.deepest} (smallest input side {used.min_size}).",
+            UserWarning, stacklevel=3)
+    return used
+
+
+def _check_destination(path: str) -> None:
+    """Refuse a destination that cannot be written before any work is done."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"export destination {path!r} is a folder; give a file path such as "
+                          f"{os.path.join(path, 'model.onnx')!r}.")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"export destination {path!r}: the folder {folder!r} does not exist; "
+                          f"create it first (mkdir -p {folder}) or give another path.")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"export destination {path!r}: the folder {folder!r} is not writable; "
+                          "give another path.")
 
 
 def _target_shapes(spec: FeatureSpec, loss: LossConfig | None, graph: str, size: int) -> list[tuple[int, ...]]:

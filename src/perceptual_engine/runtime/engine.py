@@ -9,9 +9,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from .._io import sha256_file
-from ..errors import DeviceError, InputError, ModelError, NonFiniteError
+from ..errors import DeviceError, InputError, ModelError, NonFiniteError, NonFiniteInputError
+from ..export.integrity import read_model
 from ..export.metadata import ModelInfo
-from ..validate import MAX_BATCH_PIXELS, check_pair, check_tensor
+from ..validate import MAX_BATCH_PIXELS, check_pair, check_tensor, nonfinite_samples
 from . import providers as P
 from . import targets as T
 from .iobinding import TorchBinder
@@ -58,7 +59,9 @@ class Engine:
         self.max_pixels = max_pixels
         self.cpu_arena = self.options.fixed_shapes if cpu_arena is None else cpu_arena
         if not os.path.isfile(self.path):
-            what = "a folder" if os.path.isdir(self.path) else "missing"
+            what = ("a folder" if os.path.isdir(self.path) else
+                    "not a regular file (a device, pipe or socket)" if os.path.exists(self.path)
+                    else "missing")
             raise ModelError(f"model {self.path!r} is {what}; give the path of an exported .onnx file "
                              "(perceptual-engine export -o model.onnx).")
         # Metadata first, from a CPU-free read of the header: the spec names the inputs.
@@ -186,7 +189,30 @@ class Engine:
         On a style or target model (graph="style"/"target") y is omitted: x is
         compared with the targets given to ``set_target``/``set_style_target``, and
         only x runs through the network.
+        A sample whose input holds NaN/Inf is not computed: the others are, and a
+        NonFiniteError names the bad samples and carries every term in ``.out``
+        (NaN for the bad samples).
         """
+        try:
+            return self._distance(x, y)
+        except NonFiniteInputError as exc:
+            return self._distance_finite_samples(x, y, exc)
+
+    def _distance_finite_samples(self, x: Any, y: Any, exc: NonFiniteInputError) -> dict[str, Any]:
+        bad = sorted(set(nonfinite_samples(_host_view(x)))
+                     | (set(nonfinite_samples(_host_view(y))) if y is not None else set()))
+        n = int(x.shape[0])
+        keep = [i for i in range(n) if i not in bad]
+        if not keep:
+            raise exc
+        sub = self._distance(x[keep], None if y is None else y[keep])
+        out = {k: _scatter(v, keep, n) for k, v in sub.items()}
+        raise NonFiniteError(
+            f"the input of sample(s) {bad} holds NaN or Inf: those were not computed; the other "
+            f"{len(keep)} sample(s)' terms are in this error's .out (NaN for the bad ones). "
+            "Check those inputs.", out, bad, inputs=True)
+
+    def _distance(self, x: Any, y: Any = None) -> dict[str, Any]:
         if self.info.graph in ("style", "target"):
             if y is not None:
                 call = "set_style_target(y)" if self.info.graph == "style" else "set_target(content=, style=)"
@@ -250,6 +276,23 @@ class Engine:
         return f"Engine({self.path!r}, graph={self.info.graph}, providers={self.providers})"
 
 
+def _host_view(v: Any) -> Any:
+    """A numpy array or CPU torch tensor as is (CUDA tensors are never scanned)."""
+    return v if isinstance(v, np.ndarray) else v.detach()
+
+
+def _scatter(v: Any, keep: list[int], n: int) -> Any:
+    """Rows ``keep`` of an (n, ...) result filled from ``v``, the others NaN."""
+    if isinstance(v, np.ndarray):
+        full = np.full((n, *v.shape[1:]), np.nan, dtype=v.dtype)
+    else:
+        import torch
+
+        full = torch.full((n, *v.shape[1:]), float("nan"), dtype=v.dtype, device=v.device)
+    full[keep] = v
+    return full
+
+
 def _to_host(v: Any) -> np.ndarray:
     if isinstance(v, np.ndarray):
         return np.ascontiguousarray(v)
@@ -267,18 +310,9 @@ def _check_finite(out: Mapping[str, Any]) -> None:
 
 
 def read_info(path: str) -> ModelInfo:
-    """The ModelInfo in ``path``'s metadata (the file is parsed, not run)."""
-    import onnx
-
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except Exception as exc:
-        raise ModelError(
-            f"{path!r} is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]}); it may "
-            "be truncated or another kind of file. Re-export it with perceptual-engine export."
-        ) from exc
-    props = {p.key: p.value for p in model.metadata_props}
-    return ModelInfo.from_props(props, path)
+    """The ModelInfo in ``path``'s metadata (the file is parsed, not run), validated
+    against the schema and checked against the digests recorded at export."""
+    return read_model(path)
 
 
 def _preload_cuda() -> None:
