@@ -162,6 +162,9 @@ def optimize_image(loss_module: Any, x0: Any, *, steps: int = 300, optimizer: st
     from .images import save_image
 
     _check_options(steps, optimizer, lr, "content", stop_below, save_every, save_path)
+    if input_range not in INPUT_RANGES:
+        raise ConfigError(f"input_range {input_range!r} is not accepted; accepted: "
+                          f"{', '.join(map(repr, INPUT_RANGES))}.")
     lo, hi = INPUT_RANGES[input_range]
     lr = lr if lr is not None else DEFAULT_LR[optimizer] * (1.0 if optimizer == "lbfgs" else hi - lo)
     start = x0.detach().clone() if isinstance(x0, torch.Tensor) else torch.from_numpy(np.array(x0))
