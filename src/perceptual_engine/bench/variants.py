@@ -310,8 +310,8 @@ REGISTRY: dict[str, Variant] = {v.name: v for v in (
     TorchVariant("torch-bf16-cl", "PyTorch eager, bfloat16 weights, channels_last", True, "bf16-cl"),
     TorchVariant("torch-compile", "torch.compile of the reference (default mode, static shapes)",
                  False, "compile"),
-    TorchVariant("torch-nograd-y", "train: PyTorch eager float32, y's features under no_grad "
-                 "(autograd records x's pass only)", False, "nograd-y"),
+    TorchVariant("torch-nograd-y", "PyTorch eager float32, y under no_grad (train only)", False,
+                 "nograd-y"),
     OrtVariant("ort-cpu", "ONNX Runtime, CPU execution provider", False, "cpu"),
     OrtVariant("ort-cuda-fp32", "ONNX Runtime CUDA, float32, TF32 off, numpy in/out", True, "cuda"),
     OrtVariant("ort-cuda-tf32", "ONNX Runtime CUDA, float32 with TF32, numpy in/out", True, "cuda",
