@@ -81,11 +81,13 @@ def test_stop_below_stops_at_the_first_loss_at_or_under_it(module):
 
 
 def test_save_every_writes_the_image_of_that_step(module, tmp_path):
-    seen = []
+    seen, saves = [], []
     r = optimize_image(module, _smooth(1), steps=5, save_every=2,
                        save_path=tmp_path / "snap-{step:03d}.png",
-                       progress=lambda k, n, loss: seen.append((k, n, loss)))
+                       progress=lambda k, n, loss: seen.append((k, n, loss)),
+                       on_save=lambda k, path: saves.append((k, path)))
     assert r.saved == [str(tmp_path / "snap-002.png"), str(tmp_path / "snap-004.png")]
+    assert saves == [(2, r.saved[0]), (4, r.saved[1])]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["snap-002.png", "snap-004.png"]
     assert seen == [(k + 1, 5, r.losses[k]) for k in range(5)]
     # The step-4 image, 8-bit, is what a run of 4 steps returns.

@@ -128,7 +128,10 @@ def test_sigint_keeps_the_last_saved_image(cache, photos, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "perceptual_engine.cli", "stylize", *photos, "-o", str(out),
          "--steps", "100000", "--save-every", "1", "--cache-dir", cache[0], *FLAGS],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # A shell without job control starts background jobs with SIGINT ignored, and a
+        # child inherits that: restore the default so Python turns SIGINT into Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not out.exists():

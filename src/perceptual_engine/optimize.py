@@ -140,7 +140,8 @@ def optimize_image(loss_module: Any, x0: Any, *, steps: int = 300, optimizer: st
                    lr: float | None = None, input_range: str = "0,1",
                    stop_below: float | None = None, save_every: int | None = None,
                    save_path: str | os.PathLike | None = None,
-                   progress: Progress | None = None) -> StylizeResult:
+                   progress: Progress | None = None,
+                   on_save: Callable[[int, str], None] | None = None) -> StylizeResult:
     """Minimize ``loss_module(x)["total"].sum()`` over the pixels of x, from ``x0``.
 
     loss_module: its target already set; ``forward(x)`` returns a dict whose
@@ -155,6 +156,7 @@ def optimize_image(loss_module: Any, x0: Any, *, steps: int = 300, optimizer: st
         every ``save_every`` steps.
     progress: called after every step as ``progress(step, steps, loss)``, loss being
         the one evaluated at the start of that step (before its update).
+    on_save: called after each save as ``on_save(step, path)``.
     Pixels are clamped to ``input_range`` after every update.
     """
     import torch
@@ -232,6 +234,8 @@ def optimize_image(loss_module: Any, x0: Any, *, steps: int = 300, optimizer: st
         done = step + 1
         if save_every is not None and done % save_every == 0:
             saved.append(_save(save_image, save_path, x, done, input_range))
+            if on_save is not None:
+                on_save(done, saved[-1])
         if progress is not None:
             progress(done, steps, losses[-1])
     with torch.no_grad():  # the terms of the returned image (and its loss, if not known)
@@ -315,7 +319,8 @@ def stylize(content: Any, style: Any, *, spec: FeatureSpec | None = None,
             style_size: int | None = None, device: str = "auto", dtype: str = "float32",
             seed: int = 0,
             save_every: int | None = None, save_path: str | os.PathLike | None = None,
-            progress: Progress | None = None, cache_dir: str | None = None,
+            progress: Progress | None = None, on_save: Callable[[int, str], None] | None = None,
+            cache_dir: str | None = None,
             say: Callable[[str], None] | None = None) -> StylizeResult:
     """Optimize an image to have ``content``'s features and ``style``'s Grams.
 
@@ -361,7 +366,8 @@ def stylize(content: Any, style: Any, *, spec: FeatureSpec | None = None,
         x0 = np.random.default_rng(seed).uniform(lo, hi, c.shape).astype(np.float32)
     result = optimize_image(module, x0, steps=steps, optimizer=optimizer, lr=lr,
                             input_range=spec.input_range, stop_below=stop_below,
-                            save_every=save_every, save_path=save_path, progress=progress)
+                            save_every=save_every, save_path=save_path, progress=progress,
+                            on_save=on_save)
     result.model_path = path
     result.providers = list(module.engine.providers)
     return result

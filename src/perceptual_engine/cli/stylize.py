@@ -147,6 +147,7 @@ def main(args: argparse.Namespace, say) -> int:
     spec, loss = _spec_and_loss(args)
     _check_output(args.output)
     report = _Report(args.steps, sys.stderr, sys.stderr.isatty())
+    kept: list[int] = []  # the step of the image OUT holds (from --save-every)
     try:
         result = stylize(args.content_image, args.style_image, spec=spec, loss=loss, model=args.model,
                          steps=args.steps, optimizer=args.optimizer, lr=args.lr,
@@ -154,16 +155,17 @@ def main(args: argparse.Namespace, say) -> int:
                          style_size=args.style_size, device=args.device,
                          dtype=args.dtype or "float32", save_every=args.save_every,
                          save_path=args.output if args.save_every else None,
-                         progress=report, cache_dir=args.cache_dir, say=say)
+                         progress=report, on_save=lambda step, _: kept.append(step),
+                         cache_dir=args.cache_dir, say=say)
     except ImageError as exc:  # CONTENT or STYLE unreadable: the arguments' fault
         raise ConfigError(str(exc)) from exc
     except KeyboardInterrupt:
         report.close()
-        kept = (report.done // args.save_every) * args.save_every if args.save_every else 0
+        done = max([report.done, *kept])
         if kept:
-            say(f"interrupted after step {report.done}; {args.output} holds the image of step {kept}")
+            say(f"interrupted after step {done}; {args.output} holds the image of step {kept[-1]}")
         else:
-            say(f"interrupted after step {report.done}; no image was saved yet"
+            say(f"interrupted after step {done}; no image was saved yet"
                 + ("" if args.save_every else " (--save-every K keeps one every K steps)"))
         return 130
     report.close()
