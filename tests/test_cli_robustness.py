@@ -68,7 +68,7 @@ def cli_env(tmp_path):
 def test_sigint_exits_130_with_one_line(tmp_path, cli_env, point):
     spec = ["--weights", "random", "--layers", "relu1_2,relu2_2,relu3_1"]
     if point == "start-up":  # while torch is being imported
-        code, err = _interrupt(["export", *spec, "-o", "m.onnx"], tmp_path, cli_env, None, delay=0.4)
+        code, err = _interrupt(["export", *spec, "-o", "m.onnx"], tmp_path, cli_env, None, delay=1.5)
     elif point == "export":
         code, err = _interrupt(["export", *spec, "-o", "m.onnx"], tmp_path, cli_env, "exporting")
     else:

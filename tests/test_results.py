@@ -104,7 +104,7 @@ def test_resume_with_another_model_is_refused(models, odd, capsys):
     code, _, err = _run(capsys, "distance", "odd/A", "odd/B", "--model", models[1], "--output", "r.csv",
                         "--resume")
     assert code == 2
-    assert "written by another model (differs in: spec, weights_sha256)" in err
+    assert "written by another model (differs in: graph_sha256, spec, weights_sha256)" in err
     assert open("r.csv").read() == before  # untouched
 
 

@@ -57,5 +57,25 @@ class ExportError(PerceptualError, RuntimeError):
     """Export or its verification failed; the destination was left untouched."""
 
 
+class MemoryBudgetError(InputError):
+    """A call's estimated peak memory exceeds the budget; refused before it ran.
+
+    ``estimate`` and ``budget`` are in bytes."""
+
+    def __init__(self, message: str, *, estimate: int, budget: int) -> None:
+        super().__init__(message)
+        self.estimate, self.budget = estimate, budget
+
+
+class OutOfMemoryError(PerceptualError, MemoryError):
+    """ONNX Runtime (or CUDA) failed to allocate memory during a call.
+
+    ``estimate``: the call's estimated peak in bytes, when known."""
+
+    def __init__(self, message: str, *, estimate: int | None = None) -> None:
+        super().__init__(message)
+        self.estimate = estimate
+
+
 class OutputError(PerceptualError):
     """A result file could not be written, or was changed by someone else while being written."""

@@ -189,6 +189,17 @@ def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(np.stack(planes), 0.0, 1.0).astype(np.float32)
 
 
+def limit_side(x: np.ndarray, max_side: int | None) -> np.ndarray:
+    """(3, H, W) -> downscaled (bicubic, antialiased) so that max(H, W) <= max_side,
+    keeping the aspect ratio (the shorter side rounded, at least 1); unchanged if it fits."""
+    h, w = x.shape[1:]
+    if max_side is None or max(h, w) <= max_side:
+        return x
+    scale = max_side / max(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return resize(x, (min(size[0], max_side), min(size[1], max_side)))
+
+
 def center_crop(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(3, H, W) -> the centered (3, h, w) window (h <= H, w <= W)."""
     h, w = size

@@ -13,7 +13,7 @@ import sys
 import warnings
 from typing import Sequence
 
-from .options import SPEC_FLAGS, add_spec_options, positive_int, spec_from_args
+from .options import SPEC_FLAGS, add_memory_options, add_spec_options, positive_int, spec_from_args
 from ..errors import ConfigError, ModelError, PerceptualError, WeightsError
 
 PROG = "perceptual-engine"
@@ -28,6 +28,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export_onnx
     from ..export.exporter import TOLERANCE
 
+    if args.triton_name and not args.triton_repo:
+        raise ConfigError("--triton-name names the model in --triton-repo DIR; add --triton-repo.")
     spec, loss = spec_from_args(args)
     if args.graph == "features" and loss is not None:
         raise ConfigError("--content/--style/--gram describe a distance graph; add --graph "
@@ -68,6 +70,13 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"{TOLERANCE[dtype]:g} relative):")
     for name, e in r.errors.items():
         print(f"    {name:<20} max abs {e.max_abs:.2e}   max rel {e.max_rel:.2e}")
+    if args.triton_repo:
+        from ..export.triton import write_triton_repo
+
+        t = write_triton_repo(r.path, args.triton_repo, args.triton_name)
+        print(f"wrote Triton model {t.folder} (config.pbtxt, 1/model.onnx), max_batch_size "
+              f"{t.max_batch_size}; config " + ("checked against Triton's schema and the graph"
+                                                if t.checked else t.note))
     return 0
 
 
@@ -94,6 +103,7 @@ def _open_engine(args: argparse.Namespace):
     if engine.info.graph != "distance":
         raise ModelError(f"{args.model!r} is a {engine.info.graph} graph; distance needs a model "
                          "exported with --graph distance.")
+    engine.memory_budget = getattr(args, "memory_budget", None)
     return engine
 
 
@@ -102,6 +112,10 @@ def cmd_distance(args: argparse.Namespace) -> int:
     from .results import ResultFile, StdoutRows, check_output_path, model_identity
     from .runner import Progress, run_pairs
 
+    if args.ray:
+        from ..distributed.cli import run_distance
+
+        return run_distance(args, _say)
     pairs = pairs_from_args(args.a, args.b, args.pairs)
     if args.output:
         check_output_path(args.output)  # before a model is exported or loaded
@@ -126,7 +140,7 @@ def cmd_distance(args: argparse.Namespace) -> int:
     try:
         stats = run_pairs(engine, pairs, sinks, batch_size=args.batch_size,
                           size_policy=args.size_policy, workers=args.workers, skip=skip,
-                          max_pixels=args.max_pixels, progress=bar)
+                          max_pixels=args.max_pixels, max_side=args.max_side, progress=bar)
     except KeyboardInterrupt:
         bar.close()
         where = f"; the rows computed so far are in {args.output}, rerun with --resume" \
@@ -203,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also output grad.x (N, 3, H, W), the gradient of the summed total with "
                         "respect to x (distance and target graphs; docs/training.md)")
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="the .onnx file to write")
+    p.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository "
+                   "entry: DIR/NAME/config.pbtxt and DIR/NAME/1/model.onnx (see docs/scale.md)")
+    p.add_argument("--triton-name", metavar="NAME", help="the Triton model name (default: the "
+                   "stem of --output)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -235,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image decoding threads (default: min(4, CPUs))")
     p.add_argument("--max-pixels", type=positive_int, default=MAX_IMAGE_PIXELS, metavar="N",
                    help=f"refuse larger images before decoding (default: {MAX_IMAGE_PIXELS})")
+    add_memory_options(p)
+    g = p.add_argument_group("Ray (dataset scale; needs perceptual-engine[ray])")
+    g.add_argument("--ray", action="store_true",
+                   help="decode in Ray tasks and compute on a pool of Engine actors (one per GPU); "
+                        "--output may then also be .parquet")
+    g.add_argument("--ray-address", metavar="ADDR",
+                   help="a running Ray cluster (default: start a local Ray sized to this machine)")
+    g.add_argument("--ray-actors", type=positive_int, metavar="N",
+                   help="Engine actors (default: one per GPU; without GPUs, one per 4 CPUs)")
     add_spec_options(p)
     p.set_defaults(func=cmd_distance)
 
@@ -349,4 +376,6 @@ def _check_distance_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         sub.error("give two images, two folders, or --pairs CSV")
     if args.resume and not args.output:
         sub.error("--resume needs --output (the file to resume)")
+    if (args.ray_address or args.ray_actors) and not args.ray:
+        sub.error("--ray-address and --ray-actors go with --ray")
 

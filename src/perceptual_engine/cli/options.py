@@ -104,3 +104,29 @@ def spec_from_args(args: argparse.Namespace, *,
     if args.gram:
         return spec, LossConfig(content={n: 1.0 for n in spec.layers}, gram=gram)
     return spec, None
+
+
+def memory_budget(text: str) -> str:
+    """--memory-budget: validated here (exit 2 on a bad value), parsed by the engine."""
+    from ..errors import ConfigError
+    from ..memory import parse_budget
+
+    try:
+        parse_budget(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_memory_options(p: argparse.ArgumentParser) -> None:
+    from ..memory import DEFAULT_FRACTION
+
+    g = p.add_argument_group("memory (docs/memory.md)")
+    g.add_argument("--memory-budget", type=memory_budget, metavar="SIZE",
+                   help="refuse a pair whose estimated peak memory exceeds SIZE, as an error row, "
+                        "and size batches under it: 4G, 512M (binary units), 50%% of the "
+                        f"available memory, or 0 for none (default: {100 * DEFAULT_FRACTION:.0f}%% of "
+                        "the available memory, free GPU memory on CUDA)")
+    g.add_argument("--max-side", type=positive_int, metavar="N",
+                   help="downscale images whose longer side exceeds N pixels (aspect kept, "
+                        "bicubic, antialiased) before the size policy (default: no limit)")

@@ -59,7 +59,8 @@ def _cell(v: Any) -> str:
 def model_identity(info: Any) -> dict[str, Any]:
     """What a result file records about the model that computed its rows (a ModelInfo):
     graph, precision, hashes of the spec and the loss, the weights' SHA-256, the
-    version that exported the model and the version that ran it."""
+    graph's SHA-256 (its weights and operations, checked at load), the version that
+    exported the model and the version that ran it."""
     from .. import __version__
     from ..spec import json_digest
 
@@ -69,6 +70,7 @@ def model_identity(info: Any) -> dict[str, Any]:
         "spec": json_digest(info.spec.to_dict()),
         "loss": json_digest(info.loss.to_dict() if info.loss is not None else None),
         "weights_sha256": info.weights_sha256,
+        "graph_sha256": getattr(info, "graph_sha256", ""),  # every weight and op of the model
         "exported_by": info.version,
         "package": __version__,
     }
@@ -112,10 +114,12 @@ class ResultFile:
     meanwhile, so no run reports rows as saved that are not in the file.
     """
 
+    file_format = staticmethod(file_format)  # a subclass may write other formats
+
     def __init__(self, path: str, terms: Sequence[str], *, resume: bool = False,
                  identity: dict[str, Any] | None = None) -> None:
         self.path = path
-        self.format = file_format(path)
+        self.format = self.file_format(path)
         check_output_path(path)
         self.columns = columns_for(terms)
         self.identity = dict(identity or {})

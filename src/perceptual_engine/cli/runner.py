@@ -17,8 +17,10 @@ from typing import IO, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..errors import ImageError, NonFiniteError, PerceptualError
-from ..images import MAX_IMAGE_PIXELS, decode, match_sizes
+from .. import memory as _memory
+from ..errors import (ImageError, MemoryBudgetError, NonFiniteError, OutOfMemoryError,
+                      PerceptualError)
+from ..images import MAX_IMAGE_PIXELS, decode, limit_side, match_sizes
 from .pairs import Pair
 from .results import Row
 from ..spec import INPUT_RANGES
@@ -105,12 +107,12 @@ class Progress:
 
 
 def _decode_pair(pair: Pair, policy: str, scale: tuple[float, float], min_size: int,
-                 max_pixels: int | None) -> _Decoded:
+                 max_pixels: int | None, max_side: int | None = None) -> _Decoded:
     start = time.perf_counter()
     out = _Decoded(pair)
     try:
-        x = decode(pair.a, max_pixels=max_pixels)
-        y = decode(pair.b, max_pixels=max_pixels)
+        x = limit_side(decode(pair.a, max_pixels=max_pixels), max_side)
+        y = limit_side(decode(pair.b, max_pixels=max_pixels), max_side)
         x, y = match_sizes(x, y, policy)
         h, w = x.shape[1:]
         if min(h, w) < min_size:
@@ -126,13 +128,73 @@ def _decode_pair(pair: Pair, policy: str, scale: tuple[float, float], min_size: 
     return out
 
 
+NOT_FINITE = ("the distance is not finite: the model's precision overflowed on this pair (a "
+              "float32 model does not overflow here)")
+NOT_FINITE_INPUT = "the image holds NaN or Inf values"
+
+
+def make_row(pair: Pair, terms: Sequence[str], values: dict[str, float] | None,
+             error: str = "") -> Row:
+    """The result row of one pair: both paths, every term (None when not computed), error."""
+    row: Row = {"a": pair.a, "b": pair.b}
+    row.update({t: (values[t] if values else None) for t in terms})
+    row["error"] = error
+    return row
+
+
+def compute_batch(engine, items: Sequence[_Decoded]
+                  ) -> tuple[list[tuple[Pair, dict[str, float] | None, str]], float, int]:
+    """Run decoded pairs of one size through ``engine`` as one batch.
+
+    Returns ([(pair, terms or None, error)] in input order, seconds inside the engine,
+    successful engine calls). A non-finite sample fails alone; a batch the engine
+    refuses is retried one pair at a time, so the error lands on the pair that caused it.
+    """
+    terms = list(engine.output_names)
+    x = np.ascontiguousarray(np.stack([i.x for i in items]))
+    y = np.ascontiguousarray(np.stack([i.y for i in items]))
+    start = time.perf_counter()
+    bad: set[int] = set()
+    why = NOT_FINITE
+    try:
+        out = engine.distance(x, y)
+    except NonFiniteError as exc:  # the finite samples of the batch stand
+        out, bad = exc.out, set(exc.bad)
+        why = NOT_FINITE_INPUT if exc.inputs else NOT_FINITE
+    except PerceptualError as exc:
+        seconds = time.perf_counter() - start
+        if len(items) == 1:
+            return [(items[0].pair, None, _row_error(exc, items[0].x.shape))], seconds, 0
+        results, calls = [], 0
+        for item in items:  # find which pair it was: one at a time
+            r, s, c = compute_batch(engine, [item])
+            results += r
+            seconds += s
+            calls += c
+        return results, seconds, calls
+    seconds = time.perf_counter() - start
+    results = []
+    for k, item in enumerate(items):
+        if k in bad:
+            results.append((item.pair, None, why))
+        else:
+            # The shortest decimal that is the same float32: no float64 noise digits.
+            results.append((item.pair, {t: float(str(np.float32(out[t][k]))) for t in terms}, ""))
+    return results, seconds, 1
+
+
 def run_pairs(engine, pairs: Sequence[Pair], sinks: Iterable[Callable[[Row], None]], *,
               batch_size: int = 8, size_policy: str = "error", workers: int | None = None,
               skip: set[tuple[str, str]] | frozenset = frozenset(),
-              max_pixels: int | None = MAX_IMAGE_PIXELS,
+              max_pixels: int | None = MAX_IMAGE_PIXELS, max_side: int | None = None,
               progress: Progress | None = None) -> RunStats:
     """Compute every pair not in ``skip`` with ``engine`` (a distance Engine); each row
-    goes to every sink as soon as it is known. Returns the run's statistics."""
+    goes to every sink as soon as it is known. Returns the run's statistics.
+
+    Images whose longer side exceeds ``max_side`` are downscaled first (aspect kept).
+    A batch holds at most ``batch_size`` pairs of one size, fewer when the engine's
+    memory estimate for more would exceed its budget; a pair that alone exceeds it,
+    or that runs out of memory, becomes an error row and the run goes on."""
     sinks = list(sinks)
     terms = list(engine.output_names)
     workers = workers or min(4, os.cpu_count() or 1)
@@ -145,9 +207,7 @@ def run_pairs(engine, pairs: Sequence[Pair], sinks: Iterable[Callable[[Row], Non
     budget = engine.max_pixels
 
     def emit(pair: Pair, values: dict[str, float] | None, error: str = "") -> None:
-        row: Row = {"a": pair.a, "b": pair.b}
-        row.update({t: (values[t] if values else None) for t in terms})
-        row["error"] = error
+        row = make_row(pair, terms, values, error)
         for sink in sinks:
             sink(row)
         if error:
@@ -159,39 +219,15 @@ def run_pairs(engine, pairs: Sequence[Pair], sinks: Iterable[Callable[[Row], Non
         bar.advance()
 
     def run_batch(items: list[_Decoded]) -> None:
-        x = np.ascontiguousarray(np.stack([i.x for i in items]))
-        y = np.ascontiguousarray(np.stack([i.y for i in items]))
-        start = time.perf_counter()
-        bad: set[int] = set()
-        why = ""
-        try:
-            out = engine.distance(x, y)
-        except NonFiniteError as exc:  # the finite samples of the batch stand
-            out, bad = exc.out, set(exc.bad)
-            why = ("the image holds NaN or Inf values" if exc.inputs else
-                   "the distance is not finite: the model's precision overflowed on this pair "
-                   "(a float32 model does not overflow here)")
-        except PerceptualError as exc:
-            stats.engine_s += time.perf_counter() - start
-            if len(items) == 1:
-                emit(items[0].pair, None, str(exc))
-            else:  # find which pair it was: one at a time
-                for item in items:
-                    run_batch([item])
-            return
-        stats.engine_s += time.perf_counter() - start
-        stats.batches += 1
-        for k, item in enumerate(items):
-            if k in bad:
-                emit(item.pair, None, why)
-                continue
-            # The shortest decimal that is the same float32: no float64 noise digits.
-            emit(item.pair, {t: float(str(np.float32(out[t][k]))) for t in terms})
+        results, seconds, calls = compute_batch(engine, items)
+        stats.engine_s += seconds
+        stats.batches += calls
+        for pair, values, error in results:
+            emit(pair, values, error)
 
     def batch_limit(shape: tuple[int, ...]) -> int:
-        if budget is None:
-            return batch_size
-        return max(1, min(batch_size, budget // (shape[1] * shape[2])))
+        most = batch_size if budget is None else max(1, min(batch_size, budget // (shape[1] * shape[2])))
+        return _memory.fit_batch(engine, shape[1], shape[2], most)
 
     start = time.perf_counter()
     groups: dict[tuple[int, ...], list[_Decoded]] = collections.defaultdict(list)
@@ -209,7 +245,7 @@ def run_pairs(engine, pairs: Sequence[Pair], sinks: Iterable[Callable[[Row], Non
                     emit(pair, None, pair.error)
                     continue
                 queue.append(pool.submit(_decode_pair, pair, size_policy, scale,
-                                         engine.spec.min_size, max_pixels))
+                                         engine.spec.min_size, max_pixels, max_side))
 
         try:
             fill()
@@ -241,3 +277,18 @@ def run_pairs(engine, pairs: Sequence[Pair], sinks: Iterable[Callable[[Row], Non
     stats.wall_s = time.perf_counter() - start
     bar.close()
     return stats
+
+
+def _row_error(exc: PerceptualError, shape: tuple[int, ...]) -> str:
+    """The error row's text; memory errors name the command line's own fixes."""
+    if isinstance(exc, MemoryBudgetError):
+        side = _memory.suggest_side(shape[-2], shape[-1], exc.estimate, exc.budget)
+        return (f"needs about {_memory.format_bytes(exc.estimate)}, over the memory budget of "
+                f"{_memory.format_bytes(exc.budget)}; downscale with --max-side "
+                f"{side or 'N'} (and --size-policy resize for pairs of other sizes), or raise "
+                "--memory-budget")
+    if isinstance(exc, OutOfMemoryError):
+        need = f" (needs about {_memory.format_bytes(exc.estimate)})" if exc.estimate else ""
+        return (f"ran out of memory{need}; downscale with --max-side N, or set --memory-budget "
+                "below the memory this machine has free so such pairs are refused up front")
+    return str(exc)

@@ -9,8 +9,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from .._io import sha256_file
-from ..errors import DeviceError, InputError, ModelError, NonFiniteError, NonFiniteInputError
+from ..errors import (DeviceError, InputError, ModelError, NonFiniteError, NonFiniteInputError,
+                      PerceptualError)
 from ..export.integrity import read_model
+from .. import memory as _memory
 from ..export.metadata import ModelInfo
 from ..validate import MAX_BATCH_PIXELS, check_pair, check_tensor, nonfinite_samples
 from . import providers as P
@@ -43,6 +45,13 @@ class Engine:
     cpu_arena: ONNX Runtime's CPU memory arena. Default: on for fixed shapes
         (``options.fixed_shapes``), off otherwise, since an arena sized by every
         shape seen keeps the largest (see README, "Memory").
+    memory_budget: refuse a call whose estimated peak memory exceeds it, before any
+        work (MemoryBudgetError). None: 80% of the memory available on the device
+        (MemAvailable on CPU, free GPU memory on CUDA), read only for calls estimated
+        above 256 MiB; bytes (int); a fraction (float in (0, 1]); "4G", "50%"; 0 or
+        False: no budget. Settable later (``engine.memory_budget = "8G"``). See
+        docs/memory.md for the estimate. An allocation failure inside ONNX Runtime
+        raises OutOfMemoryError.
 
     Safe to call from several threads.
     """
@@ -50,7 +59,7 @@ class Engine:
     def __init__(self, path: str | os.PathLike, device: str = "auto", *,
                  options: P.ProviderOptions | None = None, threads: int | None = None,
                  check_range: bool = True, max_pixels: int | None = MAX_BATCH_PIXELS,
-                 cpu_arena: bool | None = None) -> None:
+                 cpu_arena: bool | None = None, memory_budget: Any = None) -> None:
         import onnxruntime as ort
 
         self.path = os.fspath(path)
@@ -82,6 +91,32 @@ class Engine:
         self._check_outputs()
         self._binder = TorchBinder(self) if self.on_gpu else None
         self._target: T.Target | None = None  # cached targets, on the session's device; swapped whole
+        self.memory_budget = memory_budget
+
+    # -- memory (docs/memory.md) -----------------------------------------------
+    @property
+    def memory_budget(self) -> Any:
+        return self._memory_budget
+
+    @memory_budget.setter
+    def memory_budget(self, value: Any) -> None:
+        info = self.info
+        self._memory = _memory.MemoryGuard(value, "cuda" if self.on_gpu else "cpu", self.options.device_id)
+        self._memory_budget = value
+        self._memory_args = dict(  # what the estimate needs besides the shape, fixed per model
+            dtype=info.dtype, grad=bool(getattr(info, "grad", False)), arena=self.cpu_arena,
+            device="cuda" if self.on_gpu else "cpu",
+            taps=None if info.graph == "features" or info.loss is None
+            else tuple(dict.fromkeys((*info.loss.content, *info.loss.style))))
+
+    def estimate_memory(self, n: int, height: int, width: int) -> "_memory.MemoryEstimate":
+        """Upper bound of the peak memory of a call on n images (pairs) of height x width."""
+        return _memory.estimate(self.spec, self.info.graph, int(n), int(height), int(width),
+                                **self._memory_args)
+
+    def memory_limit(self) -> int | None:
+        """The memory budget in bytes now, or None (none set, or available memory unknown)."""
+        return self._memory.limit()
 
     def _open_session(self, device: str, options: P.ProviderOptions) -> tuple[Any, str]:
         """An InferenceSession for ``device``, and why "auto" did not get its first choice.
@@ -151,12 +186,26 @@ class Engine:
             check_tensor(arrays[0], name, self.spec, **kw)
         else:
             check_pair(arrays[0], arrays[1], self.spec, **kw)
+        self._memory.check(self.estimate_memory(*_nhw(arrays[0])))
 
     def _run(self, feeds: dict[str, Any], names: tuple[str, ...] | None = None,
              target: "T.Target | None" = None) -> dict[str, Any]:
         """Run on ``feeds``; ``names`` picks outputs (all by default). A cached
         ``target``'s feeds are added as device-resident OrtValues."""
         names = names or self.output_names
+        try:
+            out = self._run_unguarded(feeds, names, target)
+        except Exception as exc:  # an allocation failure becomes a typed error, with the fix
+            if isinstance(exc, PerceptualError) or not _memory.is_out_of_memory(exc):
+                raise
+            est = self.estimate_memory(*_nhw(feeds["x"]))
+            raise _memory.out_of_memory(exc, est, self.providers[0]) from exc
+        if self._memory.kind == "fraction":
+            self._memory.ran(self.estimate_memory(*_nhw(feeds["x"])))
+        return out
+
+    def _run_unguarded(self, feeds: dict[str, Any], names: tuple[str, ...],
+                       target: "T.Target | None") -> dict[str, Any]:
         extra = target.feeds if target is not None else {}
         if self._binder is not None and self._binder.accepts(feeds):
             return self._binder.run(feeds, extra, names)
@@ -274,6 +323,11 @@ class Engine:
 
     def __repr__(self) -> str:
         return f"Engine({self.path!r}, graph={self.info.graph}, providers={self.providers})"
+
+
+def _nhw(x: Any) -> tuple[int, int, int]:
+    shape = tuple(x.shape)
+    return int(shape[0]), int(shape[2]), int(shape[3])
 
 
 def _host_view(v: Any) -> Any:

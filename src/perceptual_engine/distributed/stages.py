@@ -1,0 +1,136 @@
+"""The two stages of a Ray Data distance job: decode (CPU tasks) and distance (one Engine per actor).
+
+Both reuse the single-machine command's code, so a row is the same whichever path made
+it: ``_decode_pair`` (decode, size policy, minimum size, input range) and
+``compute_batch`` (batching, non-finite samples, per-pair errors) from ``cli/runner.py``.
+
+Between the stages a batch is a dict of numpy arrays: ``a``, ``b``, ``error`` (the
+pair's error so far, "" if none), ``x`` and ``y`` (one (3, H, W) float32 array per
+pair, sizes may differ; (3, 0, 0) when the pair failed) and ``decode_s``.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from .._io import atomic_path, file_lock, sha256_file
+from ..cli.pairs import Pair
+from ..cli.runner import _Decoded, _decode_pair, compute_batch
+
+# Columns of the job's rows beside a, b, the terms and error; dropped before rows leave.
+STATS_COLUMNS = ("_engine_s", "_actor_s", "_decode_s", "_calls", "_provider")
+_EMPTY = np.zeros((3, 0, 0), np.float32)
+
+
+def decode_batch(batch: dict[str, np.ndarray], *, size_policy: str, scale: tuple[float, float],
+                 min_size: int, max_pixels: int | None, max_side: int | None = None) -> dict[str, Any]:
+    """Decode a batch of pairs (columns ``a``, ``b``, ``error``) with the CLI's rules.
+
+    A pair whose files cannot be read, differ in size under ``size_policy="error"``
+    or are too small keeps its reason in ``error``; it never fails the task.
+    """
+    xs, ys, errors, seconds = [], [], [], []
+    for a, b, err in zip(batch["a"], batch["b"], batch["error"]):
+        if err:  # e.g. a file present in one folder only
+            xs.append(_EMPTY), ys.append(_EMPTY), errors.append(str(err)), seconds.append(0.0)
+            continue
+        d = _decode_pair(Pair(str(a), str(b)), size_policy, scale, min_size, max_pixels, max_side)
+        ok = not d.error
+        xs.append(d.x if ok else _EMPTY)
+        ys.append(d.y if ok else _EMPTY)
+        errors.append(d.error)
+        seconds.append(d.seconds)
+    return {"a": batch["a"], "b": batch["b"], "error": np.array(errors, dtype=object),
+            "x": xs, "y": ys, "decode_s": np.array(seconds, dtype=np.float64)}
+
+
+def local_model_copy(data: bytes, sha256: str, folder: str | None = None) -> str:
+    """Write model bytes from the object store to a node-local file named by their hash.
+
+    Actors on one node share the file: it is written atomically under a lock, and
+    reused when its hash matches. Returns the path.
+    """
+    import tempfile
+
+    folder = folder or os.path.join(tempfile.gettempdir(), "perceptual-engine-ray")
+    path = os.path.join(folder, f"{sha256[:32]}.onnx")
+    os.makedirs(folder, exist_ok=True)
+    with file_lock(path + ".lock"):
+        if not (os.path.isfile(path) and sha256_file(path) == sha256):
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+    return path
+
+
+class DistanceActor:
+    """One Engine per actor, opened once in ``__init__``; one Ray batch per call.
+
+    model: a path every node sees, or ``(ObjectRef or bytes, sha256)`` of the file in
+        Ray's object store (copied once to a node-local file).
+    device: the Engine's device; "auto" takes the GPU Ray assigned to this actor.
+    """
+
+    def __init__(self, model: Any, *, device: str = "auto", batch_size: int = 8,
+                 threads: int | None = None, memory_budget: Any = None) -> None:
+        from ..runtime import Engine
+
+        if not isinstance(model, str):
+            ref, sha = model
+            if not isinstance(ref, bytes):
+                import ray
+
+                ref = ray.get(ref)
+            model = local_model_copy(ref, sha)
+        self.engine = Engine(model, device, threads=threads, memory_budget=memory_budget)
+        self.terms = list(self.engine.output_names)
+        self.batch_size = batch_size
+        self.provider = self.engine.providers[0]
+
+    def _limit(self, shape: Sequence[int]) -> int:
+        budget = self.engine.max_pixels  # the CLI's per-call pixel budget
+        if budget is None:
+            return self.batch_size
+        return max(1, min(self.batch_size, budget // (shape[1] * shape[2])))
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        import pyarrow as pa
+
+        start = time.perf_counter()
+        n = len(batch["a"])
+        values: list[dict[str, float] | None] = [None] * n
+        errors = [str(e) for e in batch["error"]]
+        engine_s = np.zeros(n)
+        calls = np.zeros(n, dtype=np.int64)
+        groups: dict[tuple[int, ...], list[int]] = collections.defaultdict(list)
+        for k in range(n):
+            if not errors[k]:
+                groups[tuple(np.shape(batch["x"][k]))].append(k)
+        for shape, idx in groups.items():
+            step = self._limit(shape)
+            for i in range(0, len(idx), step):
+                chunk = idx[i:i + step]
+                items = [_Decoded(Pair(str(batch["a"][k]), str(batch["b"][k])),
+                                  np.asarray(batch["x"][k], np.float32),
+                                  np.asarray(batch["y"][k], np.float32)) for k in chunk]
+                results, seconds, ncalls = compute_batch(self.engine, items)
+                engine_s[chunk] = seconds / len(chunk)
+                calls[chunk[0]] = ncalls
+                for k, (_, vals, err) in zip(chunk, results):
+                    values[k], errors[k] = vals, err
+        cols: dict[str, Any] = {"a": pa.array([str(a) for a in batch["a"]], pa.string()),
+                                "b": pa.array([str(b) for b in batch["b"]], pa.string())}
+        for t in self.terms:
+            cols[t] = pa.array([v[t] if v else None for v in values], pa.float64())
+        cols["error"] = pa.array(errors, pa.string())
+        cols["_engine_s"] = pa.array(engine_s)
+        cols["_decode_s"] = pa.array(np.asarray(batch["decode_s"], np.float64))
+        # The whole call, engine included: the rest is this stage's own per-batch cost.
+        cols["_actor_s"] = pa.array(np.full(n, (time.perf_counter() - start) / max(n, 1)))
+        cols["_calls"] = pa.array(calls)
+        cols["_provider"] = pa.array([self.provider] * n, pa.string())
+        return pa.table(cols)
