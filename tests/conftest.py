@@ -329,3 +329,21 @@ def lpips_models(model_dir, lpips_pkg):
                              grad=dtype == "float32")
         out[key] = (str(path), spec, result)
     return out
+
+
+# A target graph with gradient, exported once into a model cache, shared by the stylize
+# tests (API and command line) and the benchmark's stylize-step test: the spec and loss
+# are those the benchmark derives for layers relu1_1, relu1_2 (no pooling: the cheapest).
+TARGET_GRAD_SPEC = FeatureSpec(layers=("relu1_1", "relu1_2"), weights="random", seed=0)
+TARGET_GRAD_LOSS = LossConfig(content={"relu1_2": 1.0}, style={"relu1_1": 1.0, "relu1_2": 1.0})
+
+
+@pytest.fixture(scope="session")
+def target_grad_cache(tmp_path_factory):
+    """(cache root for --cache-dir, its models folder, the model's path)."""
+    from perceptual_engine.cli.cache import ensure_model, models_dir
+
+    root = tmp_path_factory.mktemp("target-grad-cache")
+    entry = ensure_model(TARGET_GRAD_SPEC, TARGET_GRAD_LOSS, graph="target", grad=True,
+                         folder=models_dir(str(root)))
+    return str(root), models_dir(str(root)), entry.path

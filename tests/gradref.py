@@ -71,10 +71,11 @@ def grad_x(feats, spec, loss, x, *, y=None, content_image=None, style_image=None
     return t.detach().numpy(), xt.grad.numpy()
 
 
-def assert_grad_close(got, ref, tol, *, max_pool: bool, what: str = "grad.x") -> float:
-    """Relative error max|a − b| / max|b| ≤ tol on every element, except that with max
-    pooling up to 0.1% of the elements may differ more: argmax flips at near-ties, where
-    two correct computations pick different winners. Returns the error on the others."""
+def assert_grad_close(got, ref, tol, *, forgive: float = 0.0, what: str = "grad.x") -> float:
+    """Relative error max|a − b| / max|b| ≤ tol on every element but a fraction ``forgive``
+    (0.1% with max pooling: argmax flips at near-ties, where two correct computations
+    pick different winners; 1% in float16, whose ReLU and max decisions differ from
+    float32's at ~1e-4 of the activations). Returns the error on the others."""
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
     assert got.shape == ref.shape
     assert np.isfinite(got).all(), f"{what}: non-finite values"
@@ -82,7 +83,11 @@ def assert_grad_close(got, ref, tol, *, max_pool: bool, what: str = "grad.x") ->
     assert scale > 0, f"{what}: the reference gradient is all zero; the comparison would prove nothing"
     err = np.abs(got - ref) / scale
     bad = err > tol
-    allowed = int(1e-3 * err.size) if max_pool else 0
+    allowed = int(forgive * err.size)
     assert bad.sum() <= allowed, (f"{what}: {bad.sum()} of {err.size} elements beyond rel {tol:g} "
                                   f"(max {err.max():.3g}; {allowed} allowed)")
     return float(err[~bad].max())
+
+
+MAX_POOL_FORGIVE = 1e-3
+F16_FORGIVE = 1e-2

@@ -33,7 +33,8 @@ class CachedModel:
 
 
 def model_key(spec: FeatureSpec, loss: LossConfig | None, dtype: str = "float32",
-              graph: str = "distance", lpips: Any = None, spatial: bool = False) -> str:
+              graph: str = "distance", lpips: Any = None, spatial: bool = False,
+              grad: bool = False) -> str:
     """Hash of everything the model's numbers depend on.
 
     A weights file enters by its size and modification time too, so replacing the
@@ -48,6 +49,8 @@ def model_key(spec: FeatureSpec, loss: LossConfig | None, dtype: str = "float32"
     if graph == "lpips":
         material["lpips"] = {"weights_sha256": lpips.sha256 if lpips is not None else None,
                              "spatial": bool(spatial)}
+    if grad:  # only when set, so the keys of models without a gradient stay as they were
+        material["grad"] = True
     if spec.weights not in ("imagenet", "random") and os.path.isfile(spec.weights):
         st = os.stat(spec.weights)
         material["weights_file"] = [os.path.abspath(spec.weights), st.st_size, st.st_mtime_ns]
@@ -64,7 +67,7 @@ def _sidecar(path: str) -> str:
 
 def check_entry(path: str, key: str, spec: FeatureSpec, loss: LossConfig | None,
                 dtype: str, graph: str = "distance", lpips: Any = None,
-                spatial: bool = False) -> tuple[dict[str, Any] | None, str]:
+                spatial: bool = False, grad: bool = False) -> tuple[dict[str, Any] | None, str]:
     """(sidecar record, "") if the entry at ``path`` is intact, else (None, why not)."""
     if not os.path.isfile(path):
         return None, "not built yet"
@@ -83,7 +86,7 @@ def check_entry(path: str, key: str, spec: FeatureSpec, loss: LossConfig | None,
         return None, f"model unreadable ({exc})"
     # The exporter cuts the spec to the layers the loss weighs: compare with that.
     built_spec = loss.used_spec(spec) if loss is not None else spec
-    if (info.graph, info.dtype, info.spec, info.loss) != (graph, dtype, built_spec, loss):
+    if (info.graph, info.dtype, info.spec, info.loss, info.grad) != (graph, dtype, built_spec, loss, grad):
         return None, "model metadata differs from the requested spec"
     if graph == "lpips" and (info.spatial != bool(spatial) or (info.lpips or {}).get(
             "weights_sha256") != getattr(lpips, "sha256", None)):
@@ -93,7 +96,7 @@ def check_entry(path: str, key: str, spec: FeatureSpec, loss: LossConfig | None,
 
 def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "float32",
                  graph: str = "distance", folder: str | None = None, name: str | None = None,
-                 rebuild: bool = False, weights: Any = None,
+                 rebuild: bool = False, weights: Any = None, grad: bool = False,
                  say: Callable[[str], None] | None = None, lpips_weights: Any = None,
                  spatial: bool = False) -> CachedModel:
     """The path of a verified model for (spec, loss, dtype, graph), exporting it if needed.
@@ -101,7 +104,8 @@ def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "fl
     folder: where entries live (default: ``<default_cache_dir()>/models``).
     name: file stem (default: the key). rebuild: export even if an entry looks intact
         (used when an intact-looking entry fails to load). weights: already loaded
-        weights for ``spec`` (default: loaded by the export).
+        weights for ``spec`` (default: loaded by the export). grad: a model that also
+        outputs ``grad.x`` (export_onnx's ``grad``); part of the key.
     lpips_weights, spatial: graph "lpips" only (see export_onnx); the linear weights
         are loaded here (default: the lpips package's file) and keyed by their hash.
     """
@@ -111,13 +115,13 @@ def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "fl
         from ..lpips import LinearWeights, load_linear_weights
 
         lin = lpips_weights if isinstance(lpips_weights, LinearWeights) else load_linear_weights(lpips_weights)
-    key = model_key(spec, loss, dtype, graph, lin, spatial)
+    key = model_key(spec, loss, dtype, graph, lin, spatial, grad)
     folder = folder or models_dir()
     path = os.path.join(folder, f"{name or key}.onnx")
     os.makedirs(folder, exist_ok=True)
     with file_lock(os.path.join(folder, f"{name or key}.lock")):
         # Checked under the lock: another process may have just built it.
-        record, why = check_entry(path, key, spec, loss, dtype, graph, lin, spatial)
+        record, why = check_entry(path, key, spec, loss, dtype, graph, lin, spatial, grad)
         if record is not None and not rebuild:
             return CachedModel(path, key, built=False, errors=record.get("errors", {}))
         if rebuild:
@@ -127,10 +131,10 @@ def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "fl
         # file (its SHA-256 differs), and an export that fails leaves the old entry intact.
         extra = {"lpips_weights": lin, "spatial": spatial} if graph == "lpips" else {}
         result = export_onnx(spec, path, graph=graph, loss=loss, dtype=dtype, weights=weights,
-                             progress=say, **extra)
+                             progress=say, **extra, **({"grad": True} if grad else {}))
         errors = {k: {"max_abs": e.max_abs, "max_rel": e.max_rel} for k, e in result.errors.items()}
         record = {"key": key, "sha256": sha256_file(path), "spec": spec.to_dict(),
-                  "loss": loss.to_dict() if loss else None, "graph": graph, "dtype": dtype, "version": __version__,
+                  "loss": loss.to_dict() if loss else None, "graph": graph, "grad": grad, "dtype": dtype, "version": __version__,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "errors": errors,
                   "weights_sha256": result.weights_sha256}
         atomic_write_bytes(_sidecar(path), json.dumps(record, indent=2).encode())

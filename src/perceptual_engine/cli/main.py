@@ -344,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_spec_options(p, default_layers="the arch's usual four; the demo's loss: content on "
                                        "relu2_2, style on every layer")
     p.set_defaults(func=cmd_demo)
+    from . import stylize as stylize_cli
+
+    p = sub.add_parser("stylize", formatter_class=fmt, help="optimize an image: CONTENT in "
+                       "the style of STYLE (Gatys et al.)", description=stylize_cli.DESCRIPTION)
+    stylize_cli.add_arguments(p)
+    p.set_defaults(func=lambda a: stylize_cli.main(a, _say))
     from ..bench import cli as bench_cli
 
     p = sub.add_parser("bench", help="time every variant on the same inputs; Markdown/JSON/PNG",
