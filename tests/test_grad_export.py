@@ -249,7 +249,7 @@ def test_cli_export_grad_needs_a_loss_graph(tmp_path, capsys):
                  "-o", str(out)])
     assert code == 2 and not out.exists()
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "grad=True needs graph='distance' or 'target'" in err[0]
+    assert len(err) == 1 and "needs --graph distance or 'target'" in err[0] and "got --graph features" in err[0]
 
 
 @pytest.mark.gpu
