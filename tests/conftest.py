@@ -260,3 +260,90 @@ def fp16_models(model_dir, scaled_weights_file):
         result = export_onnx(s, path, graph=graph, loss=loss, dtype="float16")
         out[key] = (str(path), result)
     return out
+
+
+# -- LPIPS: the lpips package itself, with a random backbone copied into our format -------------
+
+
+def _lpips_state(pkg) -> dict[str, torch.Tensor]:
+    """The lpips package's VGG16 trunk as a torchvision-format state dict.
+
+    lpips.pretrained_networks.vgg16 keeps torchvision's module indices inside its
+    slices ("slice2.5.weight" is features.5.weight), so the names carry over.
+    """
+    state = {}
+    for name, p in pkg.net.named_parameters():
+        _, index, kind = name.split(".")
+        state[f"features.{index}.{kind}"] = p.detach().clone()
+    return state
+
+
+@pytest.fixture(scope="session")
+def lpips_pkg(tmp_path_factory):
+    """{"model": lpips.LPIPS(net='vgg', pnet_rand=True) (random trunk, shipped linear
+    weights), "weights": its trunk saved as a torchvision-format .pth,
+    "scaled": the same with trunk weights x1.7 (activations in the hundreds), and
+    "scaled_weights": that trunk's file}. Built once: VGG16's construction is slow."""
+    import copy
+    import warnings
+
+    lpips = pytest.importorskip("lpips")
+    folder = tmp_path_factory.mktemp("lpips")
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        torch.manual_seed(16)
+        warnings.simplefilter("ignore")  # torchvision's deprecation of pretrained=
+        model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        for mod in scaled.net.modules():
+            if isinstance(mod, torch.nn.Conv2d):
+                mod.weight.mul_(LPIPS_FP16_SCALE)
+                mod.bias.mul_(LPIPS_FP16_SCALE)
+    out = {"model": model, "scaled": scaled}
+    for key, m in (("weights", model), ("scaled_weights", scaled)):
+        path = folder / f"{key}.pth"
+        torch.save(_lpips_state(m), path)
+        out[key] = str(path)
+    return out
+
+
+# Trunk weights x1.7 compound over 13 convolutions: relu5_3 reaches the hundreds, so the
+# channel sum of squares (up to 512 x 100²) is far beyond float16's 65504.
+LPIPS_FP16_SCALE = 1.7
+
+
+@pytest.fixture(scope="session")
+def lpips_models(model_dir, lpips_pkg):
+    """{"fp32": (path, spec, result): float32 LPIPS with the spatial map and grad.x,
+    inputs in [-1, 1]; "fp16": (path, spec, result): float16 LPIPS on the scaled trunk,
+    inputs in [0, 1]}. Two VGG16 exports to relu5_3: the slow part."""
+    from perceptual_engine import lpips as L
+
+    out = {}
+    for key, weights, rng, dtype, spatial in (
+            ("fp32", lpips_pkg["weights"], "-1,1", "float32", True),
+            ("fp16", lpips_pkg["scaled_weights"], "0,1", "float16", False)):
+        spec = L.default_spec(weights, input_range=rng)
+        path = model_dir / f"lpips_{key}.onnx"
+        result = export_onnx(spec, path, graph="lpips", dtype=dtype, spatial=spatial,
+                             grad=dtype == "float32")
+        out[key] = (str(path), spec, result)
+    return out
+
+
+# A target graph with gradient, exported once into a model cache, shared by the stylize
+# tests (API and command line) and the benchmark's stylize-step test: the spec and loss
+# are those the benchmark derives for layers relu1_1, relu1_2 (no pooling: the cheapest).
+TARGET_GRAD_SPEC = FeatureSpec(layers=("relu1_1", "relu1_2"), weights="random", seed=0)
+TARGET_GRAD_LOSS = LossConfig(content={"relu1_2": 1.0}, style={"relu1_1": 1.0, "relu1_2": 1.0})
+
+
+@pytest.fixture(scope="session")
+def target_grad_cache(tmp_path_factory):
+    """(cache root for --cache-dir, its models folder, the model's path)."""
+    from perceptual_engine.cli.cache import ensure_model, models_dir
+
+    root = tmp_path_factory.mktemp("target-grad-cache")
+    entry = ensure_model(TARGET_GRAD_SPEC, TARGET_GRAD_LOSS, graph="target", grad=True,
+                         folder=models_dir(str(root)))
+    return str(root), models_dir(str(root)), entry.path

@@ -31,8 +31,8 @@ def test_config_defaults_follow_quick_and_explicit_values_win():
     assert (quick.workloads, quick.sizes, quick.batch_sizes) == (("features", "distance"), (224,), (1, 4))
     assert quick.variants == tuple(variants.REGISTRY)
     full = BenchConfig()
-    assert (full.sizes, full.batch_sizes, full.workloads) == ((224, 512), (1, 8, 32),
-                                                             ("features", "distance", "style"))
+    assert (full.sizes, full.batch_sizes, full.workloads) == (
+        (224, 512), (1, 8, 32), ("features", "distance", "style", "train", "stylize-step"))
     mine = BenchConfig(workloads=("distance",), sizes=(224,), batch_sizes=(4,), quick=True)
     assert (mine.workloads, mine.batch_sizes) == (("distance",), (4,))
 
@@ -227,3 +227,48 @@ def test_cache_dir_reuses_verified_models_across_runs(tmp_path):
     assert [e["cached"] for e in second.exports] == [True]
     assert first.exports[0]["path"] == second.exports[0]["path"]
     assert second.rows[0].status == "ok"
+
+
+def test_gradient_workloads_have_their_own_sizes_unless_the_config_names_them():
+    full, quick = BenchConfig(), BenchConfig(quick=True)
+    assert full.points("train") == ((224,), (1, 8, 32))
+    assert full.points("stylize-step") == ((512,), (1,))
+    assert full.points("distance") == ((224, 512), (1, 8, 32))
+    assert quick.points("train") == quick.points("stylize-step") == ((64,), (1,))
+    mine = BenchConfig(sizes=(32,), batch_sizes=(2, 4))
+    assert mine.points("train") == ((32,), (2, 4))
+    assert mine.points("stylize-step") == ((32,), (1,))  # one image is optimized
+
+
+@dataclass(frozen=True)
+class _GradOff(variants.TorchVariant):
+    """The reference with only its gradient scaled by 1 + 1e-3: the terms are right."""
+
+    def runner(self, ctx, case):
+        inner = variants.TorchRunner(ctx, case, "nograd-y" if case.workload.name == "train" else "fp32")
+        call = inner.call
+        inner.call = lambda i: {k: v * (1.001 if k == "grad.x" else 1.0)  # type: ignore[method-assign]
+                                for k, v in call(i).items()}
+        return inner
+
+
+def test_train_and_stylize_step_run_end_to_end_and_check_the_gradient(monkeypatch, target_grad_cache):
+    monkeypatch.setitem(variants.REGISTRY, "torch-grad-off",
+                        _GradOff("torch-grad-off", "gradient off on purpose", False))
+    # The stylize-step model is the shared one (same spec and loss); train exports its own.
+    result = run(BenchConfig(workloads=("train", "stylize-step"), device="cpu",
+                             variants=("torch-eager-fp32", "torch-nograd-y", "ort-cpu", "torch-grad-off"),
+                             cache_dir=target_grad_cache[1],
+                             **{**TINY, "sizes": (27,), "batch_sizes": (2,), "layers": ("relu1_1", "relu1_2")}))
+    for workload, unit in (("train", "pairs/s"), ("stylize-step", "images/s")):
+        batch = 2 if workload == "train" else 1
+        ort = result.row("ort-cpu", workload, 27, batch)
+        assert ort.status == "ok" and ort.max_rel_err <= 1e-4, (ort.status, ort.reason, ort.max_rel_err)
+        assert ort.unit == unit and ort.speedup > 0 and ort.stats.items_per_call == batch
+        bad = result.row("torch-grad-off", workload, 27, batch)
+        assert bad.status == "WRONG" and bad.speedup is None
+        assert bad.max_rel_err == pytest.approx(1e-3, rel=1e-2)  # grad.x was compared
+    nograd = result.row("torch-nograd-y", "train", 27, 2)
+    assert nograd.status == "ok" and nograd.max_rel_err <= 1e-4
+    assert result.row("torch-nograd-y", "stylize-step", 27, 1).status == "skipped"
+    assert {(e["graph"], e["cached"]) for e in result.exports} == {("distance", False), ("target", True)}

@@ -339,7 +339,7 @@ def test_demo_with_fallback_banner_then_reuse(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(bench, "run", broken_bench)
     out_dir = str(tmp_path / "out")
-    argv = ["demo", "-o", out_dir, "--layers", "relu1_2,relu2_2", "--size", "48"]
+    argv = ["demo", "-o", out_dir, "--layers", "relu1_2,relu2_2", "--size", "48", "--no-lpips"]
     code, out, err = _run(capsys, *argv)
     assert code == 0
     assert "FALLS BACK TO" in err and "SEEDED RANDOM WEIGHTS" in err and "offline" in err

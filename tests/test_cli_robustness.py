@@ -38,8 +38,12 @@ def _png(path, seed=0, h=12, w=14):
 # -- 9. Ctrl-C anywhere: exit 130, one line ----------------------------------------
 def _interrupt(argv, cwd, env, wait_for: str | None, delay: float = 0.0):
     """Start the CLI, send SIGINT once ``wait_for`` appears on stderr (or after ``delay``)."""
+    # A job started in the background of a non-interactive shell inherits SIGINT ignored
+    # (then Python installs no KeyboardInterrupt handler): restore the default, as a
+    # terminal would have it.
     proc = subprocess.Popen([sys.executable, "-m", "perceptual_engine.cli", *argv], cwd=cwd,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     if wait_for is not None:
         deadline = time.monotonic() + 120

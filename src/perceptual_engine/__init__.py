@@ -4,7 +4,7 @@ Public API (names are part of the contract)::
 
     from perceptual_engine import FeatureSpec, LossConfig, TorchFeatures, \
         TorchPerceptualLoss, export_onnx, Engine, EnginePerceptualLoss, PerceptualError, \
-        load_image, load_images
+        load_image, load_images, stylize, StylizeResult
 
 Names are imported on first use (PEP 562), so ``import perceptual_engine`` and the
 command line's start-up do not pay for torch and ONNX until they are needed.
@@ -28,6 +28,8 @@ _EXPORTS = {
     "PerceptualError": ".errors",
     "load_image": ".images",
     "load_images": ".images",
+    "stylize": ".optimize",
+    "StylizeResult": ".optimize",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
@@ -36,6 +38,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from .errors import PerceptualError
     from .export import export_onnx
     from .images import load_image, load_images
+    from .optimize import StylizeResult, stylize
     from .reference import TorchFeatures, TorchPerceptualLoss
     from .runtime import Engine
     from .runtime.loss import EnginePerceptualLoss

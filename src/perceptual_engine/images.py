@@ -227,3 +227,29 @@ def match_sizes(x: np.ndarray, y: np.ndarray, policy: str) -> tuple[np.ndarray, 
         )
     raise ConfigError(f"size policy {policy!r} is not accepted; accepted: "
                       f"{', '.join(SIZE_POLICIES)}.")
+
+
+def save_image(path: str | os.PathLike, x: np.ndarray, *, input_range: str = "0,1") -> None:
+    """Write a (3, H, W) float image in ``input_range`` as an 8-bit RGB file, atomically.
+
+    Values are clipped to the range and rounded to the nearest 8-bit level; the
+    format follows the extension (PNG, JPEG, ... as Pillow writes them). A reader
+    sees the old file or the new one, never half of one.
+    """
+    from PIL import Image
+
+    from ._io import atomic_path
+    from .spec import INPUT_RANGES
+
+    lo, hi = INPUT_RANGES[input_range]
+    arr = np.asarray(x, dtype=np.float32)
+    if arr.ndim != 3 or arr.shape[0] != 3:
+        raise ImageError(f"save_image got an array of shape {arr.shape}; accepted: (3, H, W).")
+    unit = np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
+    img = Image.fromarray(np.round(unit.transpose(1, 2, 0) * 255).astype(np.uint8), "RGB")
+    fmt = Image.registered_extensions().get(os.path.splitext(os.fspath(path))[1].lower())
+    if fmt is None:
+        raise ImageError(f"{os.fspath(path)!r} has no image extension Pillow writes; accepted: "
+                         ".png, .jpg, .bmp, .tif, .webp, ... Name the file e.g. out.png.")
+    with atomic_path(path) as tmp:
+        img.save(tmp, format=fmt)

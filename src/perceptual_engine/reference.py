@@ -14,6 +14,7 @@ from torch import nn
 
 from . import layers as _layers
 from . import losses
+from . import lpips as _lpips
 from .errors import InputError
 from .spec import INPUT_RANGES, FeatureSpec, LossConfig
 from .validate import check_pair, check_tensor
@@ -204,6 +205,36 @@ class TorchPerceptualLoss(_AlwaysEval):
                 fy = self.features.extract(y)
             return self.terms(fx, fy)
         return self.terms(*self.features.extract_pair(x, y))
+
+
+class TorchLPIPS(nn.Module):
+    """LPIPS (lpips v0.1, VGG16) on the reference network: ``forward(x, y) ->
+    {"lpips.<l>": (N,), "total": (N,)[, "spatial": (N, 1, H, W)]}``, float32.
+
+    spec: VGG16 at ``perceptual_engine.lpips.LAYERS`` (see ``lpips.default_spec``); its
+        input range is the images' ("-1,1" as lpips, "0,1" as its normalize=True).
+    lpips_weights: LinearWeights, a .pth path, or None for the lpips package's file.
+    spatial: also return the per-pixel map, as lpips' spatial=True.
+    Differentiable by autograd (NaN where a feature vector is exactly zero, as lpips).
+    """
+
+    def __init__(self, spec: FeatureSpec, lpips_weights: "_lpips.LinearWeights | str | None" = None,
+                 *, spatial: bool = False, weights: Weights | None = None) -> None:
+        super().__init__()
+        _lpips.check_spec(spec)
+        self.spec, self.spatial = spec, spatial
+        self.lin = (lpips_weights if isinstance(lpips_weights, _lpips.LinearWeights)
+                    else _lpips.load_linear_weights(lpips_weights))
+        self.features = TorchFeatures(spec, weights=weights)
+
+    def terms(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Without input validation (the exporter traces this)."""
+        fx, fy = self.features.extract_pair(x, y)
+        return _lpips.head(fx, fy, self.lin, size=tuple(x.shape[2:]) if self.spatial else None)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        check_pair(x, y, self.spec)
+        return self.terms(x, y)
 
 
 def raise_missing_y(no_content: bool, no_style: bool) -> None:

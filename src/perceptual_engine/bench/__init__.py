@@ -31,8 +31,13 @@ __all__ = ["BenchConfig", "BenchResult", "Row", "run", "BASELINE", "TOLERANCE"]
 
 QUICK = {"workloads": ("features", "distance"), "sizes": (224,), "batch_sizes": (1, 4),
          "iters": 3, "warmup": 1}
-FULL = {"workloads": W.WORKLOADS, "sizes": (224, 512), "batch_sizes": (1, 8, 32),
+# lpips is opt-in (--workloads lpips): it runs VGG16 to relu5_3 and needs the lpips package.
+FULL = {"workloads": ("features", "distance", "style"), "sizes": (224, 512), "batch_sizes": (1, 8, 32),
         "iters": 20, "warmup": 3}
+# Sizes and batches of the gradient workloads where the config names none: a training
+# step at 224², an optimization step at 512² (batch 1); small under --quick.
+POINTS = {"train": {"full": ((224,), (1, 8, 32)), "quick": ((64,), (1,))},
+          "stylize-step": {"full": ((512,), (1,)), "quick": ((64,), (1,))}}
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ class BenchConfig:
     command: str | None = None  # the command line, recorded in the environment
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_given", (self.sizes is not None, self.batch_sizes is not None))
         base = QUICK if self.quick else FULL
         for name in ("workloads", "sizes", "batch_sizes", "iters", "warmup"):
             if getattr(self, name) is None:
@@ -84,6 +90,17 @@ class BenchConfig:
         if too_small:
             raise ConfigError(f"sizes {too_small} are below {smallest} pixels, the smallest side "
                               f"{self.spec().deepest} accepts; give sizes of at least {smallest}.")
+
+    def points(self, workload: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(sizes, batch sizes) measured for ``workload``: those of the config, except
+        where it names none and the workload has its own (POINTS); a workload with
+        fixed batches (stylize-step: 1) always uses those."""
+        sizes_given, batches_given = getattr(self, "_given", (True, True))
+        own = POINTS.get(workload, {}).get("quick" if self.quick else "full")
+        sizes = self.sizes if sizes_given or own is None else own[0]
+        batches = self.batch_sizes if batches_given or own is None else own[1]
+        fixed = W.get(workload).batches
+        return tuple(sizes), tuple(fixed if fixed is not None else batches)  # type: ignore[arg-type]
 
     def spec(self) -> FeatureSpec:
         """The network every variant runs (weights are loaded later, once)."""
@@ -197,8 +214,9 @@ def run(config: BenchConfig | None = None, *,
             if result.interrupted:
                 break
             workload = W.get(wname)
-            for size in config.sizes:  # type: ignore[union-attr]
-                for batch in config.batch_sizes:  # type: ignore[union-attr]
+            sizes, batches = config.points(wname)
+            for size in sizes:
+                for batch in batches:
                     if result.interrupted:
                         break
                     case = W.make_case(workload, spec, int(size), int(batch),

@@ -50,17 +50,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     if parser.description is None:
         parser.description = DESCRIPTION
+    if parser.epilog is None:  # one name a line: help text wrapping would split names at hyphens
+        parser.epilog = "variants:\n" + "\n".join(f"  {name:<24} {v.description}"
+                                                   for name, v in REGISTRY.items())
     what = parser.add_argument_group("what to measure")
     what.add_argument("--workloads", type=_list(str), default=None, metavar="LIST",
-                      help=f"comma-separated, of {', '.join(WORKLOADS)} (default: all; "
-                           "--quick: features,distance)")
+                      help=f"comma-separated, of {', '.join(WORKLOADS)} (default: "
+                           "features,distance,style; --quick: features,distance; lpips: "
+                           "LPIPS against the lpips package, VGG16, needs it installed)")
     what.add_argument("--sizes", type=_list(int), default=None, metavar="LIST",
-                      help="square image sides in pixels (default: 224,512; --quick: 224)")
+                      help="square image sides in pixels (default: 224,512; --quick: 224; "
+                           "train: 224, stylize-step: 512; --quick: 64 for both)")
     what.add_argument("--batch-sizes", type=_list(int), default=None, metavar="LIST",
-                      help="batch sizes (default: 1,8,32; --quick: 1,4)")
+                      help="batch sizes (default: 1,8,32; --quick: 1,4; train --quick: 1; "
+                           "stylize-step: always 1)")
     what.add_argument("--variants", type=_list(str), default=None, metavar="LIST",
-                      help="comma-separated variants, or 'all' (default). Known: "
-                           + ", ".join(REGISTRY))
+                      help="comma-separated variants, or 'all' (default); listed below")
     what.add_argument("--quick", action="store_true",
                       help="small, fast run (see above); torch-compile is skipped")
     how = parser.add_argument_group("how to measure")

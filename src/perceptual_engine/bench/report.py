@@ -81,7 +81,10 @@ def to_markdown(result: "BenchResult") -> str:
         f"onnxruntime {v['onnxruntime']}, perceptual-engine {v['perceptual-engine']}, "
         f"Python {env['python']}; ORT providers: {', '.join(env['ort_providers'])}",
         f"- Model: {env['spec']['arch']} to {env['spec']['deepest']} (layers "
-        f"{', '.join(env['spec']['layers'])}); weights: {env['weights']['source']}",
+        f"{', '.join(env['spec']['layers'])}); weights: {env['weights']['source']}"
+        + ("; the lpips workload runs VGG16 to relu5_3 (LPIPS taps, inputs in [-1, 1], "
+           "same weights source) against the lpips package's LPIPS(net='vgg')"
+           if "lpips" in cfg.workloads else ""),
         "- TF32: " + ", ".join(f"{k}={val}" for k, val in env["tf32"]["torch"].items())
         + "; ORT use_tf32: " + (", ".join(f"{k}={int(val)}" for k, val in
                                           env["tf32"]["ort use_tf32 by variant"].items()) or "—")

@@ -5,6 +5,11 @@ cannot) and makes a ``Runner`` for one Case. The harness times
 ``runner.build()`` plus the first ``runner.call(0)`` as the cold start, then the
 hot calls. Every runner takes the same input sets.
 
+On the gradient workloads (train, stylize-step) the PyTorch variants are autograd
+(bench/training.py): the baseline is the usual snippet (one pass over cat([x, y])),
+the others keep y out of autograd; fp16/bf16 are AMP (autocast, float32 weights,
+channels_last); torch-compile compiles the forward, autograd differentiates it.
+
 Precision tiers decide the tolerance of the parity check: "fp32" 1e-4,
 "tf32" 1e-3, "fp16"/"bf16" 1e-2 (max relative error against the float32
 PyTorch reference, TF32 off, on the same inputs).
@@ -119,6 +124,9 @@ class TorchRunner(Runner):
         import torch
 
         model = torch_model(self.case, self.ctx.weights(self.case.spec)).to(self.device)
+        if self.case.workload.grad:
+            self._build_grad(model)
+            return
         if self.dtype is not None:
             model = model.to(dtype=self.dtype, memory_format=torch.channels_last)
         if self.case.target is not None:
@@ -129,13 +137,35 @@ class TorchRunner(Runner):
         if self.mode == "compile":
             # A cold start compiles from scratch: Inductor's on-disk caches from an
             # earlier run would otherwise turn it into a cache load. Restored in close().
+            self._cache_cfg = _cache_config()
+            self._caches = self._cache_cfg.force_disable_caches
+            self._cache_cfg.force_disable_caches = True
+            self.fn = _compiled_core(self.case, model)
+
+    def _build_grad(self, model: Any) -> None:
+        """train / stylize-step: float32 weights (AMP autocasts the convolutions, with
+        channels_last), targets cached once, the terms function compiled if asked."""
+        import torch
+
+        from . import training
+
+        if self.dtype is not None:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        targets = (training.cached_targets(self.case, model, self.device)
+                   if self.case.workload.name == "stylize-step" else None)
+        terms = training.terms_fn(self.case, model, snippet=self.mode == "fp32", targets=targets)
+        if self.mode == "compile":
             self._caches = torch.compiler.config.force_disable_caches
             torch.compiler.config.force_disable_caches = True
-            self.fn = _compiled_core(self.case, model)
+            terms = torch.compile(terms, dynamic=False)
+        self.fn = lambda feeds: training.value_and_grad(terms, feeds, amp=self.dtype)
 
     def call(self, i: int) -> Any:
         import torch
 
+        if self.case.workload.grad:  # autograd: no inference mode
+            return self.fn(self.sets[i])
         with torch.inference_mode():
             return self.fn(self.sets[i])
 
@@ -145,7 +175,20 @@ class TorchRunner(Runner):
 
             torch._dynamo.reset()  # drop the compiled graphs of this shape
             if hasattr(self, "_caches"):
-                torch.compiler.config.force_disable_caches = self._caches
+                self._cache_cfg.force_disable_caches = self._caches
+
+
+def _cache_config() -> Any:
+    """The config holding ``force_disable_caches``: torch.compiler.config from torch 2.9,
+    Inductor's own config before (torch 2.6 to 2.8)."""
+    import torch
+
+    cfg = getattr(torch.compiler, "config", None)
+    if cfg is not None and hasattr(cfg, "force_disable_caches"):
+        return cfg
+    import torch._inductor.config as inductor_config
+
+    return inductor_config
 
 
 def _compiled_core(case: Case, model: Any) -> Any:
@@ -163,6 +206,8 @@ def _compiled_core(case: Case, model: Any) -> Any:
             self.model = model
 
         def forward(self, feeds: dict[str, Any]) -> dict[str, Any]:
+            if name == "lpips":  # the lpips package's module itself, compiled
+                return self.model(feeds["x"], feeds["y"])
             if name == "features":
                 return self.model.extract(feeds["x"])
             feats, loss = self.model.features, self.model.loss
@@ -176,12 +221,15 @@ def _compiled_core(case: Case, model: Any) -> Any:
 
 @dataclass(frozen=True)
 class TorchVariant(Variant):
-    mode: str = "fp32"  # "fp32" | "fp16-cl" | "bf16-cl" | "compile"
+    # "fp32" | "fp16-cl" | "bf16-cl" | "compile" | "nograd-y" (train: y outside autograd)
+    mode: str = "fp32"
 
     def unavailable(self, ctx: Context, case: Case) -> str | None:
         why = super().unavailable(ctx, case)
         if why:
             return why
+        if self.mode == "nograd-y" and case.workload.name != "train":
+            return "train workload only (the others have no y in autograd)"
         if self.mode == "compile":
             if ctx.quick:
                 return ("skipped in --quick: torch.compile spends tens of seconds to minutes "
@@ -221,14 +269,17 @@ class OrtRunner(Runner):
             shapes=ShapeRange(min=(1, min(s, 32), min(s, 32)), opt=(b, s, s), max=(b, s, s)),
         )
         self.engine = Engine(self.path, self.v.ep, options=opts)
-        if self.case.target is not None:
+        if self.case.workload.name == "stylize-step":
+            self.engine.set_target(content=self.case.content_target,  # type: ignore[attr-defined]
+                                   style=self.case.target)
+        elif self.case.target is not None:
             self.engine.set_style_target(self.case.target)  # type: ignore[attr-defined]
 
     def call(self, i: int) -> Any:
         feeds = self.sets[i]
         if self.case.workload.name == "features":
             return self.engine.features(feeds["x"])
-        if self.case.workload.name == "style":
+        if self.case.workload.name in ("style", "stylize-step"):
             return self.engine.distance(feeds["x"])  # type: ignore[call-arg]
         return self.engine.distance(feeds["x"], feeds["y"])
 
@@ -261,6 +312,8 @@ class OrtVariant(Variant):
                 reasons.append(f"TensorRT not loadable: {why}")
         if case.workload.name == "style" and not hasattr(Engine, "set_style_target"):
             reasons.append("Engine.set_style_target not available")
+        if case.workload.name == "stylize-step" and not hasattr(Engine, "set_target"):
+            reasons.append("Engine.set_target not available")
         return "; ".join(reasons) or None
 
     def runner(self, ctx: Context, case: Case) -> Runner:
@@ -273,6 +326,8 @@ REGISTRY: dict[str, Variant] = {v.name: v for v in (
     TorchVariant("torch-bf16-cl", "PyTorch eager, bfloat16 weights, channels_last", True, "bf16-cl"),
     TorchVariant("torch-compile", "torch.compile of the reference (default mode, static shapes)",
                  False, "compile"),
+    TorchVariant("torch-nograd-y", "PyTorch eager float32, y under no_grad (train only)", False,
+                 "nograd-y"),
     OrtVariant("ort-cpu", "ONNX Runtime, CPU execution provider", False, "cpu"),
     OrtVariant("ort-cuda-fp32", "ONNX Runtime CUDA, float32, TF32 off, numpy in/out", True, "cuda"),
     OrtVariant("ort-cuda-tf32", "ONNX Runtime CUDA, float32 with TF32, numpy in/out", True, "cuda",

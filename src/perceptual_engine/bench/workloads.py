@@ -5,6 +5,13 @@
   run through the network, so a pair costs twice an image.
 - ``style``: style distance of x to one cached target (its Grams computed once);
   only x runs per call.
+- ``lpips``: LPIPS of an (x, y) pair in [-1, 1] (VGG16 to relu5_3, whatever the run's
+  arch and layers); its PyTorch baseline is the lpips package's own ``LPIPS(net='vgg')``
+  with the run's trunk weights copied in, so every variant is checked against lpips.
+- ``train``: the distance of an (x, y) pair and its gradient with respect to x
+  (bench/training.py); the engine runs a distance graph exported with ``grad``.
+- ``stylize-step``: one step of image optimization, batch 1: x against a cached
+  content target and style target, value and gradient (a target graph with ``grad``).
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from ..errors import ConfigError
 from ..spec import FeatureSpec, LossConfig
 from .flops import gram_flops
 
-WORKLOADS = ("features", "distance", "style")
+WORKLOADS = ("features", "distance", "style", "train", "stylize-step", "lpips")
 
 
 @dataclass(frozen=True)
@@ -29,26 +36,43 @@ class Workload:
     unit: str  # "images/s" | "pairs/s"
     graph: str  # the export_onnx graph kind that serves it
     description: str
+    grad: bool = False  # also computes ∂total/∂x (the model is exported with grad)
+    batches: tuple[int, ...] | None = None  # fixed batch sizes (None: the config's)
+
+    def spec_for(self, spec: FeatureSpec) -> FeatureSpec:
+        """The network the workload runs: the run's, except LPIPS (VGG16, its taps, [-1, 1])."""
+        if self.name != "lpips":
+            return spec
+        from ..lpips import default_spec
+
+        return default_spec(spec.weights, seed=spec.seed, input_range="-1,1")
 
     def loss(self, spec: FeatureSpec) -> LossConfig | None:
-        """The loss the workload computes (None for features)."""
-        if self.name == "features":
+        """The loss the workload computes (None for features and lpips)."""
+        if self.name in ("features", "lpips"):
             return None
         style = {name: 1.0 for name in spec.layers}
         if self.name == "style":
             return LossConfig(style=style)
+        # train and stylize-step: the distance workload's loss, with its gradient.
         # Johnson et al.'s content layer (relu2_2), else the spec's first layer.
         content = spec.layers[1] if len(spec.layers) > 1 else spec.layers[0]
         return LossConfig(content={content: 1.0}, style=style)
 
     def flops_per_item(self, spec: FeatureSpec, size: int) -> int:
         """FLOPs of one image (features, style) or one pair (distance) at size²:
-        convolutions to the deepest layer, plus the Gram products of style terms."""
+        convolutions to the deepest layer, plus the Gram products of style terms.
+        A gradient with respect to x is counted as one more pass of x (the input
+        gradient of a convolution costs what its forward does; no weight gradient)."""
         conv = _layers.conv_flops(spec.arch, spec.deepest, size, size)
         loss = self.loss(spec)
         grams = gram_flops(spec.arch, loss.style, size, size) if loss else 0
-        if self.name == "distance":
-            return 2 * (conv + grams)  # x and y both run
+        if self.name in ("distance", "lpips"):
+            return 2 * (conv + grams)  # x and y both run (LPIPS' head is negligible)
+        if self.name == "train":
+            return 3 * (conv + grams)  # x and y forward, x backward
+        if self.name == "stylize-step":
+            return 2 * (conv + grams)  # x forward and backward; targets cached
         return conv + grams  # style: the target's Grams are cached
 
 
@@ -59,6 +83,13 @@ REGISTRY: dict[str, Workload] = {
                          "content + style distance of an (x, y) pair"),
     "style": Workload("style", "images/s", "style",
                       "style distance of x to a cached target"),
+    "lpips": Workload("lpips", "pairs/s", "lpips",
+                      "LPIPS (VGG16, lpips v0.1 weights) of an (x, y) pair in [-1, 1]"),
+    "train": Workload("train", "pairs/s", "distance",
+                      "distance of an (x, y) pair and its gradient with respect to x", grad=True),
+    "stylize-step": Workload("stylize-step", "images/s", "target",
+                             "x against cached content and style targets, value and gradient "
+                             "(one step of stylize)", grad=True, batches=(1,)),
 }
 
 
@@ -73,7 +104,8 @@ class Case:
     """One measured point: a workload at one size and batch, with its input sets.
 
     ``sets[i]`` is {"x": (B, 3, S, S)} or {"x", "y"} float32 in [0, 1]; ``target``
-    is the style target (1, 3, S, S) of the style workload.
+    is the style target (1, 3, S, S) of the style and stylize-step workloads,
+    ``content_target`` the content target (1, 3, S, S) of stylize-step.
     """
 
     workload: Workload
@@ -83,6 +115,7 @@ class Case:
     batch: int
     sets: list[dict[str, np.ndarray]]
     target: np.ndarray | None
+    content_target: np.ndarray | None = None
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -92,15 +125,20 @@ class Case:
 def make_case(workload: Workload, spec: FeatureSpec, size: int, batch: int, *,
               n_sets: int, seed: int) -> Case:
     """Seeded random images (never zeros), one array per input and set."""
+    spec = workload.spec_for(spec)
     if size < spec.min_size:
         raise ConfigError(f"size {size} is smaller than {spec.deepest} needs ({spec.min_size}); "
                           "give a larger --sizes or a shallower --layers.")
     rng = np.random.default_rng([seed, size, batch, WORKLOADS.index(workload.name)])
-    names = ("x", "y") if workload.name == "distance" else ("x",)
+    names = ("x", "y") if workload.name in ("distance", "lpips", "train") else ("x",)
     shape = (batch, 3, size, size)
     sets = [{n: rng.random(shape, dtype=np.float32) for n in names} for _ in range(n_sets)]
-    target = rng.random((1, 3, size, size), dtype=np.float32) if workload.name == "style" else None
-    return Case(workload, spec, workload.loss(spec), size, batch, sets, target)
+    if workload.name == "lpips":  # lpips' own convention: images in [-1, 1]
+        sets = [{n: 2.0 * a - 1.0 for n, a in s.items()} for s in sets]
+    one = (1, 3, size, size)
+    target = rng.random(one, dtype=np.float32) if workload.name in ("style", "stylize-step") else None
+    content = rng.random(one, dtype=np.float32) if workload.name == "stylize-step" else None
+    return Case(workload, spec, workload.loss(spec), size, batch, sets, target, content)
 
 
 # -- the PyTorch side: one builder and one call for every torch variant --------
@@ -111,12 +149,16 @@ def torch_model(case: Case, weights: Any):
 
     if case.workload.name == "features":
         return TorchFeatures(case.spec, weights=weights)
+    if case.workload.name == "lpips":
+        from .lpips_baseline import LpipsPackage
+
+        return LpipsPackage(weights)
     return TorchPerceptualLoss(case.spec, case.loss, weights=weights)
 
 
 def torch_call(case: Case, model: Any, feeds: Mapping[str, Any]) -> dict[str, Any]:
     """One call of the reference module on ``feeds`` (torch tensors)."""
-    if case.workload.name == "distance":
+    if case.workload.name in ("distance", "lpips"):
         return model(feeds["x"], feeds["y"])
     return model(feeds["x"])  # features, or style against the cached target
 
@@ -162,13 +204,14 @@ class ModelCache:
         keyed by spec, loss, graph, dtype, weights file and version) or exported now."""
         from ..cli.cache import ensure_model
 
-        graph, loss = case.workload.graph, case.loss
-        key = (graph, dtype, case.spec, loss)
+        graph, loss, grad = case.workload.graph, case.loss, case.workload.grad
+        key = (graph, dtype, case.spec, loss, grad)
         if key not in self.paths:
             entry = ensure_model(case.spec, loss, dtype=dtype, graph=graph, folder=self.folder,
-                                 weights=self.weights(case.spec), say=self.say)
+                                 weights=self.weights(case.spec), say=self.say,
+                                 **({"grad": True} if grad else {}))
             errors = [e["max_rel"] for e in entry.errors.values()]
-            self.records.append({"graph": graph, "dtype": dtype, "path": entry.path,
+            self.records.append({"graph": graph, "grad": grad, "dtype": dtype, "path": entry.path,
                                  "seconds": entry.seconds, "cached": not entry.built,
                                  "verify_max_rel_error": max(errors) if errors else None})
             self.paths[key] = entry.path

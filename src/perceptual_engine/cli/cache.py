@@ -33,17 +33,24 @@ class CachedModel:
 
 
 def model_key(spec: FeatureSpec, loss: LossConfig | None, dtype: str = "float32",
-              graph: str = "distance") -> str:
+              graph: str = "distance", lpips: Any = None, spatial: bool = False,
+              grad: bool = False) -> str:
     """Hash of everything the model's numbers depend on.
 
     A weights file enters by its size and modification time too, so replacing the
-    file re-exports instead of reusing numbers from the old one.
+    file re-exports instead of reusing numbers from the old one. An LPIPS graph's
+    linear weights (``lpips``: LinearWeights) enter by their SHA-256, and ``spatial``.
     """
     # Term order is output order: keep it (a dict would be hashed sorted).
     terms = None if loss is None else {"content": list(loss.content.items()),
                                        "style": list(loss.style.items()), "gram": loss.gram}
     material: dict[str, Any] = {"spec": spec.key(), "loss": terms, "dtype": dtype,
                                 "graph": graph, "version": __version__}
+    if graph == "lpips":
+        material["lpips"] = {"weights_sha256": lpips.sha256 if lpips is not None else None,
+                             "spatial": bool(spatial)}
+    if grad:  # only when set, so the keys of models without a gradient stay as they were
+        material["grad"] = True
     if spec.weights not in ("imagenet", "random") and os.path.isfile(spec.weights):
         st = os.stat(spec.weights)
         material["weights_file"] = [os.path.abspath(spec.weights), st.st_size, st.st_mtime_ns]
@@ -59,7 +66,8 @@ def _sidecar(path: str) -> str:
 
 
 def check_entry(path: str, key: str, spec: FeatureSpec, loss: LossConfig | None,
-                dtype: str, graph: str = "distance") -> tuple[dict[str, Any] | None, str]:
+                dtype: str, graph: str = "distance", lpips: Any = None,
+                spatial: bool = False, grad: bool = False) -> tuple[dict[str, Any] | None, str]:
     """(sidecar record, "") if the entry at ``path`` is intact, else (None, why not)."""
     if not os.path.isfile(path):
         return None, "not built yet"
@@ -78,30 +86,42 @@ def check_entry(path: str, key: str, spec: FeatureSpec, loss: LossConfig | None,
         return None, f"model unreadable ({exc})"
     # The exporter cuts the spec to the layers the loss weighs: compare with that.
     built_spec = loss.used_spec(spec) if loss is not None else spec
-    if (info.graph, info.dtype, info.spec, info.loss) != (graph, dtype, built_spec, loss):
+    if (info.graph, info.dtype, info.spec, info.loss, info.grad) != (graph, dtype, built_spec, loss, grad):
         return None, "model metadata differs from the requested spec"
+    if graph == "lpips" and (info.spatial != bool(spatial) or (info.lpips or {}).get(
+            "weights_sha256") != getattr(lpips, "sha256", None)):
+        return None, "model's LPIPS weights or spatial output differ from the requested ones"
     return record, ""
 
 
 def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "float32",
                  graph: str = "distance", folder: str | None = None, name: str | None = None,
-                 rebuild: bool = False, weights: Any = None,
-                 say: Callable[[str], None] | None = None) -> CachedModel:
+                 rebuild: bool = False, weights: Any = None, grad: bool = False,
+                 say: Callable[[str], None] | None = None, lpips_weights: Any = None,
+                 spatial: bool = False) -> CachedModel:
     """The path of a verified model for (spec, loss, dtype, graph), exporting it if needed.
 
     folder: where entries live (default: ``<default_cache_dir()>/models``).
     name: file stem (default: the key). rebuild: export even if an entry looks intact
         (used when an intact-looking entry fails to load). weights: already loaded
-        weights for ``spec`` (default: loaded by the export).
+        weights for ``spec`` (default: loaded by the export). grad: a model that also
+        outputs ``grad.x`` (export_onnx's ``grad``); part of the key.
+    lpips_weights, spatial: graph "lpips" only (see export_onnx); the linear weights
+        are loaded here (default: the lpips package's file) and keyed by their hash.
     """
     say = say or (lambda msg: None)
-    key = model_key(spec, loss, dtype, graph)
+    lin = None
+    if graph == "lpips":
+        from ..lpips import LinearWeights, load_linear_weights
+
+        lin = lpips_weights if isinstance(lpips_weights, LinearWeights) else load_linear_weights(lpips_weights)
+    key = model_key(spec, loss, dtype, graph, lin, spatial, grad)
     folder = folder or models_dir()
     path = os.path.join(folder, f"{name or key}.onnx")
     os.makedirs(folder, exist_ok=True)
     with file_lock(os.path.join(folder, f"{name or key}.lock")):
         # Checked under the lock: another process may have just built it.
-        record, why = check_entry(path, key, spec, loss, dtype, graph)
+        record, why = check_entry(path, key, spec, loss, dtype, graph, lin, spatial, grad)
         if record is not None and not rebuild:
             return CachedModel(path, key, built=False, errors=record.get("errors", {}))
         if rebuild:
@@ -109,33 +129,38 @@ def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "fl
         say(f"exporting the {graph} model to {path} ({why}); this is done once")
         # The old sidecar stays until the new one replaces it: it cannot vouch for the new
         # file (its SHA-256 differs), and an export that fails leaves the old entry intact.
+        extra = {"lpips_weights": lin, "spatial": spatial} if graph == "lpips" else {}
         result = export_onnx(spec, path, graph=graph, loss=loss, dtype=dtype, weights=weights,
-                             progress=say)
+                             progress=say, **extra, **({"grad": True} if grad else {}))
         errors = {k: {"max_abs": e.max_abs, "max_rel": e.max_rel} for k, e in result.errors.items()}
         record = {"key": key, "sha256": sha256_file(path), "spec": spec.to_dict(),
-                  "loss": loss.to_dict() if loss else None, "graph": graph, "dtype": dtype, "version": __version__,
+                  "loss": loss.to_dict() if loss else None, "graph": graph, "grad": grad, "dtype": dtype, "version": __version__,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "errors": errors,
                   "weights_sha256": result.weights_sha256}
         atomic_write_bytes(_sidecar(path), json.dumps(record, indent=2).encode())
         return CachedModel(path, key, built=True, errors=errors, seconds=result.seconds)
 
 
-def open_engine(spec: FeatureSpec, loss: LossConfig, *, device: str = "auto",
+def open_engine(spec: FeatureSpec, loss: LossConfig | None, *, device: str = "auto",
                 dtype: str = "float32", folder: str | None = None,
-                say: Callable[[str], None] | None = None):
+                say: Callable[[str], None] | None = None, graph: str = "distance",
+                lpips_weights: Any = None, spatial: bool = False):
     """(Engine, CachedModel): the cached model loaded on ``device``; an entry that
-    fails to load (ModelError) is rebuilt once, then any failure is the caller's."""
+    fails to load (ModelError) is rebuilt once, then any failure is the caller's.
+    graph "distance" (``loss``) or "lpips" (``lpips_weights``, ``spatial``)."""
     from ..runtime import Engine
 
     def make(path: str):
         return Engine(path, device)
 
-    entry = ensure_model(spec, loss, dtype=dtype, folder=folder, say=say)
+    kw = dict(dtype=dtype, folder=folder, say=say, graph=graph, lpips_weights=lpips_weights,
+              spatial=spatial)
+    entry = ensure_model(spec, loss, **kw)
     try:
         return make(entry.path), entry
     except ModelError as exc:
         if entry.built:
             raise
         (say or (lambda m: None))(f"cached model failed to load ({exc}); rebuilding it")
-        entry = ensure_model(spec, loss, dtype=dtype, folder=folder, say=say, rebuild=True)
+        entry = ensure_model(spec, loss, rebuild=True, **kw)
         return make(entry.path), entry

@@ -5,6 +5,8 @@
 2. Distorts a bundled photograph (Gaussian blur, Gaussian noise, JPEG) at three
    increasing strengths, with a fixed seed, and prints the distances: they should
    grow with strength, and the demo says whether they do.
+   Beside them, LPIPS (VGG16, the lpips package's v0.1 weights) of the same pairs,
+   from an LPIPS model exported once into the output folder (``--no-lpips`` skips it).
 3. Prints an ONNX Runtime vs PyTorch speed table from the benchmark package.
 
 ImageNet weights need a download. When it is impossible the demo (and only the
@@ -120,6 +122,36 @@ def _fallback(spec: FeatureSpec, exc: WeightsError, err: IO[str]) -> FeatureSpec
     return dataclasses.replace(spec, weights="random")
 
 
+def lpips_model(spec: FeatureSpec, out_dir: str, dtype: str, say: Callable[[str], None],
+                err: IO[str]) -> tuple[CachedModel | None, str]:
+    """(the demo's LPIPS model, its trunk weights) or (None, why it is skipped).
+
+    The trunk follows the demo's weights: ImageNet VGG16 (seeded random when that
+    cannot be had, as the banner says), random, or the given file if it is VGG16's.
+    """
+    from .. import lpips as L
+    from ..errors import PerceptualError
+
+    weights = spec.weights
+    if weights not in ("imagenet", "random") and spec.arch != "vgg16":
+        return None, f"skipped: --weights is a {spec.arch} file and LPIPS runs VGG16"
+    lspec = L.default_spec(weights, seed=spec.seed)
+    try:
+        if weights == "imagenet":
+            try:
+                with contextlib.redirect_stdout(err):
+                    load_weights(lspec)
+            except WeightsError:
+                lspec = dataclasses.replace(lspec, weights="random")
+                err.write(f"  LPIPS: ImageNet VGG16 weights are not available either; its column uses "
+                          f"SEEDED RANDOM trunk weights (seed {spec.seed})\n")
+        entry = ensure_model(lspec, None, dtype=dtype, graph="lpips", folder=out_dir,
+                             name="vgg16-lpips", say=say)
+    except PerceptualError as exc:  # no lpips package: the rest of the demo stands
+        return None, f"skipped: {str(exc).splitlines()[0]}"
+    return entry, lspec.weights
+
+
 def speed_table(out: IO[str], out_dir: str = "out") -> None:
     """A short ONNX Runtime vs PyTorch table from the benchmark package.
 
@@ -143,7 +175,7 @@ def speed_table(out: IO[str], out_dir: str = "out") -> None:
 
 def run_demo(spec: FeatureSpec, loss: LossConfig, *, out_dir: str = "out", photo: str | None = None,
              size: int = 224, device: str = "auto", dtype: str = "float32", bench: bool = True,
-             out: IO[str], err: IO[str]) -> int:
+             lpips: bool = True, out: IO[str], err: IO[str]) -> int:
     """Run the demo, printing to ``out`` (results) and ``err`` (progress, warnings).
 
     Returns 0; a distance that does not grow with strength is reported as a warning.
@@ -185,18 +217,29 @@ def run_demo(spec: FeatureSpec, loss: LossConfig, *, out_dir: str = "out", photo
     dist = engine.distance(xs_arr, ys_arr)
     run_s = time.perf_counter() - t0
 
+    lp_values, lp_note = None, "skipped (--no-lpips)"
+    if lpips:
+        lp_entry, lp_note = lpips_model(spec, out_dir, dtype, say, err)
+        if lp_entry is not None:
+            lp = Engine(lp_entry.path, device)
+            y01 = np.ascontiguousarray(np.stack(ys), dtype=np.float32)
+            x01 = np.ascontiguousarray(np.broadcast_to(ref, y01.shape), dtype=np.float32)
+            a, b = (-1.0, 2.0) if lp.spec.input_range == "-1,1" else (0.0, 1.0)
+            lp_values = lp.distance(a + b * x01, a + b * y01)["total"]
+            lp_note = f"VGG16 trunk weights {lp_note}, lpips v0.1 linear weights"
     content = [n for n in engine.output_names if n.startswith("content.")]
     style = [n for n in engine.output_names if n.startswith("style.")]
     out.write(f"\n2. distances from {os.path.basename(photo)} ({size}x{size}) to distorted copies "
               f"(seed {SEED}), on {engine.providers[0]}: {len(rows)} pairs in {run_s:.2f} s "
               f"(session {load_s:.2f} s)\n")
-    head = f"   {'distortion':<16}{'strength':<14}{'content':>12}{'style':>12}{'total':>12}"
+    head = f"   {'distortion':<16}{'strength':<14}{'content':>12}{'style':>12}{'total':>12}{'LPIPS':>10}"
     out.write(head + "\n   " + "-" * (len(head) - 3) + "\n")
     c_w, s_w = loss.content, loss.style
     for i, (kind, label) in enumerate(rows):
         c = sum(c_w[n.split(".", 1)[1]] * float(dist[n][i]) for n in content)
         s = sum(s_w[n.split(".", 1)[1]] * float(dist[n][i]) for n in style)
-        out.write(f"   {kind:<16}{label:<14}{c:>12.4g}{s:>12.4g}{float(dist['total'][i]):>12.4g}\n")
+        lp_cell = f"{float(lp_values[i]):>10.4f}" if lp_values is not None else f"{'-':>10}"
+        out.write(f"   {kind:<16}{label:<14}{c:>12.4g}{s:>12.4g}{float(dist['total'][i]):>12.4g}{lp_cell}\n")
     bad = []
     for j, (kind, _, strengths) in enumerate(DISTORTIONS):
         totals = [float(dist["total"][j * len(strengths) + k]) for k in range(len(strengths))]
@@ -208,6 +251,7 @@ def run_demo(spec: FeatureSpec, loss: LossConfig, *, out_dir: str = "out", photo
         out.write("   the distance grows with strength for every distortion, as it should.\n")
     out.write(f"   (content and style are the weighted sums of the {len(content)} content and "
               f"{len(style)} style terms; the model outputs each term separately)\n")
+    out.write(f"   (LPIPS: {lp_note})\n")
 
     out.write("\n3. speed: ONNX Runtime vs PyTorch (perceptual_engine.bench, quick)\n")
     if bench:

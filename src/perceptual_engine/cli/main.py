@@ -13,7 +13,8 @@ import sys
 import warnings
 from typing import Sequence
 
-from .options import SPEC_FLAGS, add_memory_options, add_spec_options, positive_int, spec_from_args
+from .options import (SPEC_FLAGS, add_lpips_options, add_memory_options, add_spec_options,
+                      lpips_spec_from_args, positive_int, spec_from_args)
 from ..errors import ConfigError, ModelError, PerceptualError, WeightsError
 
 PROG = "perceptual-engine"
@@ -30,13 +31,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.triton_name and not args.triton_repo:
         raise ConfigError("--triton-name names the model in --triton-repo DIR; add --triton-repo.")
-    spec, loss = spec_from_args(args)
+    lpips_kw = {}
+    if args.graph == "lpips":
+        spec, loss = lpips_spec_from_args(args), None
+        lpips_kw = {"lpips_weights": args.lpips_weights, "spatial": args.spatial}
+    else:
+        if args.lpips_weights is not None or args.spatial:
+            raise ConfigError("--lpips-weights and --spatial are options of --graph lpips; add "
+                              "--graph lpips, or drop them.")
+        spec, loss = spec_from_args(args)
     if args.graph == "features" and loss is not None:
         raise ConfigError("--content/--style/--gram describe a distance graph; add --graph "
                           "distance, or drop them to export features.")
     dtype = args.dtype or "float32"
     r = export_onnx(spec, args.output, graph=args.graph, loss=loss, dtype=dtype,
-                    progress=lambda m: _say(m), grad=args.grad)
+                    progress=lambda m: _say(m), grad=args.grad, **lpips_kw)
     print(f"wrote {r.path} ({r.size_bytes / 1e6:.1f} MB) in {r.seconds:.1f} s")
     print(f"  graph     {r.graph}, {r.dtype} network, float32 inputs and outputs")
     print(f"  spec      {spec.arch} {','.join(spec.layers)}; weights {spec.weights}"
@@ -54,7 +63,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"  inputs    {', '.join(images)}: float32 {dims}"
           + ("; target.content.<l>: float32 (1, C, H_l, W_l)" if r.graph == "target" else "")
           + ("; target.gram.<l>: float32 (1, C, C)" if len(images) < len(r.inputs) else ""))
-    if r.graph in ("distance", "style", "target"):
+    if r.graph == "lpips":
+        from ..runtime import read_info
+
+        head = read_info(r.path).lpips or {}
+        print(f"  lpips     linear weights {head.get('weights_source')}, sha256 "
+              f"{str(head.get('weights_sha256'))[:16]}; head in float32")
+        scalars = [o for o in r.outputs if o not in ("spatial", "grad.x")]
+        print(f"  outputs   {', '.join(scalars)}: float32 (N,)"
+              + ("; spatial: float32 (N, 1, H, W)" if "spatial" in r.outputs else "")
+              + ("; grad.x (N, 3, H, W)" if "grad.x" in r.outputs else ""))
+    elif r.graph in ("distance", "style", "target"):
         print(f"  outputs   {', '.join(r.outputs)}: float32 (N,)"
               + ("; grad.x (N, 3, H, W)" if "grad.x" in r.outputs else "")
               + ("; feature.<l> (N, C, H_l, W_l)" if r.graph == "target" else "")
@@ -83,14 +102,29 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _open_engine(args: argparse.Namespace):
     from ..runtime import Engine
 
-    given = [f for f in SPEC_FLAGS if getattr(args, f) is not None]
+    given = [f for f in SPEC_FLAGS + ("lpips_weights",) if getattr(args, f) is not None]
+    spatial = args.spatial_dir is not None
     if args.model:
         if given:
             raise ConfigError(f"--model reads the spec from the model; drop "
                               f"{', '.join('--' + f.replace('_', '-') for f in given)}, or drop "
                               "--model to export one from the flags.")
         engine = Engine(args.model, args.device)
+        if spatial and not engine.info.spatial:
+            raise ModelError(f"{args.model!r} has no spatial output; --spatial-dir needs an LPIPS model "
+                             "exported with --spatial (or drop --model to export one).")
+    elif args.graph == "lpips":
+        from .cache import models_dir, open_engine
+
+        engine, entry = open_engine(lpips_spec_from_args(args), None, device=args.device,
+                                    dtype=args.dtype or "float32", folder=models_dir(args.cache_dir),
+                                    say=_say, graph="lpips", lpips_weights=args.lpips_weights,
+                                    spatial=spatial)
+        if not entry.built:
+            _say(f"using the cached model {entry.path}")
     else:
+        if args.lpips_weights is not None:
+            raise ConfigError("--lpips-weights is an option of --graph lpips; add --graph lpips, or drop it.")
         from .cache import models_dir, open_engine
         from ..spec import LossConfig
 
@@ -100,17 +134,20 @@ def _open_engine(args: argparse.Namespace):
                                     folder=models_dir(args.cache_dir), say=_say)
         if not entry.built:
             _say(f"using the cached model {entry.path}")
-    if engine.info.graph != "distance":
+    if engine.info.graph not in ("distance", "lpips"):
         raise ModelError(f"{args.model!r} is a {engine.info.graph} graph; distance needs a model "
-                         "exported with --graph distance.")
+                         "exported with --graph distance or --graph lpips.")
+    if spatial and engine.info.graph != "lpips":
+        raise ConfigError("--spatial-dir writes LPIPS maps; add --graph lpips.")
     engine.memory_budget = getattr(args, "memory_budget", None)
     return engine
+
 
 
 def cmd_distance(args: argparse.Namespace) -> int:
     from .pairs import pairs_from_args
     from .results import ResultFile, StdoutRows, check_output_path, model_identity
-    from .runner import Progress, run_pairs
+    from .runner import Progress, row_terms, run_pairs
 
     if args.ray:
         from ..distributed.cli import run_distance
@@ -120,7 +157,12 @@ def cmd_distance(args: argparse.Namespace) -> int:
     if args.output:
         check_output_path(args.output)  # before a model is exported or loaded
     engine = _open_engine(args)
-    terms = [t for t in engine.output_names if t != "grad.x"]  # per-pair scalars only
+    terms = row_terms(engine.output_names)  # per-pair scalars only
+    maps = None
+    if args.spatial_dir is not None:
+        from .spatial import MapWriter
+
+        maps = MapWriter(args.spatial_dir)
     sinks, closers = [], []
     skip: set[tuple[str, str]] = set()
     if args.output:
@@ -140,7 +182,8 @@ def cmd_distance(args: argparse.Namespace) -> int:
     try:
         stats = run_pairs(engine, pairs, sinks, batch_size=args.batch_size,
                           size_policy=args.size_policy, workers=args.workers, skip=skip,
-                          max_pixels=args.max_pixels, max_side=args.max_side, progress=bar)
+                          max_pixels=args.max_pixels, max_side=args.max_side, progress=bar,
+                          maps=maps.write if maps is not None else None)
     except KeyboardInterrupt:
         bar.close()
         where = f"; the rows computed so far are in {args.output}, rerun with --resume" \
@@ -150,6 +193,8 @@ def cmd_distance(args: argparse.Namespace) -> int:
     finally:
         _close_all(closers)
     _say(stats.summary())
+    if maps is not None:
+        _say(f"{maps.count} spatial map(s) in {args.spatial_dir} (PNG, white = the map's maximum)")
     return 0 if stats.failed == 0 else 1
 
 
@@ -183,6 +228,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                           f"({built.min_size}x downsampling); accepted: --size >= {built.min_size}.")
     return run_demo(spec, loss, out_dir=args.out_dir, photo=args.image, size=args.size,
                     device=args.device, dtype=args.dtype or "float32", bench=not args.no_bench,
+                    lpips=not args.no_lpips,
                     out=sys.stdout, err=sys.stderr)
 
 
@@ -208,19 +254,22 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a FeatureSpec to one self-contained ONNX file, verified "
                                    "with onnx.checker and against the PyTorch reference.")
     add_spec_options(p)
-    p.add_argument("--graph", choices=("features", "distance", "style", "target"), default="features",
+    p.add_argument("--graph", choices=("features", "distance", "style", "target", "lpips"),
+                   default="features",
                    help="features: input x, one output per layer; distance: inputs x, y, "
                         "outputs content.<l>, style.<l>, total; target: x against cached "
                         "content features and style Grams (Engine.set_target); style: x against "
-                        "a cached target's Grams (style terms only) (default: features)")
+                        "a cached target's Grams (style terms only); lpips: LPIPS (VGG16, lpips "
+                        "v0.1 weights), outputs lpips.<l>, total (default: features)")
     p.add_argument("--grad", action="store_true",
                    help="also output grad.x (N, 3, H, W), the gradient of the summed total with "
-                        "respect to x (distance and target graphs; docs/training.md)")
+                        "respect to x (distance, target and lpips graphs; docs/training.md)")
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="the .onnx file to write")
     p.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository "
                    "entry: DIR/NAME/config.pbtxt and DIR/NAME/1/model.onnx (see docs/scale.md)")
     p.add_argument("--triton-name", metavar="NAME", help="the Triton model name (default: the "
                    "stem of --output)")
+    add_lpips_options(p, spatial_flag=True)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -232,8 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a", nargs="?", help="image file or folder")
     p.add_argument("b", nargs="?", help="image file or folder")
     p.add_argument("--pairs", metavar="CSV", help="two columns: image A, image B (instead of A B)")
-    p.add_argument("--model", metavar="ONNX", help="an exported distance model; without it one is "
-                   "exported from the spec flags into the cache once")
+    p.add_argument("--model", metavar="ONNX", help="an exported distance or lpips model; without "
+                   "it one is exported from the spec flags into the cache once")
+    p.add_argument("--graph", choices=("distance", "lpips"), default="distance",
+                   help="the model exported from the spec flags: distance (content/style terms) "
+                        "or lpips (VGG16 LPIPS; default layers and arch) (default: distance)")
+    p.add_argument("--spatial-dir", metavar="DIR", dest="spatial_dir",
+                   help="--graph lpips: write each pair's LPIPS map as a PNG here (grey levels "
+                        "scaled by the map's own maximum; see docs/lpips.md)")
     p.add_argument("--cache-dir", metavar="DIR", help="model cache (default: "
                    "$PERCEPTUAL_ENGINE_CACHE, else $XDG_CACHE_HOME/perceptual-engine, else "
                    "~/.cache/perceptual-engine)")
@@ -263,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ray-actors", type=positive_int, metavar="N",
                    help="Engine actors (default: one per GPU; without GPUs, one per 4 CPUs)")
     add_spec_options(p)
+    add_lpips_options(p, spatial_flag=False)
     p.set_defaults(func=cmd_distance)
 
     p = sub.add_parser("info", help="versions, GPU and execution providers that really load",
@@ -283,9 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="square side the photo is resized to (default: 224)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
     p.add_argument("--no-bench", action="store_true", help="skip the speed table")
+    p.add_argument("--no-lpips", action="store_true", help="skip the LPIPS column (its model "
+                   "is exported once into --out-dir)")
     add_spec_options(p, default_layers="the arch's usual four; the demo's loss: content on "
                                        "relu2_2, style on every layer")
     p.set_defaults(func=cmd_demo)
+    from . import stylize as stylize_cli
+
+    p = sub.add_parser("stylize", formatter_class=fmt, help="optimize an image: CONTENT in "
+                       "the style of STYLE (Gatys et al.)", description=stylize_cli.DESCRIPTION)
+    stylize_cli.add_arguments(p)
+    p.set_defaults(func=lambda a: stylize_cli.main(a, _say))
     from ..bench import cli as bench_cli
 
     p = sub.add_parser("bench", help="time every variant on the same inputs; Markdown/JSON/PNG",
@@ -372,4 +436,7 @@ def _check_distance_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         sub.error("--resume needs --output (the file to resume)")
     if (args.ray_address or args.ray_actors) and not args.ray:
         sub.error("--ray-address and --ray-actors go with --ray")
+    if args.spatial_dir and not args.model and args.graph != "lpips":
+        sub.error("--spatial-dir writes LPIPS maps: add --graph lpips (or --model with an LPIPS "
+                  "model exported with --spatial)")
 

@@ -130,3 +130,31 @@ def add_memory_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-side", type=positive_int, metavar="N",
                    help="downscale images whose longer side exceeds N pixels (aspect kept, "
                         "bicubic, antialiased) before the size policy (default: no limit)")
+
+
+def add_lpips_options(p: argparse.ArgumentParser, *, spatial_flag: bool) -> None:
+    g = p.add_argument_group("LPIPS (--graph lpips)")
+    g.add_argument("--lpips-weights", metavar="PATH", dest="lpips_weights",
+                   help="LPIPS linear weights (.pth, keys lin0..lin4.model.1.weight) (default: "
+                        "weights/v0.1/vgg.pth of the installed lpips package)")
+    if spatial_flag:
+        g.add_argument("--spatial", action="store_true",
+                       help="also output the per-pixel map 'spatial' (N, 1, H, W)")
+
+
+def lpips_spec_from_args(args: argparse.Namespace):
+    """The FeatureSpec of an LPIPS graph from the spec flags: VGG16 at its five taps
+    unless --arch/--layers say otherwise (then a ConfigError says what to change)."""
+    from ..errors import ConfigError
+    from ..lpips import ARCH, LAYERS, check_spec
+    from ..spec import FeatureSpec
+
+    given = [f"--{n}" for n in ("content", "style", "gram") if getattr(args, n, None) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} describe a content/style loss; LPIPS has its own "
+                          "head (channel-normalized differences, learned weights). Drop them.")
+    spec = FeatureSpec(arch=args.arch or ARCH, layers=args.layers or LAYERS,
+                       weights=args.weights or "imagenet", seed=0 if args.seed is None else args.seed,
+                       input_range=args.input_range or "0,1", pooling=args.pooling or "max")
+    check_spec(spec)
+    return spec

@@ -142,15 +142,22 @@ def make_row(pair: Pair, terms: Sequence[str], values: dict[str, float] | None,
     return row
 
 
-def compute_batch(engine, items: Sequence[_Decoded]
+def row_terms(output_names: Sequence[str]) -> list[str]:
+    """A model's per-pair scalar outputs: the row's columns (maps and gradients are not)."""
+    return [n for n in output_names if n not in ("spatial", "grad.x")]
+
+
+def compute_batch(engine, items: Sequence[_Decoded], *,
+                  maps: Callable[[Pair, np.ndarray], None] | None = None,
                   ) -> tuple[list[tuple[Pair, dict[str, float] | None, str]], float, int]:
     """Run decoded pairs of one size through ``engine`` as one batch.
 
     Returns ([(pair, terms or None, error)] in input order, seconds inside the engine,
     successful engine calls). A non-finite sample fails alone; a batch the engine
     refuses is retried one pair at a time, so the error lands on the pair that caused it.
+    ``maps`` receives each computed pair's LPIPS map (H, W) (models with ``spatial``).
     """
-    terms = list(engine.output_names)
+    terms = row_terms(engine.output_names)
     x = np.ascontiguousarray(np.stack([i.x for i in items]))
     y = np.ascontiguousarray(np.stack([i.y for i in items]))
     start = time.perf_counter()
@@ -167,7 +174,7 @@ def compute_batch(engine, items: Sequence[_Decoded]
             return [(items[0].pair, None, _row_error(exc, items[0].x.shape))], seconds, 0
         results, calls = [], 0
         for item in items:  # find which pair it was: one at a time
-            r, s, c = compute_batch(engine, [item])
+            r, s, c = compute_batch(engine, [item], maps=maps)
             results += r
             seconds += s
             calls += c
@@ -178,6 +185,8 @@ def compute_batch(engine, items: Sequence[_Decoded]
         if k in bad:
             results.append((item.pair, None, why))
         else:
+            if maps is not None:
+                maps(item.pair, np.asarray(out["spatial"][k, 0]))
             # The shortest decimal that is the same float32: no float64 noise digits.
             results.append((item.pair, {t: float(str(np.float32(out[t][k]))) for t in terms}, ""))
     return results, seconds, 1
@@ -187,16 +196,20 @@ def run_pairs(engine, pairs: Sequence[Pair], sinks: Iterable[Callable[[Row], Non
               batch_size: int = 8, size_policy: str = "error", workers: int | None = None,
               skip: set[tuple[str, str]] | frozenset = frozenset(),
               max_pixels: int | None = MAX_IMAGE_PIXELS, max_side: int | None = None,
-              progress: Progress | None = None) -> RunStats:
-    """Compute every pair not in ``skip`` with ``engine`` (a distance Engine); each row
-    goes to every sink as soon as it is known. Returns the run's statistics.
+              progress: Progress | None = None,
+              maps: Callable[[Pair, np.ndarray], None] | None = None) -> RunStats:
+    """Compute every pair not in ``skip`` with ``engine`` (a distance or LPIPS Engine);
+    each row goes to every sink as soon as it is known. ``maps`` receives each computed
+    pair's LPIPS map (H, W) float32 (an LPIPS model with the ``spatial`` output).
+    Returns the run's statistics.
 
     Images whose longer side exceeds ``max_side`` are downscaled first (aspect kept).
     A batch holds at most ``batch_size`` pairs of one size, fewer when the engine's
     memory estimate for more would exceed its budget; a pair that alone exceeds it,
     or that runs out of memory, becomes an error row and the run goes on."""
     sinks = list(sinks)
-    terms = list(engine.output_names)
+    # Per-pair maps and gradients are not row columns.
+    terms = row_terms(engine.output_names)
     workers = workers or min(4, os.cpu_count() or 1)
     prefetch = max(2 * batch_size, 2 * workers)
     stats = RunStats(total=len(pairs), workers=workers)
@@ -219,7 +232,7 @@ def run_pairs(engine, pairs: Sequence[Pair], sinks: Iterable[Callable[[Row], Non
         bar.advance()
 
     def run_batch(items: list[_Decoded]) -> None:
-        results, seconds, calls = compute_batch(engine, items)
+        results, seconds, calls = compute_batch(engine, items, maps=maps)
         stats.engine_s += seconds
         stats.batches += calls
         for pair, values, error in results:

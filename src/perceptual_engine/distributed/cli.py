@@ -11,6 +11,7 @@ import time
 from typing import Callable
 
 from ..cli.options import SPEC_FLAGS, spec_from_args
+from ..cli.runner import row_terms
 from ..errors import ConfigError
 
 
@@ -34,7 +35,7 @@ def run_distance(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     # Exported (or found in the cache) here, once; the actors only load it.
     model = resolve_model(args.model, spec, loss, dtype=args.dtype or "float32",
                           cache_dir=args.cache_dir, say=say)
-    terms = list(read_info(model).output_names)
+    terms = row_terms(read_info(model).output_names)
     width = min(max(max(len(p.a), len(p.b)) for p in pairs), 60)
     screen = StdoutRows(sys.stdout, args.format, terms, path_width=width)
     where = args.ray_address or "a local Ray sized to this machine"

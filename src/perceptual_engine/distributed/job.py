@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 from .._io import sha256_file
 from ..cli.pairs import Pair, pair_key, pairs_from_args
 from ..cli.results import Row
-from ..cli.runner import Progress, RunStats
+from ..cli.runner import Progress, RunStats, row_terms
 from ..errors import ConfigError, DeviceError, ModelError
 from ..images import MAX_IMAGE_PIXELS, SIZE_POLICIES
 from ..spec import INPUT_RANGES, FeatureSpec, LossConfig
@@ -208,7 +208,7 @@ def build_job(a: str | None = None, b: str | None = None, *, pairs: str | Sequen
         blocks = max(1, min(math.ceil(len(items) / batch_size), 4096))
         source = ray.data.from_items(items, override_num_blocks=blocks) if items else None
     if source is None:
-        return Job(None, list(info.output_names), total, skipped, res)
+        return Job(None, row_terms(info.output_names), total, skipped, res)
     lo_hi = INPUT_RANGES[info.spec.input_range]
     decoded = source.map_batches(
         decode_batch, batch_size=batch_size, batch_format="numpy",
@@ -227,7 +227,7 @@ def build_job(a: str | None = None, b: str | None = None, *, pairs: str | Sequen
     # max_task_retries=-1), a decode task is retried 3 times (Ray's max_retries). Setting
     # them here would go through ray_remote_args, deprecated in Ray 2.60 (tests kill an
     # actor to check the behavior).
-    return Job(rows, list(info.output_names), total, skipped, res)
+    return Job(rows, row_terms(info.output_names), total, skipped, res)
 
 
 def distances(a: str | None = None, b: str | None = None, *, address: str | None = None,
@@ -292,7 +292,7 @@ def write_distances(a: str | None = None, b: str | None = None, *, output: str |
                              options.pop("loss", None), dtype=options.get("dtype", "float32"),
                              cache_dir=options.get("cache_dir"), say=say)
         info = read_info(path)
-        terms = list(info.output_names)
+        terms = row_terms(info.output_names)
         writer = open_result_file(output, terms, resume=resume,
                                   identity=model_identity(info)) if output else None
         try:

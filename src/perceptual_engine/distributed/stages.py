@@ -19,7 +19,7 @@ import numpy as np
 
 from .._io import atomic_path, file_lock, sha256_file
 from ..cli.pairs import Pair
-from ..cli.runner import _Decoded, _decode_pair, compute_batch
+from ..cli.runner import _Decoded, _decode_pair, compute_batch, row_terms
 
 # Columns of the job's rows beside a, b, the terms and error; dropped before rows leave.
 STATS_COLUMNS = ("_engine_s", "_actor_s", "_decode_s", "_calls", "_provider")
@@ -87,7 +87,7 @@ class DistanceActor:
                 ref = ray.get(ref)
             model = local_model_copy(ref, sha)
         self.engine = Engine(model, device, threads=threads, memory_budget=memory_budget)
-        self.terms = list(self.engine.output_names)
+        self.terms = row_terms(self.engine.output_names)
         self.batch_size = batch_size
         self.provider = self.engine.providers[0]
 

@@ -23,10 +23,12 @@ import torch
 from .. import __version__
 from .._io import atomic_path
 from ..errors import ConfigError, ExportError
-from ..reference import TorchFeatures
+from .. import lpips as _lpips
+from ..lpips import LinearWeights
+from ..reference import TorchFeatures, TorchLPIPS
 from ..spec import FeatureSpec, LossConfig
 from ..weights import Weights, load_weights, restrict
-from .graphs import GRAPH_KINDS, DistanceGraph, FeaturesGraph, StyleGraph, TargetGraph
+from .graphs import GRAPH_KINDS, DistanceGraph, FeaturesGraph, LpipsGraph, StyleGraph, TargetGraph
 from .integrity import seal
 from .metadata import DTYPES, ModelInfo
 from .verify import OutputError, verify_model
@@ -127,6 +129,8 @@ def export_onnx(
     weights: Weights | None = None,
     progress: Callable[[str], None] | None = None,
     grad: bool = False,
+    lpips_weights: "str | os.PathLike | LinearWeights | None" = None,
+    spatial: bool = False,
 ) -> ExportResult:
     """Export ``spec`` as a verified, self-contained ONNX file at ``path``.
 
@@ -136,13 +140,19 @@ def export_onnx(
         on every layer) or "style" (inputs ``x`` and a cached target's Grams
         ``target.gram.<l>`` (1, C, C); outputs ``style.<l>``, ``total`` and x's Grams;
         ``loss`` with style terms only). Engine.set_style_target drives it.
+        "lpips" (inputs ``x``, ``y``; outputs ``lpips.<l>`` per tap and ``total``, (N,)
+        float32; ``spec`` must be VGG16 at ``perceptual_engine.lpips.LAYERS``, its
+        input range is the images' ("-1,1" as lpips, "0,1" as its normalize=True)).
+    lpips_weights: graph "lpips" only: the linear weights file (.pth), LinearWeights,
+        or None for the installed lpips package's ``weights/v0.1/vgg.pth``.
+    spatial: graph "lpips" only: also output the per-pixel map ``spatial`` (N, 1, H, W).
         "target" generalizes "style": inputs ``x``, ``target.content.<l>``
         (1, C, H_l, W_l) per content layer (x's feature size) and ``target.gram.<l>``
         (1, C, C) per style layer; outputs ``content.<l>``, ``style.<l>``, ``total``
         (N,), then x's ``feature.<l>`` and ``gram.<l>`` (to cache targets; see
         Engine.set_target). ``loss`` defaults to content terms of weight 1.
     grad: also output ``grad.x`` (N, 3, H, W) float32, ∂(Σ_n total_n)/∂x (x's half
-        only), after the terms; "distance" and "target" graphs only. Verified
+        only), after the terms; "distance", "target" and "lpips" graphs. Verified
         against torch autograd of the reference like the other outputs.
     dtype: "float32" or "float16" (half-precision network; inputs, Grams,
         reductions and outputs in float32).
@@ -154,8 +164,8 @@ def export_onnx(
         raise ConfigError(f"graph {graph!r} is not accepted; accepted: {', '.join(GRAPH_KINDS)}.")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not accepted; accepted: {', '.join(DTYPES)}.")
-    if grad and graph not in ("distance", "target"):
-        raise ConfigError(f"grad=True needs graph='distance' or 'target' (a loss to differentiate); "
+    if grad and graph not in ("distance", "target", "lpips"):
+        raise ConfigError(f"grad=True needs graph='distance', 'target' or 'lpips' (a loss to differentiate); "
                           f"got graph={graph!r}. Export one of those, or drop grad.")
     if graph in ("distance", "target"):
         loss = loss if loss is not None else LossConfig.default_for(spec)
@@ -170,6 +180,18 @@ def export_onnx(
         loss.check_against(spec)
     elif loss is not None:
         raise ConfigError("loss is only used by graph='distance', 'target' or 'style'; drop it or export one of those.")
+    if graph == "lpips":
+        _lpips.check_spec(spec)
+        if grad and dtype == "float16":
+            # Measured: the half-precision backward through VGG16 to relu5_3 and the
+            # channel normalization is ~0.5% off autograd at the median and ~10% at the
+            # worst element, beyond the float16 gradient tolerance; no loss scale helps.
+            raise ConfigError("grad=True for an LPIPS graph needs dtype='float32': its float16 "
+                              "gradient is not accurate to the verified tolerance. Export "
+                              "float32 for gradients (the forward may stay float16).")
+    elif lpips_weights is not None or spatial:
+        raise ConfigError("lpips_weights and spatial are options of graph='lpips'; drop them or "
+                          "export graph='lpips'.")
     if loss is not None:
         spec = _trim_to_loss(spec, loss)
     path = os.fspath(path)
@@ -177,6 +199,12 @@ def export_onnx(
     say = progress or (lambda msg: None)
     start = time.perf_counter()
 
+    lin, lpips_meta = None, None
+    if graph == "lpips":  # before the network: a missing lpips package fails fast
+        lin = (lpips_weights if isinstance(lpips_weights, _lpips.LinearWeights)
+               else _lpips.load_linear_weights(lpips_weights))
+        lpips_meta = {"weights_source": lin.source, "weights_sha256": lin.sha256,
+                      "spatial": bool(spatial)}
     say(f"loading {spec.arch} weights ({spec.weights})")
     weights = restrict(weights, spec) if weights is not None else load_weights(spec)
     reference = TorchFeatures(spec, weights=weights)  # float32: what the export is checked against
@@ -186,15 +214,19 @@ def export_onnx(
         traced.body.half()
     info = ModelInfo(spec=spec, loss=loss, graph=graph, dtype=dtype,
                      weights_source=weights.source, weights_sha256=weights.sha256,
-                     version=__version__, grad=grad)
-    kind = {"features": FeaturesGraph, "distance": DistanceGraph, "style": StyleGraph, "target": TargetGraph}
-    module = kind[graph](traced, *(() if graph == "features" else (loss,)),
-                         *((grad,) if graph in ("distance", "target") else ()))
+                     version=__version__, grad=grad, lpips=lpips_meta)
+    if graph == "lpips":
+        module: torch.nn.Module = LpipsGraph(traced, lin, bool(spatial), grad)
+        reference = TorchLPIPS(spec, lin, spatial=bool(spatial), weights=weights)  # type: ignore[assignment]
+    else:
+        kind = {"features": FeaturesGraph, "distance": DistanceGraph, "style": StyleGraph, "target": TargetGraph}
+        module = kind[graph](traced, *(() if graph == "features" else (loss,)),
+                             *((grad,) if graph in ("distance", "target") else ()))
     inputs, outputs = info.input_names, info.output_names
 
     size = _example_size(spec)
     g = torch.Generator().manual_seed(0)
-    args = tuple(torch.rand(2, 3, size, size + 2, generator=g) for _ in ("x", "y")[: 1 + (graph == "distance")])
+    args = tuple(torch.rand(2, 3, size, size + 2, generator=g) for _ in ("x", "y")[: 1 + (graph in ("distance", "lpips"))])
     args += tuple(torch.rand(1, *shape, generator=g) for shape in _target_shapes(spec, loss, graph, size))
     say(f"exporting {graph} graph ({dtype}) to ONNX")
     with logging_level(logging.ERROR):

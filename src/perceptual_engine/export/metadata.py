@@ -5,7 +5,7 @@ against ``FIELDS`` (one row per key: parser, writer, what is accepted), then the
 keys are checked against each other (``GRAPH_RULES``: which graphs take a loss).
 Anything else is a ModelError naming the key, what it holds (shortened) and what
 is accepted. To add a key: a ``ModelInfo`` attribute and a ``FIELDS`` row; to add
-a graph kind: ``graphs.GRAPH_KINDS`` and a ``GRAPH_RULES`` entry.
+a graph kind: ``GRAPH_KINDS`` and a ``GRAPH_RULES`` entry.
 
 ``FORMAT_VERSION`` is bumped whenever a key is added or its meaning changes; a
 reader refuses newer formats. Format 2 added ``grad`` (the model outputs
@@ -22,7 +22,6 @@ from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError, ModelError
 from ..spec import FeatureSpec, LossConfig, _short
-from .graphs import GRAPH_KINDS
 
 FORMAT_VERSION = 3
 PREFIX = "perceptual_engine."
@@ -30,6 +29,8 @@ DTYPES = ("float32", "float16")
 # Bounds on a value before it is parsed: a spec or loss is a few hundred characters.
 MAX_VALUE_CHARS = 65536
 MAX_JSON_DEPTH = 8
+# Defined here, not beside the graph modules, so reading metadata needs no torch.
+GRAPH_KINDS = ("features", "distance", "style", "target", "lpips")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _VERSION = re.compile(r"[0-9A-Za-z.+!_-]{1,64}")
 
@@ -38,11 +39,16 @@ class Invalid(ValueError):
     """A value that does not parse; the message says what is accepted."""
 
 
+def lpips_output_names(layers: tuple[str, ...], spatial: bool = False) -> tuple[str, ...]:
+    """Outputs of an LPIPS graph, in order: ``lpips.<l>`` per tap, ``total``, [``spatial``]."""
+    return tuple(f"lpips.{n}" for n in layers) + ("total",) + (("spatial",) if spatial else ())
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     spec: FeatureSpec
     loss: LossConfig | None
-    graph: str  # one of graphs.GRAPH_KINDS: "features" | "distance" | "style" | "target"
+    graph: str  # one of GRAPH_KINDS: "features" | "distance" | "style" | "target"
     dtype: str  # "float32" | "float16"
     weights_source: str
     weights_sha256: str
@@ -50,12 +56,14 @@ class ModelInfo:
     format: int = FORMAT_VERSION
     grad: bool = False  # outputs grad.x (N, 3, H, W), ∂(Σ_n total_n)/∂x
     graph_sha256: str = ""  # set when the model is sealed (integrity.seal)
+    # graph "lpips": {"weights_source", "weights_sha256", "spatial"} of its linear head
+    lpips: Mapping[str, Any] | None = None
 
     @property
     def input_names(self) -> tuple[str, ...]:
         if self.graph == "features":
             return ("x",)
-        if self.graph == "distance":
+        if self.graph in ("distance", "lpips"):
             return ("x", "y")
         content = tuple(f"target.content.{n}" for n in self.loss.content) if self.graph == "target" else ()  # type: ignore[union-attr]
         return ("x",) + content + tuple(f"target.{g}" for g in self.gram_names)
@@ -77,15 +85,24 @@ class ModelInfo:
     @property
     def term_names(self) -> tuple[str, ...]:
         """What ``Engine.distance`` returns: the loss terms, total, and ``grad.x`` if present."""
+        if self.graph == "lpips":
+            return lpips_output_names(self.spec.layers, self.spatial) + (("grad.x",) if self.grad else ())
         if self.loss is None:
             return ()
         return self.loss.output_names() + (("grad.x",) if self.grad else ())
 
     @property
     def output_names(self) -> tuple[str, ...]:
+        if self.graph == "lpips":
+            return self.term_names
         if self.graph == "features" or self.loss is None:
             return tuple(self.spec.layers)
         return self.term_names + self.feature_names + self.gram_names
+
+    @property
+    def spatial(self) -> bool:
+        """An LPIPS graph with the per-pixel map output ``spatial``."""
+        return bool(self.lpips and self.lpips.get("spatial"))
 
     def to_props(self) -> dict[str, str]:
         """The metadata_props of this model (without ``integrity``, which seals them)."""
@@ -225,6 +242,19 @@ def _loss(raw: str) -> LossConfig | None:
     return None if d is None else LossConfig.from_dict(_typed_object(d, "loss", _LOSS_TYPES))
 
 
+_LPIPS_TYPES = {"weights_source": (str,), "weights_sha256": (str,), "spatial": (bool,)}
+
+
+def _lpips(raw: str) -> dict[str, Any] | None:
+    d = _json(raw)
+    if d is None:
+        return None
+    d = _typed_object(d, "lpips", _LPIPS_TYPES)
+    if not _HEX64.fullmatch(d["weights_sha256"]):
+        raise Invalid("lpips.weights_sha256 is not 64 hex digits")
+    return d
+
+
 def _one_of(accepted: tuple[str, ...]) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         if raw not in accepted:
@@ -275,6 +305,8 @@ FIELDS: dict[str, Field] = {
     "version": Field(_match(_VERSION, "a version"), str, "a package version such as 0.1.0"),
     "grad": Field(_bool, lambda b: "true" if b else "false", "true or false"),
     "graph_sha256": Field(_match(_HEX64, "64 hex digits"), str, "a SHA-256: 64 lowercase hex digits"),
+    "lpips": Field(_lpips, lambda d: json.dumps(dict(d) if d else None, sort_keys=True),
+                   "null, or for an lpips graph a JSON object {weights_source, weights_sha256, spatial}"),
     "integrity": Field(_match(_HEX64, "64 hex digits"), str, "a SHA-256: 64 lowercase hex digits",
                        stored=False),
 }
@@ -311,10 +343,25 @@ def _no_grad(rule: Callable[[ModelInfo], None]) -> Callable[[ModelInfo], None]:
     return check
 
 
-# graph kind -> what its loss and grad must be; a kind without an entry is not checked here.
+def _lpips_head(info: ModelInfo) -> None:
+    _no_loss(info)
+    if info.lpips is None:
+        raise Invalid(f"{PREFIX}lpips is null, but an lpips graph records its linear weights there.")
+
+
+def _no_head(rule: Callable[[ModelInfo], None]) -> Callable[[ModelInfo], None]:
+    def check(info: ModelInfo) -> None:
+        rule(info)
+        if info.lpips is not None:
+            raise Invalid(f"{PREFIX}lpips is set, but a {info.graph} graph has no LPIPS head.")
+    return check
+
+
+# graph kind -> what its loss, grad and LPIPS head must be.
 GRAPH_RULES: dict[str, Callable[[ModelInfo], None]] = {
-    "features": _no_grad(_no_loss), "distance": _any_loss, "style": _no_grad(_style_loss),
-    "target": _any_loss,
+    "features": _no_head(_no_grad(_no_loss)), "distance": _no_head(_any_loss),
+    "style": _no_head(_no_grad(_style_loss)), "target": _no_head(_any_loss),
+    "lpips": _lpips_head,
 }
 
 

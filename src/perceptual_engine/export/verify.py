@@ -9,7 +9,7 @@ import torch
 
 from .. import losses
 from ..errors import ExportError
-from ..reference import TorchFeatures
+from ..reference import TorchFeatures, TorchLPIPS
 from .metadata import ModelInfo
 
 
@@ -49,12 +49,18 @@ def compare(actual: np.ndarray, expected: np.ndarray, forgive: float = 0.0) -> O
     return OutputError(diff, diff / scale if scale > 0 else diff)
 
 
-def reference_outputs(reference: TorchFeatures, info: ModelInfo,
+def reference_outputs(reference: "TorchFeatures | TorchLPIPS", info: ModelInfo,
                       feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The float32 reference's values of every output of ``info`` for ``feeds``;
     ``grad.x`` by torch autograd of the reference's Σ_n total_n (x's half only)."""
     x = torch.from_numpy(feeds["x"]).requires_grad_(info.grad)
     with torch.set_grad_enabled(info.grad):
+        if info.graph == "lpips":  # reference: a TorchLPIPS
+            terms = reference.terms(x, torch.from_numpy(feeds["y"]))  # type: ignore[operator]
+            if info.grad:
+                terms["total"].sum().backward()
+                terms["grad.x"] = x.grad
+            return {k: terms[k].detach().numpy() for k in info.output_names}
         fx = reference.extract(x)
         if info.graph == "features":
             return {k: v.detach().numpy() for k, v in fx.items()}
@@ -104,7 +110,7 @@ def target_feeds(reference: TorchFeatures, info: ModelInfo, x: np.ndarray,
 GRAD_DRAWS = 3
 
 
-def _errors_on_draw(sess, reference: TorchFeatures, info: ModelInfo, batch: int,
+def _errors_on_draw(sess, reference: "TorchFeatures | TorchLPIPS", info: ModelInfo, batch: int,
                     seed: int) -> dict[str, OutputError]:
     """Per-output errors of the session against the reference on one random draw."""
     from ..spec import INPUT_RANGES
@@ -114,7 +120,7 @@ def _errors_on_draw(sess, reference: TorchFeatures, info: ModelInfo, batch: int,
     h, w = max(h, 41), max(w, 53)
     rng = np.random.default_rng(seed)
     lo, hi = INPUT_RANGES[spec.input_range]
-    images = ("x",) if info.graph != "distance" else ("x", "y")
+    images = ("x", "y") if info.graph in ("distance", "lpips") else ("x",)
     feeds = {n: rng.uniform(lo, hi, size=(batch, 3, h, w)).astype(np.float32) for n in images}
     feeds.update(target_feeds(reference, info, feeds["x"], rng))
     got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
@@ -125,7 +131,7 @@ def _errors_on_draw(sess, reference: TorchFeatures, info: ModelInfo, batch: int,
             for name in expected}
 
 
-def verify_model(path: str, reference: TorchFeatures, info: ModelInfo, *,
+def verify_model(path: str, reference: "TorchFeatures | TorchLPIPS", info: ModelInfo, *,
                  tolerance: float, batch: int = 2,
                  tolerances: dict[str, float] | None = None) -> dict[str, OutputError]:
     """Check ``path`` structurally and against ``reference``; raise ExportError if off.

@@ -235,6 +235,9 @@ class Engine:
         and ``grad.x`` (N, 3, H, W) float32, ∂(Σ_n total_n)/∂x, if the model was
         exported with ``grad=True`` (its finiteness is not checked).
 
+        On an LPIPS model (graph="lpips"): {"lpips.<l>", "total"} (N,), and "spatial"
+        (N, 1, H, W) when it was exported with spatial=True.
+
         On a style or target model (graph="style"/"target") y is omitted: x is
         compared with the targets given to ``set_target``/``set_style_target``, and
         only x runs through the network.
@@ -271,14 +274,14 @@ class Engine:
             T.check_ready(self, target, x)
             self._check(x)
             out = self._run({"x": x}, self.info.term_names, target)
-        elif self.info.graph == "distance":
+        elif self.info.graph in ("distance", "lpips"):
             if y is None:
-                raise InputError("distance(x, y) needs y on a distance model; pass y.")
+                raise InputError(f"distance(x, y) needs y on a {self.info.graph} model; pass y.")
             self._check(x, y)
             out = self._run({"x": x, "y": y}, self.info.term_names)
         else:
             raise ModelError(f"{self.path!r} is a features graph; distance() needs a model exported "
-                             "with graph='distance', 'target' or 'style' (perceptual-engine export --graph distance).")
+                             "with graph='distance', 'target', 'style' or 'lpips' (perceptual-engine export --graph distance).")
         _check_finite(out)
         return out
 

@@ -38,6 +38,8 @@ def output_shapes(engine: "Engine", n: int, h: int, w: int) -> dict[str, tuple[i
             shapes[name] = (n, info.channels, h // info.downsample, w // info.downsample)
         elif name == "grad.x":
             shapes[name] = (n, 3, h, w)
+        elif name == "spatial":  # an LPIPS graph's per-pixel map
+            shapes[name] = (n, 1, h, w)
         elif name.startswith("feature."):
             info = _layers.resolve(arch, name[len("feature."):])
             shapes[name] = (n, info.channels, h // info.downsample, w // info.downsample)

@@ -44,8 +44,10 @@ def _detached(v: Any) -> Any:
 class EnginePerceptualLoss(nn.Module):
     """The loss of an exported ``grad=True`` model, as a torch module.
 
-    path: an ONNX file from ``export_onnx(..., graph="distance" or "target", grad=True)``
-        (``perceptual-engine export --grad``); its metadata supplies spec and loss.
+    path: an ONNX file from ``export_onnx(..., graph="distance", "target" or "lpips",
+        grad=True)`` (``perceptual-engine export --grad``); its metadata supplies spec
+        and loss. On an LPIPS model the keys are ``lpips.<l>`` and ``total`` (and
+        ``spatial`` if exported with it).
     device, options: as for ``Engine`` ("auto", "cpu", "cuda", "tensorrt").
 
     ``forward(x, y=None) -> {"content.<l>": (N,), "style.<l>": (N,), "total": (N,)}``,

@@ -1,0 +1,252 @@
+"""The LPIPS head (Zhang et al. 2018, the ``lpips`` package v0.1, VGG16): formulas, weights.
+
+Per tap l with features f (N, C, h, w) of x and y::
+
+    n(f)   = f / (sqrt(Σ_c f²) + 1e-10)              channel unit-normalization, per pixel
+    d_l    = Σ_c w_l,c · (n(f_x) − n(f_y))²_c        a 1x1 conv, non-negative weights, no bias
+    lpips_l = mean over h, w of d_l                   (N,)
+    total   = Σ_l lpips_l
+    spatial = Σ_l bilinear_upsample(d_l, (H, W))       (N, 1, H, W), align_corners=False
+
+The head is computed in float32 whatever the network's precision: Σ_c f² of VGG
+activations in the hundreds overflows float16 (max 65504).
+
+The linear weights ``w_l`` come from the lpips package's ``weights/v0.1/vgg.pth`` (found
+without importing lpips, which imports torchvision models and more) or from a file the
+caller names. This module imports neither lpips nor anything optional.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from . import layers as _layers
+from .errors import ConfigError, WeightsError
+from .export.metadata import lpips_output_names
+from .spec import FeatureSpec
+
+LAYERS: tuple[str, ...] = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
+ARCH = "vgg16"
+EPS = 1e-10  # lpips.normalize_tensor's eps, added to the norm (not under the square root)
+INSTALL_HINT = ("pip install perceptual-engine[lpips] (the package ships the weights), or give "
+                "a file with lpips_weights=PATH / --lpips-weights PATH")
+
+
+def output_names(layers: tuple[str, ...] = LAYERS, spatial: bool = False) -> tuple[str, ...]:
+    """Outputs of an LPIPS graph, in order: ``lpips.<l>`` per tap, ``total``, [``spatial``]."""
+    return lpips_output_names(layers, spatial)
+
+
+def check_spec(spec: FeatureSpec) -> None:
+    """LPIPS is defined on VGG16 at its five taps, in order; anything else is refused."""
+    if spec.pooling != "max":
+        raise ConfigError(f"LPIPS runs VGG16 with max pooling, as trained; got pooling {spec.pooling!r}. "
+                          "Drop pooling='avg' (--pooling avg).")
+    if spec.arch != ARCH or tuple(spec.layers) != LAYERS:
+        raise ConfigError(
+            f"LPIPS needs arch 'vgg16' with layers {','.join(LAYERS)}; got arch {spec.arch!r} with "
+            f"layers {','.join(spec.layers)}. Use FeatureSpec(arch='vgg16', layers=perceptual_engine."
+            "lpips.LAYERS, ...) (on the command line: --arch vgg16 and no --layers)."
+        )
+
+
+def default_spec(weights: str = "imagenet", *, input_range: str = "0,1", seed: int = 0) -> FeatureSpec:
+    """The spec of LPIPS: VGG16, the five taps; ``input_range`` "-1,1" is lpips' default,
+    "0,1" its ``normalize=True``."""
+    return FeatureSpec(arch=ARCH, layers=LAYERS, weights=weights, seed=seed, input_range=input_range)
+
+
+# -- linear weights ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LinearWeights:
+    """The five taps' 1x1 weights, each (1, C, 1, 1) float32, non-negative, finite."""
+
+    weights: tuple[torch.Tensor, ...]
+    source: str  # the file read
+    sha256: str  # of the tensors (keys and float32 bytes), not of the pickle
+
+
+def _keys() -> dict[str, tuple[int, ...]]:
+    return {f"lin{i}.model.1.weight": (1, _layers.resolve(ARCH, n).channels, 1, 1)
+            for i, n in enumerate(LAYERS)}
+
+
+def default_weights_path() -> str:
+    """``lpips/weights/v0.1/vgg.pth`` of the installed lpips package (not imported)."""
+    try:
+        found = importlib.util.find_spec("lpips")
+    except (ImportError, ValueError):
+        found = None
+    folders = list(found.submodule_search_locations or []) if found is not None else []
+    for folder in folders:
+        path = os.path.join(folder, "weights", "v0.1", "vgg.pth")
+        if os.path.isfile(path):
+            return path
+    what = "is not installed" if not folders else f"has no weights/v0.1/vgg.pth in {folders}"
+    raise WeightsError(f"the LPIPS linear weights were not found: the lpips package {what}. "
+                       f"Fix: {INSTALL_HINT}.")
+
+
+def load_linear_weights(path: str | os.PathLike | None = None) -> LinearWeights:
+    """Read and check LPIPS linear weights; ``path`` None means the lpips package's file.
+
+    The file is a torch pickle loaded with ``weights_only=True`` (no code runs) onto
+    the CPU; keys ``lin0..lin4.model.1.weight`` with shapes (1, C, 1, 1) are required,
+    nothing else is accepted, and every value must be finite and >= 0.
+    """
+    path = default_weights_path() if path is None else os.fspath(path)
+    if not os.path.isfile(path):
+        what = "a folder" if os.path.isdir(path) else "missing"
+        raise WeightsError(f"LPIPS weights file {path!r} is {what}; give the path of a .pth file "
+                           "such as lpips/weights/v0.1/vgg.pth.")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(
+            f"LPIPS weights file {path!r} was refused: it holds Python objects beyond tensors, "
+            "which could execute code when loaded. Accepted: a plain state dict of tensors; "
+            "re-save it with torch.save({k: v for k, v in state.items()}, path).") from exc
+    except Exception as exc:
+        raise WeightsError(f"LPIPS weights file {path!r} could not be read ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200]}); re-save it with torch.save.") from exc
+    return check_linear_weights(raw, path)
+
+
+def check_linear_weights(raw: object, source: str) -> LinearWeights:
+    """The checks of ``load_linear_weights`` on an already loaded mapping."""
+    want = _keys()
+    if not isinstance(raw, Mapping):
+        raise WeightsError(f"LPIPS weights {source!r} hold a {type(raw).__name__}, not a state dict; "
+                           f"accepted: a dict with keys {', '.join(want)}.")
+    missing = [k for k in want if k not in raw]
+    extra = [str(k) for k in raw if k not in want]
+    if missing or extra:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
+                ([f"unexpected {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}"] if extra else [])
+        raise WeightsError(f"LPIPS weights {source!r} do not have the keys of lpips v0.1 VGG ({'; '.join(parts)}); "
+                           "accepted: exactly lin0..lin4.model.1.weight. Use the lpips package's "
+                           "weights/v0.1/vgg.pth or a file saved the same way.")
+    out, h = [], hashlib.sha256()
+    for key, shape in want.items():
+        t = raw[key]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise WeightsError(f"LPIPS weight {key} in {source!r} is {kind}; accepted: a float "
+                               f"tensor of shape {shape}. Re-save the file with float tensors.")
+        if tuple(t.shape) != shape:
+            raise WeightsError(f"LPIPS weight {key} in {source!r} has shape {tuple(t.shape)}; accepted: "
+                               f"{shape} (VGG16). Check the file is the VGG (not alex/squeeze) version.")
+        t = t.detach().to(torch.float32).contiguous()
+        if not torch.isfinite(t).all():
+            raise WeightsError(f"LPIPS weight {key} in {source!r} holds NaN or Inf; accepted: finite "
+                               "values >= 0. The file is damaged: use the lpips package's file.")
+        if (t < 0).any():
+            raise WeightsError(f"LPIPS weight {key} in {source!r} has negative values (min "
+                               f"{float(t.min()):.3g}); accepted: values >= 0, as lpips clamps them "
+                               "in training. Clamp them (w.clamp_(min=0)) or use the package's file.")
+        h.update(key.encode())
+        h.update(t.numpy().tobytes())
+        out.append(t)
+    return LinearWeights(tuple(out), os.path.abspath(source) if os.path.exists(source) else source,
+                         h.hexdigest())
+
+
+# -- the head ------------------------------------------------------------------------
+
+def normalize_channels(f: torch.Tensor) -> torch.Tensor:
+    """f / (‖f‖₂ over channels + 1e-10), in float32: (N, C, h, w) -> (N, C, h, w)."""
+    f = f.float()
+    return f / (torch.sqrt((f * f).sum(dim=1, keepdim=True)) + EPS)
+
+
+def tap_map(fx: torch.Tensor, fy: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_c w_c (n(fx) − n(fy))²_c per pixel: (N, C, h, w) x2, w (1, C, 1, 1) -> (N, 1, h, w)."""
+    d = normalize_channels(fx) - normalize_channels(fy)
+    return (d * d * w).sum(dim=1, keepdim=True)
+
+
+def upsample(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear, align_corners=False, as lpips' spatial=True: (N, 1, h, w) -> (N, 1, H, W)."""
+    return F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+
+
+def head(fx: Mapping[str, torch.Tensor], fy: Mapping[str, torch.Tensor], lin: LinearWeights,
+         *, size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """``lpips.<l>`` (N,) per tap and ``total`` (N,); with ``size`` = (H, W) also
+    ``spatial`` (N, 1, H, W). All float32."""
+    out: dict[str, torch.Tensor] = {}
+    spatial = None
+    for name, w in zip(LAYERS, lin.weights):
+        m = tap_map(fx[name], fy[name], w)
+        out[f"lpips.{name}"] = m.mean(dim=(1, 2, 3))
+        if size is not None:
+            up = upsample(m, size)
+            spatial = up if spatial is None else spatial + up
+    total = out[f"lpips.{LAYERS[0]}"]
+    for name in LAYERS[1:]:
+        total = total + out[f"lpips.{name}"]
+    out["total"] = total
+    if spatial is not None:
+        out["spatial"] = spatial
+    return out
+
+
+# -- its vector-Jacobian product -------------------------------------------------------
+
+def normalize_vjp(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """∂/∂f of <g, n(f)>, n(f) = f / (r + eps), r = ‖f‖ over channels.
+
+    J = I/(r+eps) − f fᵀ / ((r+eps)² r), so g·J = g/(r+eps) − f (f·g) / ((r+eps)² r).
+    Where r = 0 the feature vector f is 0, the second term is 0 and the result is
+    g/eps: finite (autograd of sqrt at 0 gives 0·inf = NaN instead).
+    """
+    f, g = f.float(), g.float()
+    r = torch.sqrt((f * f).sum(dim=1, keepdim=True))
+    s = r + EPS
+    r_safe = torch.where(r > 0, r, torch.ones_like(r))
+    fg = (f * g).sum(dim=1, keepdim=True)
+    return g / s - f * (fg / (s * s * r_safe))
+
+
+def head_vjp(fx: Mapping[str, torch.Tensor], fy: Mapping[str, torch.Tensor], lin: LinearWeights,
+             g_total: torch.Tensor) -> dict[str, torch.Tensor]:
+    """∂(Σ_n g_total[n] · total[n]) / ∂fx per tap: {layer: (N, C, h, w) float32}.
+
+    Only x's features are differentiated; y is a constant.
+    """
+    out = {}
+    for name, w in zip(LAYERS, lin.weights):
+        a, b = fx[name], fy[name]
+        hw = a.shape[2] * a.shape[3]
+        d = normalize_channels(a) - normalize_channels(b)
+        # ∂ mean_hw Σ_c w_c d_c² / ∂n(fx) = 2 w d / (h·w), scaled by the sample's seed.
+        gn = d * w * (2.0 * g_total.float().view(-1, 1, 1, 1) / hw)
+        out[name] = normalize_vjp(a, gn)
+    return out
+
+
+def lpips_and_grad(features, x: torch.Tensor, fy: Mapping[str, torch.Tensor], lin: LinearWeights, *,
+                   size: tuple[int, int] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The head's outputs (as ``head``) for x against y's features ``fy``, and
+    ∂(Σ_n total_n)/∂x (N, 3, H, W) float32, by hand-written VJPs (traceable into ONNX).
+
+    features: a ``TorchFeatures`` of an LPIPS spec. float16 networks backpropagate
+    a per-sample power-of-two scaled seed (backward.loss_scale), unscaled in float32.
+    """
+    from . import backward
+
+    fx, vjp = backward.features_and_vjp(features, x)
+    out = head(fx, fy, lin, size=size)
+    grads = head_vjp(fx, fy, lin, torch.ones_like(out["total"]))
+    if features.body[0].weight.dtype == torch.float32:
+        return out, vjp(grads)
+    scale = backward.loss_scale(grads)
+    return out, vjp({k: g * scale for k, g in grads.items()}) / scale
