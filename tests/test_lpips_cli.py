@@ -84,10 +84,12 @@ def test_cache_key_and_entry_check(lpips_models, tmp_path):
     with open(side, "w") as fh:
         json.dump({"key": key, "sha256": sha256_file(path)}, fh)
     try:
-        assert check_entry(path, key, spec, None, "float32", "lpips", lin, True)[0] is not None
-        why = check_entry(path, key, spec, None, "float32", "lpips", other, True)[1]
+        # The fixture's float32 model also outputs grad.x.
+        assert check_entry(path, key, spec, None, "float32", "lpips", lin, True, grad=True)[0] is not None
+        why = check_entry(path, key, spec, None, "float32", "lpips", other, True, grad=True)[1]
         assert "LPIPS weights or spatial" in why
-        assert check_entry(path, key, spec, None, "float32", "lpips", lin, False)[0] is None
+        assert check_entry(path, key, spec, None, "float32", "lpips", lin, False, grad=True)[0] is None
+        assert check_entry(path, key, spec, None, "float32", "lpips", lin, True)[0] is None
     finally:
         os.remove(side)
 

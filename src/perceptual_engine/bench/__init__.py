@@ -32,7 +32,7 @@ __all__ = ["BenchConfig", "BenchResult", "Row", "run", "BASELINE", "TOLERANCE"]
 QUICK = {"workloads": ("features", "distance"), "sizes": (224,), "batch_sizes": (1, 4),
          "iters": 3, "warmup": 1}
 # lpips is opt-in (--workloads lpips): it runs VGG16 to relu5_3 and needs the lpips package.
-FULL = {"workloads": ("features", "distance", "style"), "sizes": (224, 512), "batch_sizes": (1, 8, 32),
+FULL = {"workloads": ("features", "distance", "style", "train", "stylize-step"), "sizes": (224, 512), "batch_sizes": (1, 8, 32),
         "iters": 20, "warmup": 3}
 # Sizes and batches of the gradient workloads where the config names none: a training
 # step at 224², an optimization step at 512² (batch 1); small under --quick.
