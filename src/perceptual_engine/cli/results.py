@@ -141,7 +141,11 @@ class ResultFile:
             self._lock.__exit__(None, None, None)
             raise
 
-    def _open(self, resume: bool) -> None:
+    def _begin(self, resume: bool) -> list[Row]:
+        """The rows to keep (``resume``: after checking the identity) and the new sidecar.
+
+        The sidecar is written first: a file never has rows without a record of the
+        model that wrote them."""
         kept: list[Row] = []
         if resume and os.path.exists(self.path):
             cwd = self._check_identity()
@@ -149,10 +153,13 @@ class ResultFile:
             self.done = {pair_key(r["a"], r["b"], cwd) for r in kept}
         record = {"format": 1, "columns": self.columns, "cwd": os.getcwd(),
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": self.identity}
-        # Start from a file holding exactly the kept rows (atomically: an interrupted
-        # rewrite leaves the previous file). The sidecar first: a file never has rows
-        # without a record of the model that wrote them.
         atomic_write_bytes(sidecar_path(self.path), json.dumps(record, indent=2).encode())
+        return kept
+
+    def _open(self, resume: bool) -> None:
+        kept = self._begin(resume)
+        # Start from a file holding exactly the kept rows (atomically: an interrupted
+        # rewrite leaves the previous file).
         with atomic_path(self.path) as tmp:
             with open(tmp, "w", newline="", encoding="utf-8") as fh:
                 if self.format == "csv":

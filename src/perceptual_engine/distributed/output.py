@@ -10,16 +10,12 @@ file. Resuming keeps the computed rows and drops failed ones, as ``ResultFile`` 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import secrets
-import time
 from typing import Any, Sequence
 
-from .._io import atomic_write_bytes
-from ..cli.pairs import pair_key
-from ..cli.results import ResultFile, Row, sidecar_path
+from ..cli.results import ResultFile, Row
 from ..errors import ConfigError, OutputError
 
 FORMATS = (".parquet", ".csv", ".jsonl", ".ndjson")
@@ -64,14 +60,7 @@ class ParquetResultFile(ResultFile):
     def _open(self, resume: bool) -> None:
         import pyarrow.parquet as pq
 
-        kept: list[Row] = []
-        if resume and os.path.exists(self.path):
-            cwd = self._check_identity()
-            kept = self._read_done()
-            self.done = {pair_key(r["a"], r["b"], cwd) for r in kept}
-        record = {"format": 1, "columns": self.columns, "cwd": os.getcwd(),
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": self.identity}
-        atomic_write_bytes(sidecar_path(self.path), json.dumps(record, indent=2).encode())
+        kept = self._begin(resume)
         self.schema = _schema(self.columns)
         self._rows: list[Row] = []
         folder, name = os.path.split(os.path.abspath(self.path))
