@@ -4,6 +4,6 @@ main.py parses and dispatches; options.py holds the reusable option groups; pair
 runner.py and results.py are the `distance` folder runner; cache.py the model cache;
 info.py the `info` report; demo.py the quickstart's main job.
 """
-from .main import main
+from .main import main, run
 
-__all__ = ["main"]
+__all__ = ["main", "run"]

@@ -1,6 +1,4 @@
 """`python -m perceptual_engine.cli COMMAND`: the same as `perceptual-engine COMMAND`."""
-import sys
+from .main import run
 
-from .main import main
-
-sys.exit(main())
+run()

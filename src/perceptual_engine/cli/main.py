@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
 import sys
 import warnings
 from typing import Sequence
@@ -392,8 +394,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        try:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+        except KeyboardInterrupt:  # a second Ctrl-C while saying so
+            pass
         return 130
+
+
+def run() -> None:
+    """The console entry point: ``sys.exit(main())``, with exit status 130 kept.
+
+    A Ctrl-C that lands while a library runs Python code through the C API (torch's
+    import does) marks the interpreter as "ended by KeyboardInterrupt" even though
+    ``main`` handled it, and Python then ends the process by re-raising SIGINT (status
+    -2, not 130) at shutdown. After an interrupted run everything written is already
+    closed (atomic files, flushed rows), so the process leaves with 130 directly.
+    """
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        code = 130
+    if code == 130:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C changes nothing
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(130)
+    sys.exit(code)
 
 
 def _main(argv: Sequence[str] | None) -> int:
