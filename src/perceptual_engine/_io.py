@@ -58,6 +58,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.write(data)
 
 
+def check_destination(path: str, what: str, example: str) -> str:
+    """Refuse a file destination that cannot be written, before any work is done:
+    ``path`` a folder, in a folder that does not exist, or in one not writable.
+    ``what`` names it in the message (``--output``); ``example`` is a file name to
+    suggest inside a folder. Returns the folder."""
+    from .errors import ConfigError
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"{what} {path!r} is a folder; give a file path inside it, e.g. "
+                          f"{os.path.join(path, example)!r}.")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{what} {path!r}: the folder {folder!r} does not exist; create it "
+                          f"first (mkdir -p {folder}) or give another path.")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"{what} {path!r}: the folder {folder!r} is not writable; give "
+                          "another path.")
+    return folder
+
+
 class LockBusy(OSError):
     """``file_lock(..., wait=False)`` found the lock held; ``holder`` is what its owner wrote."""
 

@@ -14,7 +14,7 @@ import os
 import time
 from typing import IO, Any, Sequence
 
-from .._io import LockBusy, atomic_path, atomic_write_bytes, file_lock
+from .._io import LockBusy, atomic_path, atomic_write_bytes, check_destination, file_lock
 from ..errors import ConfigError, OutputError
 from .pairs import pair_key
 
@@ -88,14 +88,7 @@ def lock_path(path: str) -> str:
 
 def check_output_path(path: str, flag: str = "--output") -> str:
     """Refuse an output that cannot be written before any work is done."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ConfigError(f"{flag} {path!r} is a folder; give a file path inside it, e.g. "
-                          f"{os.path.join(path, 'results.csv')!r}.")
-    if not os.path.isdir(folder):
-        raise ConfigError(f"{flag} {path!r}: the folder {folder!r} does not exist; create it "
-                          f"first (mkdir -p {folder}) or give another path.")
-    return folder
+    return check_destination(path, flag, "results.csv")
 
 
 class ResultFile:

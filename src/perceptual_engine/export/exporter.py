@@ -21,7 +21,7 @@ import onnx
 import torch
 
 from .. import __version__
-from .._io import atomic_path
+from .._io import atomic_path, check_destination
 from ..errors import ConfigError, ExportError
 from .. import lpips as _lpips
 from ..lpips import LinearWeights
@@ -195,7 +195,7 @@ def export_onnx(
     if loss is not None:
         spec = _trim_to_loss(spec, loss)
     path = os.fspath(path)
-    _check_destination(path)
+    check_destination(path, "export destination", "model.onnx")
     say = progress or (lambda msg: None)
     start = time.perf_counter()
 
@@ -260,20 +260,6 @@ def _trim_to_loss(spec: FeatureSpec, loss: LossConfig) -> FeatureSpec:
             f"only and ends at {used.deepest} (smallest input side {used.min_size}).",
             UserWarning, stacklevel=3)
     return used
-
-
-def _check_destination(path: str) -> None:
-    """Refuse a destination that cannot be written before any work is done."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ConfigError(f"export destination {path!r} is a folder; give a file path such as "
-                          f"{os.path.join(path, 'model.onnx')!r}.")
-    if not os.path.isdir(folder):
-        raise ConfigError(f"export destination {path!r}: the folder {folder!r} does not exist; "
-                          f"create it first (mkdir -p {folder}) or give another path.")
-    if not os.access(folder, os.W_OK):
-        raise ConfigError(f"export destination {path!r}: the folder {folder!r} is not writable; "
-                          "give another path.")
 
 
 def _target_shapes(spec: FeatureSpec, loss: LossConfig | None, graph: str, size: int) -> list[tuple[int, ...]]:
