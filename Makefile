@@ -20,7 +20,7 @@ $(VENV)/.installed-demo: pyproject.toml constraints.txt $(VENV)/.venv-created
 	$(PIP) -e '.[plot,lpips]'
 	touch $@
 
-# The tests cover every optional feature (lpips, ray, triton).
+# The tests cover every optional feature (lpips, ray, triton, openvino, dists, torchmetrics).
 $(VENV)/.installed-test: pyproject.toml constraints.txt $(VENV)/.venv-created
 	$(PIP) -e '.[test,plot]'
 	touch $@
