@@ -15,9 +15,9 @@ $(VENV)/.venv-created:
 	$(PY) -m pip install -q --upgrade pip
 	touch $@
 
-# The demo needs the base install, plots and the lpips weights (its LPIPS column).
+# The demo needs the base install, plots, the lpips and DISTS weights (their columns) and OpenVINO (its row).
 $(VENV)/.installed-demo: pyproject.toml constraints.txt $(VENV)/.venv-created
-	$(PIP) -e '.[plot,lpips]'
+	$(PIP) -e '.[plot,lpips,openvino,dists]'
 	touch $@
 
 # The tests cover every optional feature (lpips, ray, triton, openvino, dists, torchmetrics).
