@@ -341,7 +341,7 @@ TARGET_GRAD_LOSS = LossConfig(content={"relu1_2": 1.0}, style={"relu1_1": 1.0, "
 @pytest.fixture(scope="session")
 def target_grad_cache(tmp_path_factory):
     """(cache root for --cache-dir, its models folder, the model's path)."""
-    from perceptual_engine.cli.cache import ensure_model, models_dir
+    from perceptual_engine.datasets.cache import ensure_model, models_dir
 
     root = tmp_path_factory.mktemp("target-grad-cache")
     entry = ensure_model(TARGET_GRAD_SPEC, TARGET_GRAD_LOSS, graph="target", grad=True,

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from perceptual_engine.cli import cache
+from perceptual_engine.datasets import cache
 from perceptual_engine._io import atomic_path
 from perceptual_engine.errors import ModelError
 from perceptual_engine.export import ExportResult

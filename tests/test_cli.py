@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from perceptual_engine import LossConfig, export_onnx
-from perceptual_engine.cli import cache
+from perceptual_engine.datasets import cache
 from perceptual_engine.cli import main
 from perceptual_engine.errors import ModelError
 from perceptual_engine.spec import FeatureSpec
@@ -212,7 +212,7 @@ def test_progress_bar_on_a_tty_only(model, folders, capsys, monkeypatch):
 
 def test_interrupted_run_keeps_its_rows_and_resumes(model, folders, tmp_path, capsys,
                                                      monkeypatch):
-    import perceptual_engine.cli.runner as runner
+    import perceptual_engine.datasets.runner as runner
 
     real = runner._decode_pair
     seen = []

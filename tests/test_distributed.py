@@ -19,7 +19,7 @@ ray = pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
 
 from perceptual_engine.cli.main import main  # noqa: E402
-from perceptual_engine.cli.pairs import pair_folders  # noqa: E402
+from perceptual_engine.datasets.pairs import pair_folders  # noqa: E402
 from perceptual_engine.distributed import distances, write_distances  # noqa: E402
 
 REL = 1e-6  # float32 outputs of one model on one provider; batch composition may differ
@@ -146,7 +146,7 @@ def test_two_actors_resume_a_partial_parquet_cli(local_ray, folder, distance_mod
                                                  tmp_path, capsys):
     """The command line with 2 actors completes what an interrupted run left: rows equal
     to the single-machine ones, each pair once, the kept rows not recomputed."""
-    from perceptual_engine.cli.results import model_identity
+    from perceptual_engine.datasets.results import model_identity
     from perceptual_engine.distributed.output import ParquetResultFile
     from perceptual_engine.runtime import read_info
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from perceptual_engine import Engine
 from perceptual_engine import lpips as L
-from perceptual_engine.cli.cache import check_entry, model_key
+from perceptual_engine.datasets.cache import check_entry, model_key
 from perceptual_engine.cli.main import main
 from perceptual_engine.cli.spatial import map_to_uint8
 from perceptual_engine.images import decode
@@ -128,7 +128,7 @@ def test_demo_lpips_column(lpips_models, distance_model, tmp_path, monkeypatch):
     import io
 
     import perceptual_engine.cli.demo as demo
-    from perceptual_engine.cli.cache import CachedModel
+    from perceptual_engine.datasets.cache import CachedModel
 
     dpath, dspec, dloss, _ = distance_model
     monkeypatch.setattr(demo, "export_model",

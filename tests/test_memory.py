@@ -13,8 +13,8 @@ from PIL import Image
 
 from perceptual_engine import FeatureSpec, memory
 from perceptual_engine.cli.main import main
-from perceptual_engine.cli.pairs import Pair
-from perceptual_engine.cli.runner import run_pairs
+from perceptual_engine.datasets.pairs import Pair
+from perceptual_engine.datasets.runner import run_pairs
 from perceptual_engine.errors import ConfigError, InputError, MemoryBudgetError, OutOfMemoryError
 from perceptual_engine.runtime import Engine
 

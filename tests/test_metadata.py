@@ -19,7 +19,7 @@ from PIL import Image
 
 from perceptual_engine import Engine, FeatureSpec, LossConfig, PerceptualError, export_onnx
 from perceptual_engine.cli import main
-from perceptual_engine.cli.cache import check_entry, model_key
+from perceptual_engine.datasets.cache import check_entry, model_key
 from perceptual_engine.errors import ConfigError, ModelError, WeightsError
 from perceptual_engine.export import integrity
 from perceptual_engine.export.metadata import FIELDS, FORMAT_VERSION, PREFIX, ModelInfo

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from perceptual_engine.errors import ConfigError, ImageError, InputError, NonFiniteError
-from perceptual_engine.cli.pairs import (
+from perceptual_engine.datasets.pairs import (
     pair_key,
     Pair,
     pair_folders,
@@ -24,8 +24,8 @@ from perceptual_engine.cli.pairs import (
     read_pairs_csv,
     walk_images,
 )
-from perceptual_engine.cli.results import ResultFile, StdoutRows
-from perceptual_engine.cli.runner import Progress, run_pairs
+from perceptual_engine.datasets.results import ResultFile, StdoutRows
+from perceptual_engine.datasets.runner import Progress, run_pairs
 from perceptual_engine.spec import FeatureSpec
 
 TERMS = ("content.relu1_2", "total")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from perceptual_engine import FeatureSpec, LossConfig, export_onnx
 from perceptual_engine.cli import main
-from perceptual_engine.cli.results import ResultFile, sidecar_path
+from perceptual_engine.datasets.results import ResultFile, sidecar_path
 from perceptual_engine.errors import ConfigError, OutputError
 
 LOSS = LossConfig(content={"relu1_2": 1.0})

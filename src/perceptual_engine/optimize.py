@@ -375,7 +375,7 @@ def stylize(content: Any, style: Any, *, spec: FeatureSpec | None = None,
 
 def _cached_model(spec: FeatureSpec, loss: LossConfig | None, dtype: str,
                   cache_dir: str | None, say: Callable[[str], None]) -> str:
-    from .cli.cache import ensure_model, models_dir
+    from .datasets.cache import ensure_model, models_dir
 
     entry = ensure_model(spec, loss, dtype=dtype, graph="target", grad=True,
                          folder=models_dir(cache_dir), say=say)

@@ -202,7 +202,7 @@ class ModelCache:
     def __call__(self, case: Case, dtype: str) -> str:
         """The model for ``case`` in ``dtype``: from the cache (hash-checked, locked,
         keyed by spec, loss, graph, dtype, weights file and version) or exported now."""
-        from ..cli.cache import ensure_model
+        from ..datasets.cache import ensure_model
 
         graph, loss, grad = case.workload.graph, case.loss, case.workload.grad
         key = (graph, dtype, case.spec, loss, grad)

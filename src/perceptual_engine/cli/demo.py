@@ -24,7 +24,7 @@ from typing import IO, Callable
 
 import numpy as np
 
-from .cache import CachedModel, check_entry, ensure_model, model_key
+from ..datasets.cache import CachedModel, check_entry, ensure_model, model_key
 from ..errors import WeightsError
 from ..images import center_crop, decode, resize
 from ..spec import FeatureSpec, LossConfig

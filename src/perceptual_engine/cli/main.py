@@ -116,7 +116,7 @@ def _open_engine(args: argparse.Namespace):
             raise ModelError(f"{args.model!r} has no spatial output; --spatial-dir needs an LPIPS model "
                              "exported with --spatial (or drop --model to export one).")
     elif args.graph == "lpips":
-        from .cache import models_dir, open_engine
+        from ..datasets.cache import models_dir, open_engine
 
         engine, entry = open_engine(lpips_spec_from_args(args), None, device=args.device,
                                     dtype=args.dtype or "float32", folder=models_dir(args.cache_dir),
@@ -127,7 +127,7 @@ def _open_engine(args: argparse.Namespace):
     else:
         if args.lpips_weights is not None:
             raise ConfigError("--lpips-weights is an option of --graph lpips; add --graph lpips, or drop it.")
-        from .cache import models_dir, open_engine
+        from ..datasets.cache import models_dir, open_engine
         from ..spec import LossConfig
 
         spec, loss = spec_from_args(args)
@@ -147,12 +147,12 @@ def _open_engine(args: argparse.Namespace):
 
 
 def cmd_distance(args: argparse.Namespace) -> int:
-    from .pairs import pairs_from_args
-    from .results import ResultFile, StdoutRows, check_output_path, model_identity
-    from .runner import Progress, row_terms, run_pairs
+    from ..datasets.pairs import pairs_from_args
+    from ..datasets.results import ResultFile, StdoutRows, check_output_path, model_identity
+    from ..datasets.runner import Progress, row_terms, run_pairs
 
     if args.ray:
-        from ..distributed.cli import run_distance
+        from .ray import run_distance
 
         return run_distance(args, _say)
     pairs = pairs_from_args(args.a, args.b, args.pairs)
@@ -237,7 +237,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- parser ---------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from ..images import MAX_IMAGE_PIXELS, SIZE_POLICIES
-    from .results import STDOUT_FORMATS
+    from ..datasets.results import STDOUT_FORMATS
     from ..runtime.providers import DEVICES
 
     fmt = argparse.RawDescriptionHelpFormatter

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from .._io import atomic_write_bytes
-from .pairs import Pair
+from ..datasets.pairs import Pair
 
 
 def map_to_uint8(v: np.ndarray) -> np.ndarray:

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .._io import sha256_file
-from ..cli.pairs import Pair, pair_key, pairs_from_args
-from ..cli.results import Row
-from ..cli.runner import Progress, RunStats, row_terms
+from ..datasets.pairs import Pair, pair_key, pairs_from_args
+from ..datasets.results import Row
+from ..datasets.runner import Progress, RunStats, row_terms
 from ..errors import ConfigError, DeviceError, ModelError
 from ..images import MAX_IMAGE_PIXELS, SIZE_POLICIES
 from ..spec import INPUT_RANGES, FeatureSpec, LossConfig
@@ -69,7 +69,7 @@ def resolve_model(model: str | None, spec: FeatureSpec | None, loss: LossConfig 
         raise ConfigError("give model= (an exported distance model) or spec= (and loss=) to "
                           "export one; not both, not neither.")
     if model is None:
-        from ..cli.cache import ensure_model, models_dir
+        from ..datasets.cache import ensure_model, models_dir
 
         entry = ensure_model(spec, loss or LossConfig.default_for(spec), dtype=dtype,
                              folder=models_dir(cache_dir), say=say)
@@ -280,7 +280,7 @@ def write_distances(a: str | None = None, b: str | None = None, *, output: str |
     .jsonl) and to each of ``sinks`` as they arrive; ``resume`` keeps the pairs already
     computed in ``output``. Returns the run's statistics (``summary()`` is one line)."""
     from .output import open_result_file
-    from ..cli.results import model_identity
+    from ..datasets.results import model_identity
     from ..runtime import read_info
 
     start = time.perf_counter()

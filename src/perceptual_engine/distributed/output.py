@@ -15,7 +15,7 @@ import os
 import secrets
 from typing import Any, Sequence
 
-from ..cli.results import ResultFile, Row
+from ..datasets.results import ResultFile, Row
 from ..errors import ConfigError, OutputError
 
 FORMATS = (".parquet", ".csv", ".jsonl", ".ndjson")

@@ -18,8 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .._io import atomic_path, file_lock, sha256_file
-from ..cli.pairs import Pair
-from ..cli.runner import _Decoded, _decode_pair, compute_batch, row_terms
+from ..datasets.pairs import Pair
+from ..datasets.runner import _Decoded, _decode_pair, compute_batch, row_terms
 
 # Columns of the job's rows beside a, b, the terms and error; dropped before rows leave.
 STATS_COLUMNS = ("_engine_s", "_actor_s", "_decode_s", "_calls", "_provider")

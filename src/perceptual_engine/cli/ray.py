@@ -10,17 +10,17 @@ import sys
 import time
 from typing import Callable
 
-from ..cli.options import SPEC_FLAGS, spec_from_args
-from ..cli.runner import row_terms
+from .options import SPEC_FLAGS, spec_from_args
+from ..datasets.runner import row_terms
 from ..errors import ConfigError
 
 
 def run_distance(args: argparse.Namespace, say: Callable[[str], None]) -> int:
-    from ..cli.pairs import pairs_from_args
-    from ..cli.results import StdoutRows, check_output_path
-    from ..cli.runner import Progress
+    from ..datasets.pairs import pairs_from_args
+    from ..datasets.results import StdoutRows, check_output_path
+    from ..datasets.runner import Progress
     from ..runtime import read_info
-    from .job import import_ray, resolve_model, start_ray, write_distances
+    from ..distributed.job import import_ray, resolve_model, start_ray, write_distances
 
     import_ray()  # before any work: without Ray, say how to install it
     pairs = pairs_from_args(args.a, args.b, args.pairs)
