@@ -369,6 +369,8 @@ _CLI_WORDING = (
     (re.compile(r"\bgraph='(\w+)'"), r"--graph \1"),
     (re.compile(r"\bweights='(\w+)'"), r"--weights \1"),
     (re.compile(r"\bFeatureSpec\.layers\b"), "--layers"),
+    (re.compile(r"\bgrad=True\b"), "--grad"),
+    (re.compile(r"\bdtype='(\w+)'"), r"--dtype \1"),
 )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 _EXPORTS = {
     "export_onnx": ".exporter", "ExportResult": ".exporter", "DTYPES": ".metadata",
     "GRAPH_KINDS": ".metadata", "FORMAT_VERSION": ".metadata", "ModelInfo": ".metadata",
+    "OutputParity": ".verify",
     "OutputError": ".verify",
 }
 

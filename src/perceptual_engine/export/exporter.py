@@ -31,7 +31,7 @@ from ..weights import Weights, load_weights, restrict
 from .graphs import GRAPH_KINDS, DistanceGraph, FeaturesGraph, LpipsGraph, StyleGraph, TargetGraph
 from .integrity import seal
 from .metadata import DTYPES, ModelInfo
-from .verify import OutputError, verify_model
+from .verify import OutputParity, verify_model
 
 # Max relative error (max |ort - ref| / max |ref|) accepted per output at export.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
@@ -48,7 +48,7 @@ class ExportResult:
     dtype: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    errors: dict[str, OutputError] = field(default_factory=dict)
+    errors: dict[str, OutputParity] = field(default_factory=dict)
     size_bytes: int = 0
     weights_sha256: str = ""
     seconds: float = 0.0
@@ -165,8 +165,8 @@ def export_onnx(
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not accepted; accepted: {', '.join(DTYPES)}.")
     if grad and graph not in ("distance", "target", "lpips"):
-        raise ConfigError(f"grad=True needs graph='distance', 'target' or 'lpips' (a loss to differentiate); "
-                          f"got graph={graph!r}. Export one of those, or drop grad.")
+        raise ConfigError(f"grad=True needs graph='distance', graph='target' or graph='lpips' (a loss to "
+                          f"differentiate); got graph={graph!r}. Export one of those, or drop grad=True.")
     if graph in ("distance", "target"):
         loss = loss if loss is not None else LossConfig.default_for(spec)
         loss.check_against(spec)
@@ -233,7 +233,7 @@ def export_onnx(
         proto = _to_onnx(module, args, inputs, outputs, dynamic)
     seal(proto, info)  # the metadata and the digests binding it to this graph
 
-    errors: dict[str, OutputError] = {}
+    errors: dict[str, OutputParity] = {}
     with atomic_path(path) as tmp:
         onnx.save_model(proto, tmp)
         del proto

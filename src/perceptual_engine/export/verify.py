@@ -14,7 +14,7 @@ from .metadata import ModelInfo
 
 
 @dataclass(frozen=True)
-class OutputError:
+class OutputParity:
     """Error of one output against the reference: max |a − b| and that over max |b|."""
 
     max_abs: float
@@ -22,6 +22,10 @@ class OutputError:
 
     def __str__(self) -> str:
         return f"max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}"
+
+
+# The name it had before; ``perceptual_engine.errors.OutputError`` is the exception.
+OutputError = OutputParity
 
 
 # grad.x is discontinuous where a max-pool window holds near-tied values or a ReLU's
@@ -32,7 +36,7 @@ class OutputError:
 GRAD_FORGIVE = {"float32": 1e-3, "float16": 1e-2}
 
 
-def compare(actual: np.ndarray, expected: np.ndarray, forgive: float = 0.0) -> OutputError:
+def compare(actual: np.ndarray, expected: np.ndarray, forgive: float = 0.0) -> OutputParity:
     """Relative error is scaled by the largest magnitude of the expected output,
     so near-zero entries (dead ReLUs) do not blow it up. ``forgive``: the fraction of
     elements with the largest errors left out of the maximum."""
@@ -41,12 +45,12 @@ def compare(actual: np.ndarray, expected: np.ndarray, forgive: float = 0.0) -> O
     if a.shape != b.shape:
         raise ExportError(f"output shape {a.shape} differs from the reference's {b.shape}")
     if not np.isfinite(a).all():
-        return OutputError(float("inf"), float("inf"))
+        return OutputParity(float("inf"), float("inf"))
     err = np.abs(a - b).ravel()
     skip = int(forgive * err.size)
     diff = float(np.partition(err, err.size - 1 - skip)[err.size - 1 - skip]) if err.size else 0.0
     scale = float(np.abs(b).max()) if b.size else 0.0
-    return OutputError(diff, diff / scale if scale > 0 else diff)
+    return OutputParity(diff, diff / scale if scale > 0 else diff)
 
 
 def reference_outputs(reference: "TorchFeatures | TorchLPIPS", info: ModelInfo,
@@ -111,7 +115,7 @@ GRAD_DRAWS = 3
 
 
 def _errors_on_draw(sess, reference: "TorchFeatures | TorchLPIPS", info: ModelInfo, batch: int,
-                    seed: int) -> dict[str, OutputError]:
+                    seed: int) -> dict[str, OutputParity]:
     """Per-output errors of the session against the reference on one random draw."""
     from ..spec import INPUT_RANGES
 
@@ -133,7 +137,7 @@ def _errors_on_draw(sess, reference: "TorchFeatures | TorchLPIPS", info: ModelIn
 
 def verify_model(path: str, reference: "TorchFeatures | TorchLPIPS", info: ModelInfo, *,
                  tolerance: float, batch: int = 2,
-                 tolerances: dict[str, float] | None = None) -> dict[str, OutputError]:
+                 tolerances: dict[str, float] | None = None) -> dict[str, OutputParity]:
     """Check ``path`` structurally and against ``reference``; raise ExportError if off.
 
     ``tolerances`` overrides ``tolerance`` for the outputs it names (``grad.x``)."""

@@ -1,0 +1,47 @@
+"""Imports point down: nothing below the command line imports from ``cli/``."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "src" / "perceptual_engine"
+
+
+def _imports(path: Path, source: str | None = None) -> list[str]:
+    """Absolute module names imported by one file (relative imports resolved)."""
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+    package = parts[:-1]  # the package a relative import starts from
+    source = path.read_text(encoding="utf-8") if source is None else source
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.append(mod)
+            out += [f"{mod}.{a.name}" for a in node.names]
+    return out
+
+
+def test_nothing_below_cli_imports_it():
+    offenders = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG)
+        if rel.parts[0] == "cli":
+            continue
+        for mod in _imports(path):
+            if mod == "perceptual_engine.cli" or mod.startswith("perceptual_engine.cli."):
+                offenders.append(f"{rel} imports {mod}")
+    assert not offenders, "imports that point up into cli/:\n" + "\n".join(offenders)
+
+
+def test_the_checker_sees_relative_imports():
+    # A file in datasets/ importing "..cli.main" resolves to perceptual_engine.cli.main.
+    probe = PKG / "datasets" / "probe.py"
+    assert "perceptual_engine.cli.main" in _imports(probe, "from ..cli.main import main\n")
+    assert "perceptual_engine.datasets.pairs" in _imports(PKG / "datasets" / "__init__.py",
+                                                          "from .pairs import Pair\n")
