@@ -68,42 +68,41 @@ class _Decoded:
 
 
 class Progress:
-    """A one-line progress bar with rate and ETA, drawn only when ``enabled``."""
+    """A tqdm progress bar (count, rate, ETA) on ``stream``, drawn only when ``enabled``.
 
-    def __init__(self, total: int, stream: IO[str], enabled: bool) -> None:
+    The command line enables it when stderr is a terminal; ``message`` prints a line without
+    garbling the bar, drawn or not. tqdm is imported only when a bar is drawn.
+    """
+
+    def __init__(self, total: int, stream: IO[str], enabled: bool, unit: str = "pairs") -> None:
         self.total, self.stream, self.enabled = total, stream, enabled
-        self.done, self.start, self._last = 0, time.perf_counter(), 0.0
+        self.done, self.start = 0, time.perf_counter()
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, file=stream, unit=f" {unit}", dynamic_ncols=True,
+                             mininterval=0.1, leave=False,
+                             bar_format="{bar:24} {n_fmt}/{total_fmt}" + f" {unit}" +
+                                        " {percentage:3.0f}% {rate_fmt} ETA {remaining}")
 
     def advance(self, n: int = 1) -> None:
         self.done += n
-        now = time.perf_counter()
-        if self.enabled and (now - self._last > 0.1 or self.done >= self.total):
-            self._last = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        elapsed = max(now - self.start, 1e-9)
-        rate = self.done / elapsed
-        frac = self.done / self.total if self.total else 1.0
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
-        self.stream.write(f"\r[{bar}] {self.done}/{self.total} pairs {100 * frac:3.0f}% "
-                          f"{rate:.1f} pairs/s ETA {int(eta) // 60}:{int(eta) % 60:02d} ")
-        self.stream.flush()
+        if self._bar is not None:
+            self._bar.update(n)
 
     def message(self, text: str) -> None:
         """Print a line on the stream without garbling the bar."""
-        if self.enabled:
-            self.stream.write("\r\033[K")
-        self.stream.write(text + "\n")
-        if self.enabled and self.done:
-            self._draw(time.perf_counter())
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            self.stream.write(text + "\n")
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def _decode_pair(pair: Pair, policy: str, scale: tuple[float, float], min_size: int,
