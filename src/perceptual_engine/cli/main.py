@@ -414,14 +414,14 @@ def run() -> None:
         code = main()
     except KeyboardInterrupt:
         code = 130
-    if code == 130:
+    if code in (130, 143):  # interrupted (SIGINT) or terminated (SIGTERM, stylize)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C changes nothing
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except (OSError, ValueError):
                 pass
-        os._exit(130)
+        os._exit(code)
     sys.exit(code)
 
 
