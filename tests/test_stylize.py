@@ -191,7 +191,8 @@ def test_help_shows_the_defaults_that_run(photos, capsys):
     assert dict(kv.split("=") for kv in style.split(",")) == {k: f"{v:g}" for k, v in loss.style.items()}
     assert loss.content == {"relu4_2": 1.0} and set(loss.style.values()) == {100.0}
     assert tuple(default("--layers").split("else ")[-1].split(",")) == spec.layers
-    assert "content relu4_2 (weight 1)" in text and "(weight 100 each); --gram hw; --pooling avg" in text
+    assert "content relu4_2 (weight 1); style relu1_1, relu2_1, relu3_1, relu4_1, relu5_1 (weight 100 " \
+           "each); --gram hw; --pooling avg" in text
 
 
 def test_destination_is_checked_before_step_1(photos, tmp_path, capsys):

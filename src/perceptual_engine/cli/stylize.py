@@ -29,10 +29,11 @@ runs the exported target graph with its gradient on the Engine (exported once in
 the model cache), then updates the pixels (Adam or L-BFGS) and clamps them to the
 input range.
 
-Defaults: VGG19; content {CONTENT_LAYER} (weight 1); style {', '.join(STYLE_LAYERS)}
-(weight {DEFAULT_STYLE_WEIGHT:g} each); --gram {DEFAULT_GRAM}; --pooling {DEFAULT_POOLING} (as Gatys et al.
-synthesize images; --pooling max is the network as trained); start from the content
-image; the style image is resized to the content image's size. --weights defaults
+Defaults: VGG19; content {CONTENT_LAYER} (weight 1);
+style {', '.join(STYLE_LAYERS)} (weight {DEFAULT_STYLE_WEIGHT:g} each);
+--gram {DEFAULT_GRAM}; --pooling {DEFAULT_POOLING} (as Gatys et al. synthesize images; --pooling max is
+the network as trained); start from the content image; the style image is resized
+to the content image's size. --weights defaults
 to imagenet (downloaded by torchvision); with --weights random the result stays
 close to the content image, slightly recolored (see docs/stylize.md).
 
