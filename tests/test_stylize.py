@@ -336,6 +336,7 @@ def test_a_signal_inside_the_loop_only_sets_a_flag():
     # handler must only note the signal for the next poll.
     from perceptual_engine.cli.stylize import _Signals
 
+    before = signal.getsignal(signal.SIGTERM)
     with _Signals() as signals:
         with pytest.raises(KeyboardInterrupt):  # outside the loop: at once, as Python's own
             os.kill(os.getpid(), signal.SIGINT)
@@ -345,7 +346,7 @@ def test_a_signal_inside_the_loop_only_sets_a_flag():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.05)
         assert signals.received == signal.SIGTERM and signals.poll() is True and signals.status == 143
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == before  # restored
 
 
 def test_sigterm_keeps_the_last_saved_image_and_no_temporary_file(cache, photos, tmp_path):

@@ -88,7 +88,8 @@ class StylizeResult:
         several for L-BFGS's line search, plus the update), saving excluded.
     stopped: "steps" (all steps done), "stop_below" (the loss fell below it) or
         "interrupted" (``stop()`` returned True; ``terms`` is then empty and
-        ``losses`` ends with the loss at the start of the last step).
+        ``losses`` ends with the loss at the start of the last step, or is empty
+        when no step ran).
     evaluations: loss-and-gradient evaluations in all (L-BFGS may do several a step).
     saved: paths written by ``save_every``, in order.
     terms: every term of the returned image ("content.<l>", "style.<l>", "total"),

@@ -117,8 +117,8 @@ def _finite(v: Any) -> bool:
         return not v.is_floating_point() or bool(torch.isfinite(v).all())
     if isinstance(v, float):
         return math.isfinite(v)
-    if isinstance(v, (list, tuple)):  # L-BFGS's history of directions and steps
-        return all(_finite(e) for e in v)
+    if isinstance(v, (list, tuple)):  # L-BFGS's history: only the newest entry is new
+        return not v or _finite(v[-1])
     return True
 
 
