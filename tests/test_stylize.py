@@ -195,15 +195,18 @@ def test_help_shows_the_defaults_that_run(photos, capsys):
            "each); --gram hw; --pooling avg" in text
 
 
-def test_destination_is_checked_before_step_1(photos, tmp_path, capsys):
+def test_destination_is_checked_before_step_1(cache, photos, tmp_path, capsys, monkeypatch):
     (tmp_path / "folder").mkdir()
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    cases = [(str(tmp_path / "folder"), "is a folder"), (str(tmp_path / "no" / "o.png"), "does not exist")]
-    if os.geteuid() != 0:  # root writes anywhere
-        cases.append((str(locked / "o.png"), "is not writable"))
+    if os.geteuid() == 0:  # root writes anywhere: let the folder answer as it would to a user
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.fspath(p) == str(locked)
+                            else real(p, mode, **kw))
+    cases = [(str(tmp_path / "folder"), "is a folder"), (str(tmp_path / "no" / "o.png"), "does not exist"),
+             (str(locked / "o.png"), "is not writable")]
     for out, why in cases:
-        code = main(["stylize", *photos, "-o", out, "--steps", "2", *FLAGS])
+        code = main(["stylize", *photos, "-o", out, "--steps", "2", "--cache-dir", cache[0], *FLAGS])
         err = capsys.readouterr().err
         assert code == 2 and why in err and "step 1/" not in err and "Traceback" not in err, err
         assert len(err.strip().splitlines()) == 1, err
