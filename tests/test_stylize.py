@@ -195,6 +195,20 @@ def test_help_shows_the_defaults_that_run(photos, capsys):
            "each); --gram hw; --pooling avg" in text
 
 
+def test_demo_help_shows_the_demo_loss(capsys):
+    # The same class as stylize's help: a command whose loss differs from export's says so.
+    from perceptual_engine.cli.demo import default_loss
+    from perceptual_engine.spec import FeatureSpec
+
+    assert main(["demo", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    loss = default_loss(FeatureSpec(weights="random"))
+    assert loss.content == {"relu2_2": 1.0} and set(loss.style.values()) == {1.0}
+    assert "(default: relu2_2=1 (else the deepest layer) when --style" in text
+    assert "(default: 1 on every layer when --content" in text
+    assert "weight 1 on every layer" not in text
+
+
 def test_destination_is_checked_before_step_1(cache, photos, tmp_path, capsys, monkeypatch):
     (tmp_path / "folder").mkdir()
     locked = tmp_path / "locked"

@@ -344,7 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-lpips", action="store_true", help="skip the LPIPS column (its model "
                    "is exported once into --out-dir)")
     add_spec_options(p, default_layers="the arch's usual four; the demo's loss: content on "
-                                       "relu2_2, style on every layer")
+                                       "relu2_2, style on every layer",
+                     default_content="relu2_2=1 (else the deepest layer) when --style is not "
+                                     "given either", default_style="1 on every layer when "
+                                     "--content is not given either")
     p.set_defaults(func=cmd_demo)
     from . import stylize as stylize_cli
 
