@@ -109,12 +109,12 @@ def test_pixels_are_clamped_to_the_minus_one_one_range():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(steps=0), "steps 0"),
-    (dict(optimizer="sgd"), "optimizer 'sgd'"),
-    (dict(lr=-1.0), "lr -1.0"),
-    (dict(stop_below=float("nan")), "stop_below nan"),
-    (dict(save_every=2), "save_every needs save_path"),
-    (dict(input_range="0,255"), "input_range '0,255'"),
+    (dict(steps=0), "steps=0"),
+    (dict(optimizer="sgd"), "optimizer='sgd'"),
+    (dict(lr=-1.0), "lr=-1.0"),
+    (dict(stop_below=float("nan")), "stop_below=nan"),
+    (dict(save_every=2), "save_every= needs save_path="),
+    (dict(input_range="0,255"), "input_range='0,255'"),
 ])
 def test_bad_options_raise_config_errors(module, kw, match):
     with pytest.raises(ConfigError, match=match):

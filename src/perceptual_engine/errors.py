@@ -37,6 +37,30 @@ class NonFiniteInputError(InputError):
         self.name, self.bad = name, bad
 
 
+class NotSupportedError(PerceptualError, NotImplementedError):
+    """A request outside what the library computes, e.g. a second derivative through
+    an exported gradient graph."""
+
+
+class OptimizationError(PerceptualError, ArithmeticError):
+    """Image optimization cannot go on: its loss, gradient, optimizer state or image
+    is not finite, or the image cannot move. ``step`` is the step it happened in
+    (1-based); ``what`` says what happened; ``fix`` is the remedy, with ``{lr}``,
+    ``{weights}`` and ``{init}`` standing for the caller's names of the learning rate,
+    the loss weights and the start (``wording(lr=..., weights=..., init=...)`` fills them in: the command line names
+    its flags, the API its arguments)."""
+
+    API_NAMES = {"lr": "lr=", "weights": "the loss weights (LossConfig content=/style=)",
+                 "init": "init='noise'"}
+
+    def __init__(self, what: str, fix: str, *, step: int) -> None:
+        self.what, self.fix, self.step = what, fix, step
+        super().__init__(self.wording(**self.API_NAMES))
+
+    def wording(self, **names: str) -> str:
+        return f"{self.what}. {self.fix.format(**names)}"
+
+
 class WeightsError(PerceptualError):
     """Model weights could not be obtained or do not fit the architecture."""
 

@@ -18,6 +18,7 @@ Conversion rules (the same for ``load_image``, ``load_images`` and the CLI):
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Iterable
 
@@ -247,9 +248,45 @@ def save_image(path: str | os.PathLike, x: np.ndarray, *, input_range: str = "0,
         raise ImageError(f"save_image got an array of shape {arr.shape}; accepted: (3, H, W).")
     unit = np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
     img = Image.fromarray(np.round(unit.transpose(1, 2, 0) * 255).astype(np.uint8), "RGB")
-    fmt = Image.registered_extensions().get(os.path.splitext(os.fspath(path))[1].lower())
+    fmt = writable_format(path)
     if fmt is None:
         raise ImageError(f"{os.fspath(path)!r} has no image extension Pillow writes; accepted: "
-                         ".png, .jpg, .bmp, .tif, .webp, ... Name the file e.g. out.png.")
+                         f"{WRITABLE_EXAMPLES}, ... Name the file e.g. out.png.")
     with atomic_path(path) as tmp:
         img.save(tmp, format=fmt)
+
+
+WRITABLE_EXAMPLES = ".png, .jpg, .bmp, .tif, .webp"
+
+
+def writable_format(path: str | os.PathLike) -> str | None:
+    """The Pillow format ``save_image`` writes for ``path``'s extension, or None when
+    Pillow cannot write an 8-bit RGB image in it: formats it only reads (.psd, .gbr,
+    .fli, .cur, ...), save handlers it registers but does not install (.h5, .wmf) and
+    formats without RGB (.xbm, .msp)."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    return _rgb_writable().get(ext)
+
+
+@functools.lru_cache(maxsize=1)
+def _rgb_writable() -> dict[str, str]:
+    """{extension: format} for every format that encodes a small RGB image: asked of
+    Pillow once, by trying, since its tables list handlers that then refuse."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    probe = Image.new("RGB", (3, 2), (12, 200, 40))
+    out = {}
+    for ext, fmt in Image.registered_extensions().items():
+        if fmt not in Image.SAVE:
+            continue
+        try:
+            with warnings.catch_warnings():  # deprecation notices of old formats (IM)
+                warnings.simplefilter("ignore")
+                probe.save(io.BytesIO(), format=fmt)
+        except Exception:  # noqa: BLE001 - any refusal means: not writable as RGB
+            continue
+        out[ext] = fmt
+    return out

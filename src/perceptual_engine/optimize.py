@@ -38,6 +38,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import ConfigError
+from .optimize_guard import Guard as _Guard
 from .spec import INPUT_RANGES, FeatureSpec, LossConfig
 
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
@@ -45,6 +46,11 @@ CONTENT_LAYER = "relu4_2"
 # Network order: the spec's layers, so the network is cut after relu5_1.
 GATYS_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu4_2", "relu5_1")
 DEFAULT_STYLE_WEIGHT = 1e2
+DEFAULT_POOLING = "avg"  # Gatys' choice for synthesis (gatys_spec); max is the network as trained
+DEFAULT_GRAM = "hw"
+# A run whose image has not changed after this many steps (while its loss is above 0)
+# cannot be moving: its updates are below float32's resolution of the pixels.
+STALL_STEPS = 5
 OPTIMIZERS = ("adam", "lbfgs")
 INITS = ("content", "noise")
 # Learning rates for pixels in [0, 1]; scaled by the width of the input range.
@@ -54,7 +60,7 @@ Progress = Callable[[int, int, float], None]  # (steps done, steps asked, curren
 
 
 def gatys_spec(weights: str = "imagenet", *, arch: str = "vgg19", seed: int = 0,
-               pooling: str = "avg", input_range: str = "0,1") -> FeatureSpec:
+               pooling: str = DEFAULT_POOLING, input_range: str = "0,1") -> FeatureSpec:
     """The default spec of ``stylize``: ``arch`` cut after relu5_1 (GATYS_LAYERS), with
     average pooling, as the paper synthesizes images (its gradient is smooth; max
     pooling's jumps where two values in a window are nearly equal)."""
@@ -62,7 +68,7 @@ def gatys_spec(weights: str = "imagenet", *, arch: str = "vgg19", seed: int = 0,
                        pooling=pooling, input_range=input_range)
 
 
-def default_loss(spec: FeatureSpec, gram: str = "hw") -> LossConfig:
+def default_loss(spec: FeatureSpec, gram: str = DEFAULT_GRAM) -> LossConfig:
     """Content on relu4_2 (else the spec's deepest layer), style on the other layers
     (all of them when the spec has one), each style layer weighted DEFAULT_STYLE_WEIGHT."""
     content = CONTENT_LAYER if CONTENT_LAYER in spec.layers else spec.deepest
@@ -80,7 +86,10 @@ class StylizeResult:
         initial loss, ``losses[-1]`` the final one): one more than ``steps_done``.
     step_seconds: wall time of each step (one loss-and-gradient evaluation, or
         several for L-BFGS's line search, plus the update), saving excluded.
-    stopped: "steps" (all steps done) or "stop_below" (the loss fell below it).
+    stopped: "steps" (all steps done), "stop_below" (the loss fell below it) or
+        "interrupted" (``stop()`` returned True; ``terms`` is then empty and
+        ``losses`` ends with the loss at the start of the last step, or is empty
+        when no step ran).
     evaluations: loss-and-gradient evaluations in all (L-BFGS may do several a step).
     saved: paths written by ``save_every``, in order.
     terms: every term of the returned image ("content.<l>", "style.<l>", "total"),
@@ -119,20 +128,20 @@ class StylizeResult:
 def _check_options(steps: int, optimizer: str, lr: float | None, init: str,
                    stop_below: float | None, save_every: int | None, save_path: Any) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"steps {steps!r} is not accepted; accepted: an integer >= 1.")
+        raise ConfigError(f"steps={steps!r} is not accepted; accepted: an integer >= 1.")
     if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"optimizer {optimizer!r} is not accepted; accepted: {', '.join(OPTIMIZERS)}.")
+        raise ConfigError(f"optimizer={optimizer!r} is not accepted; accepted: {', '.join(OPTIMIZERS)}.")
     if init not in INITS:
-        raise ConfigError(f"init {init!r} is not accepted; accepted: {', '.join(INITS)}.")
+        raise ConfigError(f"init={init!r} is not accepted; accepted: {', '.join(INITS)}.")
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"lr {lr!r} is not accepted; accepted: a finite number > 0.")
+        raise ConfigError(f"lr={lr!r} is not accepted; accepted: a finite number > 0.")
     if stop_below is not None and not (isinstance(stop_below, (int, float)) and math.isfinite(stop_below)):
-        raise ConfigError(f"stop_below {stop_below!r} is not accepted; accepted: a finite number.")
+        raise ConfigError(f"stop_below={stop_below!r} is not accepted; accepted: a finite number.")
     if save_every is not None:
         if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
-            raise ConfigError(f"save_every {save_every!r} is not accepted; accepted: an integer >= 1.")
+            raise ConfigError(f"save_every={save_every!r} is not accepted; accepted: an integer >= 1.")
         if save_path is None:
-            raise ConfigError("save_every needs save_path, the image file to write (it may "
+            raise ConfigError("save_every= needs save_path=, the image file to write (it may "
                               "contain {step}, e.g. 'out-{step:04d}.png', to keep every save).")
 
 
@@ -141,7 +150,8 @@ def optimize_image(loss_module: Any, x0: Any, *, steps: int = 300, optimizer: st
                    stop_below: float | None = None, save_every: int | None = None,
                    save_path: str | os.PathLike | None = None,
                    progress: Progress | None = None,
-                   on_save: Callable[[int, str], None] | None = None) -> StylizeResult:
+                   on_save: Callable[[int, str], None] | None = None,
+                   stop: Callable[[], bool] | None = None) -> StylizeResult:
     """Minimize ``loss_module(x)["total"].sum()`` over the pixels of x, from ``x0``.
 
     loss_module: its target already set; ``forward(x)`` returns a dict whose
@@ -152,25 +162,39 @@ def optimize_image(loss_module: Any, x0: Any, *, steps: int = 300, optimizer: st
         so a step may evaluate the loss more than once).
     stop_below: stop as soon as the loss is at or below it.
     save_every, save_path: write the image to ``save_path`` (atomically; PNG or any
-        format Pillow writes; ``{step}`` in the path is replaced by the step) after
-        every ``save_every`` steps.
+        format Pillow writes) after every ``save_every`` steps. ``{step}`` in the file
+        name is replaced by the step (``"out-{step:04d}.png"``); other braces are
+        refused, literal ones are written ``{{`` ``}}`` (see ``savepaths``). Checked
+        before the first step.
     progress: called after every step as ``progress(step, steps, loss)``, loss being
         the one evaluated at the start of that step (before its update).
     on_save: called after each save as ``on_save(step, path)``.
+    stop: polled before every step; when it returns True the loop ends there and
+        returns the image so far (stopped="interrupted"). A signal handler that only
+        sets a flag for it never interrupts a step inside native code.
     Pixels are clamped to ``input_range`` after every update.
+
+    Raises OptimizationError when the loss, the gradient, the optimizer's state or
+    the image stops being finite, or when the image has not changed after
+    ``STALL_STEPS`` steps although the loss is above 0: a run that cannot move is
+    never reported as done.
     """
     import torch
 
     from .images import save_image
+    from .savepaths import check_save_path
 
     _check_options(steps, optimizer, lr, "content", stop_below, save_every, save_path)
     if input_range not in INPUT_RANGES:
-        raise ConfigError(f"input_range {input_range!r} is not accepted; accepted: "
+        raise ConfigError(f"input_range={input_range!r} is not accepted; accepted: "
                           f"{', '.join(map(repr, INPUT_RANGES))}.")
+    if save_every is not None:
+        save_path = check_save_path(save_path, steps=range(save_every, steps + 1, save_every))
     lo, hi = INPUT_RANGES[input_range]
     lr = lr if lr is not None else DEFAULT_LR[optimizer] * (1.0 if optimizer == "lbfgs" else hi - lo)
     start = x0.detach().clone() if isinstance(x0, torch.Tensor) else torch.from_numpy(np.array(x0))
     x = start.to(torch.float32).clamp_(lo, hi).requires_grad_(True)
+    first = x.detach().clone()
     if optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam([x], lr=lr)
     else:
@@ -182,14 +206,16 @@ def optimize_image(loss_module: Any, x0: Any, *, steps: int = 300, optimizer: st
                                      tolerance_change=0.0)
 
         opt = make_lbfgs()
+    guard = _Guard(optimizer, lr, lo, hi)
     evaluations = 0
 
     def closure() -> torch.Tensor:
         nonlocal evaluations
         evaluations += 1
         opt.zero_grad(set_to_none=True)
-        value = loss_module(x)["total"].sum()
+        value = guard.loss(lambda: loss_module(x)["total"].sum(), x)
         value.backward()
+        guard.gradient(x, float(value.detach()))
         return value
 
     losses: list[float] = []
@@ -205,7 +231,12 @@ def optimize_image(loss_module: Any, x0: Any, *, steps: int = 300, optimizer: st
             raise _Stop
 
     stopped = "steps"
+    moved = proposed = False  # the image changed; an update changed it before the clamp
     for step in range(steps):
+        if stop is not None and stop():
+            stopped = "interrupted"
+            break
+        guard.step = step + 1
         t0 = time.perf_counter()
         try:
             if optimizer == "adam":
@@ -221,28 +252,35 @@ def optimize_image(loss_module: Any, x0: Any, *, steps: int = 300, optimizer: st
                     return v
 
                 opt.step(recorded)
-                if float(opt.state[x].get("t", 1.0)) == 0.0:
-                    # The line search found no step (max pooling makes the loss only
-                    # piecewise smooth): the memory misleads, so start it afresh.
-                    opt = make_lbfgs()
+            guard.state(opt.state[x], x, losses[-1])
+            if optimizer == "lbfgs" and float(opt.state[x].get("t", 1.0)) == 0.0:
+                # The line search found no step (max pooling makes the loss only
+                # piecewise smooth): the memory misleads, so start it afresh.
+                opt = make_lbfgs()
         except _Stop:
             stopped = "stop_below"
             break
+        proposed = proposed or not torch.equal(x.detach(), first)
         with torch.no_grad():
             x.clamp_(lo, hi)
         seconds.append(time.perf_counter() - t0)
         done = step + 1
+        moved = moved or not torch.equal(x.detach(), first)
+        if not moved and losses[0] > 0 and done >= min(steps, STALL_STEPS):
+            raise guard.stalled(done, losses[0], x, proposed)
         if save_every is not None and done % save_every == 0:
             saved.append(_save(save_image, save_path, x, done, input_range))
             if on_save is not None:
                 on_save(done, saved[-1])
         if progress is not None:
             progress(done, steps, losses[-1])
-    with torch.no_grad():  # the terms of the returned image (and its loss, if not known)
-        terms = {k: float(v.detach().sum()) for k, v in loss_module(x.detach()).items()}
-    evaluations += 1
-    if len(losses) == len(seconds):
-        losses.append(terms["total"])
+    terms: dict[str, float] = {}
+    if stopped != "interrupted":  # the terms of the returned image (and its loss, if not known)
+        with torch.no_grad():
+            terms = {k: float(v.detach().sum()) for k, v in loss_module(x.detach()).items()}
+        evaluations += 1
+        if len(losses) == len(seconds):
+            losses.append(terms["total"])
     image = x.detach().numpy().astype(np.float32, copy=True)
     return StylizeResult(image, losses, seconds, stopped, evaluations, saved, terms, input_range)
 
@@ -251,10 +289,10 @@ class _Stop(Exception):
     """The loss reached stop_below: leave the loop before x moves again."""
 
 
-def _save(save_image: Callable[..., None], path: Any, x: Any, step: int, input_range: str) -> str:
-    target = os.fspath(path)
-    if "{step" in target:
-        target = target.format(step=step)
+def _save(save_image: Callable[..., None], path: str, x: Any, step: int, input_range: str) -> str:
+    from .savepaths import expand
+
+    target = expand(path, step)
     save_image(target, x.detach().numpy()[0], input_range=input_range)
     return target
 
@@ -276,17 +314,17 @@ def prepare_images(content: Any, style: Any, *, size: int | None = None,
     c, s = (_unit(v, what, lo, hi) for v, what in ((content, "content"), (style, "style")))
     for name, value in (("size", size), ("style_size", style_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{name} {value!r} is not accepted; accepted: an integer >= 1 "
+            raise ConfigError(f"{name}={value!r} is not accepted; accepted: an integer >= 1 "
                               "(pixels of the longest side).")
     if size is not None:
         c = resize(c, _fit(c.shape[1:], size))
     s = resize(s, c.shape[1:] if style_size is None else _fit(s.shape[1:], style_size))
-    for name, img in (("content", c), ("style", s)):
+    for name, img, arg in (("content", c, "size="), ("style", s, "style_size=")):
         h, w = img.shape[1:]
         if min(h, w) < min_size:
             raise ConfigError(
                 f"the {name} image would be {h}x{w} pixels, below {min_size}, the smallest side "
-                "the deepest layer accepts; give a larger size (or a shallower deepest layer).")
+                f"the deepest layer accepts; give a larger {arg} (or a shallower deepest layer).")
     return (lo + (hi - lo) * c)[None], (lo + (hi - lo) * s)[None]
 
 
@@ -321,7 +359,8 @@ def stylize(content: Any, style: Any, *, spec: FeatureSpec | None = None,
             save_every: int | None = None, save_path: str | os.PathLike | None = None,
             progress: Progress | None = None, on_save: Callable[[int, str], None] | None = None,
             cache_dir: str | None = None,
-            say: Callable[[str], None] | None = None) -> StylizeResult:
+            say: Callable[[str], None] | None = None, overwrite_input: bool = False,
+            stop: Callable[[], bool] | None = None) -> StylizeResult:
     """Optimize an image to have ``content``'s features and ``style``'s Grams.
 
     content, style: image paths, or float arrays (3, H, W) / (1, 3, H, W) in the
@@ -334,21 +373,26 @@ def stylize(content: Any, style: Any, *, spec: FeatureSpec | None = None,
         (``cache_dir``, default that of the CLI). model: an exported target model
         with gradient to use instead (its metadata gives spec and loss).
     init: "content" (start from the content image) or "noise" (uniform in the input
-        range, seeded by ``seed``). Other options: see ``optimize_image``.
+        range, seeded by ``seed``). save_path: checked before anything runs (see
+        ``savepaths``); it may not be the content or style file unless
+        ``overwrite_input``. Other options: see ``optimize_image``.
     device: the Engine's device ("auto", "cpu", "cuda", "tensorrt"). dtype: the
         exported network's precision ("float32" or "float16"; see export_onnx).
     Returns a StylizeResult: the image (1, 3, H, W) float32 in the input range,
     the loss after every step and each step's time.
     """
     _check_options(steps, optimizer, lr, init, stop_below, save_every, save_path)
+    if save_every is not None:
+        from .savepaths import check_save_path
+
+        save_path = check_save_path(save_path, steps=range(save_every, steps + 1, save_every),
+                                    inputs=(content, style), overwrite_input=overwrite_input)
     say = say or (lambda msg: None)
     if model is not None:
         if spec is not None or loss is not None:
             raise ConfigError("model= carries its own spec and loss; drop spec=/loss=, or drop "
                               "model= to export one from them.")
-        from .runtime import read_info
-
-        spec = read_info(os.fspath(model)).spec
+        spec = check_model(model).spec
     else:
         spec = spec if spec is not None else gatys_spec()
         loss = loss if loss is not None else default_loss(spec)
@@ -367,10 +411,31 @@ def stylize(content: Any, style: Any, *, spec: FeatureSpec | None = None,
     result = optimize_image(module, x0, steps=steps, optimizer=optimizer, lr=lr,
                             input_range=spec.input_range, stop_below=stop_below,
                             save_every=save_every, save_path=save_path, progress=progress,
-                            on_save=on_save)
+                            on_save=on_save, stop=stop)
     result.model_path = path
     result.providers = list(module.engine.providers)
     return result
+
+
+def check_model(model: str | os.PathLike, *, command: bool = False) -> Any:
+    """The ModelInfo of ``model`` if it is a target graph with its gradient (what the loop
+    runs); else ConfigError with the export that makes one. ``command``: word it for the
+    ``stylize`` command (its flags) instead of the API."""
+    from .runtime import read_info
+
+    path = os.fspath(model)
+    info = read_info(path)
+    if info.graph == "target" and info.grad:
+        return info
+    kind = f"a {info.graph} graph" + ("" if info.grad else " without gradient")
+    if command:
+        fix = ("Export one with perceptual-engine export --graph target --grad -o FILE.onnx "
+               "(with the spec and loss flags), or drop --model to export one into the cache.")
+    else:
+        fix = ("Export one with export_onnx(spec, path, graph='target', loss=loss, grad=True), "
+               "or drop model= to export one into the cache.")
+    raise ConfigError(f"{'--model' if command else 'model='} {path!r} is {kind}; stylize needs a "
+                      f"target graph with its gradient (grad.x). {fix}")
 
 
 def _cached_model(spec: FeatureSpec, loss: LossConfig | None, dtype: str,

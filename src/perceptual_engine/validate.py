@@ -23,6 +23,10 @@ def _describe(x: Any) -> tuple[tuple[int, ...], str, str]:
         return tuple(x.shape), str(x.dtype), "numpy"
     mod = type(x).__module__
     if mod.startswith("torch"):
+        if x.device.type == "meta":  # shape only: reading it would raise NotImplementedError
+            raise InputError(f"input is a tensor on the meta device, of shape {tuple(x.shape)} "
+                             "but without data; accepted: a tensor with data (CPU or CUDA), or "
+                             "a numpy array.")
         return tuple(x.shape), str(x.dtype).replace("torch.", ""), "torch"
     raise InputError(
         f"input is a {type(x).__name__}; accepted: a numpy array or torch tensor of shape "

@@ -344,7 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-lpips", action="store_true", help="skip the LPIPS column (its model "
                    "is exported once into --out-dir)")
     add_spec_options(p, default_layers="the arch's usual four; the demo's loss: content on "
-                                       "relu2_2, style on every layer")
+                                       "relu2_2, style on every layer",
+                     default_content="relu2_2=1 (else the deepest layer) when --style is not "
+                                     "given either", default_style="1 on every layer when "
+                                     "--content is not given either")
     p.set_defaults(func=cmd_demo)
     from . import stylize as stylize_cli
 
@@ -416,14 +419,14 @@ def run() -> None:
         code = main()
     except KeyboardInterrupt:
         code = 130
-    if code == 130:
+    if code in (130, 143):  # interrupted (SIGINT) or terminated (SIGTERM, stylize)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C changes nothing
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except (OSError, ValueError):
                 pass
-        os._exit(130)
+        os._exit(code)
     sys.exit(code)
 
 

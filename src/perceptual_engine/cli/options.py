@@ -46,8 +46,13 @@ SPEC_FLAGS = ("arch", "layers", "weights", "seed", "input_range", "pooling", "co
               "gram", "dtype")
 
 
-def add_spec_options(p: argparse.ArgumentParser, *, default_layers: str = "the arch's usual four"
-                     ) -> None:
+def add_spec_options(p: argparse.ArgumentParser, *, default_layers: str = "the arch's usual four",
+                     default_pooling: str = "max", default_gram: str = "chw",
+                     default_content: str = "weight 1 on every layer, when --style is not given "
+                                             "either",
+                     default_style: str | None = None) -> None:
+    """The spec and loss flags; the ``default_*`` texts are the command's own defaults
+    (a command that applies others passes them, so its --help shows what runs)."""
     from ..layers import ARCHS
     from ..spec import GRAM_NORMS, INPUT_RANGES, POOLINGS
 
@@ -62,15 +67,15 @@ def add_spec_options(p: argparse.ArgumentParser, *, default_layers: str = "the a
     g.add_argument("--seed", type=int, help="seed of --weights random (default: 0)")
     g.add_argument("--input-range", choices=tuple(INPUT_RANGES), dest="input_range",
                    help="pixel range of the inputs (default: 0,1); write --input-range=-1,1")
-    g.add_argument("--pooling", choices=POOLINGS, help="max (as trained) or avg (default: max)")
+    g.add_argument("--pooling", choices=POOLINGS, help=f"max (as trained) or avg (default: {default_pooling})")
     g = p.add_argument_group("loss (LossConfig)")
     g.add_argument("--content", type=_weight_map, metavar="L=W,...",
-                   help="content terms and weights, e.g. relu2_2=1.0 (default: weight 1 on "
-                        "every layer, when --style is not given either)")
+                   help=f"content terms and weights, e.g. relu2_2=1.0 (default: {default_content})")
     g.add_argument("--style", type=_weight_map, metavar="L=W,...",
-                   help="style (Gram) terms and weights, e.g. relu1_2=1,relu2_2=1")
+                   help="style (Gram) terms and weights, e.g. relu1_2=1,relu2_2=1"
+                        + (f" (default: {default_style})" if default_style else ""))
     g.add_argument("--gram", choices=GRAM_NORMS,
-                   help="Gram normalization: chw (Johnson), hw (Gatys), none (default: chw)")
+                   help=f"Gram normalization: chw (Johnson), hw (Gatys), none (default: {default_gram})")
     g.add_argument("--dtype", choices=("float32", "float16"),
                    help="network precision; inputs, Grams and outputs stay float32 (default: float32)")
 

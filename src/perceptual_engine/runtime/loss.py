@@ -14,23 +14,57 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import InputError, ModelError, NotSupportedError
 from .engine import Engine
 from .providers import ProviderOptions
 
 
 class _EngineTotal(torch.autograd.Function):
-    """total (N,) from the engine; backward: grad_output[:, None, None, None] · grad.x."""
+    """total (N,) from the engine; backward: grad_output[:, None, None, None] · grad.x.
+
+    grad.x is a constant to autograd: the graph gives no second derivative. With
+    create_graph=True (autograd runs the backward in grad mode), the first-order
+    gradient is still returned, but as the output of _FirstOrderOnly, so a second
+    backward through it (a gradient penalty, a Hessian-vector product) raises instead
+    of silently treating ∂grad.x/∂x as zero.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, total: torch.Tensor, grad_x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(grad_x)
+        # Kept for create_graph only: the refusing node must sit on the path to x, or
+        # autograd.grad(penalty, x) would prune it and drop the second-order term silently.
+        # A plain attribute, not saved_tensors: an in-place update of x after the forward
+        # (an optimizer step) must not invalidate the first-order backward.
+        ctx.x = x
         return total.clone()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad_x,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return _FirstOrderOnly.apply(grad_output, grad_x, ctx.x), None, None
         return grad_output[:, None, None, None] * grad_x, None, None
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """grad_output · grad.x under create_graph=True; its own backward refuses. ``x`` is
+    an input (unused by the forward) so that the result has this node as its grad_fn,
+    on the path to x, even when grad_output does not require grad:
+    ``once_differentiable`` lets that case through, and the second-order term of a
+    gradient penalty would silently be zero."""
+
+    @staticmethod
+    def forward(ctx, grad_output: torch.Tensor, grad_x: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return grad_output[:, None, None, None] * grad_x
+
+    @staticmethod
+    def backward(ctx, *_: Any):
+        raise NotSupportedError(
+            "EnginePerceptualLoss gives first-order gradients only: the exported graph has no "
+            "second derivative, so a backward through its gradient (create_graph=True, e.g. a "
+            "gradient penalty or a Hessian-vector product) is refused rather than computed "
+            "wrong. Compute that term with TorchPerceptualLoss (autograd supports it).")
 
 
 def _tensor(v: Any) -> torch.Tensor:
@@ -39,6 +73,30 @@ def _tensor(v: Any) -> torch.Tensor:
 
 def _detached(v: Any) -> Any:
     return v.detach() if isinstance(v, torch.Tensor) else v
+
+
+def _torch_input(v: Any, name: str) -> torch.Tensor:
+    """``v`` detached, if it is a tensor the engine can read; else InputError."""
+    if not isinstance(v, torch.Tensor):
+        hint = (" Wrap it with torch.from_numpy(a), or call Engine.distance, which takes numpy."
+                if isinstance(v, np.ndarray) else "")
+        raise InputError(f"EnginePerceptualLoss got {name} of type {type(v).__name__}; accepted: a "
+                         f"torch.Tensor, float32 (N, 3, H, W), on the CPU or a CUDA device.{hint}")
+    if v.device.type == "meta":
+        raise InputError(f"EnginePerceptualLoss got {name} on the meta device (a shape without "
+                         "data); accepted: a tensor with data, on the CPU or a CUDA device.")
+    return v.detach()
+
+
+def _no_grad_message(path: str, graph: str) -> str:
+    if graph in ("distance", "target", "lpips"):
+        how = (f"Re-export it with export_onnx(spec, path, graph={graph!r}, ..., grad=True) "
+               f"(perceptual-engine export --graph {graph} --grad).")
+        return f"{path!r} is a {graph} graph without grad.x; EnginePerceptualLoss needs the exported gradient. {how}"
+    return (f"{path!r} is a {graph} graph, which is not exported with a gradient; "
+            "EnginePerceptualLoss needs a distance, target or lpips graph with its gradient. Re-export it with "
+            "export_onnx(spec, path, graph='distance', loss=loss, grad=True) (perceptual-engine "
+            "export --graph distance --grad; --graph target or lpips likewise).")
 
 
 class EnginePerceptualLoss(nn.Module):
@@ -64,11 +122,7 @@ class EnginePerceptualLoss(nn.Module):
         self.engine = Engine(path, device, options=options, **engine_kwargs)
         info = self.engine.info
         if not info.grad:
-            what = "a features graph" if info.graph == "features" else f"a {info.graph} graph without grad.x"
-            raise ModelError(
-                f"{self.engine.path!r} is {what}; EnginePerceptualLoss needs the exported gradient. "
-                "Re-export it with export_onnx(spec, path, graph='distance' or 'target', grad=True) "
-                "(perceptual-engine export --graph distance --grad).")
+            raise ModelError(_no_grad_message(self.engine.path, info.graph))
         self.spec, self.loss = info.spec, info.loss
 
     def set_target(self, content: Any = None, style: Any = None) -> None:
@@ -80,7 +134,9 @@ class EnginePerceptualLoss(nn.Module):
         self.engine.set_style_target(_detached(y))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        out = {k: _tensor(v) for k, v in self.engine.distance(x.detach(), _detached(y)).items()}
+        xd = _torch_input(x, "x")
+        yd = None if y is None else _torch_input(y, "y")
+        out = {k: _tensor(v) for k, v in self.engine.distance(xd, yd).items()}
         grad_x = out.pop("grad.x")
         out["total"] = _EngineTotal.apply(x, out["total"], grad_x)
         return out
