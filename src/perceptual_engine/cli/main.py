@@ -17,7 +17,8 @@ from typing import Sequence
 
 from .options import (SPEC_FLAGS, add_lpips_options, add_memory_options, add_spec_options,
                       lpips_spec_from_args, positive_int, spec_from_args)
-from ..errors import ConfigError, ModelError, PerceptualError, WeightsError
+from ..errors import (ConfigError, LinearWeightsError, ModelError, PerceptualError,
+                      WeightsError)
 
 PROG = "perceptual-engine"
 
@@ -367,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
 _CLI_WORDING = (
     (re.compile(r"\bdevice='(\w+)'"), r"--device \1"),
     (re.compile(r"\bgraph='(\w+)'"), r"--graph \1"),
-    (re.compile(r"\bweights='(\w+)'"), r"--weights \1"),
+    (re.compile(r"\blpips_weights='([^']+)'"), r"--lpips-weights \1"),
+    (re.compile(r"\bweights='([^']+)'"), r"--weights \1"),
     (re.compile(r"\bFeatureSpec\.layers\b"), "--layers"),
 )
 
@@ -376,6 +378,18 @@ def cli_wording(text: str) -> str:
     for pattern, flag in _CLI_WORDING:
         text = pattern.sub(flag, text)
     return text
+
+
+def weights_hint(exc: BaseException) -> str:
+    """The flag that fixes a weights error: LPIPS heads come from --lpips-weights, the
+    VGG trunk (of every graph, LPIPS included) from --weights."""
+    if isinstance(exc, LinearWeightsError):
+        return (" On the command line: --lpips-weights PATH (a .pth with keys "
+                "lin0..lin4.model.1.weight), or leave --lpips-weights out for the lpips "
+                "package's v0.1 weights (pip install lpips).")
+    if isinstance(exc, WeightsError):
+        return " On the command line: --weights PATH (.pth/.safetensors) or --weights random."
+    return ""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -440,9 +454,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except PerceptualError as exc:
         if args.traceback:
             raise
-        hint = ""
-        if isinstance(exc, WeightsError):
-            hint = " On the command line: --weights PATH (.pth/.safetensors) or --weights random."
+        hint = weights_hint(exc)
         print(f"{PROG}: error: {_one_line(exc)}{hint}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     except OSError as exc:  # unwritable output, full disk: the user's to fix, not a bug

@@ -10,7 +10,7 @@ import numpy as np
 
 from .._io import sha256_file
 from ..errors import (DeviceError, InputError, ModelError, NonFiniteError, NonFiniteInputError,
-                      PerceptualError)
+                      PerceptualError, first_line)
 from ..export.integrity import read_model
 from .. import memory as _memory
 from ..export.metadata import ModelInfo
@@ -143,7 +143,7 @@ class Engine:
                     raise DeviceError(_why_not(device, exc)) from exc
                 if device != "auto" or start == len(chain) - 1:
                     raise ModelError(f"ONNX Runtime could not load {self.path!r}: {exc}") from exc
-                failures.append(f"{chain[start][0]} failed: {str(exc).splitlines()[0][:300]}")
+                failures.append(f"{chain[start][0]} failed: {first_line(exc)}")
                 warnings.warn(f"device='auto' skips {failures[-1]}; trying {chain[start + 1][0]}",
                               RuntimeWarning, stacklevel=3)
                 continue
@@ -388,7 +388,7 @@ def _why_not(device: str, exc: BaseException | None, got: list[str] | None = Non
     if got is not None:
         parts.append(f"(the session got {got})")
     if exc is not None:
-        parts.append(f"({str(exc).splitlines()[0][:300]})")
+        parts.append(f"({first_line(exc)})")
     missing = P.missing_cuda_libraries()
     if missing:
         wheels = sorted({P.CUDA_WHEELS[lib.split(".so")[0]] for lib in missing})
