@@ -15,9 +15,9 @@ import sys
 import warnings
 from typing import Sequence
 
-from .options import (SPEC_FLAGS, add_lpips_options, add_memory_options, add_spec_options,
+from .options import (add_lpips_options, add_memory_options, add_spec_options,
                       lpips_spec_from_args, positive_int, spec_from_args)
-from ..errors import (ConfigError, LinearWeightsError, ModelError, PerceptualError,
+from ..errors import (ConfigError, LinearWeightsError, PerceptualError,
                       WeightsError)
 
 PROG = "perceptual-engine"
@@ -103,62 +103,43 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _open_engine(args: argparse.Namespace):
+    """The Engine of the model the flags ask for (distance_flags.model_request)."""
+    from .distance_flags import check_model, check_model_file, model_request
     from ..runtime import Engine
 
-    given = [f for f in SPEC_FLAGS + ("lpips_weights",) if getattr(args, f) is not None]
-    spatial = args.spatial_dir is not None
-    if args.model:
-        if given:
-            raise ConfigError(f"--model reads the spec from the model; drop "
-                              f"{', '.join('--' + f.replace('_', '-') for f in given)}, or drop "
-                              "--model to export one from the flags.")
-        engine = Engine(args.model, args.device)
-        if spatial and not engine.info.spatial:
-            raise ModelError(f"{args.model!r} has no spatial output; --spatial-dir needs an LPIPS model "
-                             "exported with --spatial (or drop --model to export one).")
-    elif args.graph == "lpips":
-        from .cache import models_dir, open_engine
-
-        engine, entry = open_engine(lpips_spec_from_args(args), None, device=args.device,
-                                    dtype=args.dtype or "float32", folder=models_dir(args.cache_dir),
-                                    say=_say, graph="lpips", lpips_weights=args.lpips_weights,
-                                    spatial=spatial)
-        if not entry.built:
-            _say(f"using the cached model {entry.path}")
+    req = model_request(args)
+    if req.model:
+        check_model_file(req)  # metadata only: a wrong kind is refused before a session starts
+        engine = Engine(req.model, args.device)
     else:
-        if args.lpips_weights is not None:
-            raise ConfigError("--lpips-weights is an option of --graph lpips; add --graph lpips, or drop it.")
         from .cache import models_dir, open_engine
-        from ..spec import LossConfig
 
-        spec, loss = spec_from_args(args)
-        engine, entry = open_engine(spec, loss or LossConfig.default_for(spec), device=args.device,
-                                    dtype=args.dtype or "float32",
-                                    folder=models_dir(args.cache_dir), say=_say)
+        extra = {"lpips_weights": req.lpips_weights, "spatial": req.spatial} \
+            if req.graph == "lpips" else {}
+        engine, entry = open_engine(req.spec, req.loss, device=args.device, dtype=req.dtype,
+                                    folder=models_dir(args.cache_dir), say=_say,
+                                    graph=req.graph, **extra)
         if not entry.built:
             _say(f"using the cached model {entry.path}")
-    if engine.info.graph not in ("distance", "lpips"):
-        raise ModelError(f"{args.model!r} is a {engine.info.graph} graph; distance needs a model "
-                         "exported with --graph distance or --graph lpips.")
-    if spatial and engine.info.graph != "lpips":
-        raise ConfigError("--spatial-dir writes LPIPS maps; add --graph lpips.")
+    check_model(req, engine.info)
     engine.memory_budget = getattr(args, "memory_budget", None)
     return engine
-
 
 
 def cmd_distance(args: argparse.Namespace) -> int:
     from .pairs import pairs_from_args
     from .results import ResultFile, StdoutRows, check_output_path, model_identity
     from .runner import Progress, row_terms, run_pairs
+    from .distance_flags import RAY, SINGLE, check_flags
 
+    check_flags(args, RAY if args.ray else SINGLE, getattr(args, "flag_defaults", {}))
     if args.ray:
         from ..distributed.cli import run_distance
 
         return run_distance(args, _say)
     pairs = pairs_from_args(args.a, args.b, args.pairs)
     if args.output:
-        check_output_path(args.output)  # before a model is exported or loaded
+        check_output_path(args.output, resume=args.resume)  # before a model is exported or loaded
     engine = _open_engine(args)
     terms = row_terms(engine.output_names)  # per-pair scalars only
     maps = None
@@ -286,9 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", metavar="CSV", help="two columns: image A, image B (instead of A B)")
     p.add_argument("--model", metavar="ONNX", help="an exported distance or lpips model; without "
                    "it one is exported from the spec flags into the cache once")
-    p.add_argument("--graph", choices=("distance", "lpips"), default="distance",
+    p.add_argument("--graph", choices=("distance", "lpips"),
                    help="the model exported from the spec flags: distance (content/style terms) "
-                        "or lpips (VGG16 LPIPS; default layers and arch) (default: distance)")
+                        "or lpips (VGG16 LPIPS; default layers and arch); with --model, the kind "
+                        "the model must be (default: distance, or the kind of --model)")
     p.add_argument("--spatial-dir", metavar="DIR", dest="spatial_dir",
                    help="--graph lpips: write each pair's LPIPS map as a PNG here (grey levels "
                         "scaled by the map's own maximum; see docs/lpips.md)")
@@ -475,8 +457,8 @@ def _check_distance_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         sub.error("give two images, two folders, or --pairs CSV")
     if args.resume and not args.output:
         sub.error("--resume needs --output (the file to resume)")
-    if (args.ray_address or args.ray_actors) and not args.ray:
-        sub.error("--ray-address and --ray-actors go with --ray")
+    # Flags one path refuses are checked by cmd_distance (distance_flags.FLAGS), as one line.
+    args.flag_defaults = {a.dest: a.default for a in sub._actions}
     if args.spatial_dir and not args.model and args.graph != "lpips":
         sub.error("--spatial-dir writes LPIPS maps: add --graph lpips (or --model with an LPIPS "
                   "model exported with --spatial)")
