@@ -114,8 +114,15 @@ def check_model(req: ModelRequest, info: Any) -> None:
 
 def check_model_file(req: ModelRequest) -> Any:
     """The ModelInfo of ``req.model`` (metadata only: no torch, no session), checked."""
+    import os
+
     from ..runtime import read_info
 
+    if not os.path.isfile(req.model):  # the Engine's own wording, before it is opened
+        what = ("a folder" if os.path.isdir(req.model) else
+                "not a regular file" if os.path.exists(req.model) else "missing")
+        raise ModelError(f"model {req.model!r} is {what}; give the path of an exported .onnx "
+                         "file (perceptual-engine export -o model.onnx).")
     info = read_info(req.model)
     check_model(req, info)
     return info
