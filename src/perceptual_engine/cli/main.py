@@ -32,8 +32,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export_onnx
     from ..export.exporter import TOLERANCE
 
-    if args.triton_name and not args.triton_repo:
+    if args.triton_name is not None and not args.triton_repo:
         raise ConfigError("--triton-name names the model in --triton-repo DIR; add --triton-repo.")
+    triton_name = None
+    if args.triton_repo:  # before the export: a bad name or repo must not cost one
+        from ..export.triton import check_repo_entry
+
+        triton_name = args.triton_name if args.triton_name is not None else \
+            os.path.splitext(os.path.basename(args.output))[0]
+        check_repo_entry(args.triton_repo, triton_name, args.output)
     lpips_kw = {}
     if args.graph == "lpips":
         spec, loss = lpips_spec_from_args(args), None
@@ -95,7 +102,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.triton_repo:
         from ..export.triton import write_triton_repo
 
-        t = write_triton_repo(r.path, args.triton_repo, args.triton_name)
+        t = write_triton_repo(r.path, args.triton_repo, triton_name)
         print(f"wrote Triton model {t.folder} (config.pbtxt, 1/model.onnx), max_batch_size "
               f"{t.max_batch_size}; config " + ("checked against Triton's schema and the graph"
                                                 if t.checked else t.note))
