@@ -107,7 +107,8 @@ class Engine:
             dtype=info.dtype, grad=bool(getattr(info, "grad", False)), arena=self.cpu_arena,
             device="cuda" if self.on_gpu else "cpu",
             taps=None if info.graph == "features" or info.loss is None
-            else tuple(dict.fromkeys((*info.loss.content, *info.loss.style))))
+            else tuple(dict.fromkeys((*info.loss.content, *info.loss.style))),
+            grams=tuple(info.loss.style) if info.loss is not None else ())
 
     def estimate_memory(self, n: int, height: int, width: int) -> "_memory.MemoryEstimate":
         """Upper bound of the peak memory of a call on n images (pairs) of height x width."""
