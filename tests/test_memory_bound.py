@@ -36,7 +36,7 @@ def bound_models(tmp_path_factory):
                                    ("distance style grad", "distance", STYLED, True),
                                    ("target", "target", STYLED, False)):
         path = str(folder / (key.replace(" ", "-") + ".onnx"))
-        export_onnx(SHALLOW, path, graph=graph, loss=loss, grad=grad)
+        export_onnx(loss.used_spec(SHALLOW), path, graph=graph, loss=loss, grad=grad)
         out[key] = path
     return out
 
