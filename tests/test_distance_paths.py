@@ -266,6 +266,15 @@ def test_both_paths_give_the_same_rows(name, local_ray, images, lin_weights, cac
     assert any(r["error"] for r in file1) and any(not r["error"] for r in file1)
     if name == "lpips":  # LPIPS columns, not VGG19 content terms
         assert [c for c in file1[0] if c.startswith("lpips.")] and "content.relu2_2" not in file1[0]
+        # The exported LPIPS model, given with --model, is accepted by the Ray job too
+        # (it used to be refused, with a hint to export --graph distance).
+        from perceptual_engine.distributed.job import resolve_model
+        from perceptual_engine.runtime import read_info
+
+        models = os.path.join(cache, "models")
+        lp = [os.path.join(models, f) for f in os.listdir(models) if f.endswith(".onnx")
+              and read_info(os.path.join(models, f)).graph == "lpips"]
+        assert lp and resolve_model(lp[0], None, None) == os.path.abspath(lp[0])
     if name == "spec":  # the errors the flags cause: --max-pixels refuses, --max-side resizes
         errors = {os.path.basename(r["a"]): r["error"] for r in file1}
         assert "pixels" in errors["huge_a.png"] and not errors["big_a.png"]
