@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import layers as _layers
-from .errors import ConfigError, LinearWeightsError, WeightsError, first_line
+from .errors import ConfigError, LinearWeightsError
 from .export.metadata import lpips_output_names
 from .spec import FeatureSpec
 
