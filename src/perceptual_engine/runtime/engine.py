@@ -10,7 +10,7 @@ import numpy as np
 
 from .._io import sha256_file
 from ..errors import (DeviceError, InputError, ModelError, NonFiniteError, NonFiniteInputError,
-                      PerceptualError, first_line)
+                      PerceptualError)
 from ..export.integrity import read_model
 from .. import memory as _memory
 from ..export.metadata import ModelInfo
@@ -144,7 +144,7 @@ class Engine:
                     raise DeviceError(_why_not(device, exc)) from exc
                 if device != "auto" or start == len(chain) - 1:
                     raise ModelError(f"ONNX Runtime could not load {self.path!r}: {exc}") from exc
-                failures.append(f"{chain[start][0]} failed: {first_line(exc)}")
+                failures.append(f"{chain[start][0]} failed: {_first(exc)}")
                 warnings.warn(f"device='auto' skips {failures[-1]}; trying {chain[start + 1][0]}",
                               RuntimeWarning, stacklevel=3)
                 continue
@@ -384,12 +384,17 @@ def _preload_cuda() -> None:
             pass  # a missing library is diagnosed by _why_not if the session lacks the provider
 
 
+def _first(exc: BaseException) -> str:
+    """The first line of an exception's message; its type name when the message is empty."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
 def _why_not(device: str, exc: BaseException | None, got: list[str] | None = None) -> str:
     parts = [f"device {device!r} was requested but ONNX Runtime could not start {P.PROVIDER[device]}"]
     if got is not None:
         parts.append(f"(the session got {got})")
     if exc is not None:
-        parts.append(f"({first_line(exc)})")
+        parts.append(f"({_first(exc)})")
     missing = P.missing_cuda_libraries()
     if missing:
         wheels = sorted({P.CUDA_WHEELS[lib.split(".so")[0]] for lib in missing})
