@@ -4,8 +4,9 @@
                                    [--models DIR] [--arena on|off] [--threads N]
 
 Exports (once, into --models) random-weight VGG19 models to relu4_4 (a distance
-graph with the CLI's default loss, and a features graph) and a shallow one (to
-relu2_2), then runs every configuration in its own subprocess, so one call's
+graph with the CLI's default loss, one with content relu2_2 and style on the four
+layers, and a features graph) and shallow ones (to relu2_2: a distance graph, and a
+target graph with style and a gradient), then runs every configuration in its own subprocess, so one call's
 peak is not hidden by another's. In the child: open the Engine, make the inputs'
 room (nothing else), read VmRSS, reset the high-water mark (``/proc/self/clear_refs``),
 make the inputs, make one call, read VmHWM. The figure is VmHWM minus the RSS after
@@ -24,6 +25,9 @@ CONFIGS = (
     ("vgg19 relu4_4 distance (pair)", "distance", True),
     ("vgg19 relu4_4 features (single)", "features", False),
     ("vgg19 relu2_2 distance (pair)", "shallow", True),
+    # content relu2_2 plus style on the four layers: the model README and docs/cli.md use
+    ("vgg19 relu4_4 distance+style (pair)", "styled", True),
+    ("vgg19 relu2_2 target+style, grad", "target_grad", False),
 )
 
 
@@ -44,6 +48,10 @@ def child(path: str, pair: bool, n: int, side: int, arena: str | None, threads: 
     engine = Engine(path, device="cpu", threads=threads, max_pixels=None,
                     cpu_arena=None if arena is None else arena == "on")
     rng = np.random.default_rng(0)
+    if engine.info.graph == "target":  # the cached targets belong to the engine, not the call
+        t = rng.random((1, 3, side, side), dtype=np.float32)
+        engine.set_target(content=t, style=t)
+        del t
     base = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
@@ -51,6 +59,8 @@ def child(path: str, pair: bool, n: int, side: int, arena: str | None, threads: 
     if pair:
         y = rng.random((n, 3, side, side), dtype=np.float32)
         engine.distance(x, y)
+    elif engine.info.graph == "target":
+        engine.distance(x)
     else:
         engine.features(x)
     peak = _status("VmHWM")
@@ -63,15 +73,19 @@ def export_models(folder: str) -> dict[str, str]:
     os.makedirs(folder, exist_ok=True)
     deep = FeatureSpec(arch="vgg19", weights="random")  # relu1_2, relu2_2, relu3_4, relu4_4
     shallow = FeatureSpec(arch="vgg19", layers=("relu1_2", "relu2_2"), weights="random")
-    jobs = {"distance": (deep, "distance", LossConfig.default_for(deep)),
-            "features": (deep, "features", None),
-            "shallow": (shallow, "distance", LossConfig.default_for(shallow))}
+    styled = LossConfig(content={"relu2_2": 1.0}, style={n: 1.0 for n in deep.layers})
+    shallow_styled = LossConfig(content={"relu2_2": 1.0}, style={"relu1_2": 1.0, "relu2_2": 1.0})
+    jobs = {"distance": (deep, "distance", LossConfig.default_for(deep), False),
+            "features": (deep, "features", None, False),
+            "shallow": (shallow, "distance", LossConfig.default_for(shallow), False),
+            "styled": (deep, "distance", styled, False),
+            "target_grad": (shallow, "target", shallow_styled, True)}
     out = {}
-    for key, (spec, graph, loss) in jobs.items():
+    for key, (spec, graph, loss, grad) in jobs.items():
         path = os.path.join(folder, f"{key}.onnx")
         if not os.path.exists(path):
             print(f"exporting {path}", file=sys.stderr, flush=True)
-            export_onnx(spec, path, graph=graph, loss=loss)
+            export_onnx(spec, path, graph=graph, loss=loss, grad=grad)
         out[key] = path
     return out
 
@@ -117,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             taps = None if info.loss is None else tuple(dict.fromkeys((*info.loss.content,
                                                                        *info.loss.style)))
             est = estimate(info.spec, info.graph, args.batch, side, side, dtype=info.dtype,
-                           taps=taps, arena=args.arena == "on")
+                           taps=taps, arena=args.arena == "on", grad=bool(info.grad),
+                           grams=tuple(info.loss.style) if info.loss is not None else ())
             row["estimate_bytes"] = est.total
             if "call_bytes" in row:
                 row["ratio"] = est.total / row["call_bytes"]

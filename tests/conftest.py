@@ -347,3 +347,19 @@ def target_grad_cache(tmp_path_factory):
     entry = ensure_model(TARGET_GRAD_SPEC, TARGET_GRAD_LOSS, graph="target", grad=True,
                          folder=models_dir(str(root)))
     return str(root), models_dir(str(root)), entry.path
+
+
+# -- Ray: one local Ray for the session (starting one takes seconds) ---------------------------
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """A local Ray with 2 CPUs and no dashboard, shared by every Ray test of the session;
+    the command line finds it initialized and neither starts nor stops another."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()

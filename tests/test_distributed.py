@@ -1,6 +1,7 @@
 """Ray Data distances: the same rows as the single-machine command, a killed actor, resume.
 
-Ray runs locally with 2 CPUs and no dashboard, started once for the module. The
+Ray runs locally with 2 CPUs and no dashboard, started once for the session (conftest's
+``local_ray``, shared with test_distance_paths.py). The
 model is conftest's shallow distance model (VGG19 to relu3_1, seeded random weights),
 the images a folder of about 30 small pairs of odd sizes with bad and one-sided files.
 """
@@ -23,16 +24,6 @@ from perceptual_engine.datasets.pairs import pair_folders  # noqa: E402
 from perceptual_engine.distributed import distances, write_distances  # noqa: E402
 
 REL = 1e-6  # float32 outputs of one model on one provider; batch composition may differ
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from perceptual_engine import Engine
 from perceptual_engine import lpips as L
 from perceptual_engine.datasets.cache import check_entry, model_key
 from perceptual_engine.cli.main import main
-from perceptual_engine.cli.spatial import map_to_uint8
+from perceptual_engine.datasets.spatial import map_to_uint8
 from perceptual_engine.images import decode
 
 pytest.importorskip("lpips")

@@ -50,9 +50,22 @@ def test_estimate_matches_the_layer_table_by_hand():
     tap = memory.TAP["distance"]
     pair_live = max(memory.WORK * e1 + tap * e1, memory.WORK * e2 + tap * (e1 + e2))
     assert memory.estimate(spec, "distance", n, h, w).total == _by_hand(pair_live, 2 * n, h, w)
-    # With a gradient every activation is kept, plus the backward's working tensors.
-    grad_live = (4 * e1 + ep + 2 * e2) + memory.GRAD_WORK * e1
+    # With a gradient every activation is kept, plus the backward's tensors of x (N images).
+    every = 4 * e1 + ep + 2 * e2
+    grad_live = every + memory.GRAD_WORK * every  # per image: N images, all differentiated
     assert memory.estimate(spec, "features", n, h, w, grad=True).total == _by_hand(grad_live, n, h, w)
+    # A pair: 2N images keep their activations, only x's N are differentiated.
+    pair_grad = (2 * n * every + n * memory.GRAD_WORK * every) / (2 * n)
+    assert memory.estimate(spec, "distance", n, h, w, grad=True).total == \
+        _by_hand(pair_grad, 2 * n, h, w)
+    # A style layer adds its Gram's copies while it is computed, and to the backward.
+    tap = memory.TAP["target"]
+    styled = max(memory.WORK * e1 + tap * e1 + memory.GRAM * e1,  # relu1_1: tap and Gram
+                 memory.WORK * e1 + tap * e1, memory.WORK * e2 + tap * e1)
+    est = memory.estimate(spec, "target", n, h, w, taps=("relu1_1",), grams=("relu1_1",))
+    assert est.total == _by_hand(styled, n, h, w) and est.peak_layer == "relu1_1"
+    est = memory.estimate(spec, "target", n, h, w, taps=("relu1_1",), grams=("relu1_1",), grad=True)
+    assert est.total == _by_hand(every + memory.GRAD_WORK * every + memory.GRAM * e1, n, h, w)
 
 
 def test_estimate_grows_with_everything_that_costs_memory():

@@ -136,3 +136,64 @@ def test_cli_export_writes_the_repository(tmp_path, capsys):
     assert _parse(str(tmp_path / "repo" / "lpdist" / "config.pbtxt")).name == "lpdist"
     assert main(["export", "--weights", "random", "-o", str(tmp_path / "e.onnx"),
                  "--triton-name", "x"]) == 2
+
+
+# -- names and repositories are checked before the export (issue: after it, with errno) ------
+
+BAD_NAMES = {"": "empty", "a/b": "path separator", "..": "not a folder name", ".": "not a folder name",
+             "m\n": "control character", "m\tx": "control character", "modèle": "non-ASCII",
+             "模型": "non-ASCII", "-m": "not accepted", ".hidden": "not accepted",
+             'm"x': "not accepted", "a\\b": "path separator"}
+
+
+def _cli_export(tmp_path, *extra):
+    from perceptual_engine.cli.main import main
+
+    return main(["export", "--weights", "random", "--layers", "relu1_1", "--graph", "distance",
+                 "-o", str(tmp_path / "d.onnx"), *extra])
+
+
+@pytest.mark.parametrize("name", list(BAD_NAMES))
+def test_a_bad_name_is_refused_before_the_export(name, tmp_path, capsys):
+    code = _cli_export(tmp_path, "--triton-repo", str(tmp_path / "repo"), f"--triton-name={name}")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and BAD_NAMES[name] in err, err
+    assert "--triton-name" in err and "Traceback" not in err
+    assert not (tmp_path / "d.onnx").exists() and not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("case", ["repo is a file", "repo under a file", "name used by another"])
+def test_a_bad_repo_is_refused_before_the_export(case, tmp_path, distance_model, capsys):
+    repo = tmp_path / "repo"
+    if case == "repo is a file":
+        repo.write_text("x")
+    elif case == "repo under a file":
+        (tmp_path / "file").write_text("x")
+        repo = tmp_path / "file" / "repo"
+    else:
+        write_triton_repo(distance_model[0], repo, "m")
+    code = _cli_export(tmp_path, "--triton-repo", str(repo), "--triton-name", "m")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Errno" not in err, err
+    assert ("--triton-name" if case.startswith("name") else "--triton-repo") in err
+    assert not (tmp_path / "d.onnx").exists()
+
+
+def test_names_round_trip_through_config_pbtxt(distance_model, tmp_path):
+    """Triton requires config.pbtxt's name to equal the folder's: every accepted name does."""
+    for name in ("m", "A.b-c_9", "9lives", "vgg19-distance.v2"):
+        r = write_triton_repo(distance_model[0], tmp_path, name)
+        assert _parse(r.config).name == name == os.path.basename(r.folder)
+
+
+def test_an_empty_name_does_not_fall_back_to_the_stem(distance_model, tmp_path):
+    with pytest.raises(ConfigError, match="empty"):
+        write_triton_repo(distance_model[0], tmp_path, "")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_rerun_into_the_same_entry_is_accepted(tmp_path, capsys):
+    args = ("--triton-repo", str(tmp_path / "repo"), "--triton-name", "m")
+    assert _cli_export(tmp_path, *args) == 0
+    assert _cli_export(tmp_path, *args) == 0  # the same model again: a fresh config
+    capsys.readouterr()

@@ -65,6 +65,10 @@ class WeightsError(PerceptualError):
     """Model weights could not be obtained or do not fit the architecture."""
 
 
+class LinearWeightsError(WeightsError):
+    """LPIPS linear weights (the 1x1 heads, not the VGG trunk) could not be read or checked."""
+
+
 class ModelError(PerceptualError):
     """An ONNX file is missing, corrupt, foreign or inconsistent with its metadata."""
 
@@ -103,3 +107,14 @@ class OutOfMemoryError(PerceptualError, MemoryError):
 
 class OutputError(PerceptualError):
     """A result file could not be written, or was changed by someone else while being written."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """``TypeName: first line of the message`` of any exception, never failing.
+
+    Some exceptions carry no message at all (``EOFError()`` from a 0-byte pickle):
+    ``str(exc).splitlines()[0]`` would raise IndexError inside an error handler.
+    """
+    lines = str(exc).strip().splitlines()
+    text = lines[0].strip() if lines else "no message"
+    return f"{type(exc).__name__}: {text[:limit]}"

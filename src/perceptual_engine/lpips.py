@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import pickle
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import layers as _layers
-from .errors import ConfigError, WeightsError
+from .errors import ConfigError, LinearWeightsError
 from .export.metadata import lpips_output_names
 from .spec import FeatureSpec
 
@@ -91,7 +90,7 @@ def default_weights_path() -> str:
         if os.path.isfile(path):
             return path
     what = "is not installed" if not folders else f"has no weights/v0.1/vgg.pth in {folders}"
-    raise WeightsError(f"the LPIPS linear weights were not found: the lpips package {what}. "
+    raise LinearWeightsError(f"the LPIPS linear weights were not found: the lpips package {what}. "
                        f"Fix: {INSTALL_HINT}.")
 
 
@@ -102,21 +101,10 @@ def load_linear_weights(path: str | os.PathLike | None = None) -> LinearWeights:
     the CPU; keys ``lin0..lin4.model.1.weight`` with shapes (1, C, 1, 1) are required,
     nothing else is accepted, and every value must be finite and >= 0.
     """
+    from .weights import read_torch_file
+
     path = default_weights_path() if path is None else os.fspath(path)
-    if not os.path.isfile(path):
-        what = "a folder" if os.path.isdir(path) else "missing"
-        raise WeightsError(f"LPIPS weights file {path!r} is {what}; give the path of a .pth file "
-                           "such as lpips/weights/v0.1/vgg.pth.")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise WeightsError(
-            f"LPIPS weights file {path!r} was refused: it holds Python objects beyond tensors, "
-            "which could execute code when loaded. Accepted: a plain state dict of tensors; "
-            "re-save it with torch.save({k: v for k, v in state.items()}, path).") from exc
-    except Exception as exc:
-        raise WeightsError(f"LPIPS weights file {path!r} could not be read ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:200]}); re-save it with torch.save.") from exc
+    raw = read_torch_file(path, "LPIPS weights file", LinearWeightsError, formats=".pth")
     return check_linear_weights(raw, path)
 
 
@@ -124,14 +112,14 @@ def check_linear_weights(raw: object, source: str) -> LinearWeights:
     """The checks of ``load_linear_weights`` on an already loaded mapping."""
     want = _keys()
     if not isinstance(raw, Mapping):
-        raise WeightsError(f"LPIPS weights {source!r} hold a {type(raw).__name__}, not a state dict; "
+        raise LinearWeightsError(f"LPIPS weights {source!r} hold a {type(raw).__name__}, not a state dict; "
                            f"accepted: a dict with keys {', '.join(want)}.")
     missing = [k for k in want if k not in raw]
     extra = [str(k) for k in raw if k not in want]
     if missing or extra:
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
                 ([f"unexpected {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}"] if extra else [])
-        raise WeightsError(f"LPIPS weights {source!r} do not have the keys of lpips v0.1 VGG ({'; '.join(parts)}); "
+        raise LinearWeightsError(f"LPIPS weights {source!r} do not have the keys of lpips v0.1 VGG ({'; '.join(parts)}); "
                            "accepted: exactly lin0..lin4.model.1.weight. Use the lpips package's "
                            "weights/v0.1/vgg.pth or a file saved the same way.")
     out, h = [], hashlib.sha256()
@@ -139,17 +127,17 @@ def check_linear_weights(raw: object, source: str) -> LinearWeights:
         t = raw[key]
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-            raise WeightsError(f"LPIPS weight {key} in {source!r} is {kind}; accepted: a float "
+            raise LinearWeightsError(f"LPIPS weight {key} in {source!r} is {kind}; accepted: a float "
                                f"tensor of shape {shape}. Re-save the file with float tensors.")
         if tuple(t.shape) != shape:
-            raise WeightsError(f"LPIPS weight {key} in {source!r} has shape {tuple(t.shape)}; accepted: "
+            raise LinearWeightsError(f"LPIPS weight {key} in {source!r} has shape {tuple(t.shape)}; accepted: "
                                f"{shape} (VGG16). Check the file is the VGG (not alex/squeeze) version.")
         t = t.detach().to(torch.float32).contiguous()
         if not torch.isfinite(t).all():
-            raise WeightsError(f"LPIPS weight {key} in {source!r} holds NaN or Inf; accepted: finite "
+            raise LinearWeightsError(f"LPIPS weight {key} in {source!r} holds NaN or Inf; accepted: finite "
                                "values >= 0. The file is damaged: use the lpips package's file.")
         if (t < 0).any():
-            raise WeightsError(f"LPIPS weight {key} in {source!r} has negative values (min "
+            raise LinearWeightsError(f"LPIPS weight {key} in {source!r} has negative values (min "
                                f"{float(t.min()):.3g}); accepted: values >= 0, as lpips clamps them "
                                "in training. Clamp them (w.clamp_(min=0)) or use the package's file.")
         h.update(key.encode())

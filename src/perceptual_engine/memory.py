@@ -31,12 +31,16 @@ IMAGES_PER_SAMPLE: dict[str, int] = {"features": 1, "style": 1, "target": 1, "di
 # Calibration (docs/memory.md). WORK: live activation tensors while a convolution
 # runs (its input and output). TAP: copies held per tapped layer, fitted per graph
 # kind (a features graph returns every tap, so all stay alive; a distance graph's
-# loss consumes them sooner). GRAD_WORK: gradient tensors alive at once during the
-# backward, on top of every saved activation. TAP["lpips"], GRAD_WORK and ARENA on
-# a GPU are not measured yet: conservative guesses.
+# loss consumes them sooner). GRAM: copies made per image to compute a style layer's
+# Gram (the feature scaled, flattened and transposed), alive while it is computed.
+# GRAD_WORK: the backward's tensors per differentiated image (x only, never y), as a
+# multiple of every activation of the network, on top of the saved activations.
+# GRAM and GRAD_WORK were fitted on shallow models at 256² and 512² (docs/memory.md);
+# ARENA on a GPU is not measured yet: a conservative guess.
 WORK = 2.0
 TAP = {"features": 1.0, "style": 1.0, "target": 1.0, "distance": 0.5, "lpips": 2.0}
-GRAD_WORK = 3.0
+GRAM = 1.5
+GRAD_WORK = 2.0
 FIXED = 16 << 20  # per call, whatever the size: small buffers, the outputs, allocator slack
 MARGIN = 1.10  # the bound is the model times this
 ARENA = 1.25  # ONNX Runtime's memory arena (CPU arena on, or any GPU) rounds and keeps blocks
@@ -59,6 +63,7 @@ class MemoryEstimate:
     grad: bool
     deepest: str
     peak_layer: str
+    grams: tuple[str, ...] = ()
 
     def describe(self) -> str:
         what = f"{self.images} image(s) of {self.height}x{self.width} through {self.deepest}"
@@ -80,56 +85,65 @@ def itemsize(dtype: str, device: str = "cpu") -> int:
 @lru_cache(maxsize=4096)  # a call's check is then a dictionary lookup
 def estimate(spec, graph: str, n: int, height: int, width: int, *, dtype: str = "float32",
              grad: bool = False, taps: tuple[str, ...] | None = None,
-             device: str = "cpu", arena: bool = False) -> MemoryEstimate:
+             device: str = "cpu", arena: bool = False,
+             grams: tuple[str, ...] = ()) -> MemoryEstimate:
     """Upper bound of the peak memory of one call, in bytes.
 
     spec: the FeatureSpec (arch, layers: the network is cut after the deepest).
     graph: the graph kind ("features", "distance", "style", "target", "lpips", ...).
     n, height, width: the batch and the input size in pixels.
     taps: the layers whose outputs the graph keeps (default: ``spec.layers``).
-    grad: the graph also computes a gradient (every activation is kept for the backward).
+    grams: the style layers, whose Gram matrices the graph computes (the loss's
+        ``style``; none for features and LPIPS graphs).
+    grad: the graph also computes a gradient of x (every activation is kept for the
+        backward).
     device: "cpu" or a GPU ("cuda"); arena: ONNX Runtime allocates from its memory
         arena (the CPU arena when on, always on a GPU).
 
     With B images through the network (N, or 2N for pair graphs), s bytes per
     element (``itemsize``), e_l = C_l·⌊H/d_l⌋·⌊W/d_l⌋ the elements of layer l per
-    image (channels C_l and downsampling d_l from the layer table):
+    image (channels C_l and downsampling d_l from the layer table), [l ∈ grams] 1 at
+    a style layer and 0 elsewhere:
 
-        forward = s·B·max_l (WORK·e_l + Σ_{tap t ≤ l} TAP[graph]·e_t)
-        grad    = s·B·(Σ_{l ≤ deepest} e_l + GRAD_WORK·max_l e_l)     (replaces forward)
+        forward = s·B·max_l (WORK·e_l + Σ_{tap t ≤ l} TAP[graph]·e_t + GRAM·[l ∈ grams]·e_l)
+        grad    = s·(B·Σ_l e_l + N·(GRAD_WORK·Σ_l e_l + GRAM·Σ_{g ∈ grams} e_g))
+                  (replaces forward; only x, N images, is differentiated)
         inputs  = 4·B·3·H·W·2      (the caller's arrays and the normalized copy)
         total   = MARGIN·A·(forward or grad + inputs) + FIXED
                   with A = ARENA when an arena allocates (``arena``, or a GPU), else 1
 
     l runs over the conv, ReLU and pool layers up to the deepest. The constants
-    are measured (docs/memory.md): the bound is 1.0–1.5 times the measured peak
-    RSS of ONNX Runtime CPU calls from 512² to 2048².
+    are measured (docs/memory.md): the bound is above the measured peak RSS of ONNX
+    Runtime CPU calls of every graph kind, with and without a gradient.
     """
     images = n * IMAGES_PER_SAMPLE.get(graph, 2)
+    styled = set(grams)
     size = itemsize(dtype, device)
     tapped = set(spec.layers if taps is None else taps)
     tap_factor = TAP.get(graph, max(TAP.values()))
     layers = _layers.table(spec.arch)[: _layers.deepest(spec.arch, spec.layers).index + 1]
     held = 0.0  # tap copies accumulated so far, elements per image
-    total_act, biggest, worst, worst_at = 0, 0, 0.0, layers[0].name
+    total_act, gram_act, worst, worst_at = 0, 0, 0.0, layers[0].name
     for info in layers:
         e = info.channels * (height // info.downsample) * (width // info.downsample)
         if info.name in tapped:
             held += tap_factor * e
         live = WORK * e + held
+        if info.name in styled:  # its Gram is computed while the tap is held
+            live += GRAM * e
+            gram_act += e
         if live > worst:
             worst, worst_at = live, info.name
         total_act += e
-        biggest = max(biggest, e)
     if grad:
-        body = size * images * (total_act + GRAD_WORK * biggest)
+        body = size * (images * total_act + n * (GRAD_WORK * total_act + GRAM * gram_act))
     else:
         body = size * images * worst
     inputs = 4 * images * 3 * height * width * 2
     pool = ARENA if (arena or device != "cpu") else 1.0
     total = int(MARGIN * pool * (body + inputs)) + FIXED
     return MemoryEstimate(total, images, height, width, graph, dtype, grad,
-                          layers[-1].name, worst_at)
+                          layers[-1].name, worst_at, tuple(grams))
 
 
 # -- budgets --------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Mapping
 import torch
 
 from . import layers as _layers
-from .errors import WeightsError
+from .errors import WeightsError, first_line
 from .spec import FeatureSpec
 
 # torchvision's published VGG checkpoints (the IMAGENET1K_V1 weights).
@@ -83,37 +83,70 @@ def _download_imagenet(arch: str) -> Mapping[str, torch.Tensor]:
         ) from exc
 
 
-def _read_file(path: str) -> Mapping[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        what = "a folder" if os.path.isdir(path) else "missing"
-        raise WeightsError(f"weights file {path!r} is {what}; give the path of a .pth or .safetensors file.")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+def read_torch_file(path: str, what: str, error: type[WeightsError] = WeightsError,
+                    formats: str = ".pth/.safetensors") -> object:
+    """``torch.load(path, weights_only=True)`` with every failure as one ``error`` line.
 
-            return load_file(path, device="cpu")
+    what: how the message names the file ("weights file", "LPIPS weights file");
+    formats: the files accepted, for the messages (".pth/.safetensors", ".pth").
+    A file that is missing, a folder, empty, truncated, random bytes, a pickle of
+    Python objects or unreadable (permissions) all end here, never as an exception
+    of torch's or pickle's (whose messages may be empty or suggest weights_only=False).
+    """
+    if not os.path.isfile(path):
+        kind = "a folder" if os.path.isdir(path) else "missing"
+        raise error(f"{what} {path!r} is {kind}; give the path of a "
+                    f"{' or '.join(formats.split('/'))} file.")
+    try:
+        if os.path.getsize(path) == 0:
+            raise error(f"{what} {path!r} is empty (0 bytes): the download or copy did not "
+                        "finish. Re-download or re-save it.")
         # weights_only=True: a pickle that would run code or build arbitrary objects is refused.
         with warnings.catch_warnings():
             # "Detected pickle protocol 4": torch's note on files saved by older
             # versions, which it loads fine; not the user's concern.
             warnings.filterwarnings("ignore", message=r".*pickle protocol", category=UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except WeightsError:
+        raise
     except pickle.UnpicklingError as exc:
         # torch's own message suggests weights_only=False, exactly what must not be done.
         plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
         found = re.search(r"GLOBAL ([\w.]+)", plain)
-        what = f" ({found.group(1)})" if found else ""
-        raise WeightsError(
-            f"weights file {path!r} was refused: it holds Python objects beyond tensors{what}, "
-            "which could execute code when loaded. Accepted: a plain "
-            "state dict of tensors; re-save it with torch.save(model.state_dict(), path) or as "
-            ".safetensors."
-        ) from exc
-    except Exception as exc:
-        raise WeightsError(
-            f"weights file {path!r} could not be read ({type(exc).__name__}: {exc}); it may be "
-            "truncated or not a .pth/.safetensors file. Re-download or re-save it."
-        ) from exc
+        if found:
+            raise error(
+                f"{what} {path!r} was refused: it holds Python objects beyond tensors "
+                f"({found.group(1)}), which could execute code when loaded. Accepted: a plain "
+                "state dict of tensors; re-save it with torch.save(model.state_dict(), path) or as "
+                ".safetensors."
+            ) from exc
+        # No GLOBAL named: random bytes, a cut file or a pickle the safe loader cannot parse.
+        raise error(f"{what} {path!r} was refused by torch's safe loader (weights_only=True): "
+                    f"it is damaged, truncated or not a {formats} file, or holds Python objects "
+                    "beyond tensors, which could execute code when loaded. Accepted: a plain "
+                    "state dict of tensors saved with torch.save; re-download or re-save it.") from exc
+    except Exception as exc:  # EOFError, RuntimeError, KeyError, OSError: all "unreadable"
+        raise error(f"{what} {path!r} could not be read ({first_line(exc, 200)}); it may be "
+                    f"truncated or not a {formats} file. Re-download or re-save it.") from exc
+
+
+def _read_file(path: str) -> Mapping[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        if not os.path.isfile(path):
+            kind = "a folder" if os.path.isdir(path) else "missing"
+            raise WeightsError(f"weights file {path!r} is {kind}; give the path of a .pth or "
+                               ".safetensors file.")
+        try:
+            from safetensors.torch import load_file
+
+            obj: object = load_file(path, device="cpu")
+        except Exception as exc:  # safetensors raises its own types (and OSError)
+            raise WeightsError(
+                f"weights file {path!r} could not be read ({first_line(exc, 200)}); it may be "
+                "truncated or not a .pth/.safetensors file. Re-download or re-save it."
+            ) from exc
+    else:
+        obj = read_torch_file(path, "weights file")
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

@@ -148,7 +148,7 @@ def lpips_model(spec: FeatureSpec, out_dir: str, dtype: str, say: Callable[[str]
         entry = ensure_model(lspec, None, dtype=dtype, graph="lpips", folder=out_dir,
                              name="vgg16-lpips", say=say)
     except PerceptualError as exc:  # no lpips package: the rest of the demo stands
-        return None, f"skipped: {str(exc).splitlines()[0]}"
+        return None, f"skipped: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}"
     return entry, lspec.weights
 
 

@@ -13,6 +13,7 @@ import platform
 from importlib import metadata
 from typing import Any
 
+from ..errors import first_line
 from ..runtime import providers as P
 
 GPU_PROVIDERS = (P.PROVIDER["cuda"], P.PROVIDER["tensorrt"])
@@ -22,7 +23,7 @@ def _version(module: str) -> str:
     try:
         return str(getattr(importlib.import_module(module), "__version__", "unknown"))
     except Exception as exc:  # reported, not hidden: a broken install is what info is for
-        return f"not importable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        return f"not importable ({first_line(exc, 120)})"
 
 
 def _ort_version() -> str:

@@ -15,9 +15,10 @@ import sys
 import warnings
 from typing import Sequence
 
-from .options import (SPEC_FLAGS, add_lpips_options, add_memory_options, add_spec_options,
+from .options import (add_lpips_options, add_memory_options, add_spec_options,
                       lpips_spec_from_args, positive_int, spec_from_args)
-from ..errors import ConfigError, ModelError, PerceptualError, WeightsError
+from ..errors import (ConfigError, LinearWeightsError, PerceptualError,
+                      WeightsError)
 
 PROG = "perceptual-engine"
 
@@ -31,8 +32,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export_onnx
     from ..export.exporter import TOLERANCE
 
-    if args.triton_name and not args.triton_repo:
+    if args.triton_name is not None and not args.triton_repo:
         raise ConfigError("--triton-name names the model in --triton-repo DIR; add --triton-repo.")
+    triton_name = None
+    if args.triton_repo:  # before the export: a bad name or repo must not cost one
+        from ..export.triton import check_repo_entry
+
+        triton_name = args.triton_name if args.triton_name is not None else \
+            os.path.splitext(os.path.basename(args.output))[0]
+        check_repo_entry(args.triton_repo, triton_name, args.output)
     lpips_kw = {}
     if args.graph == "lpips":
         spec, loss = lpips_spec_from_args(args), None
@@ -94,7 +102,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.triton_repo:
         from ..export.triton import write_triton_repo
 
-        t = write_triton_repo(r.path, args.triton_repo, args.triton_name)
+        t = write_triton_repo(r.path, args.triton_repo, triton_name)
         print(f"wrote Triton model {t.folder} (config.pbtxt, 1/model.onnx), max_batch_size "
               f"{t.max_batch_size}; config " + ("checked against Triton's schema and the graph"
                                                 if t.checked else t.note))
@@ -102,67 +110,48 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _open_engine(args: argparse.Namespace):
+    """The Engine of the model the flags ask for (distance_flags.model_request)."""
+    from .distance_flags import check_model, check_model_file, model_request
     from ..runtime import Engine
 
-    given = [f for f in SPEC_FLAGS + ("lpips_weights",) if getattr(args, f) is not None]
-    spatial = args.spatial_dir is not None
-    if args.model:
-        if given:
-            raise ConfigError(f"--model reads the spec from the model; drop "
-                              f"{', '.join('--' + f.replace('_', '-') for f in given)}, or drop "
-                              "--model to export one from the flags.")
-        engine = Engine(args.model, args.device)
-        if spatial and not engine.info.spatial:
-            raise ModelError(f"{args.model!r} has no spatial output; --spatial-dir needs an LPIPS model "
-                             "exported with --spatial (or drop --model to export one).")
-    elif args.graph == "lpips":
-        from ..datasets.cache import models_dir, open_engine
-
-        engine, entry = open_engine(lpips_spec_from_args(args), None, device=args.device,
-                                    dtype=args.dtype or "float32", folder=models_dir(args.cache_dir),
-                                    say=_say, graph="lpips", lpips_weights=args.lpips_weights,
-                                    spatial=spatial)
-        if not entry.built:
-            _say(f"using the cached model {entry.path}")
+    req = model_request(args)
+    if req.model:
+        check_model_file(req)  # metadata only: a wrong kind is refused before a session starts
+        engine = Engine(req.model, args.device)
     else:
-        if args.lpips_weights is not None:
-            raise ConfigError("--lpips-weights is an option of --graph lpips; add --graph lpips, or drop it.")
         from ..datasets.cache import models_dir, open_engine
-        from ..spec import LossConfig
 
-        spec, loss = spec_from_args(args)
-        engine, entry = open_engine(spec, loss or LossConfig.default_for(spec), device=args.device,
-                                    dtype=args.dtype or "float32",
-                                    folder=models_dir(args.cache_dir), say=_say)
+        extra = {"lpips_weights": req.lpips_weights, "spatial": req.spatial} \
+            if req.graph == "lpips" else {}
+        engine, entry = open_engine(req.spec, req.loss, device=args.device, dtype=req.dtype,
+                                    folder=models_dir(args.cache_dir), say=_say,
+                                    graph=req.graph, **extra)
         if not entry.built:
             _say(f"using the cached model {entry.path}")
-    if engine.info.graph not in ("distance", "lpips"):
-        raise ModelError(f"{args.model!r} is a {engine.info.graph} graph; distance needs a model "
-                         "exported with --graph distance or --graph lpips.")
-    if spatial and engine.info.graph != "lpips":
-        raise ConfigError("--spatial-dir writes LPIPS maps; add --graph lpips.")
+    check_model(req, engine.info)
     engine.memory_budget = getattr(args, "memory_budget", None)
     return engine
-
 
 
 def cmd_distance(args: argparse.Namespace) -> int:
     from ..datasets.pairs import pairs_from_args
     from ..datasets.results import ResultFile, StdoutRows, check_output_path, model_identity
     from ..datasets.runner import Progress, row_terms, run_pairs
+    from .distance_flags import RAY, SINGLE, check_flags
 
+    check_flags(args, RAY if args.ray else SINGLE, getattr(args, "flag_defaults", {}))
     if args.ray:
         from .ray import run_distance
 
         return run_distance(args, _say)
     pairs = pairs_from_args(args.a, args.b, args.pairs)
     if args.output:
-        check_output_path(args.output)  # before a model is exported or loaded
+        check_output_path(args.output, resume=args.resume)  # before a model is exported or loaded
     engine = _open_engine(args)
     terms = row_terms(engine.output_names)  # per-pair scalars only
     maps = None
     if args.spatial_dir is not None:
-        from .spatial import MapWriter
+        from ..datasets.spatial import MapWriter
 
         maps = MapWriter(args.spatial_dir)
     sinks, closers = [], []
@@ -285,9 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", metavar="CSV", help="two columns: image A, image B (instead of A B)")
     p.add_argument("--model", metavar="ONNX", help="an exported distance or lpips model; without "
                    "it one is exported from the spec flags into the cache once")
-    p.add_argument("--graph", choices=("distance", "lpips"), default="distance",
+    p.add_argument("--graph", choices=("distance", "lpips"),
                    help="the model exported from the spec flags: distance (content/style terms) "
-                        "or lpips (VGG16 LPIPS; default layers and arch) (default: distance)")
+                        "or lpips (VGG16 LPIPS; default layers and arch); with --model, the kind "
+                        "the model must be (default: distance, or the kind of --model)")
     p.add_argument("--spatial-dir", metavar="DIR", dest="spatial_dir",
                    help="--graph lpips: write each pair's LPIPS map as a PNG here (grey levels "
                         "scaled by the map's own maximum; see docs/lpips.md)")
@@ -370,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
 _CLI_WORDING = (
     (re.compile(r"\bdevice='(\w+)'"), r"--device \1"),
     (re.compile(r"\bgraph='(\w+)'"), r"--graph \1"),
-    (re.compile(r"\bweights='(\w+)'"), r"--weights \1"),
+    (re.compile(r"\blpips_weights='([^']+)'"), r"--lpips-weights \1"),
+    (re.compile(r"\bweights='([^']+)'"), r"--weights \1"),
     (re.compile(r"\bFeatureSpec\.layers\b"), "--layers"),
     (re.compile(r"\bgrad=True\b"), "--grad"),
     (re.compile(r"\bdtype='(\w+)'"), r"--dtype \1"),
@@ -381,6 +372,18 @@ def cli_wording(text: str) -> str:
     for pattern, flag in _CLI_WORDING:
         text = pattern.sub(flag, text)
     return text
+
+
+def weights_hint(exc: BaseException) -> str:
+    """The flag that fixes a weights error: LPIPS heads come from --lpips-weights, the
+    VGG trunk (of every graph, LPIPS included) from --weights."""
+    if isinstance(exc, LinearWeightsError):
+        return (" On the command line: --lpips-weights PATH (a .pth with keys "
+                "lin0..lin4.model.1.weight), or leave --lpips-weights out for the lpips "
+                "package's v0.1 weights (pip install lpips).")
+    if isinstance(exc, WeightsError):
+        return " On the command line: --weights PATH (.pth/.safetensors) or --weights random."
+    return ""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -445,9 +448,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except PerceptualError as exc:
         if args.traceback:
             raise
-        hint = ""
-        if isinstance(exc, WeightsError):
-            hint = " On the command line: --weights PATH (.pth/.safetensors) or --weights random."
+        hint = weights_hint(exc)
         print(f"{PROG}: error: {_one_line(exc)}{hint}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     except OSError as exc:  # unwritable output, full disk: the user's to fix, not a bug
@@ -468,8 +469,8 @@ def _check_distance_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         sub.error("give two images, two folders, or --pairs CSV")
     if args.resume and not args.output:
         sub.error("--resume needs --output (the file to resume)")
-    if (args.ray_address or args.ray_actors) and not args.ray:
-        sub.error("--ray-address and --ray-actors go with --ray")
+    # Flags one path refuses are checked by cmd_distance (distance_flags.FLAGS), as one line.
+    args.flag_defaults = {a.dest: a.default for a in sub._actions}
     if args.spatial_dir and not args.model and args.graph != "lpips":
         sub.error("--spatial-dir writes LPIPS maps: add --graph lpips (or --model with an LPIPS "
                   "model exported with --spatial)")

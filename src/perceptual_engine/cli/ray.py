@@ -10,32 +10,33 @@ import sys
 import time
 from typing import Callable
 
-from .options import SPEC_FLAGS, spec_from_args
 from ..datasets.runner import row_terms
-from ..errors import ConfigError
 
 
 def run_distance(args: argparse.Namespace, say: Callable[[str], None]) -> int:
+    """The --ray path. Flags are those of the single-process path (the table in
+    cli/distance_flags.py says which it refuses; cmd_distance checked them)."""
+    from .distance_flags import ensure_model_file, model_request
     from ..datasets.pairs import pairs_from_args
     from ..datasets.results import StdoutRows, check_output_path
     from ..datasets.runner import Progress
     from ..runtime import read_info
-    from ..distributed.job import import_ray, resolve_model, start_ray, write_distances
+    from ..distributed.job import import_ray, start_ray, write_distances
 
     import_ray()  # before any work: without Ray, say how to install it
     pairs = pairs_from_args(args.a, args.b, args.pairs)
     if args.output:
-        check_output_path(args.output)  # before a model is exported or Ray started
-    given = [f for f in SPEC_FLAGS if getattr(args, f) is not None]
-    if args.model and given:
-        raise ConfigError(f"--model reads the spec from the model; drop "
-                          f"{', '.join('--' + f.replace('_', '-') for f in given)}, or drop "
-                          "--model to export one from the flags.")
-    spec, loss = (None, None) if args.model else spec_from_args(args)
-    # Exported (or found in the cache) here, once; the actors only load it.
-    model = resolve_model(args.model, spec, loss, dtype=args.dtype or "float32",
-                          cache_dir=args.cache_dir, say=say)
+        check_output_path(args.output, resume=args.resume)  # before a model is exported or Ray started
+    # Exported (or found in the cache) here, once, by the single path's rules; the
+    # actors only load it.
+    req = model_request(args)
+    model = ensure_model_file(req, args.cache_dir, say)
     terms = row_terms(read_info(model).output_names)
+    maps = None
+    if args.spatial_dir is not None:
+        from ..datasets.spatial import MapWriter
+
+        maps = MapWriter(args.spatial_dir)
     width = min(max(max(len(p.a), len(p.b)) for p in pairs), 60)
     screen = StdoutRows(sys.stdout, args.format, terms, path_width=width)
     where = args.ray_address or "a local Ray sized to this machine"
@@ -52,7 +53,8 @@ def run_distance(args: argparse.Namespace, say: Callable[[str], None]) -> int:
             sinks=[screen.write], progress=bar, say=say, size_policy=args.size_policy,
             batch_size=args.batch_size, actors=args.ray_actors, device=args.device,
             max_pixels=args.max_pixels, max_side=args.max_side,
-            memory_budget=getattr(args, "memory_budget", None))
+            memory_budget=getattr(args, "memory_budget", None), cache_dir=args.cache_dir,
+            maps=maps.write_png if maps is not None else None)
     except KeyboardInterrupt:
         bar.close()
         kept = f"; the rows computed so far are in {args.output}, rerun with --resume" \
@@ -66,4 +68,6 @@ def run_distance(args: argparse.Namespace, say: Callable[[str], None]) -> int:
 
             ray.shutdown()
     say(stats.summary())
+    if maps is not None:
+        say(f"{maps.count} spatial map(s) in {args.spatial_dir} (PNG, white = the map's maximum)")
     return 0 if stats.failed == 0 else 1

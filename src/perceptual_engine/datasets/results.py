@@ -86,9 +86,24 @@ def lock_path(path: str) -> str:
     return os.path.join(folder, f".{name}.lock")
 
 
-def check_output_path(path: str, flag: str = "--output") -> str:
-    """Refuse an output that cannot be written before any work is done."""
-    return check_destination(path, flag, "results.csv")
+def check_output_path(path: str, flag: str = "--output", *, resume: bool = False) -> str:
+    """Refuse an output that cannot be written before any work is done; with ``resume``,
+    also one that does not exist (``check_resumable``)."""
+    folder = check_destination(path, flag, "results.csv")
+    if resume:
+        check_resumable(path)
+    return folder
+
+
+def check_resumable(path: str) -> None:
+    """--resume continues a file: one that does not exist is refused, as one without its
+    record is. A typo in the path would otherwise start a new file quietly and compute
+    every pair again, the work --resume was asked to keep."""
+    if not os.path.exists(path):
+        raise ConfigError(
+            f"--resume: {path!r} does not exist, so there are no rows to keep. Check the path "
+            "(the file an earlier run wrote), or drop --resume to start a new file."
+        )
 
 
 class ResultFile:
@@ -140,7 +155,8 @@ class ResultFile:
         The sidecar is written first: a file never has rows without a record of the
         model that wrote them."""
         kept: list[Row] = []
-        if resume and os.path.exists(self.path):
+        if resume:
+            check_resumable(self.path)
             cwd = self._check_identity()
             kept = self._read_done()
             self.done = {pair_key(r["a"], r["b"], cwd) for r in kept}

@@ -75,9 +75,10 @@ def resolve_model(model: str | None, spec: FeatureSpec | None, loss: LossConfig 
                              folder=models_dir(cache_dir), say=say)
         model = entry.path
     info = read_info(os.fspath(model))
-    if info.graph != "distance":
+    if info.graph not in ("distance", "lpips"):
         raise ModelError(f"{model!r} is a {info.graph} graph; distances need a model exported "
-                         "with graph='distance' (--graph distance).")
+                         "with graph='distance' or graph='lpips' (export --graph distance, or "
+                         "--graph lpips).")
     return os.path.abspath(os.fspath(model))
 
 
@@ -168,8 +169,9 @@ def build_job(a: str | None = None, b: str | None = None, *, pairs: str | Sequen
               device: str = "auto", max_pixels: int | None = MAX_IMAGE_PIXELS,
               max_side: int | None = None, memory_budget: Any = None, cache_dir: str | None = None, share: str = "auto",
               skip: set[tuple[str, str]] | frozenset = frozenset(),
-              say: Callable[[str], None] | None = None) -> Job:
-    """The lazy Dataset of a distance job (Ray must be initialized)."""
+              say: Callable[[str], None] | None = None, maps: bool = False) -> Job:
+    """The lazy Dataset of a distance job (Ray must be initialized). ``maps``: rows also
+    carry ``_spatial``, each pair's LPIPS map as PNG bytes (a model with ``spatial``)."""
     import ray
     from ..runtime import read_info
 
@@ -179,6 +181,9 @@ def build_job(a: str | None = None, b: str | None = None, *, pairs: str | Sequen
         raise ConfigError(f"batch_size={batch_size}; accepted: an integer >= 1.")
     path = resolve_model(model, spec, loss, dtype=dtype, cache_dir=cache_dir, say=say)
     info = read_info(path)
+    if maps and not info.spatial:
+        raise ModelError(f"{path!r} has no spatial output; maps need an LPIPS model exported "
+                         "with spatial=True (--spatial).")
     res = plan_resources(ray.cluster_resources(), actors=actors, num_gpus=num_gpus, device=device)
     skip = frozenset(skip)
     total = None
@@ -219,7 +224,7 @@ def build_job(a: str | None = None, b: str | None = None, *, pairs: str | Sequen
         DistanceActor, batch_size=batch_size, batch_format="numpy",
         fn_constructor_kwargs={"model": _model_handle(path, share), "device": device,
                                "batch_size": batch_size, "threads": res.threads,
-                               "memory_budget": memory_budget},
+                               "memory_budget": memory_budget, "maps": maps},
         compute=ray.data.ActorPoolStrategy(size=res.actors),
         num_cpus=res.actor_cpus, num_gpus=res.actor_gpus)
     # Retries are Ray Data's defaults, which a dead worker needs: an actor pool's actors
@@ -275,10 +280,12 @@ def write_distances(a: str | None = None, b: str | None = None, *, output: str |
                     resume: bool = False, address: str | None = None,
                     sinks: Sequence[Callable[[Row], None]] = (),
                     progress: Progress | None = None, say: Callable[[str], None] | None = None,
-                    **options: Any) -> RayStats:
+                    maps: Callable[[Pair, bytes], Any] | None = None, **options: Any) -> RayStats:
     """Run the job of ``distances`` and write its rows to ``output`` (.parquet, .csv or
     .jsonl) and to each of ``sinks`` as they arrive; ``resume`` keeps the pairs already
-    computed in ``output``. Returns the run's statistics (``summary()`` is one line)."""
+    computed in ``output``. ``maps(pair, png)`` receives each computed pair's LPIPS map
+    as PNG bytes (``MapWriter.write_png``; an LPIPS model exported with ``spatial``).
+    Returns the run's statistics (``summary()`` is one line)."""
     from .output import open_result_file
     from ..datasets.results import model_identity
     from ..runtime import read_info
@@ -297,8 +304,9 @@ def write_distances(a: str | None = None, b: str | None = None, *, output: str |
                                   identity=model_identity(info)) if output else None
         try:
             job = build_job(a, b, model=path, skip=writer.done if writer else frozenset(), say=say,
-                            **options)
-            return _drain(job, [*( [writer.write] if writer else []), *sinks], progress, start)
+                            maps=maps is not None, **options)
+            return _drain(job, [*([writer.write] if writer else []), *sinks], progress, start,
+                          maps)
         finally:
             if writer is not None:
                 writer.close()
@@ -310,7 +318,7 @@ def write_distances(a: str | None = None, b: str | None = None, *, output: str |
 
 
 def _drain(job: Job, sinks: Sequence[Callable[[Row], None]], progress: Progress | None,
-           start: float) -> RayStats:
+           start: float, maps: Callable[[Pair, bytes], Any] | None = None) -> RayStats:
     stats = RayStats(total=job.total or 0, skipped=job.skipped, actors=job.resources.actors)
     first: float | None = None
     if job.dataset is not None:
@@ -323,6 +331,9 @@ def _drain(job: Job, sinks: Sequence[Callable[[Row], None]], progress: Progress 
                 stats.decode_s += row.pop("_decode_s")
                 stats.batches += row.pop("_calls")
                 stats.provider = row.pop("_provider") or stats.provider
+                png = row.pop("_spatial", None)
+                if maps is not None and png:
+                    maps(Pair(row["a"], row["b"]), png)
                 row["error"] = row["error"] or ""
                 for sink in sinks:
                     sink(row)

@@ -20,9 +20,10 @@ import numpy as np
 from .._io import atomic_path, file_lock, sha256_file
 from ..datasets.pairs import Pair
 from ..datasets.runner import _Decoded, _decode_pair, compute_batch, row_terms
+from ..datasets.spatial import map_png
 
 # Columns of the job's rows beside a, b, the terms and error; dropped before rows leave.
-STATS_COLUMNS = ("_engine_s", "_actor_s", "_decode_s", "_calls", "_provider")
+STATS_COLUMNS = ("_engine_s", "_actor_s", "_decode_s", "_calls", "_provider", "_spatial")
 _EMPTY = np.zeros((3, 0, 0), np.float32)
 
 
@@ -73,10 +74,13 @@ class DistanceActor:
     model: a path every node sees, or ``(ObjectRef or bytes, sha256)`` of the file in
         Ray's object store (copied once to a node-local file).
     device: the Engine's device; "auto" takes the GPU Ray assigned to this actor.
+    maps: also return each computed pair's LPIPS map as PNG bytes (column ``_spatial``),
+        encoded here so that only a few kilobytes per pair travel to the driver.
     """
 
     def __init__(self, model: Any, *, device: str = "auto", batch_size: int = 8,
-                 threads: int | None = None, memory_budget: Any = None) -> None:
+                 threads: int | None = None, memory_budget: Any = None,
+                 maps: bool = False) -> None:
         from ..runtime import Engine
 
         if not isinstance(model, str):
@@ -90,12 +94,16 @@ class DistanceActor:
         self.terms = row_terms(self.engine.output_names)
         self.batch_size = batch_size
         self.provider = self.engine.providers[0]
+        self.maps = maps
 
     def _limit(self, shape: Sequence[int]) -> int:
+        """The single-process runner's batch limit: pixel budget, then memory estimate."""
+        from .. import memory as _memory
+
         budget = self.engine.max_pixels  # the CLI's per-call pixel budget
-        if budget is None:
-            return self.batch_size
-        return max(1, min(self.batch_size, budget // (shape[1] * shape[2])))
+        most = self.batch_size if budget is None else \
+            max(1, min(self.batch_size, budget // (shape[1] * shape[2])))
+        return _memory.fit_batch(self.engine, shape[1], shape[2], most)
 
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
@@ -106,6 +114,7 @@ class DistanceActor:
         errors = [str(e) for e in batch["error"]]
         engine_s = np.zeros(n)
         calls = np.zeros(n, dtype=np.int64)
+        pngs: list[bytes | None] = [None] * n
         groups: dict[tuple[int, ...], list[int]] = collections.defaultdict(list)
         for k in range(n):
             if not errors[k]:
@@ -117,11 +126,15 @@ class DistanceActor:
                 items = [_Decoded(Pair(str(batch["a"][k]), str(batch["b"][k])),
                                   np.asarray(batch["x"][k], np.float32),
                                   np.asarray(batch["y"][k], np.float32)) for k in chunk]
-                results, seconds, ncalls = compute_batch(self.engine, items)
+                found: dict[tuple[str, str], bytes] = {}
+                collect = (lambda pair, m: found.__setitem__((pair.a, pair.b), map_png(m))) \
+                    if self.maps else None
+                results, seconds, ncalls = compute_batch(self.engine, items, maps=collect)
                 engine_s[chunk] = seconds / len(chunk)
                 calls[chunk[0]] = ncalls
-                for k, (_, vals, err) in zip(chunk, results):
+                for k, (pair, vals, err) in zip(chunk, results):
                     values[k], errors[k] = vals, err
+                    pngs[k] = found.get((pair.a, pair.b))
         cols: dict[str, Any] = {"a": pa.array([str(a) for a in batch["a"]], pa.string()),
                                 "b": pa.array([str(b) for b in batch["b"]], pa.string())}
         for t in self.terms:
@@ -133,4 +146,5 @@ class DistanceActor:
         cols["_actor_s"] = pa.array(np.full(n, (time.perf_counter() - start) / max(n, 1)))
         cols["_calls"] = pa.array(calls)
         cols["_provider"] = pa.array([self.provider] * n, pa.string())
+        cols["_spatial"] = pa.array(pngs, pa.binary())
         return pa.table(cols)

@@ -47,7 +47,70 @@ TRITON_DTYPES = {
     onnx.TensorProto.INT32: "TYPE_INT32", onnx.TensorProto.INT64: "TYPE_INT64",
     onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.BOOL: "TYPE_BOOL",
 }
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Triton finds a model by its folder's name and requires the config's ``name`` to equal
+# it once config.pbtxt is parsed ("unexpected directory name ..., directory name must
+# equal model name", model_repository_manager.cc). Accepted here: the portable subset
+# of such names, which also survive URLs (/v2/models/NAME), shells and other file
+# systems unchanged: ASCII letters, digits, '_', '.', '-', starting with a letter or digit.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if Triton can serve a model folder of that name; else ConfigError saying why."""
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"Triton model name {name!r} {why}; accepted: ASCII letters, digits, "
+                           "'_', '.' and '-', starting with a letter or digit (the folder name, "
+                           "which Triton requires to equal the name in config.pbtxt). Give "
+                           "another name (--triton-name).")
+
+    if not isinstance(name, str) or name == "":
+        raise ConfigError("the Triton model name is empty; give a name (--triton-name NAME), or "
+                          "leave --triton-name out for the stem of the model file.")
+    if name in (".", ".."):
+        raise refuse("is not a folder name of its own")
+    if "/" in name or "\\" in name or (os.altsep and os.altsep in name):
+        raise refuse("holds a path separator: a model is one folder directly in the repository")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise refuse("holds a control character (a newline or tab?)")
+    if not name.isascii():
+        raise refuse("holds non-ASCII characters")
+    if not _NAME.fullmatch(name):
+        raise refuse("is not accepted")
+    return name
+
+
+def check_repo_entry(repo: str | os.PathLike, name: str, model: str | os.PathLike | None = None
+                      ) -> str:
+    """Refuse, before anything is exported, a repository entry that cannot be written:
+    a bad ``name`` (check_model_name), a ``repo`` that is a file (or under one) or not
+    writable, and a ``repo/name`` that exists unless it holds ``model`` itself (the
+    same bytes: a rerun). Returns the folder ``repo/name``."""
+    check_model_name(name)
+    repo = os.fspath(repo)
+    if os.path.exists(repo) and not os.path.isdir(repo):
+        raise ConfigError(f"--triton-repo {repo!r} is a file, not a folder; give a folder (it is "
+                          "created if missing).")
+    existing = os.path.abspath(repo)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"--triton-repo {repo!r} cannot be created: {existing!r} is a file; "
+                          "give a folder path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--triton-repo {repo!r}: the folder {existing!r} is not writable; give "
+                          "another folder.")
+    folder = os.path.join(repo, name)
+    if os.path.lexists(folder):
+        target = os.path.join(folder, "1", "model.onnx")
+        same = (model is not None and os.path.isfile(model) and os.path.isfile(target)
+                and sha256_file(target) == sha256_file(model))
+        if not same:
+            what = ("another model" if os.path.isfile(target) else
+                    "something else (no 1/model.onnx)" if os.path.isdir(folder) else "a file")
+            raise ConfigError(f"{folder!r} already exists and holds {what}; a Triton model name "
+                              "is one model. Give another name (--triton-name), or remove that "
+                              "folder first.")
+    return folder
 
 
 @dataclass(frozen=True)
@@ -219,8 +282,9 @@ def write_triton_repo(model: str | os.PathLike, repo: str | os.PathLike, name: s
 
     model: an ONNX file written by ``export_onnx`` (its metadata is read).
     repo / name: writes ``repo/name/config.pbtxt`` and ``repo/name/1/model.onnx``; name
-        defaults to the model file's stem. An existing ``repo/name`` holding another
-        model is refused (ConfigError); one holding this very model gets a fresh config.
+        (None: the model file's stem) follows ``check_model_name``. An existing
+        ``repo/name`` holding another model, or a ``repo`` that is a file, is refused
+        (ConfigError, ``check_repo_entry``); one holding this very model gets a fresh config.
     max_batch_size: the largest batch Triton forms (batched graphs only).
     profile_hw: (min, opt, max) image side in pixels for the TensorRT profile
         (default: the model's minimum size, 224, 512).
@@ -232,10 +296,9 @@ def write_triton_repo(model: str | os.PathLike, repo: str | os.PathLike, name: s
 
     model = os.fspath(model)
     info = read_info(model)  # ModelError for a file that is not ours
-    name = name or os.path.splitext(os.path.basename(model))[0]
-    if not _NAME.match(name):
-        raise ConfigError(f"Triton model name {name!r} is not accepted; use letters, digits, '_', "
-                          "'.' and '-', starting with a letter or digit.")
+    if name is None:  # only None: an empty name is refused, not replaced
+        name = os.path.splitext(os.path.basename(model))[0]
+    check_repo_entry(repo, name, model)
     if max_batch_size < 1:
         raise ConfigError(f"max_batch_size={max_batch_size}; accepted: an integer >= 1.")
     lo, opt, hi = profile_hw or (info.spec.min_size, 224, 512)

@@ -107,7 +107,8 @@ class Engine:
             dtype=info.dtype, grad=bool(getattr(info, "grad", False)), arena=self.cpu_arena,
             device="cuda" if self.on_gpu else "cpu",
             taps=None if info.graph == "features" or info.loss is None
-            else tuple(dict.fromkeys((*info.loss.content, *info.loss.style))))
+            else tuple(dict.fromkeys((*info.loss.content, *info.loss.style))),
+            grams=tuple(info.loss.style) if info.loss is not None else ())
 
     def estimate_memory(self, n: int, height: int, width: int) -> "_memory.MemoryEstimate":
         """Upper bound of the peak memory of a call on n images (pairs) of height x width."""
@@ -143,7 +144,7 @@ class Engine:
                     raise DeviceError(_why_not(device, exc)) from exc
                 if device != "auto" or start == len(chain) - 1:
                     raise ModelError(f"ONNX Runtime could not load {self.path!r}: {exc}") from exc
-                failures.append(f"{chain[start][0]} failed: {str(exc).splitlines()[0][:300]}")
+                failures.append(f"{chain[start][0]} failed: {_first(exc)}")
                 warnings.warn(f"device='auto' skips {failures[-1]}; trying {chain[start + 1][0]}",
                               RuntimeWarning, stacklevel=3)
                 continue
@@ -383,12 +384,17 @@ def _preload_cuda() -> None:
             pass  # a missing library is diagnosed by _why_not if the session lacks the provider
 
 
+def _first(exc: BaseException) -> str:
+    """The first line of an exception's message; its type name when the message is empty."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
 def _why_not(device: str, exc: BaseException | None, got: list[str] | None = None) -> str:
     parts = [f"device {device!r} was requested but ONNX Runtime could not start {P.PROVIDER[device]}"]
     if got is not None:
         parts.append(f"(the session got {got})")
     if exc is not None:
-        parts.append(f"({str(exc).splitlines()[0][:300]})")
+        parts.append(f"({_first(exc)})")
     missing = P.missing_cuda_libraries()
     if missing:
         wheels = sorted({P.CUDA_WHEELS[lib.split(".so")[0]] for lib in missing})

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from .._io import atomic_write_bytes
-from ..datasets.pairs import Pair
+from .pairs import Pair
 
 
 def map_to_uint8(v: np.ndarray) -> np.ndarray:
@@ -43,11 +43,20 @@ class MapWriter:
         self.count = 0
 
     def write(self, pair: Pair, spatial: np.ndarray) -> str:
-        from PIL import Image
+        return self.write_png(pair, map_png(spatial))
 
-        buf = io.BytesIO()
-        Image.fromarray(map_to_uint8(spatial), mode="L").save(buf, format="PNG")
+    def write_png(self, pair: Pair, data: bytes) -> str:
+        """Write a map already encoded by ``map_png`` (on a Ray actor, say)."""
         path = os.path.join(self.folder, map_name(pair))
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(path, data)
         self.count += 1
         return path
+
+
+def map_png(spatial: np.ndarray) -> bytes:
+    """The PNG bytes of one (H, W) map, scaled by its own maximum."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(map_to_uint8(spatial), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
