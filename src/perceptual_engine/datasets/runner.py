@@ -82,8 +82,8 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, file=stream, unit=f" {unit}", dynamic_ncols=True,
-                             mininterval=0.1, leave=False,
-                             bar_format="{bar:24} {n_fmt}/{total_fmt}" + f" {unit}" +
+                             mininterval=0.1, leave=False, ascii=".#",
+                             bar_format="[{bar:24}] {n_fmt}/{total_fmt}" + f" {unit}" +
                                         " {percentage:3.0f}% {rate_fmt} ETA {remaining}")
 
     def advance(self, n: int = 1) -> None:
