@@ -90,6 +90,8 @@ class Progress:
         self.done += n
         if self._bar is not None:
             self._bar.update(n)
+            if self.done >= self.total:
+                self._bar.refresh()  # the last state is drawn even inside tqdm's mininterval
 
     def message(self, text: str) -> None:
         """Print a line on the stream without garbling the bar."""
