@@ -13,6 +13,14 @@ channels_last); torch-compile compiles the forward, autograd differentiates it.
 Precision tiers decide the tolerance of the parity check: "fp32" 1e-4,
 "tf32" 1e-3, "fp16"/"bf16" 1e-2 (max relative error against the float32
 PyTorch reference, TF32 off, on the same inputs).
+
+grad.x has its own rule (GRAD_TOLERANCE, GRAD_FORGIVE): it is discontinuous where
+a max-pool window holds near-tied values or a ReLU input is near zero, and two
+correct computations (even float32 autograd and the exact float64 answer) may
+route those few gradients differently. So the GRAD_FORGIVE fraction (1%) of its
+elements with the largest errors is left out (a reroute moves a sparse set of
+entries; a wrong gradient is off everywhere), and the rest must be within
+GRAD_TOLERANCE of the reference, scaled by its largest magnitude.
 """
 from __future__ import annotations
 
@@ -25,6 +33,16 @@ from ..errors import ConfigError, DeviceError
 from .workloads import Case, torch_call, torch_model
 
 TOLERANCE = {"fp32": 1e-4, "tf32": 1e-3, "fp16": 1e-2, "bf16": 1e-2}
+# grad.x: the gradient goes back through every layer, so its rounding is that of
+# about twice the network (fp16 5e-2 as export's GRAD_TOLERANCE; bf16 has 3 fewer
+# mantissa bits than fp16; TF32 rounds products like fp16, accumulating in fp32).
+GRAD_TOLERANCE = {"fp32": 1e-4, "tf32": 1e-2, "fp16": 5e-2, "bf16": 1e-1}
+# 1% in every tier: torch.compile's float32 gradient (CPU, VGG19 to relu4_4, 224²)
+# differs from the float64 answer on 0.30% of x's elements by more than 1e-4 of its
+# scale and matches it to 5e-7 elsewhere (forward terms within 1e-5): a reroute
+# (the forward's own rounding flips near-tied decisions), not a wrong gradient; a
+# wrong gradient is off on most elements, and no fraction hides that.
+GRAD_FORGIVE = {"fp32": 1e-2, "tf32": 1e-2, "fp16": 1e-2, "bf16": 1e-2}
 BASELINE = "torch-eager-fp32"
 
 
