@@ -267,7 +267,9 @@ def test_train_and_stylize_step_run_end_to_end_and_check_the_gradient(monkeypatc
         assert ort.unit == unit and ort.speedup > 0 and ort.stats.items_per_call == batch
         bad = result.row("torch-grad-off", workload, 27, batch)
         assert bad.status == "WRONG" and bad.speedup is None
-        assert bad.grad_rel_err == pytest.approx(1e-3, rel=1e-2)  # grad.x was compared
+        # grad.x was compared: off by 1e-3 everywhere, so even with the largest 1% of
+        # element errors left out it is far over its fp32 limit (1e-4)
+        assert 5e-4 < bad.grad_rel_err <= 1.01e-3
         assert bad.max_rel_err <= 1e-4  # the terms are right
     nograd = result.row("torch-nograd-y", "train", 27, 2)
     assert nograd.status == "ok" and nograd.max_rel_err <= 1e-4

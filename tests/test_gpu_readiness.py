@@ -406,3 +406,37 @@ def test_memory_estimate_counts_workspace_and_the_graph_session():
     assert two.total > 1.8 * (base.total - memory.FIXED)
     cpu = memory.estimate(spec, "distance", 2, 256, 256, device="cpu", workspace=1 << 30, sessions=2)
     assert cpu.total == memory.estimate(spec, "distance", 2, 256, 256, device="cpu").total
+
+
+# -- stylize keeps x on the engine's device -----------------------------------------------------
+
+
+def test_stylize_moves_x_to_the_engines_gpu_and_asks_for_a_cuda_graph(monkeypatch):
+    from perceptual_engine.runtime import loss as L
+
+    moved = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **kw: moved.append(kw) or self)
+    gpu = SimpleNamespace(on_gpu=True, options=ProviderOptions(device_id=1))
+    x = np.random.default_rng(0).random((1, 3, 37, 45), dtype=np.float32)
+    t = L.on_engine_device(gpu, x)
+    assert isinstance(t, torch.Tensor) and moved == [{"device": "cuda:1", "dtype": torch.float32}]
+    assert L.on_engine_device(SimpleNamespace(on_gpu=False), x) is x  # the CPU path: unchanged
+    assert L.stylize_options("cuda") == ProviderOptions(fixed_shapes=True, cuda_graph=True)
+    assert L.stylize_options("auto") is None and L.stylize_options("cpu") is None
+
+
+def test_optimize_image_returns_host_arrays_from_a_device_tensor(monkeypatch):
+    """optimize_image copies x to the host with .cpu() (a CUDA x has no .numpy())."""
+    from perceptual_engine.optimize import optimize_image
+
+    calls = []
+    real = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+
+    class Quadratic(torch.nn.Module):
+        def forward(self, x):
+            return {"total": ((x - 0.25) ** 2).flatten(1).sum(1)}
+
+    x0 = torch.rand(1, 3, 7, 9, generator=torch.Generator().manual_seed(0))
+    r = optimize_image(Quadratic(), x0, steps=3)
+    assert calls and r.image.shape == (1, 3, 7, 9) and r.final_loss < r.initial_loss
