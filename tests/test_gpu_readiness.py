@@ -128,6 +128,19 @@ def test_preload_dlls_output_goes_to_stderr_not_stdout(monkeypatch, capsys):
     assert out == "" and "Failed to load libcudnn.so.9" in err
 
 
+def test_info_probe_keeps_preload_output_off_stdout(monkeypatch, capsys):
+    import onnxruntime
+
+    from perceptual_engine.cli import info
+
+    monkeypatch.setattr(onnxruntime, "preload_dlls", lambda: print("Failed to load libcublas.so.13"),
+                        raising=False)
+    monkeypatch.setattr(P, "cuda_gpu_count", lambda: (1, ""))
+    info.probe_provider("CUDAExecutionProvider")  # loads or not: its reason is returned, not printed
+    out, err = capsys.readouterr()
+    assert "Failed to load" not in out and "Failed to load" in err
+
+
 def test_gpu_memory_reading_imports_no_torch():
     code = ("import sys; from perceptual_engine import memory; "
             "memory.available_memory('cuda'); memory.MemoryGuard(0.5, 'cuda').limit(); "
@@ -440,3 +453,24 @@ def test_optimize_image_returns_host_arrays_from_a_device_tensor(monkeypatch):
     x0 = torch.rand(1, 3, 7, 9, generator=torch.Generator().manual_seed(0))
     r = optimize_image(Quadratic(), x0, steps=3)
     assert calls and r.image.shape == (1, 3, 7, 9) and r.final_loss < r.initial_loss
+
+
+# -- float16 limits are labelled as CPU arithmetic ------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_export_prints_that_fp16_errors_are_cpu_float32_arithmetic(tmp_path, monkeypatch, capsys, dtype):
+    from perceptual_engine import export as E
+    from perceptual_engine.cli import main
+    from perceptual_engine.export.exporter import ExportResult
+    from perceptual_engine.export.verify import OutputError
+
+    def fake_export(spec, path, **kw):
+        return ExportResult(str(path), "features", kw["dtype"], ("x",), ("relu1_1",),
+                            {"relu1_1": OutputError(1e-3, 2e-3)}, 1000, "ab" * 32, 0.1)
+
+    monkeypatch.setattr(E, "export_onnx", fake_export)
+    assert main(["export", "--weights", "random", "--layers", "relu1_1", "--dtype", dtype,
+                 "-o", str(tmp_path / "m.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert ("computes float16 convolutions, ReLUs and pools in float32" in out) == (dtype == "float16")
