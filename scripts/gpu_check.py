@@ -470,8 +470,7 @@ def run_graph(check: Check, models: Models) -> None:
     def streams() -> dict:
         opts = dict(tf32=True, fixed_shapes=True)
         shared = Engine(path, "cuda", options=ProviderOptions(**opts))  # torch has CUDA up: its stream
-        other = torch.cuda.Stream()
-        synced = Engine(path, "cuda", options=ProviderOptions(user_stream=other.cuda_stream, **opts))
+        synced = Engine(path, "cuda", options=ProviderOptions(share_torch_stream=False, **opts))  # its own stream
         cur = torch.cuda.current_stream().cuda_stream
         a, b = shared.distance(x, y), synced.distance(x, y)
         err = max(rel(a[k], b[k]) for k in b)

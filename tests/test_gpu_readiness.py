@@ -175,6 +175,7 @@ def test_user_stream_is_torchs_only_when_torch_already_uses_cuda(monkeypatch):
     assert o.user_stream == 0xBEEF
     assert P.cuda_options(o)["user_compute_stream"] == str(0xBEEF)
     assert P.with_torch_stream(ProviderOptions(user_stream=5)).user_stream == 5  # the caller's choice
+    assert P.with_torch_stream(ProviderOptions(share_torch_stream=False)).user_stream is None
 
 
 # -- IO binding: streams and CUDA-graph capture, with fakes ------------------------------------
@@ -474,3 +475,24 @@ def test_export_prints_that_fp16_errors_are_cpu_float32_arithmetic(tmp_path, mon
                  "-o", str(tmp_path / "m.onnx")]) == 0
     out = capsys.readouterr().out
     assert ("computes float16 convolutions, ReLUs and pools in float32" in out) == (dtype == "float16")
+
+
+def test_gpu_session_creation_holds_the_gate_shared(features_model, monkeypatch):
+    """A session allocates on the GPU: it waits for, and blocks, a CUDA-graph capture."""
+    import onnxruntime as ort
+
+    from perceptual_engine import Engine
+    from perceptual_engine.errors import DeviceError
+
+    monkeypatch.setattr(P, "plan", lambda *a, **k: [("CUDAExecutionProvider", {}), ("CPUExecutionProvider", {})])
+    monkeypatch.setattr(P, "preload_cuda", lambda: None)
+    held = []
+
+    def session(*a, **k):
+        held.append(IOB.GATE._shared)
+        raise RuntimeError("no CUDA-capable device is detected")
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    with pytest.raises(DeviceError):
+        Engine(features_model[0], "cuda")
+    assert held == [1] and IOB.GATE._shared == 0

@@ -136,13 +136,16 @@ class Engine:
         # a target graph's content features; the style Grams (1, C, C) are static.
         dynamic = P.profile_inputs(self.spec.arch, self.inputs)
         chain = P.plan(device, options, dynamic, lambda: sha256_file(self.path)[:16])
-        if any(name != "CPUExecutionProvider" for name, _ in chain):
+        gpu = any(name != "CPUExecutionProvider" for name, _ in chain)
+        if gpu:
             P.preload_cuda()
         failures: list[str] = []
         for start in range(len(chain)):
             try:
-                session = ort.InferenceSession(self.path, self._session_opts, providers=chain[start:],
-                                               enable_fallback=0)
+                # A new session allocates on the GPU: not while a CUDA graph is captured.
+                with GATE.shared() if gpu else contextlib.nullcontext():
+                    session = ort.InferenceSession(self.path, self._session_opts, providers=chain[start:],
+                                                   enable_fallback=0)
             except Exception as exc:
                 if device in ("cuda", "tensorrt"):
                     raise DeviceError(_why_not(device, exc)) from exc

@@ -115,9 +115,10 @@ class ProviderOptions:
     gpu_mem_limit: cap of ONNX Runtime's CUDA arena: bytes (int), a fraction of the
         GPU's memory (float in (0, 1], default 0.5, so torch in the same process
         keeps room), or None for no cap.
-    user_stream: a cudaStream_t address for ONNX Runtime to run on. None: torch's
-        current stream when torch has already initialized CUDA (so IO binding needs
-        no host synchronization), else ONNX Runtime's own stream. 0 is the default stream.
+    user_stream: a cudaStream_t address for ONNX Runtime to run on (0: the default
+        stream). None: torch's current stream when torch has already initialized CUDA
+        and ``share_torch_stream`` (so IO binding needs no host synchronization), else
+        ONNX Runtime's own stream.
     """
 
     device_id: int = 0
@@ -130,6 +131,7 @@ class ProviderOptions:
     shapes: ShapeRange = field(default_factory=ShapeRange)
     gpu_mem_limit: int | float | None = 0.5
     user_stream: int | None = None
+    share_torch_stream: bool = True
 
     def __post_init__(self) -> None:
         m = self.gpu_mem_limit
@@ -200,7 +202,7 @@ def torch_stream(device_id: int) -> int | None:
 
 def with_torch_stream(o: ProviderOptions) -> ProviderOptions:
     """``o`` with user_stream set to torch's current stream when it can be had."""
-    if o.user_stream is not None:
+    if o.user_stream is not None or not o.share_torch_stream:
         return o
     stream = torch_stream(o.device_id)
     return o if stream is None else dataclasses.replace(o, user_stream=stream)
