@@ -371,13 +371,20 @@ def run_layout(check: Check, models: Models) -> None:
 
     def compare(dtype: str, tf32: bool) -> dict:
         path = models.get("distance", dtype)
-        p50 = {}
+        p50, taken, estimate = {}, {}, None
         for nhwc in (False, True):
+            torch.cuda.synchronize()
+            free0 = torch.cuda.mem_get_info()[0]
             eng = Engine(path, "cuda", options=ProviderOptions(tf32=tf32, prefer_nhwc=nhwc, fixed_shapes=True))
-            p50["nhwc" if nhwc else "nchw"] = timed(lambda: eng.distance(x, y))
+            key = "nhwc" if nhwc else "nchw"
+            p50[key] = timed(lambda: eng.distance(x, y))
+            taken[key] = (free0 - torch.cuda.mem_get_info()[0]) / 2**20  # the session, arena, workspace
+            estimate = eng.estimate_memory(*x.shape[:1], *x.shape[2:]).total / 2**20
+            del eng
         faster = min(p50, key=p50.get)
         return {"p50_ms": p50, "faster": faster, "nhwc_speedup": p50["nchw"] / p50["nhwc"],
-                "default_is_right": faster == "nchw" or p50["nchw"] / p50["nhwc"] < 1.05}
+                "default_is_right": faster == "nchw" or p50["nchw"] / p50["nhwc"] < 1.05,
+                "gpu_mib_taken": taken, "estimate_mib": estimate}
 
     for dtype, tf32, name in (("float32", False, "fp32"), ("float32", True, "tf32"), ("float16", False, "fp16")):
         check.record(f"layout.{name}", lambda d=dtype, t=tf32: compare(d, t), need_s=30)

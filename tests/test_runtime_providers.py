@@ -79,7 +79,8 @@ def test_gpu_mem_limit_rejects_bad_values(bad):
 
 def test_workspace_bounded_unless_fixed_shapes(gpu_memory):
     assert P.workspace_bytes(ProviderOptions()) == P.HEURISTIC_WORKSPACE
-    assert P.workspace_bytes(ProviderOptions(fixed_shapes=True)) == 40 * 10**9
+    assert P.workspace_bytes(ProviderOptions(fixed_shapes=True)) == P.MAX_WORKSPACE
+    assert P.workspace_bytes(ProviderOptions(fixed_shapes=True, gpu_mem_limit=1 << 30)) == 1 << 30
     assert P.cuda_options(ProviderOptions(fixed_shapes=True))["cudnn_conv_use_max_workspace"] == "1"
 
 
