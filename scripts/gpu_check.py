@@ -38,6 +38,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -138,8 +139,12 @@ def environment(dry_run: bool) -> dict:
 # -- 1. tests -------------------------------------------------------------------------------
 
 def run_tests(check: Check) -> dict:
+    import importlib.util
+
     if check.dry_run:
         raise Skip("dry run: the GPU tests skip themselves without a GPU")
+    if importlib.util.find_spec("pytest") is None:
+        raise Skip("pytest is not installed (carry its wheels: --wheels, docs/gpu.md)")
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "gpu", "tests/test_gpu.py", "tests/test_lpips_gpu.py",
            "-p", "no:cacheprovider"]
     limit = max(30.0, min(180.0, check.left() - 240))
@@ -599,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="every stage on the CPU, tiny (CI: proves it starts)")
     ap.add_argument("--budget-s", type=float, default=450.0, help="stop starting checks after this (default 450)")
     ap.add_argument("--skip", default="", help="comma-separated stages to leave out: tests,parity,layout,graph,bench")
-    ap.add_argument("--cache-dir", default=None, help="exported models (default: a folder under --out)")
+    ap.add_argument("--cache-dir", default=None, help="exported models (default: $TMPDIR/pe-gpu-check-models)")
     ap.add_argument("--ort-parts", default=None, help="folder of the carried onnxruntime-gpu parts (GPU.md)")
     ap.add_argument("--wheels", default=None, help="folder of extra wheels to install (lpips, DISTS_pytorch)")
     ap.add_argument("--site", default="/tmp/site", help="where carried wheels are installed (default /tmp/site)")
@@ -628,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
         results["checks"]["setup"] = {"status": "FAIL", "error": "no CUDA GPU or CUDA provider"}
         _write(check)
         return 1
-    cache_dir = args.cache_dir or os.path.join(args.out, "models")
+    # Models outside --out: what is written there comes back from the device machine.
+    cache_dir = args.cache_dir or os.path.join(tempfile.gettempdir(), "pe-gpu-check-models")
     models = Models(cache_dir, DRY_LAYERS if args.dry_run else FULL_LAYERS)
     if "tests" not in skip:
         check.record("tests", lambda: run_tests(check), need_s=60)
