@@ -145,7 +145,7 @@ def run_tests(check: Check) -> dict:
         raise Skip("dry run: the GPU tests skip themselves without a GPU")
     if importlib.util.find_spec("pytest") is None:
         raise Skip("pytest is not installed (carry its wheels: --wheels, docs/gpu.md)")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "gpu", "tests/test_gpu.py", "tests/test_lpips_gpu.py",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "tests/test_lpips_gpu.py",
            "-p", "no:cacheprovider"]
     limit = max(30.0, min(180.0, check.left() - 240))
     try:
