@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import glob
 import os
 import sys
 import dataclasses
