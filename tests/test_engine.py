@@ -526,7 +526,7 @@ def test_the_main_session_never_captures_cuda_graphs(features_model, monkeypatch
     real_plan = P.plan
 
     def plan(device, options, inputs, key):
-        seen.append((options.cuda_graph, tuple(inputs)))
+        seen.append((options.cuda_graph, tuple(i.name for i in inputs)))
         return real_plan("cpu", options, inputs, key)
 
     monkeypatch.setattr(P, "plan", plan)
@@ -542,7 +542,7 @@ def test_tensorrt_profile_covers_the_image_inputs_only(tmp_path, monkeypatch):
     real_plan = P.plan
 
     def plan(device, options, inputs, key):
-        seen.append(tuple(inputs))
+        seen.append(tuple(i.name for i in inputs))
         return real_plan("cpu", options, inputs, key)
 
     monkeypatch.setattr(P, "plan", plan)
