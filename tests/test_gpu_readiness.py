@@ -30,7 +30,8 @@ def _dynamic_inputs(path: str) -> set[str]:
             if any(d.dim_param or not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim)}
 
 
-def test_engine_profiles_every_dynamic_input_of_a_target_graph(target_grad_cache, monkeypatch):
+@pytest.mark.parametrize("fixture", ["target_grad_cache", "style_model", "distance_model"])
+def test_engine_profiles_every_dynamic_input_of_the_graph(fixture, request, monkeypatch):
     from perceptual_engine import Engine
 
     seen = []
@@ -41,11 +42,13 @@ def test_engine_profiles_every_dynamic_input_of_a_target_graph(target_grad_cache
         return real(device, options, inputs, key)
 
     monkeypatch.setattr(P, "plan", spy)
-    path = target_grad_cache[2]
+    value = request.getfixturevalue(fixture)
+    path = value[2] if fixture == "target_grad_cache" else value[0]
     Engine(path, "cpu")
     names = {i.name for i in seen}
-    assert names == _dynamic_inputs(path)  # x and target.content.relu1_2; the Grams are static
-    assert "target.content.relu1_2" in names
+    assert names == _dynamic_inputs(path)  # the Grams of style and target graphs are static
+    if fixture == "target_grad_cache":
+        assert names == {"x", "target.content.relu1_2"}
     opts = P.tensorrt_options(ProviderOptions(cache_dir="/tmp/unused"), seen, "k")
     for key in ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"):
         assert {s.split(":")[0] for s in opts[key].split(",")} == names

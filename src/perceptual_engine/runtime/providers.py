@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import sys
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, Union
 
 from .. import layers as _layers
-
 from ..errors import ConfigError, DeviceError
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
