@@ -50,7 +50,7 @@ FULL_LAYERS = ("relu1_2", "relu2_2", "relu3_4", "relu4_4")  # the bench's defaul
 DRY_LAYERS = ("relu1_1", "relu1_2")  # no pooling: the cheapest exports
 GPU_VARIANTS = ("torch-eager-fp32", "torch-fp16-cl", "torch-bf16-cl", "torch-compile", "ort-cuda-fp32",
                 "ort-cuda-tf32", "ort-cuda-fp16", "ort-cuda-iobinding", "ort-cuda-graph",
-                "ort-cuda-fp16-iobinding", "ort-cuda-fp16-nchw", "ort-cuda-fp16-graph")
+                "ort-cuda-fp16-iobinding", "ort-cuda-fp16-nhwc", "ort-cuda-fp16-graph")
 GPU_WORKLOADS = ("features", "distance", "lpips", "train", "stylize-step")
 
 

@@ -19,7 +19,7 @@ from perceptual_engine.runtime.providers import tensorrt_loadable
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skips of a CPU-only machine")
 GPU_VARIANTS = ("torch-fp16-cl", "torch-bf16-cl", "ort-cuda-fp32", "ort-cuda-tf32", "ort-cuda-fp16",
-                "ort-cuda-iobinding", "ort-cuda-graph", "ort-cuda-fp16-iobinding", "ort-cuda-fp16-nchw",
+                "ort-cuda-iobinding", "ort-cuda-graph", "ort-cuda-fp16-iobinding", "ort-cuda-fp16-nhwc",
                 "ort-cuda-fp16-graph", "ort-tensorrt")
 # A shallow network and tiny images: the mechanics, not the numbers, are under test.
 TINY = dict(sizes=(32,), batch_sizes=(1,), layers=("relu1_2",), iters=2, warmup=1,

@@ -312,7 +312,7 @@ class OrtVariant(Variant):
     tf32: bool = False
     feed: str = "numpy"  # "numpy" (host arrays) | "torch-cuda" (IO binding)
     cuda_graph: bool = False
-    nhwc: bool = True  # ProviderOptions.prefer_nhwc (the CUDA provider's layout)
+    nhwc: bool = False  # ProviderOptions.prefer_nhwc (the CUDA provider's layout; NCHW by default)
 
     def unavailable(self, ctx: Context, case: Case) -> str | None:
         from ..runtime import Engine
@@ -358,8 +358,8 @@ REGISTRY: dict[str, Variant] = {v.name: v for v in (
                feed="torch-cuda", cuda_graph=True),
     OrtVariant("ort-cuda-fp16-iobinding", "ONNX Runtime CUDA, float16 model, IO binding", True,
                "cuda", dtype="float16", feed="torch-cuda"),
-    OrtVariant("ort-cuda-fp16-nchw", "as ort-cuda-fp16-iobinding with prefer_nhwc off (NCHW)",
-               True, "cuda", dtype="float16", feed="torch-cuda", nhwc=False),
+    OrtVariant("ort-cuda-fp16-nhwc", "as ort-cuda-fp16-iobinding with prefer_nhwc on (NHWC)",
+               True, "cuda", dtype="float16", feed="torch-cuda", nhwc=True),
     OrtVariant("ort-cuda-fp16-graph", "ONNX Runtime CUDA, float16 model, IO binding + CUDA graph",
                True, "cuda", dtype="float16", feed="torch-cuda", cuda_graph=True),
     OrtVariant("ort-tensorrt", "ONNX Runtime TensorRT EP (TensorRT's default fp32/TF32)", True,
