@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 
 import torch
 
@@ -20,9 +21,12 @@ def _script(name: str):
 def test_gpu_check_dry_run_writes_json_markdown_and_benchmarks_rows(tmp_path, target_grad_cache, capsys):
     gpu_check = _script("gpu_check")
     out = tmp_path / "out"
+    # The stylize-step model from the shared cache (the same spec and loss), copied: the
+    # models exported here must not land in the shared one (other tests count exports).
+    cache = shutil.copytree(target_grad_cache[1], tmp_path / "cache")
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    try:  # the stylize-step model comes from the shared cache (the same spec and loss)
-        rc = gpu_check.main(["--dry-run", "--out", str(out), "--cache-dir", target_grad_cache[1]])
+    try:
+        rc = gpu_check.main(["--dry-run", "--out", str(out), "--cache-dir", str(cache)])
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     results = json.loads((out / "gpu_check.json").read_text())
