@@ -382,7 +382,7 @@ def run_layout(check: Check, models: Models) -> None:
             free0 = torch.cuda.mem_get_info()[0]
             eng = Engine(path, "cuda", options=ProviderOptions(tf32=tf32, prefer_nhwc=nhwc, fixed_shapes=True))
             key = "nhwc" if nhwc else "nchw"
-            p50[key] = timed(lambda: eng.distance(x, y))
+            p50[key] = timed(lambda e=eng: e.distance(x, y))
             taken[key] = (free0 - torch.cuda.mem_get_info()[0]) / 2**20  # the session, arena, workspace
             estimate = eng.estimate_memory(*x.shape[:1], *x.shape[2:]).total / 2**20
             del eng
