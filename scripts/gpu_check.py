@@ -436,7 +436,9 @@ def placement(path: str, logdir: str) -> dict:
             r"placed on \[CPU|Memcpy(FromHost|ToHost)|Force fallback|cannot use the|shape massaging", ln, re.I)]
         out[f"graph{graph_on}"]["log"] = keep[:80]
         out[f"graph{graph_on}"]["memcpy_nodes"] = sum("Memcpy" in ln for ln in keep)
-    out["ok"] = "error" not in out["graph1"]
+    # Accepted: the CUDA graph session started and CUDA is its first provider (ORT's own
+    # fallback could otherwise hand back a CPU session).
+    out["ok"] = out["graph1"].get("providers", [""])[0] == "CUDAExecutionProvider"
     return out
 
 
