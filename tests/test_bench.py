@@ -19,7 +19,7 @@ from perceptual_engine.runtime.providers import tensorrt_loadable
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skips of a CPU-only machine")
 GPU_VARIANTS = ("torch-fp16-cl", "torch-bf16-cl", "ort-cuda-fp32", "ort-cuda-tf32", "ort-cuda-fp16",
-                "ort-cuda-iobinding", "ort-cuda-graph", "ort-cuda-fp16-iobinding", "ort-cuda-fp16-nchw",
+                "ort-cuda-iobinding", "ort-cuda-graph", "ort-cuda-fp16-iobinding", "ort-cuda-fp16-nhwc",
                 "ort-cuda-fp16-graph", "ort-tensorrt")
 # A shallow network and tiny images: the mechanics, not the numbers, are under test.
 TINY = dict(sizes=(32,), batch_sizes=(1,), layers=("relu1_2",), iters=2, warmup=1,
@@ -267,7 +267,10 @@ def test_train_and_stylize_step_run_end_to_end_and_check_the_gradient(monkeypatc
         assert ort.unit == unit and ort.speedup > 0 and ort.stats.items_per_call == batch
         bad = result.row("torch-grad-off", workload, 27, batch)
         assert bad.status == "WRONG" and bad.speedup is None
-        assert bad.max_rel_err == pytest.approx(1e-3, rel=1e-2)  # grad.x was compared
+        # grad.x was compared: off by 1e-3 everywhere, so even with the largest 1% of
+        # element errors left out it is far over its fp32 limit (1e-4)
+        assert 5e-4 < bad.grad_rel_err <= 1.01e-3
+        assert bad.max_rel_err <= 1e-4  # the terms are right
     nograd = result.row("torch-nograd-y", "train", 27, 2)
     assert nograd.status == "ok" and nograd.max_rel_err <= 1e-4
     assert result.row("torch-nograd-y", "stylize-step", 27, 1).status == "skipped"

@@ -454,7 +454,7 @@ def test_explicit_gpu_without_gpu(features_model, monkeypatch, device):
 def test_session_creation_failure_on_gpu_is_a_device_error(features_model, monkeypatch):
     monkeypatch.setattr(P, "plan", lambda device, *a, **k: [("CUDAExecutionProvider", {}),
                                                            ("CPUExecutionProvider", {})])
-    monkeypatch.setattr(engine_mod, "_preload_cuda", lambda: None)
+    monkeypatch.setattr(P, "preload_cuda", lambda: None)
     import onnxruntime as ort
 
     def fail(*a, **k):
@@ -471,7 +471,7 @@ def test_auto_falls_back_to_cpu_when_the_gpu_session_fails(features_model, monke
     # (driver/library mismatch) must not make a valid model unusable or be blamed on the file.
     monkeypatch.setattr(P, "plan", lambda device, *a, **k: [("CUDAExecutionProvider", {}),
                                                            ("CPUExecutionProvider", {})])
-    monkeypatch.setattr(engine_mod, "_preload_cuda", lambda: None)
+    monkeypatch.setattr(P, "preload_cuda", lambda: None)
     import onnxruntime as ort
 
     real = ort.InferenceSession
@@ -493,7 +493,7 @@ def test_auto_falls_back_to_cpu_when_the_gpu_session_fails(features_model, monke
 def test_auto_goes_from_a_failing_tensorrt_to_cuda_not_to_the_cpu(features_model, monkeypatch):
     trt, cuda = ("TensorrtExecutionProvider", {}), ("CUDAExecutionProvider", {})
     monkeypatch.setattr(P, "plan", lambda device, *a, **k: [trt, cuda, ("CPUExecutionProvider", {})])
-    monkeypatch.setattr(engine_mod, "_preload_cuda", lambda: None)
+    monkeypatch.setattr(P, "preload_cuda", lambda: None)
     import onnxruntime as ort
 
     real = ort.InferenceSession
@@ -526,7 +526,7 @@ def test_the_main_session_never_captures_cuda_graphs(features_model, monkeypatch
     real_plan = P.plan
 
     def plan(device, options, inputs, key):
-        seen.append((options.cuda_graph, tuple(inputs)))
+        seen.append((options.cuda_graph, tuple(i.name for i in inputs)))
         return real_plan("cpu", options, inputs, key)
 
     monkeypatch.setattr(P, "plan", plan)
@@ -542,7 +542,7 @@ def test_tensorrt_profile_covers_the_image_inputs_only(tmp_path, monkeypatch):
     real_plan = P.plan
 
     def plan(device, options, inputs, key):
-        seen.append(tuple(inputs))
+        seen.append(tuple(i.name for i in inputs))
         return real_plan("cpu", options, inputs, key)
 
     monkeypatch.setattr(P, "plan", plan)

@@ -145,3 +145,93 @@ def test_cached_style_target_on_gpu(models):
     got = eng.distance(x)
     for name in expected:
         assert _rel(got[name], expected[name]) <= 1e-4, name
+
+
+# -- float16 on the GPU: gradient and LPIPS tiers (the export's CPU check runs fp16 in fp32) --
+
+GRAD_LOSS = LossConfig(content={"relu2_2": 1.0}, style={"relu1_2": 1.0, "relu3_4": 1.0})
+
+
+@pytest.fixture(scope="module")
+def grad_models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gpu-grad")
+    out = {}
+    for dtype in ("float32", "float16"):
+        out[dtype] = str(d / f"grad-{dtype}.onnx")
+        export_onnx(SPEC, out[dtype], graph="distance", loss=GRAD_LOSS, dtype=dtype, grad=True)
+    return out
+
+
+@pytest.mark.parametrize("tier,dtype,tf32", [("fp32", "float32", False), ("tf32", "float32", True),
+                                             ("fp16", "float16", False)])
+def test_gradient_tiers(grad_models, tier, dtype, tf32):
+    from perceptual_engine.bench.variants import GRAD_FORGIVE, GRAD_TOLERANCE, TOLERANCE
+    from perceptual_engine.export.verify import compare
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ref = TorchPerceptualLoss(SPEC, GRAD_LOSS).cuda()
+    x, y = _pair(2, 97, 131, seed=4)
+    xg = x.clone().requires_grad_(True)
+    want = ref(xg, y)
+    want["total"].sum().backward()
+    got = Engine(grad_models[dtype], "cuda", options=ProviderOptions(tf32=tf32)).distance(x, y)
+    assert torch.isfinite(got["grad.x"]).all()
+    for name in want:
+        assert _rel(got[name], want[name]) <= TOLERANCE[tier], (tier, name)
+    err = compare(got["grad.x"].double().cpu().numpy(), xg.grad.double().cpu().numpy(), GRAD_FORGIVE[tier])
+    assert err.max_rel <= GRAD_TOLERANCE[tier], (tier, err)
+
+
+def test_lpips_float16_on_the_gpu(lpips_models, rel_err):
+    # The float16 LPIPS model on the scaled trunk: activations in the hundreds, float16
+    # arithmetic on the GPU (on the CPU its convolutions ran in float32).
+    path = lpips_models["fp16"][0]
+    rng = np.random.default_rng(5)
+    x, y = (rng.uniform(0, 1, (2, 3, 48, 64)).astype(np.float32) for _ in range(2))
+    want = Engine(path, "cpu").distance(x, y)  # the same model, its arithmetic in float32
+    got = Engine(path, "cuda", options=ProviderOptions(tf32=False)).distance(
+        torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda())
+    for name, ref in want.items():
+        assert torch.isfinite(got[name]).all(), name
+        assert rel_err(got[name].cpu().numpy(), ref) <= 1e-2, name
+
+
+# -- layouts and streams ----------------------------------------------------------------------
+
+
+def test_strict_fp32_holds_on_the_nhwc_path(models, reference):
+    # TF32 off must hold in the NHWC cuDNN path as well (prefer_nhwc is an option).
+    eng = Engine(models["float32"], "cuda", options=ProviderOptions(tf32=False, prefer_nhwc=True))
+    x, y = _pair()
+    with torch.no_grad():
+        ref = reference(x, y)
+    got = eng.distance(x, y)
+    for name in ref:
+        assert _rel(got[name], ref[name]) <= 1e-4, name
+
+
+def test_iobinding_on_torchs_stream_matches_a_synchronized_run(models):
+    torch.zeros(1, device="cuda")  # torch has CUDA up: the Engine shares its stream
+    shared = Engine(models["float32"], "cuda", options=ProviderOptions(tf32=False))
+    assert shared.options.user_stream == torch.cuda.current_stream().cuda_stream
+    synced = Engine(models["float32"], "cuda", options=ProviderOptions(tf32=False, share_torch_stream=False))
+    assert synced.options.user_stream is None  # ORT's own stream: synchronized around each call
+    x, y = _pair(2, 64, 80)
+    for _ in range(3):  # back to back, no host sync in between on the shared stream
+        a = shared.distance(x * 0.5, y)
+    b = synced.distance(x * 0.5, y)
+    torch.testing.assert_close(a["total"], b["total"], rtol=1e-5, atol=0)
+
+
+def test_stylize_on_the_gpu_keeps_x_on_the_device(tmp_path):
+    from perceptual_engine import stylize
+
+    rng = np.random.default_rng(0)
+    content, style = (rng.uniform(0, 1, (3, 40, 56)).astype(np.float32) for _ in range(2))
+    spec = FeatureSpec(layers=("relu1_2", "relu2_2"), weights="random", seed=1)
+    loss = LossConfig(content={"relu2_2": 1.0}, style={"relu1_2": 1.0})
+    result = stylize(content, style, spec=spec, loss=loss, steps=5, device="cuda", cache_dir=str(tmp_path))
+    assert result.providers[0] == "CUDAExecutionProvider"
+    assert result.image.shape == (1, 3, 40, 56) and np.isfinite(result.image).all()
+    assert result.final_loss <= result.initial_loss

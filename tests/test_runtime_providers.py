@@ -39,17 +39,49 @@ def _names(chain):
 # -- CUDA options -----------------------------------------------------------------------------
 
 
-def test_cuda_options_defaults():
+@pytest.fixture
+def gpu_memory(monkeypatch):
+    """The driver reports a GPU of 80 GB."""
+    from perceptual_engine.runtime import cuda_driver
+
+    monkeypatch.setattr(cuda_driver, "total_memory", lambda device_id=0: 80 * 10**9)
+
+
+def test_cuda_options_defaults(gpu_memory):
     o = P.cuda_options(ProviderOptions())
     assert o["device_id"] == "0"
     assert o["cudnn_conv_algo_search"] == "HEURISTIC"
-    assert o["prefer_nhwc"] == "1"
+    assert o["prefer_nhwc"] == "0"  # NCHW unless measured faster (scripts/gpu_check.py)
     assert o["use_tf32"] == "1"
     assert o["enable_cuda_graph"] == "0"
-    assert o["cudnn_conv_use_max_workspace"] == "1"
+    assert o["cudnn_conv_use_max_workspace"] == "0"  # bounded when shapes vary
     assert o["arena_extend_strategy"] == "kSameAsRequested"
-    assert "gpu_mem_limit" not in o and "user_compute_stream" not in o
+    assert o["gpu_mem_limit"] == str(40 * 10**9)  # half the GPU by default
+    assert "user_compute_stream" not in o
     assert all(isinstance(v, str) for v in o.values())  # ORT takes string option values
+
+
+def test_gpu_mem_limit_bytes_fraction_or_none(monkeypatch, gpu_memory):
+    assert P.cuda_options(ProviderOptions(gpu_mem_limit=0.25))["gpu_mem_limit"] == str(20 * 10**9)
+    assert P.cuda_options(ProviderOptions(gpu_mem_limit=1 << 30))["gpu_mem_limit"] == str(1 << 30)
+    assert "gpu_mem_limit" not in P.cuda_options(ProviderOptions(gpu_mem_limit=None))
+    from perceptual_engine.runtime import cuda_driver
+
+    monkeypatch.setattr(cuda_driver, "total_memory", lambda device_id=0: None)  # driver cannot tell
+    assert "gpu_mem_limit" not in P.cuda_options(ProviderOptions())
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, 0.0, True, "4G"])
+def test_gpu_mem_limit_rejects_bad_values(bad):
+    with pytest.raises(ConfigError, match=r"gpu_mem_limit=.* is not accepted; accepted: bytes"):
+        ProviderOptions(gpu_mem_limit=bad)
+
+
+def test_workspace_bounded_unless_fixed_shapes(gpu_memory):
+    assert P.workspace_bytes(ProviderOptions()) == P.HEURISTIC_WORKSPACE
+    assert P.workspace_bytes(ProviderOptions(fixed_shapes=True)) == P.MAX_WORKSPACE
+    assert P.workspace_bytes(ProviderOptions(fixed_shapes=True, gpu_mem_limit=1 << 30)) == 1 << 30
+    assert P.cuda_options(ProviderOptions(fixed_shapes=True))["cudnn_conv_use_max_workspace"] == "1"
 
 
 def test_cuda_options_fixed_shapes_and_flags():
@@ -112,8 +144,22 @@ def test_profile_strings_single_input():
     assert prof == {
         "trt_profile_min_shapes": "x:1x3x32x32",
         "trt_profile_opt_shapes": "x:1x3x224x224",
-        "trt_profile_max_shapes": "x:32x3x1024x1024",
+        "trt_profile_max_shapes": "x:8x3x512x512",  # modest: TensorRT builds for the whole range
     }
+
+
+def test_tensorrt_profile_covers_target_content_inputs(tmp_path):
+    inputs = P.profile_inputs("vgg19", ("x", "target.content.relu2_2", "target.content.relu3_4",
+                                        "target.gram.relu1_2"))
+    assert [i.name for i in inputs] == ["x", "target.content.relu2_2", "target.content.relu3_4"]
+    opts = ProviderOptions(cache_dir=str(tmp_path), shapes=ShapeRange((1, 33, 47), (2, 224, 160), (4, 512, 300)))
+    o = P.tensorrt_options(opts, inputs, "k")
+    assert o["trt_profile_min_shapes"] == ("x:1x3x33x47,target.content.relu2_2:1x128x16x23,"
+                                           "target.content.relu3_4:1x256x8x11")
+    assert o["trt_profile_opt_shapes"] == ("x:2x3x224x160,target.content.relu2_2:1x128x112x80,"
+                                           "target.content.relu3_4:1x256x56x40")
+    assert o["trt_profile_max_shapes"] == ("x:4x3x512x300,target.content.relu2_2:1x128x256x150,"
+                                           "target.content.relu3_4:1x256x128x75")
 
 
 @pytest.mark.parametrize("kw", [

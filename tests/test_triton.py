@@ -66,7 +66,9 @@ def test_config_parses_and_agrees_with_the_graph(fixture, request, tmp_path):
     (trt,) = config.optimization.execution_accelerators.gpu_execution_accelerator
     assert trt.name == "tensorrt"
     p = dict(trt.parameters)
-    assert p["precision_mode"] == "FP16" and p["trt_engine_cache_enable"] == "1"
+    # FP32 for gradient graphs until a float16 parity run on TensorRT passes (the target has grad.x)
+    assert p["precision_mode"] == ("FP32" if fixture == "target_model" else "FP16")
+    assert p["trt_engine_cache_enable"] == "1"
     assert int(p["max_workspace_size_bytes"]) > 0 and p["trt_engine_cache_path"]
     # Every input with a dynamic axis has a profile shape of its own rank.
     dynamic = {v.name: len(v.type.tensor_type.shape.dim) for v in graph.input

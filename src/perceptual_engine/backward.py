@@ -81,8 +81,9 @@ def max_pool_vjp(g: Tensor, inp: Tensor, out: Tensor) -> Tensor:
 def content_vjp(fx: Tensor, target: Tensor, seed: Tensor) -> Tensor:
     """content = mean over c, h, w of (fx − target)²: seed_n · 2 (fx − target) / (C·H·W), float32."""
     d = fx.float() - target.float()
-    count = losses._size(d, (1, 2, 3))
-    return d * (2.0 * seed.view(-1, 1, 1, 1) / count)
+    # Divided axis by axis: a C·H·W count would overflow a float16 build (inf -> 0).
+    scaled = d * (2.0 * seed.view(-1, 1, 1, 1) / losses.axis_size(d, 1))
+    return scaled / losses.axis_size(d, 2) / losses.axis_size(d, 3)
 
 
 def style_vjp(fx: Tensor, target_gram: Tensor, norm: str, seed: Tensor) -> Tensor:
@@ -92,7 +93,7 @@ def style_vjp(fx: Tensor, target_gram: Tensor, norm: str, seed: Tensor) -> Tenso
     diff = torch.bmm(flat, flat.transpose(1, 2)) - target_gram
     c = fx.shape[1]
     d = torch.bmm(diff, flat) * (seed.view(-1, 1, 1) * (4.0 / (c * c)))
-    factor = losses.gram_factor(flat, norm)
+    factor = losses.gram_factor(fx, norm)
     if factor is not None:
         d = d * factor
     return d.view(fx.shape)

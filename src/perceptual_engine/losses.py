@@ -4,6 +4,9 @@ Shapes: features are (N, C, H, W); every term is per sample, shape (N,), float32
 Grams and all reductions are computed in float32 even for float16 features, and F
 is scaled by 1/sqrt(norm) *before* the product, so that no intermediate can
 overflow float16 even where a backend (TensorRT with fp16 on) lowers the MatMul.
+The normalizer itself is built from per-axis counts (C, H, W: each at most a few
+thousand, exact in float16), never from a C·H·W count that a float16 build would
+turn into inf, and so every Gram into zeros.
 """
 from __future__ import annotations
 
@@ -14,10 +17,20 @@ import torch
 from .spec import LossConfig
 
 
-def _size(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    # The element count of ``dims`` as a float32 scalar tensor. Computed from the
-    # tensor (not from Python ints) so exported graphs keep height/width dynamic.
-    return torch.ones_like(t[(0,) * (t.dim() - len(dims))], dtype=torch.float32).sum()
+def axis_size(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t's size along ``dim`` as a float32 scalar tensor. Counted from the tensor (not
+    from Python ints) so exported graphs keep height/width dynamic, and along one
+    axis only, so the sum stays small (exact in float16)."""
+    index = tuple(slice(None) if i == dim else 0 for i in range(t.dim()))
+    return torch.ones_like(t[index], dtype=torch.float32).sum()
+
+
+def _rsqrt_count(f: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """1/√(Π sizes of ``dims``) as the product of per-axis 1/√size."""
+    factor = torch.rsqrt(axis_size(f, dims[0]))
+    for d in dims[1:]:
+        factor = factor * torch.rsqrt(axis_size(f, d))
+    return factor
 
 
 def gram(f: torch.Tensor, norm: str = "chw") -> torch.Tensor:
@@ -35,16 +48,16 @@ def scaled_flat(f: torch.Tensor, norm: str = "chw") -> torch.Tensor:
     The Gram is this times its transpose; backward.py uses it for the Gram's VJP.
     """
     flat = f.flatten(2).float()  # (N, C, HW)
-    factor = gram_factor(flat, norm)
+    factor = gram_factor(f, norm)
     return flat if factor is None else flat * factor
 
 
-def gram_factor(flat: torch.Tensor, norm: str) -> torch.Tensor | None:
-    """1/√norm for a flattened (N, C, HW) feature, as a float32 scalar tensor; None for "none"."""
+def gram_factor(f: torch.Tensor, norm: str) -> torch.Tensor | None:
+    """1/√norm for an (N, C, H, W) feature, as a float32 scalar tensor; None for "none"."""
     if norm == "chw":
-        return torch.rsqrt(_size(flat, (1, 2)))
+        return _rsqrt_count(f, (1, 2, 3))
     if norm == "hw":
-        return torch.rsqrt(_size(flat, (2,)))
+        return _rsqrt_count(f, (2, 3))
     if norm != "none":
         raise ValueError(f"unknown gram norm {norm!r}")
     return None

@@ -85,8 +85,8 @@ def itemsize(dtype: str, device: str = "cpu") -> int:
 @lru_cache(maxsize=4096)  # a call's check is then a dictionary lookup
 def estimate(spec, graph: str, n: int, height: int, width: int, *, dtype: str = "float32",
              grad: bool = False, taps: tuple[str, ...] | None = None,
-             device: str = "cpu", arena: bool = False,
-             grams: tuple[str, ...] = ()) -> MemoryEstimate:
+             device: str = "cpu", arena: bool = False, workspace: int = 0,
+             sessions: int = 1, grams: tuple[str, ...] = ()) -> MemoryEstimate:
     """Upper bound of the peak memory of one call, in bytes.
 
     spec: the FeatureSpec (arch, layers: the network is cut after the deepest).
@@ -99,6 +99,9 @@ def estimate(spec, graph: str, n: int, height: int, width: int, *, dtype: str = 
         backward).
     device: "cpu" or a GPU ("cuda"); arena: ONNX Runtime allocates from its memory
         arena (the CPU arena when on, always on a GPU).
+    workspace: GPU only, bytes cuDNN's convolution workspace may take (an arena
+        block that is kept); sessions: GPU only, sessions holding activations (2
+        with a CUDA graph: the captured session has its own arena).
 
     With B images through the network (N, or 2N for pair graphs), s bytes per
     element (``itemsize``), e_l = C_l·⌊H/d_l⌋·⌊W/d_l⌋ the elements of layer l per
@@ -109,8 +112,9 @@ def estimate(spec, graph: str, n: int, height: int, width: int, *, dtype: str = 
         grad    = s·(B·Σ_l e_l + N·(GRAD_WORK·Σ_l e_l + GRAM·Σ_{g ∈ grams} e_g))
                   (replaces forward; only x, N images, is differentiated)
         inputs  = 4·B·3·H·W·2      (the caller's arrays and the normalized copy)
-        total   = MARGIN·A·(forward or grad + inputs) + FIXED
-                  with A = ARENA when an arena allocates (``arena``, or a GPU), else 1
+        total   = MARGIN·A·(S·(forward or grad) + inputs) + W + FIXED
+                  with A = ARENA when an arena allocates (``arena``, or a GPU), else 1,
+                  S = sessions and W = workspace (both on a GPU only; 1 and 0 on CPU)
 
     l runs over the conv, ReLU and pool layers up to the deepest. The constants
     are measured (docs/memory.md): the bound is above the measured peak RSS of ONNX
@@ -141,7 +145,9 @@ def estimate(spec, graph: str, n: int, height: int, width: int, *, dtype: str = 
         body = size * images * worst
     inputs = 4 * images * 3 * height * width * 2
     pool = ARENA if (arena or device != "cpu") else 1.0
-    total = int(MARGIN * pool * (body + inputs)) + FIXED
+    if device == "cpu":
+        workspace, sessions = 0, 1
+    total = int(MARGIN * pool * (sessions * body + inputs)) + int(workspace) + FIXED
     return MemoryEstimate(total, images, height, width, graph, dtype, grad,
                           layers[-1].name, worst_at, tuple(grams))
 
@@ -237,9 +243,9 @@ def available_memory(device: str = "cpu", device_id: int = 0) -> int | None:
     """Bytes available to a new allocation on ``device`` ("cpu" or "cuda"), or None if unknown.
 
     CPU: MemAvailable from /proc/meminfo (else ``os.sysconf``), capped by the room
-    under a cgroup v2 memory limit. CUDA: free memory of GPU ``device_id`` from
-    ``torch.cuda.mem_get_info`` (torch is imported here, on first use, never at
-    import); None when torch cannot tell.
+    under a cgroup v2 memory limit. CUDA: free memory of GPU ``device_id`` from the
+    NVIDIA driver, in the primary context ONNX Runtime already uses (no torch
+    import, no new CUDA context); None when the driver cannot tell.
     """
     if device == "cpu":
         avail = _meminfo_available()
@@ -248,13 +254,10 @@ def available_memory(device: str = "cpu", device_id: int = 0) -> int | None:
             return room
         return avail if room is None else min(avail, room)
     try:
-        import torch
+        from .runtime.cuda_driver import free_memory
 
-        if not torch.cuda.is_available():
-            return None
-        free, _total = torch.cuda.mem_get_info(device_id)
-        return int(free)
-    except Exception:  # no torch, no driver: no budget, an OOM is still translated
+        return free_memory(device_id)
+    except Exception:  # no driver: no budget, an OOM is still translated
         return None
 
 

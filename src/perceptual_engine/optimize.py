@@ -281,7 +281,7 @@ def optimize_image(loss_module: Any, x0: Any, *, steps: int = 300, optimizer: st
         evaluations += 1
         if len(losses) == len(seconds):
             losses.append(terms["total"])
-    image = x.detach().numpy().astype(np.float32, copy=True)
+    image = x.detach().cpu().numpy().astype(np.float32, copy=True)
     return StylizeResult(image, losses, seconds, stopped, evaluations, saved, terms, input_range)
 
 
@@ -293,7 +293,7 @@ def _save(save_image: Callable[..., None], path: str, x: Any, step: int, input_r
     from .savepaths import expand
 
     target = expand(path, step)
-    save_image(target, x.detach().numpy()[0], input_range=input_range)
+    save_image(target, x.detach().cpu().numpy()[0], input_range=input_range)
     return target
 
 
@@ -403,12 +403,13 @@ def stylize(content: Any, style: Any, *, spec: FeatureSpec | None = None,
     path = os.fspath(model) if model is not None else _cached_model(spec, loss, dtype, cache_dir, say)
     module = _engine_loss(path, device)
     module.set_target(content=c, style=s)
+    from .runtime.loss import on_engine_device
     if init == "content":
         x0 = c.copy()
     else:
         lo, hi = INPUT_RANGES[spec.input_range]
         x0 = np.random.default_rng(seed).uniform(lo, hi, c.shape).astype(np.float32)
-    result = optimize_image(module, x0, steps=steps, optimizer=optimizer, lr=lr,
+    result = optimize_image(module, on_engine_device(module.engine, x0), steps=steps, optimizer=optimizer, lr=lr,
                             input_range=spec.input_range, stop_below=stop_below,
                             save_every=save_every, save_path=save_path, progress=progress,
                             on_save=on_save, stop=stop)
@@ -448,8 +449,9 @@ def _cached_model(spec: FeatureSpec, loss: LossConfig | None, dtype: str,
 
 
 def _engine_loss(path: str, device: str) -> Any:
-    from .runtime.loss import EnginePerceptualLoss
+    from .runtime.loss import EnginePerceptualLoss, stylize_options
 
     # check_range off: L-BFGS's line search evaluates trial points beyond the range
     # before the step is clamped; that is intended, not a caller's mistake.
-    return EnginePerceptualLoss(path, device=device, check_range=False)
+    return EnginePerceptualLoss(path, device=device, options=stylize_options(device),
+                                check_range=False)

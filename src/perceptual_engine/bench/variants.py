@@ -13,6 +13,14 @@ channels_last); torch-compile compiles the forward, autograd differentiates it.
 Precision tiers decide the tolerance of the parity check: "fp32" 1e-4,
 "tf32" 1e-3, "fp16"/"bf16" 1e-2 (max relative error against the float32
 PyTorch reference, TF32 off, on the same inputs).
+
+grad.x has its own rule (GRAD_TOLERANCE, GRAD_FORGIVE): it is discontinuous where
+a max-pool window holds near-tied values or a ReLU input is near zero, and two
+correct computations (even float32 autograd and the exact float64 answer) may
+route those few gradients differently. So the GRAD_FORGIVE fraction (1%) of its
+elements with the largest errors is left out (a reroute moves a sparse set of
+entries; a wrong gradient is off everywhere), and the rest must be within
+GRAD_TOLERANCE of the reference, scaled by its largest magnitude.
 """
 from __future__ import annotations
 
@@ -25,6 +33,16 @@ from ..errors import ConfigError, DeviceError
 from .workloads import Case, torch_call, torch_model
 
 TOLERANCE = {"fp32": 1e-4, "tf32": 1e-3, "fp16": 1e-2, "bf16": 1e-2}
+# grad.x: the gradient goes back through every layer, so its rounding is that of
+# about twice the network (fp16 5e-2 as export's GRAD_TOLERANCE; bf16 has 3 fewer
+# mantissa bits than fp16; TF32 rounds products like fp16, accumulating in fp32).
+GRAD_TOLERANCE = {"fp32": 1e-4, "tf32": 1e-2, "fp16": 5e-2, "bf16": 1e-1}
+# 1% in every tier: torch.compile's float32 gradient (CPU, VGG19 to relu4_4, 224²)
+# differs from the float64 answer on 0.30% of x's elements by more than 1e-4 of its
+# scale and matches it to 5e-7 elsewhere (forward terms within 1e-5): a reroute
+# (the forward's own rounding flips near-tied decisions), not a wrong gradient; a
+# wrong gradient is off on most elements, and no fraction hides that.
+GRAD_FORGIVE = {"fp32": 1e-2, "tf32": 1e-2, "fp16": 1e-2, "bf16": 1e-2}
 BASELINE = "torch-eager-fp32"
 
 
@@ -294,7 +312,7 @@ class OrtVariant(Variant):
     tf32: bool = False
     feed: str = "numpy"  # "numpy" (host arrays) | "torch-cuda" (IO binding)
     cuda_graph: bool = False
-    nhwc: bool = True  # ProviderOptions.prefer_nhwc (the CUDA provider's layout)
+    nhwc: bool = False  # ProviderOptions.prefer_nhwc (the CUDA provider's layout; NCHW by default)
 
     def unavailable(self, ctx: Context, case: Case) -> str | None:
         from ..runtime import Engine
@@ -340,8 +358,8 @@ REGISTRY: dict[str, Variant] = {v.name: v for v in (
                feed="torch-cuda", cuda_graph=True),
     OrtVariant("ort-cuda-fp16-iobinding", "ONNX Runtime CUDA, float16 model, IO binding", True,
                "cuda", dtype="float16", feed="torch-cuda"),
-    OrtVariant("ort-cuda-fp16-nchw", "as ort-cuda-fp16-iobinding with prefer_nhwc off (NCHW)",
-               True, "cuda", dtype="float16", feed="torch-cuda", nhwc=False),
+    OrtVariant("ort-cuda-fp16-nhwc", "as ort-cuda-fp16-iobinding with prefer_nhwc on (NHWC)",
+               True, "cuda", dtype="float16", feed="torch-cuda", nhwc=True),
     OrtVariant("ort-cuda-fp16-graph", "ONNX Runtime CUDA, float16 model, IO binding + CUDA graph",
                True, "cuda", dtype="float16", feed="torch-cuda", cuda_graph=True),
     OrtVariant("ort-tensorrt", "ONNX Runtime TensorRT EP (TensorRT's default fp32/TF32)", True,

@@ -174,8 +174,10 @@ def to_numpy(outputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
-def max_rel_error(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> float:
-    """Largest, over the reference's outputs, of max |a − b| / max |b| (verify.compare).
+def max_rel_error(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
+                  skip: tuple[str, ...] = ("grad.x",)) -> float:
+    """Largest, over the reference's outputs but ``skip``, of max |a − b| / max |b|
+    (verify.compare). grad.x is judged apart (``grad_rel_error``).
 
     Extra outputs of ``actual`` (a style graph's Grams) are ignored; a missing or
     misshapen output, or a non-finite value, counts as infinite error.
@@ -184,11 +186,28 @@ def max_rel_error(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.nd
 
     worst = 0.0
     for name, ref in expected.items():
+        if name in skip:
+            continue
         got = actual.get(name)
         if got is None or np.shape(got) != np.shape(ref):
             return float("inf")
         worst = max(worst, compare(got, ref).max_rel)
     return worst
+
+
+def grad_rel_error(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
+                   forgive: float) -> float | None:
+    """grad.x's max |a − b| / max |b| once the ``forgive`` fraction of elements with the
+    largest errors is left out (sparse max-pool/ReLU reroutes, variants.py); None
+    when the reference has no gradient, inf when it is missing or not finite."""
+    from ..export.verify import compare
+
+    if "grad.x" not in expected:
+        return None
+    got = actual.get("grad.x")
+    if got is None or np.shape(got) != np.shape(expected["grad.x"]):
+        return float("inf")
+    return compare(got, expected["grad.x"], forgive).max_rel
 
 
 class ModelCache:

@@ -60,12 +60,7 @@ def probe_provider(name: str) -> tuple[bool, str]:
             ok, why = P.tensorrt_loadable()
             if not ok:
                 return False, why
-        preload = getattr(ort, "preload_dlls", None)
-        if preload is not None:
-            try:
-                preload()
-            except Exception:
-                pass  # the session attempt below reports what is missing
+        P.preload_cuda()  # its messages go to stderr; the session attempt below reports what is missing
     so = ort.SessionOptions()
     so.log_severity_level = 4
     try:

@@ -30,7 +30,7 @@ def _say(msg: str) -> None:
 # -- commands -------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export_onnx
-    from ..export.exporter import TOLERANCE
+    from ..export.exporter import FP16_CPU_NOTE, TOLERANCE
 
     if args.triton_name is not None and not args.triton_repo:
         raise ConfigError("--triton-name names the model in --triton-repo DIR; add --triton-repo.")
@@ -99,6 +99,8 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"{TOLERANCE[dtype]:g} relative):")
     for name, e in r.errors.items():
         print(f"    {name:<20} max abs {e.max_abs:.2e}   max rel {e.max_rel:.2e}")
+    if dtype == "float16":
+        print(f"    note: {FP16_CPU_NOTE}")
     if args.triton_repo:
         from ..export.triton import write_triton_repo
 

@@ -12,7 +12,8 @@ kind, spec, loss), so every graph kind gets a correct config without a table her
   A graph with unbatched inputs (the style graph's target Grams, (1, C, C)) is served
   with ``max_batch_size: 0`` and full shapes: Triton would otherwise stack the target
   of every request into a batch the graph does not accept.
-- The TensorRT accelerator: FP16 (FP32 for raw "none" Grams, which overflow float16),
+- The TensorRT accelerator: FP16 (FP32 for raw "none" Grams, LPIPS and gradient graphs: see
+  trt_precision),
   workspace, engine cache and an optimization profile for the image inputs.
 - Warmup with random images of the profile's "opt" size (and cached target features
   of the matching size), so the first request does not pay for building the TensorRT
@@ -171,6 +172,17 @@ def _list(values) -> str:
     return "[ " + ", ".join(str(v) for v in values) + " ]"
 
 
+def trt_precision(info: Any) -> str:
+    """TensorRT's precision_mode for the model: FP16 only where a float16 build is
+    known to hold. FP32 for raw ("none") Grams, which overflow float16; for LPIPS,
+    whose head overflows it (docs/lpips.md); and for gradient graphs, whose float16
+    backward has no GPU parity run yet (scripts/gpu_check.py measures it)."""
+    raw_grams = info.loss is not None and info.loss.gram == "none" and bool(info.loss.style)
+    if raw_grams or info.graph == "lpips" or getattr(info, "grad", False):
+        return "FP32"
+    return "FP16"
+
+
 def render_config(name: str, inputs, outputs, *, max_batch_size: int, precision: str,
                   min_hw: int, opt_hw: int, max_hw: int, workspace_bytes: int,
                   engine_cache: str, profile_batch: int = 16,
@@ -312,9 +324,8 @@ def write_triton_repo(model: str | os.PathLike, repo: str | os.PathLike, name: s
         if t.name.startswith("target.content."):
             layer = _layers.resolve(info.spec.arch, t.name[len("target.content."):])
             features[t.name] = (layer.channels, layer.downsample)
-    raw_grams = info.loss is not None and info.loss.gram == "none" and bool(info.loss.style)
     text = render_config(name, inputs, outputs, max_batch_size=max_batch_size if batched else 0,
-                         precision="FP32" if raw_grams else "FP16", min_hw=lo, opt_hw=opt,
+                         precision=trt_precision(info), min_hw=lo, opt_hw=opt,
                          max_hw=hi, workspace_bytes=workspace_bytes, profile_batch=max_batch_size,
                          features=features,
                          engine_cache=engine_cache or f"/tmp/triton-trt-cache/{name}")

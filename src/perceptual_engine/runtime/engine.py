@@ -1,6 +1,7 @@
 """Engine: an exported model on ONNX Runtime, called with numpy arrays or torch tensors."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -17,7 +18,7 @@ from ..export.metadata import ModelInfo
 from ..validate import MAX_BATCH_PIXELS, check_pair, check_tensor, nonfinite_samples
 from . import providers as P
 from . import targets as T
-from .iobinding import TorchBinder
+from .iobinding import GATE, TorchBinder
 
 
 def _session_options(threads: int | None, cpu_arena: bool):
@@ -53,7 +54,9 @@ class Engine:
         docs/memory.md for the estimate. An allocation failure inside ONNX Runtime
         raises OutOfMemoryError.
 
-    Safe to call from several threads.
+    Safe to call from several threads. With ``options.cuda_graph`` the capture
+    happens once, on the first torch call, while every other Engine call in the
+    process waits; other GPU work (torch) must not run during that first call.
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", *,
@@ -64,6 +67,8 @@ class Engine:
 
         self.path = os.fspath(path)
         self.options = options or P.ProviderOptions()
+        if device != "cpu":  # run on torch's stream when torch already uses CUDA (iobinding.py)
+            self.options = P.with_torch_stream(self.options)
         self.check_range = check_range
         self.max_pixels = max_pixels
         self.cpu_arena = self.options.fixed_shapes if cpu_arena is None else cpu_arena
@@ -105,7 +110,7 @@ class Engine:
         self._memory_budget = value
         self._memory_args = dict(  # what the estimate needs besides the shape, fixed per model
             dtype=info.dtype, grad=bool(getattr(info, "grad", False)), arena=self.cpu_arena,
-            device="cuda" if self.on_gpu else "cpu",
+            device="cuda" if self.on_gpu else "cpu", **_gpu_terms(self),
             taps=None if info.graph == "features" or info.loss is None
             else tuple(dict.fromkeys((*info.loss.content, *info.loss.style))),
             grams=tuple(info.loss.style) if info.loss is not None else ())
@@ -128,17 +133,20 @@ class Engine:
         """
         import onnxruntime as ort
 
-        # TensorRT's optimization profile covers the image inputs; the style Grams
-        # (1, C, C) have static shapes.
-        images = [n for n in self.inputs if n in ("x", "y")]
-        chain = P.plan(device, options, images, lambda: sha256_file(self.path)[:16])
-        if any(name != "CPUExecutionProvider" for name, _ in chain):
-            _preload_cuda()
+        # TensorRT's optimization profile covers every dynamic input: the images and
+        # a target graph's content features; the style Grams (1, C, C) are static.
+        dynamic = P.profile_inputs(self.spec.arch, self.inputs)
+        chain = P.plan(device, options, dynamic, lambda: sha256_file(self.path)[:16])
+        gpu = any(name != "CPUExecutionProvider" for name, _ in chain)
+        if gpu:
+            P.preload_cuda()
         failures: list[str] = []
         for start in range(len(chain)):
             try:
-                session = ort.InferenceSession(self.path, self._session_opts, providers=chain[start:],
-                                               enable_fallback=0)
+                # A new session allocates on the GPU: not while a CUDA graph is captured.
+                with GATE.shared() if gpu else contextlib.nullcontext():
+                    session = ort.InferenceSession(self.path, self._session_opts, providers=chain[start:],
+                                                   enable_fallback=0)
             except Exception as exc:
                 if device in ("cuda", "tensorrt"):
                     raise DeviceError(_why_not(device, exc)) from exc
@@ -154,7 +162,10 @@ class Engine:
     def _open_graph_session(self) -> Any:
         """A session with CUDA graphs on, for the provider the main session runs."""
         device = {v: k for k, v in P.PROVIDER.items()}[self.providers[0]]
-        session, _ = self._open_session(device, dataclasses.replace(self.options, cuda_graph=True))
+        # Its own stream: CUDA cannot capture on the legacy default stream, and a
+        # capture on torch's stream would record torch's work too.
+        session, _ = self._open_session(device, dataclasses.replace(self.options, cuda_graph=True,
+                                                                     user_stream=None))
         return session
 
     # -- introspection -------------------------------------------------------
@@ -210,15 +221,17 @@ class Engine:
         extra = target.feeds if target is not None else {}
         if self._binder is not None and self._binder.accepts(feeds):
             return self._binder.run(feeds, extra, names)
-        if not extra:
-            host = {k: _to_host(v) for k, v in feeds.items()}
-            return dict(zip(names, self.session.run(list(names), host)))
-        import onnxruntime as ort
+        # Host calls copy to and from the GPU: not while a CUDA graph is captured.
+        with GATE.shared() if self.on_gpu else contextlib.nullcontext():
+            if not extra:
+                host = {k: _to_host(v) for k, v in feeds.items()}
+                return dict(zip(names, self.session.run(list(names), host)))
+            import onnxruntime as ort
 
-        values = {k: ort.OrtValue.ortvalue_from_numpy(_to_host(v)) for k, v in feeds.items()}
-        values.update(extra)
-        out = self.session.run_with_ort_values(list(names), values)
-        return {k: v.numpy() for k, v in zip(names, out)}
+            values = {k: ort.OrtValue.ortvalue_from_numpy(_to_host(v)) for k, v in feeds.items()}
+            values.update(extra)
+            out = self.session.run_with_ort_values(list(names), values)
+            return {k: v.numpy() for k, v in zip(names, out)}
 
     def features(self, x: Any) -> dict[str, Any]:
         """{layer: (N, C, H_l, W_l) float32} for x (N, 3, H, W) float32 in the input range.
@@ -373,15 +386,13 @@ def read_info(path: str) -> ModelInfo:
     return read_model(path)
 
 
-def _preload_cuda() -> None:
-    import onnxruntime as ort
-
-    preload = getattr(ort, "preload_dlls", None)
-    if preload is not None:
-        try:
-            preload()  # CUDA/cuDNN from the nvidia-* wheels that torch brings
-        except Exception:
-            pass  # a missing library is diagnosed by _why_not if the session lacks the provider
+def _gpu_terms(engine: Engine) -> dict[str, Any]:
+    """What the memory estimate adds on a GPU: cuDNN's workspace bound and the CUDA
+    graph's second session (its own arena holds a second copy of the activations)."""
+    if not engine.on_gpu:
+        return {}
+    o = engine.options
+    return {"workspace": P.workspace_bytes(o), "sessions": 2 if o.cuda_graph else 1}
 
 
 def _first(exc: BaseException) -> str:
@@ -397,7 +408,7 @@ def _why_not(device: str, exc: BaseException | None, got: list[str] | None = Non
         parts.append(f"({_first(exc)})")
     missing = P.missing_cuda_libraries()
     if missing:
-        wheels = sorted({P.CUDA_WHEELS[lib.split(".so")[0]] for lib in missing})
+        wheels = P.cuda_wheels(missing)
         parts.append(f"; missing libraries: {', '.join(missing)} (pip install {' '.join(wheels)}, "
                      "or add their folder to LD_LIBRARY_PATH)")
     parts.append(". Use device='cpu' to run on the CPU deliberately.")

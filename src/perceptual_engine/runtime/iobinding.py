@@ -2,22 +2,38 @@
 
 Inputs are bound by pointer (made contiguous NCHW first: channels_last or strided
 tensors would otherwise be misread); outputs are preallocated torch tensors that
-ONNX Runtime writes into. torch's current stream is synchronized before the run,
-so ORT never reads an input torch has not finished writing; run_with_iobinding
-synchronizes ORT's stream before returning, so outputs are ready for torch.
+ONNX Runtime writes into.
 
-With ``ProviderOptions(cuda_graph=True)`` the first (batch, height, width) seen is
-captured as a CUDA graph over fixed buffers, in a session of its own (ONNX Runtime
-replays a session's captured graph on every later run of it, whatever the inputs,
-so other shapes and numpy calls use the Engine's ordinary session). A lock keeps
-concurrent callers from overwriting the fixed buffers; a new target drops the
-capture (``reset``), and the next call captures again (a capture is keyed by the
-target it bound, so a call holding the old target never replays the new one's).
+Streams: when the session runs on torch's current stream (``user_compute_stream``,
+set by the Engine when torch had initialized CUDA first), the run is ordered
+after torch's work and before torch's next work by the stream itself: no host
+synchronization at all (RunOptions ``disable_synchronize_execution_providers``),
+so training overlaps Python with the GPU. On any other stream the caller's stream
+is synchronized before the run and ONNX Runtime synchronizes its own after it.
+
+CUDA graphs (``ProviderOptions(cuda_graph=True)``): the first (batch, height,
+width) seen is captured in a session of its own (ONNX Runtime replays a session's
+captured graph on every later run of it, whatever the inputs, so other shapes and
+numpy calls use the Engine's ordinary session). ONNX Runtime captures in CUDA's
+global mode, and keeps the captured graph per thread, so:
+
+- every run of the graph session happens on one worker thread of the binder: the
+  capture happens once, and calls from other threads replay it there;
+- the capture (warm-up run plus capturing run) holds ``GATE`` exclusively: no
+  IO-binding or numpy run of any Engine in this process runs meanwhile (they hold
+  it shared). Work that is not an Engine's (torch in another thread) must not
+  run on the GPU during the first call of a cuda_graph Engine.
+
+A new target drops the capture (``reset``), and the next call captures again (a
+capture is keyed by the target it bound, so a call holding the old target never
+replays the new one's).
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import threading
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 
@@ -26,6 +42,59 @@ from ..errors import InputError
 
 if TYPE_CHECKING:
     from .engine import Engine
+
+# ONNX Runtime's CUDA EP runs a graph session normally once (its allocations),
+# captures on the next run and replays the capture to produce that run's outputs
+# (cuda_execution_provider.cc: min_num_runs_before_cuda_graph_capture_ = 1).
+CAPTURE_RUNS = 2
+
+
+class Gate:
+    """Shared/exclusive lock: ordinary GPU runs share it, a capture holds it alone.
+
+    A waiting capture blocks new shared holders, so a stream of calls cannot starve it.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._exclusive = True
+            while self._shared:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+    @property
+    def held_exclusive(self) -> bool:
+        return self._exclusive
+
+
+GATE = Gate()  # one per process: CUDA's global capture mode is process-wide
 
 
 def output_shapes(engine: "Engine", n: int, h: int, w: int) -> dict[str, tuple[int, ...]]:
@@ -51,14 +120,26 @@ def output_shapes(engine: "Engine", n: int, h: int, w: int) -> dict[str, tuple[i
     return shapes
 
 
+def _run_options(no_sync: bool) -> Any:
+    import onnxruntime as ort
+
+    ro = ort.RunOptions()
+    if no_sync:
+        ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
+    return ro
+
+
 class TorchBinder:
     def __init__(self, engine: "Engine") -> None:
         self.engine = engine
         self.session = engine.session
         self.device_id = engine.options.device_id
         self.graph = engine.options.cuda_graph
+        self.stream = engine.options.user_stream  # the stream the main session runs on, if shared
         self._graph_lock = threading.Lock()
         self._static: dict[str, Any] | None = None  # the captured shape's session and buffers
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._no_sync = None  # RunOptions without the end-of-run host sync, made once
 
     @staticmethod
     def accepts(feeds: dict[str, Any]) -> bool:
@@ -92,6 +173,12 @@ class TorchBinder:
         with self._graph_lock:
             self._static = None
 
+    def _on_shared_stream(self, device: Any) -> bool:
+        """Whether the caller's current torch stream is the one the session runs on."""
+        import torch
+
+        return self.stream is not None and int(torch.cuda.current_stream(device).cuda_stream) == self.stream
+
     def run(self, feeds: dict[str, Any], extra: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
         import torch
 
@@ -104,34 +191,71 @@ class TorchBinder:
             with self._graph_lock:  # the key is read and the buffers used under one lock
                 if self._static is None:
                     self._static = self._capture(feeds, extra, names, key)
+                    return {k: v.clone() for k, v in self._static["out"].items()}
                 if self._static["key"] == key:
                     return self._replay(self._static, feeds)
         outs = self._alloc(feeds["x"], names)
         binding = self.session.io_binding()
         self._bind(binding, feeds, outs, extra)
-        torch.cuda.current_stream(feeds["x"].device).synchronize()
-        self.session.run_with_iobinding(binding)
+        device = feeds["x"].device
+        with GATE.shared():
+            if self._on_shared_stream(device):
+                # Same stream: ordered with torch's work on the device; no host wait.
+                if self._no_sync is None:
+                    self._no_sync = _run_options(True)
+                self.session.run_with_iobinding(binding, self._no_sync)
+            else:
+                torch.cuda.current_stream(device).synchronize()  # inputs written before ORT reads
+                self.session.run_with_iobinding(binding)  # ends with ORT's stream synchronized
         return outs
+
+    def _on_worker(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn`` on the binder's graph thread (ORT keeps captured graphs per thread)."""
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pe-cuda-graph")
+        return self._worker.submit(fn, *args).result()
 
     def _capture(self, feeds: dict[str, Any], extra: Mapping[str, Any], names: tuple[str, ...],
                  key: tuple) -> dict[str, Any]:
+        """Open the graph session, bind fixed buffers, copy ``feeds`` in and run until
+        ONNX Runtime has captured (its outputs are then this call's)."""
         import torch
 
         session = self.engine._open_graph_session()
         ins = {k: torch.empty_like(v) for k, v in feeds.items()}
         outs = self._alloc(feeds["x"], names)
+        for k, v in feeds.items():
+            ins[k].copy_(v)
+        torch.cuda.current_stream(feeds["x"].device).synchronize()
         binding = session.io_binding()
         self._bind(binding, ins, outs, extra)
+
+        def capture() -> None:
+            with GATE.exclusive():
+                torch.cuda.synchronize(feeds["x"].device)  # nothing of torch's in flight
+                for _ in range(CAPTURE_RUNS):
+                    session.run_with_iobinding(binding)
+
+        self._on_worker(capture)
         return {"key": key, "session": session, "binding": binding, "in": ins, "out": outs,
                 "extra": dict(extra)}
 
-    @staticmethod
-    def _replay(st: dict[str, Any], feeds: dict[str, Any]) -> dict[str, Any]:
+    def _replay(self, st: dict[str, Any], feeds: dict[str, Any]) -> dict[str, Any]:
         import torch
 
         for k, v in feeds.items():
             st["in"][k].copy_(v)
-        torch.cuda.current_stream(feeds["x"].device).synchronize()
-        st["session"].run_with_iobinding(st["binding"])
+        torch.cuda.current_stream(feeds["x"].device).synchronize()  # the graph runs on ORT's stream
+
+        def replay() -> None:
+            with GATE.shared():
+                st["session"].run_with_iobinding(st["binding"])
+
+        self._on_worker(replay)
         # Clones: the fixed buffers are overwritten by the next call.
         return {k: v.clone() for k, v in st["out"].items()}
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=False)
+            self._worker = None

@@ -5,12 +5,15 @@ assembly for CUDA and TensorRT is unit-tested on machines without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import functools
+import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
+from .. import layers as _layers
 from ..errors import ConfigError, DeviceError
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
@@ -22,12 +25,50 @@ PROVIDER = {
 
 
 @dataclass(frozen=True)
+class ProfileInput:
+    """A dynamic graph input TensorRT needs a profile for: ``batched`` image inputs
+    are (N, channels, H, W); a target graph's cached content features are
+    (1, channels, H/downsample, W/downsample), following the image's size."""
+
+    name: str
+    channels: int = 3
+    downsample: int = 1
+    batched: bool = True
+
+
+ProfileInputs = Sequence[Union[str, ProfileInput]]
+
+
+def profile_inputs(arch: str, names: Sequence[str]) -> list[ProfileInput]:
+    """The inputs of a graph with dynamic shapes, as the TensorRT profile needs them.
+
+    ``x``/``y`` are images; ``target.content.<l>`` follow x's size at layer l;
+    ``target.gram.<l>`` are (1, C, C), static, and need no profile. ONNX Runtime's
+    TensorRT EP refuses a session whose explicit profile misses a dynamic input.
+    """
+    out = []
+    for name in names:
+        if name in ("x", "y"):
+            out.append(ProfileInput(name))
+        elif name.startswith("target.content."):
+            info = _layers.resolve(arch, name[len("target.content."):])
+            out.append(ProfileInput(name, info.channels, info.downsample, batched=False))
+    return out
+
+
+@dataclass(frozen=True)
 class ShapeRange:
-    """TensorRT optimization profile: (N, H, W) min/opt/max of every image input."""
+    """TensorRT optimization profile: (N, H, W) min/opt/max of every image input.
+
+    TensorRT builds its engine for the whole range when the session starts and
+    sizes its memory by ``max``; the default (up to 8 images of 512x512) builds in
+    reasonable time and memory. Widen it for larger inputs, e.g.
+    ``ProviderOptions(shapes=ShapeRange(max=(16, 1024, 1024)))`` (docs/gpu.md).
+    """
 
     min: tuple[int, int, int] = (1, 32, 32)
     opt: tuple[int, int, int] = (1, 224, 224)
-    max: tuple[int, int, int] = (32, 1024, 1024)
+    max: tuple[int, int, int] = (8, 512, 512)
 
     def __post_init__(self) -> None:
         for a, b in ((self.min, self.opt), (self.opt, self.max)):
@@ -37,10 +78,14 @@ class ShapeRange:
                     "hold; give (batch, height, width) triples ordered element-wise."
                 )
 
-    def profile(self, inputs: Sequence[str]) -> dict[str, str]:
+    def profile(self, inputs: ProfileInputs) -> dict[str, str]:
+        """trt_profile_{min,opt,max}_shapes for every input (a plain name is an image)."""
+        specs = [ProfileInput(i) if isinstance(i, str) else i for i in inputs]
+
         def fmt(nhw: tuple[int, int, int]) -> str:
             n, h, w = nhw
-            return ",".join(f"{name}:{n}x3x{h}x{w}" for name in inputs)
+            return ",".join(f"{i.name}:{n if i.batched else 1}x{i.channels}x"
+                            f"{max(h // i.downsample, 1)}x{max(w // i.downsample, 1)}" for i in specs)
 
         return {
             "trt_profile_min_shapes": fmt(self.min),
@@ -53,33 +98,82 @@ class ShapeRange:
 class ProviderOptions:
     """Knobs for the GPU providers; defaults are the fast, documented choices.
 
-    fixed_shapes: inputs keep one shape -> cuDNN EXHAUSTIVE algorithm search
-        (slow first call, fastest after); False -> HEURISTIC (no re-search per shape).
+    fixed_shapes: inputs keep one shape -> cuDNN EXHAUSTIVE algorithm search with
+        the largest workspace cuDNN asks for (slow first call, fastest after);
+        False -> HEURISTIC search and a bounded workspace (no re-search per shape,
+        no GBs of scratch memory kept by the arena).
     tf32: allow TF32 tensor-core math for float32 (faster, ~1e-3 relative error).
-    prefer_nhwc: CUDA EP runs convolutions in NHWC (tensor-core friendly layout).
+    prefer_nhwc: CUDA EP runs convolutions in NHWC. Off by default: every feature
+        tap and Gram then needs an NHWC->NCHW transpose, and it is not measured
+        faster here (scripts/gpu_check.py measures both); turn it on where it is.
     cuda_graph: capture the whole run as a CUDA graph (needs fixed shapes and IO binding).
     fp16: TensorRT builds float16 kernels (where TensorRT 10 still has the flag).
     cache_dir: where TensorRT engine and timing caches live (keyed by model hash).
-    shapes: TensorRT optimization profile.
+    shapes: TensorRT optimization profile (ShapeRange; default up to 8 x 512 x 512).
+    gpu_mem_limit: cap of ONNX Runtime's CUDA arena: bytes (int), a fraction of the
+        GPU's memory (float in (0, 1], default 0.5, so torch in the same process
+        keeps room), or None for no cap.
+    user_stream: a cudaStream_t address for ONNX Runtime to run on (0: the default
+        stream). None: torch's current stream when torch has already initialized CUDA
+        and ``share_torch_stream`` (so IO binding needs no host synchronization), else
+        ONNX Runtime's own stream.
     """
 
     device_id: int = 0
     fixed_shapes: bool = False
     tf32: bool = True
-    prefer_nhwc: bool = True
+    prefer_nhwc: bool = False
     cuda_graph: bool = False
     fp16: bool = False
     cache_dir: str | None = None
     shapes: ShapeRange = field(default_factory=ShapeRange)
-    gpu_mem_limit: int | None = None
-    user_stream: int | None = None  # a cudaStream_t address to share with torch
+    gpu_mem_limit: int | float | None = 0.5
+    user_stream: int | None = None
+    share_torch_stream: bool = True
+
+    def __post_init__(self) -> None:
+        m = self.gpu_mem_limit
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0
+                              or (isinstance(m, float) and m > 1)):
+            raise ConfigError(f"gpu_mem_limit={m!r} is not accepted; accepted: bytes (int > 0), a "
+                              "fraction of the GPU's memory (float in (0, 1]) or None (no cap).")
+
+
+# What cuDNN's convolution workspace is counted at in the memory estimate (bytes):
+# with the bounded workspace (HEURISTIC search), and with the largest one cuDNN asks
+# for (fixed_shapes: EXHAUSTIVE). Not measured yet: scripts/gpu_check.py records the
+# GPU memory each engine takes (stage layout), to set these from.
+HEURISTIC_WORKSPACE = 256 << 20
+MAX_WORKSPACE = 2 << 30
+
+
+def mem_limit_bytes(o: ProviderOptions) -> int | None:
+    """``o.gpu_mem_limit`` in bytes (a fraction is of the GPU's total memory)."""
+    m = o.gpu_mem_limit
+    if m is None or isinstance(m, int):
+        return m
+    from .cuda_driver import total_memory
+
+    total = total_memory(o.device_id)
+    return None if total is None else int(total * m)
+
+
+def workspace_bytes(o: ProviderOptions) -> int:
+    """What cuDNN's convolution workspace is counted at in the memory estimate: the
+    bounded one, or with max workspace (fixed_shapes) MAX_WORKSPACE, within the arena cap."""
+    if not o.fixed_shapes:
+        return HEURISTIC_WORKSPACE
+    cap = mem_limit_bytes(o)
+    return MAX_WORKSPACE if cap is None else min(MAX_WORKSPACE, cap)
 
 
 def cuda_options(o: ProviderOptions) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "device_id": str(o.device_id),
         "cudnn_conv_algo_search": "EXHAUSTIVE" if o.fixed_shapes else "HEURISTIC",
-        "cudnn_conv_use_max_workspace": "1",
+        # Max workspace lets EXHAUSTIVE find the fastest algorithm; without a fixed
+        # shape it would keep GBs in the arena for every new shape's search.
+        "cudnn_conv_use_max_workspace": "1" if o.fixed_shapes else "0",
         "prefer_nhwc": "1" if o.prefer_nhwc else "0",
         "use_tf32": "1" if o.tf32 else "0",
         "enable_cuda_graph": "1" if o.cuda_graph else "0",
@@ -87,15 +181,36 @@ def cuda_options(o: ProviderOptions) -> dict[str, Any]:
         # Grow the arena by what is asked: shapes that vary must not double memory.
         "arena_extend_strategy": "kSameAsRequested",
     }
-    if o.gpu_mem_limit is not None:
-        opts["gpu_mem_limit"] = str(o.gpu_mem_limit)
+    limit = mem_limit_bytes(o)
+    if limit is not None:
+        opts["gpu_mem_limit"] = str(limit)
     if o.user_stream is not None:
         opts["has_user_compute_stream"] = "1"
         opts["user_compute_stream"] = str(o.user_stream)
     return opts
 
 
-def tensorrt_options(o: ProviderOptions, inputs: Sequence[str], model_key: str) -> dict[str, Any]:
+def torch_stream(device_id: int) -> int | None:
+    """torch's current CUDA stream on ``device_id`` (an address), only if torch is
+    already imported and has initialized CUDA: never imports torch, never creates a context."""
+    torch = sys.modules.get("torch")
+    try:
+        if torch is None or not torch.cuda.is_initialized():
+            return None
+        return int(torch.cuda.current_stream(device_id).cuda_stream)
+    except Exception:  # a torch without CUDA, a device it does not see
+        return None
+
+
+def with_torch_stream(o: ProviderOptions) -> ProviderOptions:
+    """``o`` with user_stream set to torch's current stream when it can be had."""
+    if o.user_stream is not None or not o.share_torch_stream:
+        return o
+    stream = torch_stream(o.device_id)
+    return o if stream is None else dataclasses.replace(o, user_stream=stream)
+
+
+def tensorrt_options(o: ProviderOptions, inputs: ProfileInputs, model_key: str) -> dict[str, Any]:
     """TensorRT EP options; caches live under ``cache_dir/model_key`` so a different
     model, precision or profile never picks up a stale engine."""
     cache_root = o.cache_dir or os.path.join(default_cache_dir(), "tensorrt")
@@ -128,19 +243,11 @@ def default_cache_dir() -> str:
     return os.environ.get("PERCEPTUAL_ENGINE_CACHE") or os.path.join(base, "perceptual-engine")
 
 
-@functools.lru_cache(maxsize=1)
 def cuda_gpu_count() -> tuple[int, str]:
     """(number of CUDA GPUs, reason when 0), asked of the driver without ONNX Runtime."""
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0, "the NVIDIA driver library libcuda.so.1 is not loadable (no GPU driver)"
-    if lib.cuInit(0) != 0:
-        return 0, "cuInit failed: the NVIDIA driver found no usable GPU"
-    count = ctypes.c_int(0)
-    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
-        return 0, "the NVIDIA driver reports no GPU"
-    return count.value, ""
+    from .cuda_driver import gpu_count
+
+    return gpu_count()
 
 
 def available_providers() -> list[str]:
@@ -149,7 +256,7 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def plan(device: str, options: ProviderOptions, inputs: Sequence[str],
+def plan(device: str, options: ProviderOptions, inputs: ProfileInputs,
          model_key: Callable[[], str]) -> list[tuple[str, dict[str, Any]]]:
     """The provider list for a device, or DeviceError saying why it cannot be had.
 
@@ -187,39 +294,121 @@ def plan(device: str, options: ProviderOptions, inputs: Sequence[str],
         if not ok:
             raise DeviceError(
                 f"device 'tensorrt' needs TensorRT 10 ({why_trt}). Install it for onnxruntime's "
-                "CUDA version (pip install tensorrt-cu13-libs for a CUDA 13 build, tensorrt-cu12-libs "
-                "for CUDA 12, or NVIDIA's packages) or use device='cuda'."
+                f"CUDA version (pip install 'tensorrt-cu{ort_cuda_major() or 13}-libs<11', or NVIDIA's "
+                "packages with their folder on LD_LIBRARY_PATH) or use device='cuda'."
             )
         return [(name, tensorrt_options(options, inputs, model_key())),
                 (PROVIDER["cuda"], cuda_options(options)), cpu]
     return [(name, cuda_options(options)), cpu]
 
 
+# What the TensorRT EP loads: TensorRT's runtime, its ONNX parser (both NEEDED by
+# libonnxruntime_providers_tensorrt.so) and its plugins, TensorRT 10.
+TENSORRT_LIBS = ("libnvinfer.so.10", "libnvinfer_plugin.so.10", "libnvonnxparser.so.10")
+
+
+def tensorrt_lib_dirs() -> list[str]:
+    """Folders of pip's TensorRT libraries (tensorrt-cu13-libs / -cu12-libs put them in
+    site-packages/tensorrt_libs, which is not on the loader's path)."""
+    dirs = []
+    for root in sys.path:
+        d = os.path.join(root or ".", "tensorrt_libs")
+        if os.path.isdir(d) and d not in dirs:
+            dirs.append(d)
+    return dirs
+
+
 def tensorrt_loadable() -> tuple[bool, str]:
-    """Whether TensorRT 10's runtime library loads (the TensorRT EP needs it)."""
-    try:
-        ctypes.CDLL("libnvinfer.so.10")
-    except OSError as exc:
-        return False, f"libnvinfer.so.10 is not loadable: {exc}"
+    """Whether every TensorRT 10 library the TensorRT EP needs loads.
+
+    pip's tensorrt_libs folder comes first: its libraries are loaded by absolute
+    path with RTLD_GLOBAL, so the EP's later load by soname finds them. Then the
+    loader's own path (a system TensorRT, LD_LIBRARY_PATH).
+    """
+    missing = []
+    for lib in TENSORRT_LIBS:
+        for d in tensorrt_lib_dirs():
+            path = os.path.join(d, lib)
+            if os.path.exists(path):
+                try:
+                    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                    break
+                except OSError:
+                    pass
+        else:
+            try:
+                ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+            except OSError as exc:
+                missing.append(f"{lib} is not loadable: {exc}")
+    if missing:
+        return False, "; ".join(missing)
     return True, ""
 
 
-# The pip wheel that provides each library the CUDA EP of a CUDA 13 onnxruntime links.
+# The pip wheel that provides each library the CUDA EP links. CUDA 13's wheels
+# dropped the -cu13 suffix (cuDNN's kept it); CUDA 12's carry -cu12.
 CUDA_WHEELS = {
     "libcudart": "nvidia-cuda-runtime",
     "libcublas": "nvidia-cublas",
     "libcublasLt": "nvidia-cublas",
-    "libcudnn": "nvidia-cudnn-cu13",
+    "libcurand": "nvidia-curand",
+    "libcudnn": "nvidia-cudnn",
 }
 
 
-def missing_cuda_libraries() -> list[str]:
+def ort_cuda_major() -> int | None:
+    """The CUDA major version this onnxruntime build was made for, or None (a CPU build)."""
+    try:
+        from onnxruntime.capi import build_and_package_info as info
+    except Exception:
+        return None
+    try:
+        return int(str(getattr(info, "cuda_version", "") or "").split(".")[0])
+    except ValueError:
+        return None
+
+
+def cuda_libraries(major: int) -> tuple[str, ...]:
+    """What libonnxruntime_providers_cuda.so needs (readelf -d) plus cuDNN, which it
+    opens at run time: curand's soname is .so.10 for CUDA 12 and 13 alike."""
+    return (f"libcudart.so.{major}", f"libcublas.so.{major}", f"libcublasLt.so.{major}",
+            "libcurand.so.10", "libcudnn.so.9")
+
+
+def missing_cuda_libraries(major: int | None = None) -> list[str]:
     """CUDA runtime libraries the CUDA EP links that cannot be loaded (for error messages)."""
+    major = major or ort_cuda_major()
+    if major is None:
+        return []
     missing = []
-    # onnxruntime-gpu 1.31 is built for CUDA 13 and cuDNN 9.
-    for lib in ("libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcudnn.so.9"):
+    for lib in cuda_libraries(major):
         try:
             ctypes.CDLL(lib)
         except OSError:
             missing.append(lib)
     return missing
+
+
+def cuda_wheels(missing: Sequence[str], major: int | None = None) -> list[str]:
+    major = major or ort_cuda_major() or 13
+    names = {CUDA_WHEELS[lib.split(".so")[0]] for lib in missing}
+    return sorted(f"{n}-cu{major}" if major < 13 or n == "nvidia-cudnn" else n for n in names)
+
+
+def preload_cuda() -> None:
+    """onnxruntime.preload_dlls(): CUDA/cuDNN from the nvidia-* wheels torch brings.
+
+    It prints what it fails to load with print(): sent to stderr, so a command's
+    stdout (results, JSON) stays clean. A missing library is diagnosed later,
+    by the provider's failure to start.
+    """
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            preload()
+        except Exception:
+            pass

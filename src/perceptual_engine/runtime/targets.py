@@ -7,6 +7,7 @@ never a half-built one.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -78,13 +79,20 @@ def build(engine: "Engine", old: Target | None, content: Any = None, style: Any 
     for image, names in runs:
         host = _to_host(image)
         h, w = host.shape[2:]
-        values = engine.session.run(list(names), {"x": host, **_dummy_feeds(engine, h, w)})
-        for name, v in zip(names, values):
-            feeds[f"target.{name.replace('feature.', 'content.')}"] = \
-                ort.OrtValue.ortvalue_from_numpy(v, device, dev_id)
+        with _gate(engine):  # host runs and copies to the GPU: not while a CUDA graph is captured
+            values = engine.session.run(list(names), {"x": host, **_dummy_feeds(engine, h, w)})
+            for name, v in zip(names, values):
+                feeds[f"target.{name.replace('feature.', 'content.')}"] = \
+                    ort.OrtValue.ortvalue_from_numpy(v, device, dev_id)
         if names and names[0].startswith("feature."):
             content_hw = (int(h), int(w))
     return Target(feeds=feeds, content_hw=content_hw)
+
+
+def _gate(engine: "Engine") -> Any:
+    from .iobinding import GATE
+
+    return GATE.shared() if engine.on_gpu else contextlib.nullcontext()
 
 
 def check_ready(engine: "Engine", target: Target | None, x: Any) -> None:
