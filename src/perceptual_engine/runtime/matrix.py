@@ -257,8 +257,8 @@ def assemble(ex: EmbeddingStore, ey: EmbeddingStore | None, weights: dict[str, f
             out[t][r, c] = v
             if ey is None and r.start != c.start:
                 out[t][c, r] = out[t][r, c].T  # the same float32 values: exactly symmetric
-        if progress is not None:
-            progress((r.stop - r.start) * (c.stop - c.start))
+        if progress is not None:  # entries filled, mirrored ones included
+            progress((r.stop - r.start) * (c.stop - c.start) * (2 if ey is None and r.start != c.start else 1))
     return out
 
 
