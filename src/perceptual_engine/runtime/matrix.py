@@ -5,11 +5,12 @@ embeddings (runtime/embed.py), so an N×M matrix is N + M forward passes and, pe
 term, one GEMM:  d(i, j) = |a_i|² + |b_j|² − 2⟨a_i, b_j⟩.
 
 Precision: the GEMM runs in float32 (torch.matmul: MKL/oneDNN sgemm on the CPU,
-cuBLAS on a CUDA engine's GPU, TF32 left at torch's default, off); norms, the sum
-above and the weighted total are float64. Where two embeddings are close the sum
-cancels catastrophically: every entry with d < NEAR · (|a_i|² + |b_j|²) is
-recomputed as Σ (a_i − b_j)² from the float32 difference (exact for near-equal
-values), accumulated in float64. The diagonal of an x-against-itself matrix is 0
+cuBLAS on a CUDA engine's GPU, TF32 left at torch's default, off) on blocks centred
+on their mean row (distances are unchanged; the norms that cancel shrink); norms,
+the sum above and the weighted total are float64. Where two embeddings are close the
+sum still cancels catastrophically: every entry with d < NEAR · (|a_i − μ|² + |b_j − μ|²)
+is recomputed as Σ (a_i − b_j)² from the stored float32 values' difference (exact
+for near-equal values), accumulated in float64. The diagonal of an x-against-itself matrix is 0
 and the matrix is symmetric, both exactly.
 
 Memory: embeddings stay in memory or, when they do not fit the engine's memory
@@ -115,6 +116,7 @@ class Plan:
     limit: int | None
     embeddings: int  # bytes of all embeddings
     outputs: int  # bytes of the result matrices
+    smallest: int  # bytes needed at the least: results, one image's forward, a one-row block
 
 
 def plan(engine: Any, emb: Embedder, n: int, m: int, height: int, width: int, *,
@@ -142,9 +144,9 @@ def plan(engine: Any, emb: Embedder, n: int, m: int, height: int, width: int, *,
     def gemm(b: int, spilled: bool) -> int:  # the rows read in, the products and distances
         return (2 * b * per_image if spilled else 0) + b * b * 8 * (len(dims) + 3)
 
-    if limit is None:
-        return Plan(batch_size, block or MAX_BLOCK, bool(spill), None, store, out)
     smallest = out + max(forward(1), gemm(1, True))
+    if limit is None:
+        return Plan(batch_size, block or MAX_BLOCK, bool(spill), None, store, out, smallest)
     if smallest > limit:
         fmt = _memory.format_bytes
         raise MemoryBudgetError(
@@ -159,7 +161,7 @@ def plan(engine: Any, emb: Embedder, n: int, m: int, height: int, width: int, *,
     batch = max((b for b in range(1, batch_size + 1) if forward(b) <= room), default=1)
     size = max((b for b in (block or MAX_BLOCK, 256, 128, 64, 32, 16, 8, 4, 2, 1)
                 if b <= (block or MAX_BLOCK) and gemm(b, spill) <= room), default=1)
-    return Plan(batch, size, spill, limit, store, out)
+    return Plan(batch, size, spill, limit, store, out, smallest)
 
 
 # -- embeddings and blocks ----------------------------------------------------------------------
@@ -179,8 +181,13 @@ def embed_array(emb: Embedder, x: np.ndarray, plan_: Plan, *, store_dtype: str =
     return store
 
 
-def _gram(a: np.ndarray, b: np.ndarray, device: str) -> np.ndarray:
-    """a bᵀ in float32 on ``device`` ("cpu" or "cuda"), returned as float64 numpy."""
+def _gemm_form(a: np.ndarray, b: np.ndarray, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """(|a_i − b_j|² by the GEMM form, |a_i − μ|² + |b_j − μ|²), both float64 (p×q).
+
+    Both blocks are first centred on μ, the mean row of b: distances do not change,
+    but the norms that cancel shrink from |a|² + |b|² to the spread around μ, so the
+    float32 GEMM's rounding (about eps32 times that sum) is that much smaller.
+    """
     import torch
 
     ta = torch.from_numpy(a)
@@ -188,15 +195,21 @@ def _gram(a: np.ndarray, b: np.ndarray, device: str) -> np.ndarray:
     if device == "cuda":
         ta = ta.cuda(non_blocking=True)
         tb = ta if b is a else tb.cuda(non_blocking=True)
-    return (ta @ tb.T).to(torch.float64).cpu().numpy()
+    mu = tb.mean(dim=0)  # any vector keeps the distances; the mean keeps the norms small
+    ca = ta - mu
+    cb = ca if b is a else tb - mu
+    na = (ca * ca).sum(dim=1, dtype=torch.float64)
+    nb = na if b is a else (cb * cb).sum(dim=1, dtype=torch.float64)
+    scale = na[:, None] + nb[None, :]
+    d = scale - 2.0 * (ca @ cb.T).to(torch.float64)
+    return d.cpu().numpy(), scale.cpu().numpy()
 
 
-def sq_distances(a: np.ndarray, b: np.ndarray, na: np.ndarray, nb: np.ndarray, *,
-                 device: str = "cpu", diagonal: bool = False) -> tuple[np.ndarray, int]:
+def sq_distances(a: np.ndarray, b: np.ndarray, *, device: str = "cpu",
+                 diagonal: bool = False) -> tuple[np.ndarray, int]:
     """|a_i − b_j|² (float64, p×q) and how many entries were recomputed from the difference.
     diagonal: a is b (a diagonal block of a symmetric matrix): the diagonal is 0."""
-    scale = na[:, None] + nb[None, :]
-    d = scale - 2.0 * _gram(a, b, device)
+    d, scale = _gemm_form(a, b, device)
     near = d < NEAR * scale
     if diagonal:
         np.fill_diagonal(near, False)
@@ -204,7 +217,7 @@ def sq_distances(a: np.ndarray, b: np.ndarray, na: np.ndarray, nb: np.ndarray, *
     if rows.size:
         starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
         for i, js in zip(rows[starts], np.split(cols, starts[1:])):
-            diff = (b[js] - a[i]).astype(np.float64)
+            diff = (b[js] - a[i]).astype(np.float64)  # the stored values, not the centred ones
             d[i, js] = np.einsum("ij,ij->i", diff, diff)
     np.maximum(d, 0.0, out=d)
     if diagonal:
@@ -229,8 +242,7 @@ def blocks(ex: EmbeddingStore, ey: EmbeddingStore | None, weights: dict[str, flo
             for t, w in weights.items():
                 a = ex.block(t, r)
                 b = a if diag else other.block(t, c)
-                d, redone = sq_distances(a, b, ex.norms[t][r], other.norms[t][c], device=device,
-                                         diagonal=diag)
+                d, redone = sq_distances(a, b, device=device, diagonal=diag)
                 if stats is not None:
                     stats["recomputed"] = stats.get("recomputed", 0) + redone
                 out[t] = d
