@@ -103,6 +103,7 @@ class Loader:
                  max_pixels: int | None, workers: int | None = None) -> None:
         self.size, self.max_pixels = size, max_pixels
         self.crop = policy == "center-crop"  # else resize (a set of one size is left as is)
+        self.input_range = input_range
         self.lo, self.hi = INPUT_RANGES[input_range]
         self.workers = workers or min(4, os.cpu_count() or 1)
 
