@@ -35,7 +35,7 @@ def _pairwise(engine, x, y):
     """The engine's own distance for every (i, j): {term: (n, m)}."""
     i, j = np.meshgrid(np.arange(len(x)), np.arange(len(y)), indexing="ij")
     d = engine.distance(np.ascontiguousarray(x[i.ravel()]), np.ascontiguousarray(y[j.ravel()]))
-    return {k: v.reshape(len(x), len(y)) for k, v in d.items()}
+    return {k: v.reshape(len(x), len(y)) for k, v in d.items() if v.ndim == 1}  # not spatial, grad.x
 
 
 def _rel(got, ref):
