@@ -30,6 +30,7 @@ ROW_FORMATS = ("table", "csv", "json")
 def register(sub: Any, say: Callable[[str], None], fmt: Any) -> None:
     """Add the three commands to the CLI's subparsers."""
     from ..images import SIZE_POLICIES
+    from ..runtime.providers import DEVICES
 
     specs = (
         ("matrix", "all-pairs distance matrix of one or two image folders",
@@ -71,7 +72,7 @@ def register(sub: Any, say: Callable[[str], None], fmt: Any) -> None:
         p.add_argument("--graph", choices=("distance", "lpips"), default="distance",
                        help="the model exported from the spec flags (default: distance)")
         p.add_argument("--cache-dir", metavar="DIR", help="model cache (as for distance)")
-        p.add_argument("--device", default="auto", help="auto, cpu, cuda, tensorrt (default: auto)")
+        p.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
         p.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
                        help="images per forward call, lowered to fit the memory budget (default: 16)")
         p.add_argument("--size-policy", choices=SIZE_POLICIES, default="error",
