@@ -140,7 +140,7 @@ def run(command: str, args: argparse.Namespace, say: Callable[[str], None]) -> i
     if b is not None and not same:
         sets.append(ImageSet(b, max_pixels=max_pixels))
     engine = _open_engine(args)
-    from ..runtime.matrix import Embedder, plan
+    from ..runtime.matrix import Embedder, gemm_device, plan
 
     emb = Embedder.of(engine)
     if command == "matrix" and args.term not in (*emb.terms, "total"):
@@ -154,7 +154,8 @@ def run(command: str, args: argparse.Namespace, say: Callable[[str], None]) -> i
     loader = Loader(size, args.size_policy, engine.spec.input_range, max_pixels, args.workers)
     say(f"{n}{f' x {m}' if m else ''} image(s) of {size[0]}x{size[1]} on {engine.providers[0]}; "
         f"embeddings {'spilled to disk' if p.spill else 'in memory'}, {args.embed_dtype}, "
-        f"{p.batch} image(s) per call, blocks of {p.block}")
+        f"{p.batch} image(s) per call, blocks of {p.block}"
+        + ("" if not engine.on_gpu else f", GEMM on {gemm_device(engine)}"))
     stores = _embed(args, engine, emb, sets, loader, p, say)
     try:
         lock = file_lock(lock_path(args.output), wait=False, note=f"perceptual-engine (pid {os.getpid()})") \

@@ -15,7 +15,9 @@ from .matrix import _Bar, print_rows, summary
 
 
 def _device(engine: Any) -> str:
-    return "cuda" if engine.on_gpu else "cpu"
+    from ..runtime.matrix import gemm_device
+
+    return gemm_device(engine)
 
 
 def write_matrix(args, engine, emb, sets, stores, p, fmt, say: Callable[[str], None]) -> None:

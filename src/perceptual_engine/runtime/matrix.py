@@ -181,6 +181,16 @@ def embed_array(emb: Embedder, x: np.ndarray, plan_: Plan, *, store_dtype: str =
     return store
 
 
+def gemm_device(engine: Any) -> str:
+    """Where the blocks are multiplied: the engine's GPU ("cuda:<id>") when it runs on one
+    and torch can reach it, else "cpu" (said in docs/matrix.md and by the command line)."""
+    if not engine.on_gpu:
+        return "cpu"
+    import torch
+
+    return f"cuda:{engine.options.device_id}" if torch.cuda.is_available() else "cpu"
+
+
 def _gemm_form(a: np.ndarray, b: np.ndarray, device: str) -> tuple[np.ndarray, np.ndarray]:
     """(|a_i − b_j|² by the GEMM form, |a_i − μ|² + |b_j − μ|²), both float64 (p×q).
 
@@ -192,9 +202,9 @@ def _gemm_form(a: np.ndarray, b: np.ndarray, device: str) -> tuple[np.ndarray, n
 
     ta = torch.from_numpy(a)
     tb = ta if b is a else torch.from_numpy(b)
-    if device == "cuda":
-        ta = ta.cuda(non_blocking=True)
-        tb = ta if b is a else tb.cuda(non_blocking=True)
+    if device != "cpu":
+        ta = ta.to(device, non_blocking=True)
+        tb = ta if b is a else tb.to(device, non_blocking=True)
     mu = tb.mean(dim=0)  # any vector keeps the distances; the mean keeps the norms small
     ca = ta - mu
     cb = ca if b is a else tb - mu
@@ -294,7 +304,7 @@ def matrix(engine: Any, x: Any, y: Any = None, *, batch_size: int = DEFAULT_BATC
                      check_range=engine.check_range)
 
     kw = dict(store_dtype=store_dtype, spill_dir=spill_dir, check=check)
-    device = "cuda" if engine.on_gpu else "cpu"
+    device = gemm_device(engine)
     with embed_array(emb, x, p, **kw) as ex:
         if y is None:
             return assemble(ex, None, emb.weights, p.block, device=device, stats=stats)
