@@ -40,7 +40,7 @@ def _peak_rss() -> int:
 
 def run(n: int, size: int, *, seed: int = 0, baselines: tuple[str, ...] = ("pairwise", "lpips"),
         baseline_pairs: int | None = None, threads: int | None = None, cache_dir: str | None = None,
-        memory_budget=None, say=lambda m: None) -> dict:
+        memory_budget=None, once: bool = False, say=lambda m: None) -> dict:
     from ..cli.cache import ensure_model, models_dir
     from ..lpips import default_spec
     from ..runtime import Engine
@@ -48,7 +48,7 @@ def run(n: int, size: int, *, seed: int = 0, baselines: tuple[str, ...] = ("pair
     spec = default_spec("random", seed=seed, input_range="-1,1")
     entry = ensure_model(spec, None, graph="lpips", folder=models_dir(cache_dir), say=say)
     x = _images(n, size, seed)
-    result: dict = {"workload": "matrix", "n": n, "size": size, "seed": seed,
+    result: dict = {"workload": "matrix", "n": n, "size": size, "seed": seed, "once": once,
                     "model": "LPIPS VGG16, seeded random trunk, lpips v0.1 linear weights",
                     "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s)",
                     "load_before": os.getloadavg()[0], "rows": {}}
@@ -58,10 +58,11 @@ def run(n: int, size: int, *, seed: int = 0, baselines: tuple[str, ...] = ("pair
     stats: dict = {}
     t1 = time.perf_counter()
     mat = engine.matrix(x, stats=stats)["total"]
-    first = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    mat = engine.matrix(x)["total"]
-    warm = time.perf_counter() - t1
+    first = warm = time.perf_counter() - t1
+    if not once:
+        t1 = time.perf_counter()
+        mat = engine.matrix(x)["total"]
+        warm = time.perf_counter() - t1
     pairs = n * (n - 1) // 2
     result["rows"]["engine.matrix"] = {
         "seconds": warm, "first_call_s": first, "engine_load_s": load,
@@ -121,7 +122,8 @@ def markdown(result: dict) -> str:
         if "measured_rows" in row:
             measured = f"{row['measured_rows']} row(s) in {row['measured_s']:.1f} s"
         elif name == "engine.matrix":
-            measured = f"all, warm (first call {row['first_call_s']:.1f} s)"
+            measured = f"all, warm (first call {row['first_call_s']:.1f} s)" if not result["once"] \
+                else "all, one call (the first)"
         else:
             measured = f"{row['measured_pairs']} pairs in {row['measured_s']:.1f} s"
         diff = row.get("max_abs_diff_vs_matrix")
@@ -146,12 +148,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime and torch threads")
     p.add_argument("--memory-budget", default=None, help="the engine's memory budget (default: 80%%)")
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--once", action="store_true", help="time the first call only (no warm call)")
     p.add_argument("--out", default=None, metavar="DIR", help="write matrix.json and matrix.md here")
     args = p.parse_args(argv)
     base = () if args.baselines == "none" else tuple(b for b in args.baselines.split(",") if b)
     result = run(args.n, args.size, seed=args.seed, baselines=base, baseline_pairs=args.baseline_pairs,
                  threads=args.threads, cache_dir=args.cache_dir, memory_budget=args.memory_budget,
-                 say=lambda m: print(m, file=sys.stderr, flush=True))
+                 once=args.once, say=lambda m: print(m, file=sys.stderr, flush=True))
     result["command"] = "python -m perceptual_engine.bench.matrix " + " ".join(argv or sys.argv[1:])
     text = markdown(result)
     print(text)

@@ -32,7 +32,7 @@ from .embed import embed_taps, lpips_weights, tap_tensors, term_dims, x_branch
 from .embstore import EmbeddingStore
 
 NEAR = 0.02  # relative threshold below which an entry is recomputed from the difference
-MAX_BLOCK = 512  # rows per GEMM block: larger gains nothing measurable
+MAX_BLOCK = 256  # rows per GEMM block: larger costs memory (two centred copies) and gains little
 DEFAULT_BATCH = 16  # images per forward call, lowered to fit the budget
 
 _EMBEDDERS: "weakref.WeakKeyDictionary[Any, Embedder]" = weakref.WeakKeyDictionary()
@@ -132,6 +132,7 @@ def plan(engine: Any, emb: Embedder, n: int, m: int, height: int, width: int, *,
     limit = engine.memory_limit()
     dims = emb.dims(height, width)
     per_image = sum(dims.values()) * 4
+    largest = max(dims.values()) * 4
     store = EmbeddingStore.nbytes_for(n + m, dims, store_dtype)
     out = n * (m or n) * 4 * (len(dims) + 1) if outputs else 0
 
@@ -141,8 +142,9 @@ def plan(engine: Any, emb: Embedder, n: int, m: int, height: int, width: int, *,
                                arena=engine.cpu_arena)
         return est.total + 2 * b * per_image
 
-    def gemm(b: int, spilled: bool) -> int:  # the rows read in, the products and distances
-        return (2 * b * per_image if spilled else 0) + b * b * 8 * (len(dims) + 3)
+    def gemm(b: int, spilled: bool) -> int:
+        # rows read in (spilled), both blocks centred (the largest term), distances
+        return (2 * b * per_image if spilled else 0) + 2 * b * largest + b * b * 8 * (len(dims) + 3)
 
     smallest = out + max(forward(1), gemm(1, True))
     if limit is None:
@@ -208,11 +210,18 @@ def _gemm_form(a: np.ndarray, b: np.ndarray, device: str) -> tuple[np.ndarray, n
     mu = tb.mean(dim=0)  # any vector keeps the distances; the mean keeps the norms small
     ca = ta - mu
     cb = ca if b is a else tb - mu
-    na = (ca * ca).sum(dim=1, dtype=torch.float64)
-    nb = na if b is a else (cb * cb).sum(dim=1, dtype=torch.float64)
+    na = _sq_norms(ca)
+    nb = na if b is a else _sq_norms(cb)
     scale = na[:, None] + nb[None, :]
     d = scale - 2.0 * (ca @ cb.T).to(torch.float64)
     return d.cpu().numpy(), scale.cpu().numpy()
+
+
+def _sq_norms(t: Any, rows: int = 32) -> Any:
+    """Σ t_i² per row in float64, a few rows at a time (no full-size temporary)."""
+    import torch
+
+    return torch.cat([(c * c).sum(dim=1, dtype=torch.float64) for c in t.split(rows)])
 
 
 def sq_distances(a: np.ndarray, b: np.ndarray, *, device: str = "cpu",
