@@ -40,5 +40,6 @@ def test_ray_embeddings_equal_local(local_ray, distance_model, tmp_path, capsys)
         meta = json.loads((tmp_path / f"{mode}.npy.meta.json").read_text())
         assert list(meta["errors"]) == ["bad.png"]
     capsys.readouterr()
-    assert np.isnan(outs["ray"][0]).all()  # bad.png sorts first
+    bad = meta["rows"].index("bad.png")
+    assert np.isnan(outs["ray"][bad]).all() and np.isnan(outs["ray"][:, bad]).all()
     np.testing.assert_array_equal(outs["ray"], outs["local"])
