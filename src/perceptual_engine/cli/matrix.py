@@ -115,10 +115,9 @@ class _Bar:
 
 
 def run(command: str, args: argparse.Namespace, say: Callable[[str], None]) -> int:
-    from .. import images
+    import contextlib
+
     from .._io import LockBusy, file_lock
-    from .imageset import ImageSet, Loader, common_size
-    from .main import _open_engine
     from .results import check_output_path, lock_path
 
     if command == "matrix" and not (args.output or args.summary):
@@ -126,13 +125,31 @@ def run(command: str, args: argparse.Namespace, say: Callable[[str], None]) -> i
     if args.ray_address and not args.ray:
         raise ConfigError("--ray-address goes with --ray.")
     out_format = None
-    if command == "matrix" and args.output:
-        ext = os.path.splitext(args.output)[1].lower()
-        if ext not in MATRIX_FORMATS:
-            raise ConfigError(f"-o {args.output!r} has extension {ext!r}; accepted: "
-                              f"{', '.join(MATRIX_FORMATS)}.")
-        out_format = MATRIX_FORMATS[ext]
-        check_output_path(args.output, "-o")
+    with contextlib.ExitStack() as stack:
+        if command == "matrix" and args.output:
+            ext = os.path.splitext(args.output)[1].lower()
+            if ext not in MATRIX_FORMATS:
+                raise ConfigError(f"-o {args.output!r} has extension {ext!r}; accepted: "
+                                  f"{', '.join(MATRIX_FORMATS)}.")
+            out_format = MATRIX_FORMATS[ext]
+            check_output_path(args.output, "-o")
+            try:  # held from before any work to the rename: one writer per file
+                stack.enter_context(file_lock(lock_path(args.output), wait=False,
+                                              note=f"perceptual-engine (pid {os.getpid()})"))
+            except LockBusy as exc:
+                raise ConfigError(f"-o {args.output!r} is being written by another run "
+                                  f"({exc.holder or 'another process'}); wait for it or give "
+                                  "another -o.") from None
+        return _run(command, args, out_format, say)
+
+
+def _run(command: str, args: argparse.Namespace, out_format: str | None,
+         say: Callable[[str], None]) -> int:
+    from .. import images
+    from . import matrix_out
+    from .imageset import ImageSet, Loader, common_size
+    from .main import _open_engine
+
     max_pixels = args.max_pixels or images.MAX_IMAGE_PIXELS
     sets = [ImageSet(args.a, max_pixels=max_pixels)]
     b = getattr(args, "b", None)
@@ -158,26 +175,12 @@ def run(command: str, args: argparse.Namespace, say: Callable[[str], None]) -> i
         + ("" if not engine.on_gpu else f", GEMM on {gemm_device(engine)}"))
     stores = _embed(args, engine, emb, sets, loader, p, say)
     try:
-        lock = file_lock(lock_path(args.output), wait=False, note=f"perceptual-engine (pid {os.getpid()})") \
-            if command == "matrix" and args.output else None
-        try:
-            if lock is not None:
-                lock.__enter__()
-        except LockBusy as exc:
-            raise ConfigError(f"-o {args.output!r} is being written by another run ({exc.holder}); "
-                              "wait for it or give another -o.") from None
-        try:
-            from . import matrix_out
-
-            if command == "matrix":
-                matrix_out.write_matrix(args, engine, emb, sets, stores, p, out_format, say)
-            elif command == "nearest":
-                matrix_out.nearest(args, engine, emb, sets, stores, p)
-            else:
-                matrix_out.dedup(args, engine, emb, sets, stores, p, say)
-        finally:
-            if lock is not None:
-                lock.__exit__(None, None, None)
+        if command == "matrix":
+            matrix_out.write_matrix(args, engine, emb, sets, stores, p, out_format, say)
+        elif command == "nearest":
+            matrix_out.nearest(args, engine, emb, sets, stores, p)
+        else:
+            matrix_out.dedup(args, engine, emb, sets, stores, p, say)
     finally:
         for s in stores:
             s.close()
