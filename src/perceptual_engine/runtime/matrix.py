@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .. import memory as _memory
-from ..errors import InputError, MemoryBudgetError, ModelError
+from ..errors import DeviceError, InputError, MemoryBudgetError, ModelError
 from ..validate import check_tensor
 from .embed import embed_taps, lpips_weights, tap_tensors, term_dims, x_branch
 from .embstore import EmbeddingStore
@@ -68,9 +68,15 @@ class Embedder:
         names, concat = tap_tensors(model.graph, info.spec.arch, self.taps, path)
         branch = x_branch(model, names, concat)
         self._layers, self._outputs = list(names), list(names.values())
-        providers = engine.session.get_providers()
-        opts = engine.session.get_provider_options()
-        self.session = ort.InferenceSession(branch.SerializeToString(), engine._session_opts,
+        # The x branch runs where the engine's own ONNX Runtime session runs, with its options.
+        session = getattr(engine, "session", None)
+        if not hasattr(session, "get_providers"):
+            raise DeviceError(f"distance matrices run the model's x branch on ONNX Runtime; {engine!r} "
+                              "has no ONNX Runtime session. Open the model with device='cpu' or 'cuda'.")
+        providers = session.get_providers()
+        opts = session.get_provider_options()
+        self.session = ort.InferenceSession(branch.SerializeToString(),
+                                            getattr(engine, "_session_opts", None) or ort.SessionOptions(),
                                             providers=providers,
                                             provider_options=[opts.get(p, {}) for p in providers])
 
