@@ -174,7 +174,7 @@ class Models:
         self.paths: dict = {}
 
     def get(self, graph: str, dtype: str = "float32", grad: bool = False, loss=None) -> str:
-        from perceptual_engine.cli.cache import ensure_model
+        from perceptual_engine.datasets.cache import ensure_model
 
         loss = self.loss if loss is None else loss
         if graph == "features":

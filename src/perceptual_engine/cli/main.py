@@ -347,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "the style of STYLE (Gatys et al.)", description=stylize_cli.DESCRIPTION)
     stylize_cli.add_arguments(p)
     p.set_defaults(func=lambda a: stylize_cli.main(a, _say))
+    from . import matrix as matrix_cli
+
+    matrix_cli.register(sub, _say, fmt)  # matrix, nearest, dedup (docs/matrix.md)
     from ..bench import cli as bench_cli
 
     p = sub.add_parser("bench", help="time every variant on the same inputs; Markdown/JSON/PNG",

@@ -299,6 +299,15 @@ class Engine:
         _check_finite(out)
         return out
 
+    def matrix(self, x: Any, y: Any = None, **options: Any) -> dict[str, Any]:
+        """All-pairs distances {term: (N, M) float32, "total"} of images x (N, 3, H, W) against
+        y (M, 3, H, W), or x against itself (symmetric, zero diagonal) when y is None; an
+        lpips or distance model, one forward pass per image. Options and precision:
+        docs/matrix.md (runtime/matrix.py)."""
+        from .matrix import matrix
+
+        return matrix(self, x, y, **options)
+
     def set_target(self, content: Any = None, style: Any = None) -> None:
         """Cache targets for ``distance(x)`` on a target graph (graph="target").
 

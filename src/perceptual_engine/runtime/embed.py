@@ -1,0 +1,171 @@
+"""Per-image embeddings in which an lpips or distance model's terms are squared L2 distances.
+
+The model file computes d(x, y); a distance matrix needs each image's embedding
+once. Rather than a second exported graph, the x branch of the user's own file is
+cut out at load: the backbone is walked from input ``x`` through its Conv / Relu /
+pool nodes (matched one by one against the layer table, so a file of another layout
+is refused, not misread), the tapped tensors become the outputs, every node they do
+not depend on is dropped, and a ``Concat(x, y)`` that feeds both images as one batch
+becomes ``Identity(x)``. The file's integrity digests are checked on the very bytes
+that are cut (``export.integrity.check``). The embedding formulas run on the taps:
+
+- LPIPS tap l, features f (C, h, w): sqrt(w_l,c) · f_c / (‖f‖_c + 1e-10) / sqrt(h·w);
+  the linear weights w_l are read from the file's own head and checked against the
+  SHA-256 its metadata records;
+- content layer l: f / sqrt(C·h·w);
+- style layer l: Gram(f) / C (the Gram with the model's norm), flattened.
+
+Then term t of (x_i, y_j) is |e_t(x_i) − e_t(y_j)|², and total = Σ_t weight_t · term_t.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from .. import layers as _layers
+from ..errors import ModelError
+from ..lpips import EPS, LAYERS as LPIPS_LAYERS
+
+_BODY = {"conv": ("Conv",), "relu": ("Relu",), "pool": ("MaxPool", "AveragePool")}
+_BEFORE = ("Concat", "Mul", "Add", "Sub", "Div", "Cast", "Identity")  # input normalization
+
+
+def _refuse(path: str, what: str) -> ModelError:
+    return ModelError(f"{path!r}: {what}; distance matrices need a graph exported by this package "
+                      "(perceptual-engine export --graph lpips or --graph distance). Re-export it.")
+
+
+def tap_tensors(graph: Any, arch: str, taps: tuple[str, ...], path: str) -> tuple[dict[str, str], Any]:
+    """{layer: tensor name} of x's features at ``taps``, and the Concat(x, y) node (or None)."""
+    consumers: dict[str, list] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    table = _layers.table(arch)
+    last = max(table.index(_layers.resolve(arch, t)) for t in taps)
+    tensor, pos, concat, found = "x", 0, None, {}
+    body_ops = {op for ops in _BODY.values() for op in ops}
+    while pos <= last:
+        nodes = [n for n in consumers[tensor] if n.op_type in body_ops]
+        if not nodes and pos == 0:  # still in the input normalization
+            before = [n for n in consumers[tensor] if n.op_type in _BEFORE]
+            if len(before) != 1:
+                raise _refuse(path, f"the input {tensor!r} feeds {len(before)} normalization nodes")
+            if before[0].op_type == "Concat":
+                if list(before[0].input)[:1] != ["x"] or concat is not None:
+                    raise _refuse(path, "its input concatenation is not (x, y)")
+                concat = before[0]
+            tensor = before[0].output[0]
+            continue
+        want = table[pos]
+        if len(nodes) != 1 or nodes[0].op_type not in _BODY[want.kind]:
+            got = [n.op_type for n in nodes]
+            raise _refuse(path, f"layer {want.name} should be one {'/'.join(_BODY[want.kind])} node "
+                                f"after {tensor!r}, found {got}")
+        tensor = nodes[0].output[0]
+        if want.name in taps:
+            found[want.name] = tensor
+        pos += 1
+    return found, concat
+
+
+def x_branch(model: Any, outputs: dict[str, str], concat: Any) -> Any:
+    """A ModelProto computing only ``outputs`` ({layer: tensor}) from input x."""
+    import onnx
+    from onnx import helper
+
+    g = model.graph
+    nodes = [helper.make_node("Identity", ["x"], list(concat.output), name="x_only")
+             if n is concat else n for n in g.node]
+    needed, keep = set(outputs.values()), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    keep.reverse()
+    inputs = [i for i in g.input if i.name in needed]
+    if [i.name for i in inputs] != ["x"]:
+        raise ModelError(f"the x branch of the model needs inputs {[i.name for i in inputs]}, not only x.")
+    probe = helper.make_model(helper.make_graph(keep, "x_branch", inputs, [], []),
+                              opset_imports=model.opset_import, ir_version=model.ir_version)
+    # Types of the taps (float16 networks keep float16 activations) from type inference
+    # on the graph without its weights (fast); fall back to float32.
+    for init in g.initializer:
+        if init.name in needed:
+            probe.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    inferred = {v.name: v.type.tensor_type.elem_type
+                for v in onnx.shape_inference.infer_shapes(probe).graph.value_info}
+    outs = [helper.make_tensor_value_info(t, inferred.get(t, onnx.TensorProto.FLOAT), None)
+            for t in outputs.values()]
+    inits = [i for i in g.initializer if i.name in needed]
+    graph = helper.make_graph(keep, "x_branch", inputs, outs, inits)
+    sub = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    sub.functions.extend(model.functions)
+    return sub
+
+
+def lpips_weights(model: Any, recorded: str, path: str) -> tuple[np.ndarray, ...]:
+    """The five (C,) linear weights of the file's LPIPS head, checked against ``recorded``
+    (the SHA-256 of lpips.check_linear_weights, kept in the metadata)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    channels = [_layers.resolve("vgg16", n).channels for n in LPIPS_LAYERS]
+    seen: list[str] = []  # the first (1, C, 1, 1) factor of each tap's Mul, in graph order
+    for node in model.graph.node:
+        if node.op_type != "Mul" or len(seen) == len(channels):
+            continue
+        for name in node.input:
+            init = inits.get(name)
+            if init is not None and len(init.dims) == 4 and name not in seen \
+                    and [init.dims[i] for i in (0, 2, 3)] == [1, 1, 1] \
+                    and init.dims[1] == channels[len(seen)]:
+                seen.append(name)
+                break
+    weights = [numpy_helper.to_array(inits[n]).astype(np.float32).reshape(-1) for n in seen]
+    h = hashlib.sha256()
+    if [w.size for w in weights] == channels:
+        for i, w in enumerate(weights):
+            h.update(f"lin{i}.model.1.weight".encode())
+            h.update(np.ascontiguousarray(w).tobytes())
+    if [w.size for w in weights] != channels or h.hexdigest() != recorded:
+        raise _refuse(path, "its LPIPS linear weights could not be found or do not match the "
+                            "SHA-256 in its metadata")
+    return tuple(weights)
+
+
+def embed_taps(feats: dict[str, np.ndarray], terms: dict[str, tuple[str, str]],
+               lin: dict[str, np.ndarray], gram_norm: str) -> dict[str, np.ndarray]:
+    """{term: (n, D_t) float32} from the taps {layer: (n, C, h, w)}; ``terms`` maps a
+    term to (kind, layer), kind "lpips" | "content" | "style"."""
+    out = {}
+    for term, (kind, layer) in terms.items():
+        f = np.asarray(feats[layer], dtype=np.float32)
+        n, c, h, w = f.shape
+        if kind == "lpips":
+            norm = np.sqrt(np.einsum("nchw,nchw->nhw", f, f))[:, None] + np.float32(EPS)
+            scale = (np.sqrt(lin[layer]) / np.float32(np.sqrt(h * w))).reshape(1, c, 1, 1)
+            e = (f / norm) * scale.astype(np.float32)
+        elif kind == "content":
+            e = f * np.float32(1.0 / np.sqrt(c * h * w))
+        else:
+            div = {"chw": c * h * w, "hw": h * w, "none": 1}[gram_norm]
+            flat = f.reshape(n, c, h * w) * np.float32(1.0 / np.sqrt(div))
+            e = np.matmul(flat, flat.transpose(0, 2, 1)) * np.float32(1.0 / c)
+        out[term] = np.ascontiguousarray(e.reshape(n, -1), dtype=np.float32)
+    return out
+
+
+def term_dims(terms: dict[str, tuple[str, str]], arch: str, height: int, width: int) -> dict[str, int]:
+    """D_t of every term for images of height x width."""
+    dims = {}
+    for term, (kind, layer) in terms.items():
+        info = _layers.resolve(arch, layer)
+        if kind == "style":
+            dims[term] = info.channels ** 2
+        else:
+            dims[term] = info.channels * (height // info.downsample) * (width // info.downsample)
+    return dims
