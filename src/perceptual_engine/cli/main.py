@@ -15,8 +15,9 @@ import sys
 import warnings
 from typing import Sequence
 
-from .options import (SPEC_FLAGS, add_lpips_options, add_memory_options, add_spec_options,
-                      lpips_spec_from_args, positive_int, spec_from_args)
+from .options import (SPEC_FLAGS, add_dists_options, add_lpips_options, add_memory_options,
+                      add_spec_options, dists_spec_from_args, lpips_spec_from_args, positive_int,
+                      spec_from_args)
 from ..errors import ConfigError, ModelError, PerceptualError, WeightsError
 
 PROG = "perceptual-engine"
@@ -33,8 +34,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.triton_name and not args.triton_repo:
         raise ConfigError("--triton-name names the model in --triton-repo DIR; add --triton-repo.")
-    lpips_kw = {}
-    if args.graph == "lpips":
+    lpips_kw: dict = {}
+    if args.dists_weights is not None and args.graph != "dists":
+        raise ConfigError("--dists-weights is an option of --graph dists; add --graph dists, or drop it.")
+    if args.graph == "dists":
+        if args.lpips_weights is not None or args.spatial:
+            raise ConfigError("--lpips-weights and --spatial are options of --graph lpips; DISTS has "
+                              "no spatial map. Drop them.")
+        spec, loss = dists_spec_from_args(args), None
+        lpips_kw = {"dists_weights": args.dists_weights}
+    elif args.graph == "lpips":
         spec, loss = lpips_spec_from_args(args), None
         lpips_kw = {"lpips_weights": args.lpips_weights, "spatial": args.spatial}
     else:
@@ -65,7 +74,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"  inputs    {', '.join(images)}: float32 {dims}"
           + ("; target.content.<l>: float32 (1, C, H_l, W_l)" if r.graph == "target" else "")
           + ("; target.gram.<l>: float32 (1, C, C)" if len(images) < len(r.inputs) else ""))
-    if r.graph == "lpips":
+    if r.graph == "dists":
+        from ..runtime import read_info
+
+        head = read_info(r.path).dists or {}
+        print(f"  dists     alpha/beta {head.get('weights_source')}, sha256 "
+              f"{str(head.get('weights_sha256'))[:16]}; statistics in float32")
+        scalars = [o for o in r.outputs if o != "grad.x"]
+        print(f"  outputs   {', '.join(scalars)}: float32 (N,)"
+              + ("; grad.x (N, 3, H, W)" if "grad.x" in r.outputs else ""))
+    elif r.graph == "lpips":
         from ..runtime import read_info
 
         head = read_info(r.path).lpips or {}
@@ -104,7 +122,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _open_engine(args: argparse.Namespace):
     from ..runtime import Engine
 
-    given = [f for f in SPEC_FLAGS + ("lpips_weights",) if getattr(args, f) is not None]
+    given = [f for f in SPEC_FLAGS + ("lpips_weights", "dists_weights") if getattr(args, f) is not None]
     spatial = args.spatial_dir is not None
     if args.model:
         if given:
@@ -115,6 +133,16 @@ def _open_engine(args: argparse.Namespace):
         if spatial and not engine.info.spatial:
             raise ModelError(f"{args.model!r} has no spatial output; --spatial-dir needs an LPIPS model "
                              "exported with --spatial (or drop --model to export one).")
+    elif args.graph == "dists":
+        from .cache import models_dir, open_engine
+
+        if args.lpips_weights is not None:
+            raise ConfigError("--lpips-weights is an option of --graph lpips; drop it for --graph dists.")
+        engine, entry = open_engine(dists_spec_from_args(args), None, device=args.device,
+                                    dtype=args.dtype or "float32", folder=models_dir(args.cache_dir),
+                                    say=_say, graph="dists", dists_weights=args.dists_weights)
+        if not entry.built:
+            _say(f"using the cached model {entry.path}")
     elif args.graph == "lpips":
         from .cache import models_dir, open_engine
 
@@ -125,8 +153,10 @@ def _open_engine(args: argparse.Namespace):
         if not entry.built:
             _say(f"using the cached model {entry.path}")
     else:
-        if args.lpips_weights is not None:
-            raise ConfigError("--lpips-weights is an option of --graph lpips; add --graph lpips, or drop it.")
+        if args.lpips_weights is not None or args.dists_weights is not None:
+            flag = "--lpips-weights" if args.lpips_weights is not None else "--dists-weights"
+            graph = flag[2:7]
+            raise ConfigError(f"{flag} is an option of --graph {graph}; add --graph {graph}, or drop it.")
         from .cache import models_dir, open_engine
         from ..spec import LossConfig
 
@@ -136,9 +166,9 @@ def _open_engine(args: argparse.Namespace):
                                     folder=models_dir(args.cache_dir), say=_say)
         if not entry.built:
             _say(f"using the cached model {entry.path}")
-    if engine.info.graph not in ("distance", "lpips"):
+    if engine.info.graph not in ("distance", "lpips", "dists"):
         raise ModelError(f"{args.model!r} is a {engine.info.graph} graph; distance needs a model "
-                         "exported with --graph distance or --graph lpips.")
+                         "exported with --graph distance, lpips or dists.")
     if spatial and engine.info.graph != "lpips":
         raise ConfigError("--spatial-dir writes LPIPS maps; add --graph lpips.")
     engine.memory_budget = getattr(args, "memory_budget", None)
@@ -256,22 +286,25 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a FeatureSpec to one self-contained ONNX file, verified "
                                    "with onnx.checker and against the PyTorch reference.")
     add_spec_options(p)
-    p.add_argument("--graph", choices=("features", "distance", "style", "target", "lpips"),
+    p.add_argument("--graph", choices=("features", "distance", "style", "target", "lpips", "dists"),
                    default="features",
                    help="features: input x, one output per layer; distance: inputs x, y, "
                         "outputs content.<l>, style.<l>, total; target: x against cached "
                         "content features and style Grams (Engine.set_target); style: x against "
                         "a cached target's Grams (style terms only); lpips: LPIPS (VGG16, lpips "
-                        "v0.1 weights), outputs lpips.<l>, total (default: features)")
+                        "v0.1 weights), outputs lpips.<l>, total; dists: DISTS (VGG16 with L2 "
+                        "pooling, DISTS_pytorch weights), outputs texture.<s>, structure.<s>, total "
+                        "(default: features)")
     p.add_argument("--grad", action="store_true",
                    help="also output grad.x (N, 3, H, W), the gradient of the summed total with "
-                        "respect to x (distance, target and lpips graphs; docs/training.md)")
+                        "respect to x (distance, target, lpips and dists graphs; docs/training.md)")
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="the .onnx file to write")
     p.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository "
                    "entry: DIR/NAME/config.pbtxt and DIR/NAME/1/model.onnx (see docs/scale.md)")
     p.add_argument("--triton-name", metavar="NAME", help="the Triton model name (default: the "
                    "stem of --output)")
     add_lpips_options(p, spatial_flag=True)
+    add_dists_options(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -285,9 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", metavar="CSV", help="two columns: image A, image B (instead of A B)")
     p.add_argument("--model", metavar="ONNX", help="an exported distance or lpips model; without "
                    "it one is exported from the spec flags into the cache once")
-    p.add_argument("--graph", choices=("distance", "lpips"), default="distance",
-                   help="the model exported from the spec flags: distance (content/style terms) "
-                        "or lpips (VGG16 LPIPS; default layers and arch) (default: distance)")
+    p.add_argument("--graph", choices=("distance", "lpips", "dists"), default="distance",
+                   help="the model exported from the spec flags: distance (content/style terms), "
+                        "lpips (VGG16 LPIPS; default layers and arch) or dists (DISTS, VGG16 with "
+                        "L2 pooling; inputs in [0, 1]) (default: distance)")
     p.add_argument("--spatial-dir", metavar="DIR", dest="spatial_dir",
                    help="--graph lpips: write each pair's LPIPS map as a PNG here (grey levels "
                         "scaled by the map's own maximum; see docs/lpips.md)")
@@ -321,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Engine actors (default: one per GPU; without GPUs, one per 4 CPUs)")
     add_spec_options(p)
     add_lpips_options(p, spatial_flag=False)
+    add_dists_options(p)
     p.set_defaults(func=cmd_distance)
 
     p = sub.add_parser("info", help="versions, GPU and execution providers that really load",
