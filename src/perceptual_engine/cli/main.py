@@ -260,7 +260,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                           f"({built.min_size}x downsampling); accepted: --size >= {built.min_size}.")
     return run_demo(spec, loss, out_dir=args.out_dir, photo=args.image, size=args.size,
                     device=args.device, dtype=args.dtype or "float32", bench=not args.no_bench,
-                    lpips=not args.no_lpips,
+                    lpips=not args.no_lpips, dists=not args.no_dists,
                     out=sys.stdout, err=sys.stderr)
 
 
@@ -377,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
     p.add_argument("--no-bench", action="store_true", help="skip the speed table")
     p.add_argument("--no-lpips", action="store_true", help="skip the LPIPS column (its model "
+                   "is exported once into --out-dir)")
+    p.add_argument("--no-dists", action="store_true", help="skip the DISTS column (its model "
                    "is exported once into --out-dir)")
     add_spec_options(p, default_layers="the arch's usual four; the demo's loss: content on "
                                        "relu2_2, style on every layer")

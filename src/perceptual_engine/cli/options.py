@@ -62,7 +62,8 @@ def add_spec_options(p: argparse.ArgumentParser, *, default_layers: str = "the a
     g.add_argument("--seed", type=int, help="seed of --weights random (default: 0)")
     g.add_argument("--input-range", choices=tuple(INPUT_RANGES), dest="input_range",
                    help="pixel range of the inputs (default: 0,1); write --input-range=-1,1")
-    g.add_argument("--pooling", choices=POOLINGS, help="max (as trained) or avg (default: max)")
+    g.add_argument("--pooling", choices=POOLINGS, help="max (as trained), avg, or l2 (DISTS' L2 pooling) "
+                   "(default: max)")
     g = p.add_argument_group("loss (LossConfig)")
     g.add_argument("--content", type=_weight_map, metavar="L=W,...",
                    help="content terms and weights, e.g. relu2_2=1.0 (default: weight 1 on "

@@ -1,4 +1,4 @@
-"""DISTS refusals (API and command line), metadata and the command line's distance."""
+"""DISTS refusals (API and command line), metadata, the command line's distance and demo column."""
 from __future__ import annotations
 
 import os
@@ -162,3 +162,27 @@ def test_cli_distance_with_dists_model(dists_models, dists_pkg, tmp_path, capsys
     with torch.no_grad():
         want = float(dists_pkg["model"](x, y))
     assert abs(row["total"] - want) <= 1e-5 * want
+
+
+def test_demo_dists_column(dists_models, distance_model, tmp_path, monkeypatch):
+    """The demo's table gains a DISTS column (before LPIPS). Both models are the session's
+    fixtures (the demo's exports are replaced), so nothing is exported here."""
+    import io
+
+    import perceptual_engine.cli.demo as demo
+    from perceptual_engine.cli.cache import CachedModel
+
+    dpath, dspec, dloss, _ = distance_model
+    monkeypatch.setattr(demo, "export_model",
+                        lambda spec, *a: (spec, CachedModel(dpath, "d", built=False)))
+    monkeypatch.setattr(demo, "dists_model",
+                        lambda *a: (CachedModel(dists_models["fp32"][0], "k", built=False), "random"))
+    out, err = io.StringIO(), io.StringIO()
+    rc = demo.run_demo(dspec, dloss, out_dir=str(tmp_path / "out"), size=40, bench=False,
+                       device="cpu", lpips=False, out=out, err=err)
+    text = out.getvalue()
+    assert rc == 0 and "DISTS_pytorch alpha/beta" in text
+    lines = [ln for ln in text.splitlines() if ln.strip().startswith(("gaussian", "jpeg"))]
+    values = [float(ln.split()[-2]) for ln in lines]  # DISTS, then LPIPS ("-": skipped)
+    assert len(values) == 9 and all(np.isfinite(values)) and min(values) > 0
+    assert values[:3] == sorted(values[:3])  # more blur, larger DISTS
