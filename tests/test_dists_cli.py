@@ -106,6 +106,12 @@ def test_dists_weights_on_other_graphs(tmp_path):
                     dists_weights=_good_weights())
 
 
+def test_float16_gradient_refused(tmp_path):
+    with pytest.raises(ConfigError, match="needs dtype='float32'"):
+        export_onnx(D.default_spec("random"), tmp_path / "m.onnx", graph="dists", dtype="float16",
+                    grad=True, dists_weights=_good_weights())
+
+
 def test_too_small_images_refused():
     ref = D.TorchDISTS(D.default_spec("random"), _good_weights())
     x = torch.rand(1, 3, 15, 40)

@@ -201,6 +201,11 @@ def export_onnx(
                           "export graph='lpips'.")
     if graph == "dists":
         _dists.check_spec(spec)
+        if grad and dtype == "float16":
+            # As for LPIPS: the half-precision backward through VGG16 to relu5_3 is not
+            # within the verified gradient tolerance (see docs/dists.md).
+            raise ConfigError("grad=True for a DISTS graph needs dtype='float32'; export float32 "
+                              "for gradients (the forward may stay float16).")
     elif dists_weights is not None:
         raise ConfigError("dists_weights is an option of graph='dists'; drop it or export graph='dists'.")
     if loss is not None:
