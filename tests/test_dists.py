@@ -214,3 +214,33 @@ def test_onnx_float16_error(dists_models, dists_pkg, rel_err):
         want = dists_pkg["alt_model"](x, y).reshape(-1).numpy()
     assert np.isfinite(got).all()
     assert rel_err(got, want) <= 2e-3  # measured ~2e-4 (docs/dists.md)
+
+
+# -- benchmark workloads -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["dists", "metrics"])
+def test_bench_workload_baselines_are_the_packages(name, rel_err):
+    """The dists workload: pairs in [0, 1] on DISTS' spec, baseline DISTS_pytorch's module;
+    the metrics workload: pairs in [-1, 1] on LPIPS' spec, baseline torchmetrics' LPIPS
+    update. Each baseline, with the run's trunk, agrees with our reference."""
+    pytest.importorskip("torchmetrics" if name == "metrics" else "DISTS_pytorch")
+    from perceptual_engine.bench import workloads as W
+    from perceptual_engine.reference import TorchLPIPS
+    from perceptual_engine.spec import FeatureSpec
+    from perceptual_engine.weights import load_weights
+
+    case = W.make_case(W.get(name), FeatureSpec(weights="random", seed=4), 33, 2, n_sets=1, seed=0)
+    x, y = (torch.from_numpy(case.sets[0][k]) for k in ("x", "y"))
+    weights = load_weights(case.spec)
+    if name == "dists":
+        assert case.spec == D.default_spec("random", seed=4) and x.min() >= 0
+        ref = D.TorchDISTS(case.spec, weights=weights)
+    else:
+        assert case.spec.input_range == "-1,1" and x.min() < -0.9
+        ref = TorchLPIPS(case.spec, weights=weights)
+    with torch.no_grad():
+        got = W.torch_call(case, W.torch_model(case, weights), {"x": x, "y": y})
+        want = ref(x, y)
+    assert list(got) == ["total"]
+    assert rel_err(got["total"].numpy(), want["total"].numpy()) <= 1e-5
