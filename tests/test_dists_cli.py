@@ -160,9 +160,9 @@ def test_cli_distance_with_dists_model(dists_models, dists_pkg, tmp_path, capsys
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     Image.fromarray((rng.random((35, 41, 3)) * 255).astype(np.uint8)).save(a)
     Image.fromarray((rng.random((35, 41, 3)) * 255).astype(np.uint8)).save(b)
-    assert main(["distance", str(a), str(b), "--model", dists_models["fp32"][0], "--format", "jsonl",
+    assert main(["distance", str(a), str(b), "--model", dists_models["fp32"][0], "--format", "json",
                  "--device", "cpu"]) == 0
-    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (row,) = json.loads(capsys.readouterr().out)
     assert set(D.output_names()) <= set(row)
     x, y = (torch.from_numpy(decode(str(p)))[None] for p in (a, b))
     with torch.no_grad():
