@@ -120,3 +120,25 @@ def test_metric_refuses_wrong_model_and_options(distance_model, lpips_models):
         M.Perceptual(distance_model[0], reduction="none")
     with pytest.raises(ConfigError, match="model=PATH"):
         M.Perceptual()
+
+
+def test_optional_packages_imported_lazily():
+    """import perceptual_engine (and dists, the CLI) pulls neither torchmetrics nor
+    DISTS_pytorch; perceptual_engine.metrics without torchmetrics names the extra."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import perceptual_engine, perceptual_engine.dists, perceptual_engine.cli.main\n"
+        "assert 'torchmetrics' not in sys.modules and 'DISTS_pytorch' not in sys.modules\n"
+        "sys.modules['torchmetrics'] = None\n"
+        "try:\n"
+        "    import perceptual_engine.metrics\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    assert 'pip install perceptual-engine[torchmetrics]' in str(exc), exc\n"
+        "else:\n"
+        "    raise AssertionError('imported without torchmetrics')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
