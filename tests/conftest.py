@@ -363,3 +363,61 @@ def local_ray():
     yield ray
     if started:
         ray.shutdown()
+
+
+# -- DISTS: the authors' DISTS_pytorch with a random trunk, and exported DISTS models ----------
+
+
+def dists_pytorch_model(trunk: torch.nn.Sequential, alpha: torch.Tensor, beta: torch.Tensor):
+    """DISTS_pytorch's own ``DISTS`` module on a copy of ``trunk`` (torchvision VGG16
+    ``features``) with the given alpha/beta. Its constructor calls torchvision's
+    ``vgg16(pretrained=True)`` (a download): that name is patched for the call."""
+    import copy
+    import types
+
+    dp = pytest.importorskip("DISTS_pytorch.DISTS_pt")
+    real = dp.models
+    dp.models = types.SimpleNamespace(vgg16=lambda *a, **k: types.SimpleNamespace(features=copy.deepcopy(trunk)))
+    try:
+        model = dp.DISTS(load_weights=False).eval()
+    finally:
+        dp.models = real
+    with torch.no_grad():
+        model.alpha.copy_(alpha)
+        model.beta.copy_(beta)
+    return model
+
+
+@pytest.fixture(scope="session")
+def dists_pkg(tv_features, tv_weights_file, tmp_path_factory):
+    """{"model": DISTS_pytorch.DISTS on the seeded VGG16 trunk with the wheel's alpha/beta,
+    "weights": that trunk as a .pth, "w": the wheel's DistsWeights, "alt": DistsWeights of
+    seeded random alpha/beta saved at "alt_file", "alt_model": DISTS_pytorch with those}."""
+    from perceptual_engine import dists as D
+
+    w = D.load_weights()
+    g = torch.Generator().manual_seed(20)
+    alt = {"alpha": torch.rand(1, 1475, 1, 1, generator=g), "beta": torch.rand(1, 1475, 1, 1, generator=g)}
+    alt_file = tmp_path_factory.mktemp("dists") / "alt.pt"
+    torch.save(alt, alt_file)
+    trunk = tv_features("vgg16")
+    return {"model": dists_pytorch_model(trunk, w.alpha, w.beta), "weights": tv_weights_file("vgg16"),
+            "w": w, "alt": D.load_weights(alt_file), "alt_file": str(alt_file),
+            "alt_model": dists_pytorch_model(trunk, alt["alpha"], alt["beta"])}
+
+
+@pytest.fixture(scope="session")
+def dists_models(model_dir, dists_pkg):
+    """{"fp32": (path, result): float32 DISTS with grad.x and the wheel's alpha/beta, exported
+    by the API; "fp16": path: float16 DISTS with the "alt" alpha/beta, exported by the
+    command line (export --graph dists --dtype float16 --dists-weights)}. Two VGG16 exports."""
+    from perceptual_engine import dists as D
+    from perceptual_engine.cli.main import main
+
+    path = model_dir / "dists_fp32.onnx"
+    result = export_onnx(D.default_spec(dists_pkg["weights"]), path, graph="dists", grad=True)
+    fp16 = model_dir / "dists_fp16.onnx"
+    rc = main(["export", "--graph", "dists", "--dtype", "float16", "--weights", dists_pkg["weights"],
+               "--dists-weights", dists_pkg["alt_file"], "-o", str(fp16)])
+    assert rc == 0
+    return {"fp32": (str(path), result), "fp16": str(fp16)}

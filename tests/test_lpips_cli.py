@@ -137,7 +137,7 @@ def test_demo_lpips_column(lpips_models, distance_model, tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "lpips_model", lambda *a: (CachedModel(lpath, "k", built=False), "random"))
     out, err = io.StringIO(), io.StringIO()
     rc = demo.run_demo(dspec, dloss, out_dir=str(tmp_path / "out"), size=40, bench=False,
-                       device="cpu", out=out, err=err)
+                       device="cpu", dists=False, out=out, err=err)
     text = out.getvalue()
     assert rc == 0
     lines = [ln for ln in text.splitlines() if ln.strip().startswith(("gaussian", "jpeg"))]

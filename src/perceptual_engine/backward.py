@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import losses
+from .reference import L2Pool
 from .spec import LossConfig
 
 Tensor = torch.Tensor
@@ -76,6 +77,41 @@ def max_pool_vjp(g: Tensor, inp: Tensor, out: Tensor) -> Tensor:
     f11 = e11 & ~(e00 | e01 | e10)
     first = torch.stack([torch.stack([e00, f01], -1), torch.stack([f10, f11], -1)], 3)
     return _unpool(g[:, :, :, None, :, None] * first.to(g.dtype), inp)
+
+
+def l2_pool_vjp(g: Tensor, inp: Tensor, out: Tensor, filt: Tensor) -> Tensor:
+    """y = sqrt(conv(x², f, stride 2, padding 1, per channel) + eps): x · convᵀ(g / y), float32.
+
+    ∂y/∂s = 1/(2y) and ∂s/∂x = 2x·f, so the 2s cancel. y >= sqrt(eps) > 0: finite
+    even where a window is all zero (x = 0 there too). The transposed convolution
+    without padding gives 2·Ho + 1 rows; rows 1..H are the input's (padding 1).
+    """
+    x, y = inp.float(), out.float()
+    back = F.conv_transpose2d(g.float() / y, filt.float(), stride=2, groups=x.shape[1])
+    return (x * back[:, :, 1:1 + x.shape[2], 1:1 + x.shape[3]]).to(g.dtype)
+
+
+# Spatial statistics of (N, C, h, w) maps, per sample and channel -> (N, C); their VJPs
+# take the gradient (N, C) of the statistic and return one of the map's shape, float32.
+def mean_vjp(g: Tensor, a: Tensor) -> Tensor:
+    """μ = mean over h, w of a: g / (h·w) everywhere."""
+    hw = a.shape[2] * a.shape[3]
+    return (g.float() / hw)[:, :, None, None].expand(a.shape)
+
+
+def variance_vjp(g: Tensor, a: Tensor) -> Tensor:
+    """σ² = mean over h, w of (a − μ)²: g · 2 (a − μ) / (h·w) (μ's own term sums to zero).
+    A covariance is a difference of variances here (σa² + σb² − 2σab = var(a − b)), so
+    DISTS' structure term needs no VJP of its own."""
+    a = a.float()
+    hw = a.shape[2] * a.shape[3]
+    return (2.0 * g.float() / hw)[:, :, None, None] * (a - a.mean(dim=(2, 3), keepdim=True))
+
+
+def ratio_vjp(g: Tensor, num: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
+    """r = num / den: (g / den, −g · num / den²) for num and den."""
+    q = g / den
+    return q, -q * num / den
 
 
 def content_vjp(fx: Tensor, target: Tensor, seed: Tensor) -> Tensor:
@@ -174,6 +210,8 @@ def _module_vjp(mod: nn.Module, g: Tensor, inp: Tensor, out: Tensor) -> Tensor:
         return max_pool_vjp(g, inp, out)
     if isinstance(mod, nn.AvgPool2d):
         return avg_pool_vjp(g, inp)
+    if isinstance(mod, L2Pool):
+        return l2_pool_vjp(g, inp, out, mod.filter)
     raise TypeError(f"no VJP for {type(mod).__name__}")
 
 

@@ -45,6 +45,36 @@ class Normalize(nn.Module):
         return x * self.scale + self.shift
 
 
+def l2_filter() -> torch.Tensor:
+    """DISTS' L2-pooling window: outer(h, h) / sum, h = hanning(5)[1:-1] = (0.5, 1, 0.5), (3, 3)."""
+    h = torch.tensor([0.5, 1.0, 0.5], dtype=torch.float64)
+    g = h[:, None] * h[None, :]
+    return (g / g.sum()).to(torch.float32)
+
+
+class L2Pool(nn.Module):
+    """sqrt(conv2d(x², g, stride 2, padding 1, per channel) + 1e-12) (DISTS' L2 pooling).
+
+    Computed in float32 whatever the network's dtype (x² of activations in the
+    hundreds overflows float16), then cast back.
+    """
+
+    EPS = 1e-12
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("filter", l2_filter().expand(channels, 1, 3, 3).contiguous(), persistent=False)
+        # A 1-element tensor, not a scalar: the ONNX exporter's optimizer (onnxscript's
+        # add_0 rule, abs_tol 1e-8) drops an Add of a scalar 1e-12 as if it were 0, and
+        # sqrt(0) then puts inf into the VJP's 1/y. It leaves 1-D constants alone.
+        self.register_buffer("eps", torch.full((1,), self.EPS, dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = x.float()
+        s = torch.nn.functional.conv2d(f * f, self.filter.float(), stride=2, padding=1, groups=f.shape[1])
+        return torch.sqrt(s + self.eps.float()).to(x.dtype)
+
+
 def build_layers(spec: FeatureSpec, weights: Weights) -> nn.Sequential:
     """``features`` of the arch, truncated after the deepest layer, weights loaded, frozen."""
     last = _layers.resolve(spec.arch, spec.deepest).index
@@ -61,6 +91,8 @@ def build_layers(spec: FeatureSpec, weights: Weights) -> nn.Sequential:
             mods.append(nn.ReLU(inplace=False))
         elif spec.pooling == "max":
             mods.append(nn.MaxPool2d(2, 2))
+        elif spec.pooling == "l2":
+            mods.append(L2Pool(info.channels))
         else:
             mods.append(nn.AvgPool2d(2, 2))
     seq = nn.Sequential(*mods).eval()

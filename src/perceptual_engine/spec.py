@@ -24,7 +24,7 @@ DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
     "vgg16": ("relu1_2", "relu2_2", "relu3_3", "relu4_3"),
 }
 INPUT_RANGES: dict[str, tuple[float, float]] = {"0,1": (0.0, 1.0), "-1,1": (-1.0, 1.0)}
-POOLINGS = ("max", "avg")
+POOLINGS = ("max", "avg", "l2")
 GRAM_NORMS = ("chw", "hw", "none")
 WEIGHT_SOURCES = ("imagenet", "random")
 
@@ -53,7 +53,9 @@ class FeatureSpec:
         the path of a torchvision-format state dict (.pth or .safetensors).
     input_range: "0,1" or "-1,1": the range of input pixel values, mapped to
         ImageNet mean/std normalization inside the network.
-    pooling: "max" (as trained) or "avg" (Gatys et al.'s variant for style).
+    pooling: "max" (as trained), "avg" (Gatys et al.'s variant for style) or "l2"
+        (DISTS: sqrt of a 3x3 Hanning-weighted sum of squares, stride 2, padding 1;
+        a side of h gives ceil(h / 2)).
     """
 
     arch: str = "vgg19"

@@ -57,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--workloads", type=_list(str), default=None, metavar="LIST",
                       help=f"comma-separated, of {', '.join(WORKLOADS)} (default: "
                            "features,distance,style; --quick: features,distance; lpips: "
-                           "LPIPS against the lpips package, VGG16, needs it installed)")
+                           "LPIPS against the lpips package, VGG16, needs it installed; "
+                           "dists: DISTS against DISTS_pytorch; metrics: torchmetrics' LPIPS "
+                           "update loop against the engine)")
     what.add_argument("--sizes", type=_list(int), default=None, metavar="LIST",
                       help="square image sides in pixels (default: 224,512; --quick: 224; "
                            "train: 224, stylize-step: 512; --quick: 64 for both)")

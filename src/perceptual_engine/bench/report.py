@@ -88,7 +88,11 @@ def to_markdown(result: "BenchResult") -> str:
         f"{', '.join(env['spec']['layers'])}); weights: {env['weights']['source']}"
         + ("; the lpips workload runs VGG16 to relu5_3 (LPIPS taps, inputs in [-1, 1], "
            "same weights source) against the lpips package's LPIPS(net='vgg')"
-           if "lpips" in cfg.workloads else ""),
+           if "lpips" in cfg.workloads else "")
+        + ("; the dists workload runs VGG16 with L2 pooling to relu5_3 (inputs in [0, 1], same "
+           "weights source) against DISTS_pytorch's DISTS" if "dists" in cfg.workloads else "")
+        + ("; the metrics workload runs LPIPS' VGG16 (inputs in [-1, 1]) against torchmetrics' "
+           "LearnedPerceptualImagePatchSimilarity update loop" if "metrics" in cfg.workloads else ""),
         "- TF32: " + ", ".join(f"{k}={val}" for k, val in env["tf32"]["torch"].items())
         + "; ORT use_tf32: " + (", ".join(f"{k}={int(val)}" for k, val in
                                           env["tf32"]["ort use_tf32 by variant"].items()) or "—")

@@ -8,6 +8,12 @@
 - ``lpips``: LPIPS of an (x, y) pair in [-1, 1] (VGG16 to relu5_3, whatever the run's
   arch and layers); its PyTorch baseline is the lpips package's own ``LPIPS(net='vgg')``
   with the run's trunk weights copied in, so every variant is checked against lpips.
+- ``dists``: DISTS of an (x, y) pair in [0, 1] (VGG16 with L2 pooling to relu5_3); its
+  PyTorch baseline is the authors' ``DISTS_pytorch.DISTS`` with the run's trunk weights.
+- ``metrics``: an evaluation loop's ``update(x, y)`` of LPIPS (VGG16, [-1, 1]): the
+  baseline is torchmetrics' ``LearnedPerceptualImagePatchSimilarity`` (the run's trunk);
+  the engine side is the LPIPS model's ``Engine.distance``, which is what
+  ``perceptual_engine.metrics.LPIPS.update`` runs (plus a sum).
 - ``train``: the distance of an (x, y) pair and its gradient with respect to x
   (bench/training.py); the engine runs a distance graph exported with ``grad``.
 - ``stylize-step``: one step of image optimization, batch 1: x against a cached
@@ -25,7 +31,7 @@ from ..errors import ConfigError
 from ..spec import FeatureSpec, LossConfig
 from .flops import gram_flops
 
-WORKLOADS = ("features", "distance", "style", "train", "stylize-step", "lpips")
+WORKLOADS = ("features", "distance", "style", "train", "stylize-step", "lpips", "dists", "metrics")
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,11 @@ class Workload:
 
     def spec_for(self, spec: FeatureSpec) -> FeatureSpec:
         """The network the workload runs: the run's, except LPIPS (VGG16, its taps, [-1, 1])."""
-        if self.name != "lpips":
+        if self.name == "dists":
+            from ..dists import default_spec as dists_spec
+
+            return dists_spec(spec.weights, seed=spec.seed)
+        if self.name not in ("lpips", "metrics"):
             return spec
         from ..lpips import default_spec
 
@@ -49,7 +59,7 @@ class Workload:
 
     def loss(self, spec: FeatureSpec) -> LossConfig | None:
         """The loss the workload computes (None for features and lpips)."""
-        if self.name in ("features", "lpips"):
+        if self.name in ("features", "lpips", "dists", "metrics"):
             return None
         style = {name: 1.0 for name in spec.layers}
         if self.name == "style":
@@ -67,8 +77,8 @@ class Workload:
         conv = _layers.conv_flops(spec.arch, spec.deepest, size, size)
         loss = self.loss(spec)
         grams = gram_flops(spec.arch, loss.style, size, size) if loss else 0
-        if self.name in ("distance", "lpips"):
-            return 2 * (conv + grams)  # x and y both run (LPIPS' head is negligible)
+        if self.name in ("distance", "lpips", "dists", "metrics"):
+            return 2 * (conv + grams)  # x and y both run (LPIPS' and DISTS' heads are negligible)
         if self.name == "train":
             return 3 * (conv + grams)  # x and y forward, x backward
         if self.name == "stylize-step":
@@ -85,6 +95,11 @@ REGISTRY: dict[str, Workload] = {
                       "style distance of x to a cached target"),
     "lpips": Workload("lpips", "pairs/s", "lpips",
                       "LPIPS (VGG16, lpips v0.1 weights) of an (x, y) pair in [-1, 1]"),
+    "dists": Workload("dists", "pairs/s", "dists",
+                      "DISTS (VGG16 with L2 pooling, DISTS_pytorch weights) of an (x, y) pair in [0, 1]"),
+    "metrics": Workload("metrics", "pairs/s", "lpips",
+                        "LPIPS metric update(x, y) of an evaluation loop, images in [-1, 1] "
+                        "(baseline: torchmetrics' LPIPS)"),
     "train": Workload("train", "pairs/s", "distance",
                       "distance of an (x, y) pair and its gradient with respect to x", grad=True),
     "stylize-step": Workload("stylize-step", "images/s", "target",
@@ -130,10 +145,10 @@ def make_case(workload: Workload, spec: FeatureSpec, size: int, batch: int, *,
         raise ConfigError(f"size {size} is smaller than {spec.deepest} needs ({spec.min_size}); "
                           "give a larger --sizes or a shallower --layers.")
     rng = np.random.default_rng([seed, size, batch, WORKLOADS.index(workload.name)])
-    names = ("x", "y") if workload.name in ("distance", "lpips", "train") else ("x",)
+    names = ("x", "y") if workload.name in ("distance", "lpips", "train", "dists", "metrics") else ("x",)
     shape = (batch, 3, size, size)
     sets = [{n: rng.random(shape, dtype=np.float32) for n in names} for _ in range(n_sets)]
-    if workload.name == "lpips":  # lpips' own convention: images in [-1, 1]
+    if workload.name in ("lpips", "metrics"):  # lpips' own convention: images in [-1, 1]
         sets = [{n: 2.0 * a - 1.0 for n, a in s.items()} for s in sets]
     one = (1, 3, size, size)
     target = rng.random(one, dtype=np.float32) if workload.name in ("style", "stylize-step") else None
@@ -153,12 +168,20 @@ def torch_model(case: Case, weights: Any):
         from .lpips_baseline import LpipsPackage
 
         return LpipsPackage(weights)
+    if case.workload.name == "dists":
+        from .dists_baseline import DistsPackage
+
+        return DistsPackage(weights)
+    if case.workload.name == "metrics":
+        from .dists_baseline import TorchmetricsLpips
+
+        return TorchmetricsLpips(weights)
     return TorchPerceptualLoss(case.spec, case.loss, weights=weights)
 
 
 def torch_call(case: Case, model: Any, feeds: Mapping[str, Any]) -> dict[str, Any]:
     """One call of the reference module on ``feeds`` (torch tensors)."""
-    if case.workload.name in ("distance", "lpips"):
+    if case.workload.name in ("distance", "lpips", "dists", "metrics"):
         return model(feeds["x"], feeds["y"])
     return model(feeds["x"])  # features, or style against the cached target
 

@@ -6,7 +6,8 @@
    increasing strengths, with a fixed seed, and prints the distances: they should
    grow with strength, and the demo says whether they do.
    Beside them, LPIPS (VGG16, the lpips package's v0.1 weights) of the same pairs,
-   from an LPIPS model exported once into the output folder (``--no-lpips`` skips it).
+   from an LPIPS model exported once into the output folder (``--no-lpips`` skips it),
+   and DISTS (VGG16 with L2 pooling, DISTS_pytorch's alpha/beta) likewise (``--no-dists``).
 3. Prints an ONNX Runtime vs PyTorch speed table from the benchmark package.
 
 ImageNet weights need a download. When it is impossible the demo (and only the
@@ -152,6 +153,33 @@ def lpips_model(spec: FeatureSpec, out_dir: str, dtype: str, say: Callable[[str]
     return entry, lspec.weights
 
 
+def dists_model(spec: FeatureSpec, out_dir: str, dtype: str, say: Callable[[str], None],
+                err: IO[str]) -> tuple[CachedModel | None, str]:
+    """(the demo's DISTS model, its trunk weights) or (None, why it is skipped); the trunk
+    follows the demo's weights as ``lpips_model``'s does."""
+    from .. import dists as D
+    from ..errors import PerceptualError
+
+    weights = spec.weights
+    if weights not in ("imagenet", "random") and spec.arch != "vgg16":
+        return None, f"skipped: --weights is a {spec.arch} file and DISTS runs VGG16"
+    dspec = D.default_spec(weights, seed=spec.seed)
+    try:
+        if weights == "imagenet":
+            try:
+                with contextlib.redirect_stdout(err):
+                    load_weights(dspec)
+            except WeightsError:
+                dspec = dataclasses.replace(dspec, weights="random")
+                err.write(f"  DISTS: ImageNet VGG16 weights are not available either; its column uses "
+                          f"SEEDED RANDOM trunk weights (seed {spec.seed})\n")
+        entry = ensure_model(dspec, None, dtype=dtype, graph="dists", folder=out_dir,
+                             name="vgg16-dists", say=say)
+    except PerceptualError as exc:  # no DISTS_pytorch: the rest of the demo stands
+        return None, f"skipped: {str(exc).splitlines()[0]}"
+    return entry, dspec.weights
+
+
 def speed_table(out: IO[str], out_dir: str = "out") -> None:
     """A short ONNX Runtime vs PyTorch table from the benchmark package.
 
@@ -175,7 +203,7 @@ def speed_table(out: IO[str], out_dir: str = "out") -> None:
 
 def run_demo(spec: FeatureSpec, loss: LossConfig, *, out_dir: str = "out", photo: str | None = None,
              size: int = 224, device: str = "auto", dtype: str = "float32", bench: bool = True,
-             lpips: bool = True, out: IO[str], err: IO[str]) -> int:
+             lpips: bool = True, dists: bool = True, out: IO[str], err: IO[str]) -> int:
     """Run the demo, printing to ``out`` (results) and ``err`` (progress, warnings).
 
     Returns 0; a distance that does not grow with strength is reported as a warning.
@@ -227,19 +255,29 @@ def run_demo(spec: FeatureSpec, loss: LossConfig, *, out_dir: str = "out", photo
             a, b = (-1.0, 2.0) if lp.spec.input_range == "-1,1" else (0.0, 1.0)
             lp_values = lp.distance(a + b * x01, a + b * y01)["total"]
             lp_note = f"VGG16 trunk weights {lp_note}, lpips v0.1 linear weights"
+    ds_values, ds_note = None, "skipped (--no-dists)"
+    if dists:
+        ds_entry, ds_note = dists_model(spec, out_dir, dtype, say, err)
+        if ds_entry is not None:
+            y01 = np.ascontiguousarray(np.stack(ys), dtype=np.float32)
+            x01 = np.ascontiguousarray(np.broadcast_to(ref, y01.shape), dtype=np.float32)
+            ds_values = Engine(ds_entry.path, device).distance(x01, y01)["total"]
+            ds_note = f"VGG16 trunk weights {ds_note}, DISTS_pytorch alpha/beta"
     content = [n for n in engine.output_names if n.startswith("content.")]
     style = [n for n in engine.output_names if n.startswith("style.")]
     out.write(f"\n2. distances from {os.path.basename(photo)} ({size}x{size}) to distorted copies "
               f"(seed {SEED}), on {engine.providers[0]}: {len(rows)} pairs in {run_s:.2f} s "
               f"(session {load_s:.2f} s)\n")
-    head = f"   {'distortion':<16}{'strength':<14}{'content':>12}{'style':>12}{'total':>12}{'LPIPS':>10}"
+    head = f"   {'distortion':<16}{'strength':<14}{'content':>12}{'style':>12}{'total':>12}{'DISTS':>10}{'LPIPS':>10}"
     out.write(head + "\n   " + "-" * (len(head) - 3) + "\n")
     c_w, s_w = loss.content, loss.style
     for i, (kind, label) in enumerate(rows):
         c = sum(c_w[n.split(".", 1)[1]] * float(dist[n][i]) for n in content)
         s = sum(s_w[n.split(".", 1)[1]] * float(dist[n][i]) for n in style)
         lp_cell = f"{float(lp_values[i]):>10.4f}" if lp_values is not None else f"{'-':>10}"
-        out.write(f"   {kind:<16}{label:<14}{c:>12.4g}{s:>12.4g}{float(dist['total'][i]):>12.4g}{lp_cell}\n")
+        ds_cell = f"{float(ds_values[i]):>10.4f}" if ds_values is not None else f"{'-':>10}"
+        out.write(f"   {kind:<16}{label:<14}{c:>12.4g}{s:>12.4g}{float(dist['total'][i]):>12.4g}"
+                  f"{ds_cell}{lp_cell}\n")
     bad = []
     for j, (kind, _, strengths) in enumerate(DISTORTIONS):
         totals = [float(dist["total"][j * len(strengths) + k]) for k in range(len(strengths))]
@@ -251,6 +289,7 @@ def run_demo(spec: FeatureSpec, loss: LossConfig, *, out_dir: str = "out", photo
         out.write("   the distance grows with strength for every distortion, as it should.\n")
     out.write(f"   (content and style are the weighted sums of the {len(content)} content and "
               f"{len(style)} style terms; the model outputs each term separately)\n")
+    out.write(f"   (DISTS: {ds_note})\n")
     out.write(f"   (LPIPS: {lp_note})\n")
 
     out.write("\n3. speed: ONNX Runtime vs PyTorch (perceptual_engine.bench, quick)\n")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import ConfigError, ModelError
-from .options import SPEC_FLAGS, lpips_spec_from_args, spec_from_args
+from .options import SPEC_FLAGS, dists_spec_from_args, lpips_spec_from_args, spec_from_args
 
 HONOURED = "honoured"
 SINGLE, RAY = "single", "ray"
@@ -31,6 +31,7 @@ _RAY_ONLY = ("--ray-address and --ray-actors go with --ray (they choose the Ray 
 FLAGS: dict[str, dict[str, str]] = {
     "a": _BOTH, "b": _BOTH, "pairs": _BOTH,
     "model": _BOTH, "graph": _BOTH, "spatial_dir": _BOTH, "lpips_weights": _BOTH,
+    "dists_weights": _BOTH,
     "cache_dir": _BOTH, "device": _BOTH, "batch_size": _BOTH, "size_policy": _BOTH,
     "output": _BOTH, "resume": _BOTH, "format": _BOTH, "max_pixels": _BOTH,
     "memory_budget": _BOTH, "max_side": _BOTH,
@@ -60,7 +61,8 @@ def _flag(dest: str) -> str:
 @dataclass(frozen=True)
 class ModelRequest:
     """The model ``distance`` runs: ``model`` (a file given with --model) or the spec
-    to export (``graph``, ``spec``, ``loss``, ``lpips_weights``, ``spatial``, ``dtype``)."""
+    to export (``graph``, ``spec``, ``loss``, ``lpips_weights``, ``spatial``, ``dtype``,
+    ``dists_weights``)."""
 
     model: str | None
     graph: str
@@ -69,24 +71,42 @@ class ModelRequest:
     lpips_weights: str | None = None
     spatial: bool = False
     dtype: str = "float32"
+    dists_weights: str | None = None
+
+    def extra(self) -> dict[str, Any]:
+        """The model cache's arguments for this graph's head (LPIPS or DISTS weights)."""
+        if self.graph == "lpips":
+            return {"lpips_weights": self.lpips_weights, "spatial": self.spatial}
+        if self.graph == "dists":
+            return {"dists_weights": self.dists_weights}
+        return {}
 
 
 def model_request(args: argparse.Namespace) -> ModelRequest:
     """What the model flags ask for; ConfigError for combinations that cannot hold."""
     spatial = args.spatial_dir is not None
     if args.model:
-        given = [_flag(f) for f in SPEC_FLAGS + ("lpips_weights",) if getattr(args, f) is not None]
+        given = [_flag(f) for f in SPEC_FLAGS + ("lpips_weights", "dists_weights")
+                 if getattr(args, f) is not None]
         if given:
             raise ConfigError(f"--model reads the spec from the model; drop {', '.join(given)}, "
                               "or drop --model to export one from the flags.")
         return ModelRequest(model=args.model, graph=args.graph or "", spatial=spatial)
     graph = args.graph or "distance"
+    if args.dists_weights is not None and graph != "dists":
+        raise ConfigError("--dists-weights is an option of --graph dists; add --graph dists, or drop it.")
     if graph == "lpips":
         return ModelRequest(None, "lpips", lpips_spec_from_args(args), None, args.lpips_weights,
                             spatial, args.dtype or "float32")
+    if graph == "dists":
+        if args.lpips_weights is not None or spatial:
+            raise ConfigError("--lpips-weights and --spatial-dir are options of --graph lpips; DISTS "
+                              "has no spatial map. Drop them.")
+        return ModelRequest(None, "dists", dists_spec_from_args(args), None,
+                            dtype=args.dtype or "float32", dists_weights=args.dists_weights)
     if args.lpips_weights is not None:
         raise ConfigError("--lpips-weights is an option of --graph lpips; add --graph lpips, or drop it.")
-    if spatial:
+    if spatial and graph != "lpips":
         raise ConfigError("--spatial-dir writes LPIPS maps; add --graph lpips (or --model with an "
                           "LPIPS model exported with --spatial).")
     from ..spec import LossConfig
@@ -104,9 +124,10 @@ def check_model(req: ModelRequest, info: Any) -> None:
                           f"{info.graph} model (its metadata says so); drop --graph (the model "
                           f"says what it computes), or give a model exported with --graph "
                           f"{req.graph}.")
-    if info.graph not in ("distance", "lpips"):
+    if info.graph not in ("distance", "lpips", "dists"):
         raise ModelError(f"{name!r} is a {info.graph} graph; distance needs a model exported "
-                         "with `perceptual-engine export --graph distance` or `--graph lpips`.")
+                         "with `perceptual-engine export --graph distance`, `--graph lpips` or "
+                         "`--graph dists`.")
     if req.spatial and not getattr(info, "spatial", False):
         raise ModelError(f"{name!r} has no spatial output; --spatial-dir needs an LPIPS model "
                          "exported with --spatial (or drop --model to export one).")
@@ -136,10 +157,8 @@ def ensure_model_file(req: ModelRequest, cache_dir: str | None,
         return req.model
     from ..datasets.cache import ensure_model, models_dir
 
-    extra = {"lpips_weights": req.lpips_weights, "spatial": req.spatial} \
-        if req.graph == "lpips" else {}
     entry = ensure_model(req.spec, req.loss, dtype=req.dtype, graph=req.graph,
-                         folder=models_dir(cache_dir), say=say, **extra)
+                         folder=models_dir(cache_dir), say=say, **req.extra())
     if not entry.built:
         say(f"using the cached model {entry.path}")
     return entry.path

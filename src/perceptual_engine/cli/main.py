@@ -15,8 +15,9 @@ import sys
 import warnings
 from typing import Sequence
 
-from .options import (add_lpips_options, add_memory_options, add_spec_options,
-                      lpips_spec_from_args, positive_int, spec_from_args)
+from .options import (add_dists_options, add_lpips_options, add_memory_options,
+                      add_spec_options, dists_spec_from_args, lpips_spec_from_args, positive_int,
+                      spec_from_args)
 from ..errors import (ConfigError, LinearWeightsError, PerceptualError,
                       WeightsError)
 
@@ -41,8 +42,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         triton_name = args.triton_name if args.triton_name is not None else \
             os.path.splitext(os.path.basename(args.output))[0]
         check_repo_entry(args.triton_repo, triton_name, args.output)
-    lpips_kw = {}
-    if args.graph == "lpips":
+    lpips_kw: dict = {}
+    if args.dists_weights is not None and args.graph != "dists":
+        raise ConfigError("--dists-weights is an option of --graph dists; add --graph dists, or drop it.")
+    if args.graph == "dists":
+        if args.lpips_weights is not None or args.spatial:
+            raise ConfigError("--lpips-weights and --spatial are options of --graph lpips; DISTS has "
+                              "no spatial map. Drop them.")
+        spec, loss = dists_spec_from_args(args), None
+        lpips_kw = {"dists_weights": args.dists_weights}
+    elif args.graph == "lpips":
         spec, loss = lpips_spec_from_args(args), None
         lpips_kw = {"lpips_weights": args.lpips_weights, "spatial": args.spatial}
     else:
@@ -73,7 +82,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"  inputs    {', '.join(images)}: float32 {dims}"
           + ("; target.content.<l>: float32 (1, C, H_l, W_l)" if r.graph == "target" else "")
           + ("; target.gram.<l>: float32 (1, C, C)" if len(images) < len(r.inputs) else ""))
-    if r.graph == "lpips":
+    if r.graph == "dists":
+        from ..runtime import read_info
+
+        head = read_info(r.path).dists or {}
+        print(f"  dists     alpha/beta {head.get('weights_source')}, sha256 "
+              f"{str(head.get('weights_sha256'))[:16]}; statistics in float32")
+        scalars = [o for o in r.outputs if o != "grad.x"]
+        print(f"  outputs   {', '.join(scalars)}: float32 (N,)"
+              + ("; grad.x (N, 3, H, W)" if "grad.x" in r.outputs else ""))
+    elif r.graph == "lpips":
         from ..runtime import read_info
 
         head = read_info(r.path).lpips or {}
@@ -123,11 +141,9 @@ def _open_engine(args: argparse.Namespace):
     else:
         from ..datasets.cache import models_dir, open_engine
 
-        extra = {"lpips_weights": req.lpips_weights, "spatial": req.spatial} \
-            if req.graph == "lpips" else {}
         engine, entry = open_engine(req.spec, req.loss, device=args.device, dtype=req.dtype,
                                     folder=models_dir(args.cache_dir), say=_say,
-                                    graph=req.graph, **extra)
+                                    graph=req.graph, **req.extra())
         if not entry.built:
             _say(f"using the cached model {entry.path}")
     check_model(req, engine.info)
@@ -221,7 +237,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                           f"({built.min_size}x downsampling); accepted: --size >= {built.min_size}.")
     return run_demo(spec, loss, out_dir=args.out_dir, photo=args.image, size=args.size,
                     device=args.device, dtype=args.dtype or "float32", bench=not args.no_bench,
-                    lpips=not args.no_lpips,
+                    lpips=not args.no_lpips, dists=not args.no_dists,
                     out=sys.stdout, err=sys.stderr)
 
 
@@ -247,22 +263,25 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a FeatureSpec to one self-contained ONNX file, verified "
                                    "with onnx.checker and against the PyTorch reference.")
     add_spec_options(p)
-    p.add_argument("--graph", choices=("features", "distance", "style", "target", "lpips"),
+    p.add_argument("--graph", choices=("features", "distance", "style", "target", "lpips", "dists"),
                    default="features",
                    help="features: input x, one output per layer; distance: inputs x, y, "
                         "outputs content.<l>, style.<l>, total; target: x against cached "
                         "content features and style Grams (Engine.set_target); style: x against "
                         "a cached target's Grams (style terms only); lpips: LPIPS (VGG16, lpips "
-                        "v0.1 weights), outputs lpips.<l>, total (default: features)")
+                        "v0.1 weights), outputs lpips.<l>, total; dists: DISTS (VGG16 with L2 "
+                        "pooling, DISTS_pytorch weights), outputs texture.<s>, structure.<s>, total "
+                        "(default: features)")
     p.add_argument("--grad", action="store_true",
                    help="also output grad.x (N, 3, H, W), the gradient of the summed total with "
-                        "respect to x (distance, target and lpips graphs; docs/training.md)")
+                        "respect to x (distance, target, lpips and dists graphs; docs/training.md)")
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="the .onnx file to write")
     p.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository "
                    "entry: DIR/NAME/config.pbtxt and DIR/NAME/1/model.onnx (see docs/scale.md)")
     p.add_argument("--triton-name", metavar="NAME", help="the Triton model name (default: the "
                    "stem of --output)")
     add_lpips_options(p, spatial_flag=True)
+    add_dists_options(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -276,10 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", metavar="CSV", help="two columns: image A, image B (instead of A B)")
     p.add_argument("--model", metavar="ONNX", help="an exported distance or lpips model; without "
                    "it one is exported from the spec flags into the cache once")
-    p.add_argument("--graph", choices=("distance", "lpips"),
-                   help="the model exported from the spec flags: distance (content/style terms) "
-                        "or lpips (VGG16 LPIPS; default layers and arch); with --model, the kind "
-                        "the model must be (default: distance, or the kind of --model)")
+    p.add_argument("--graph", choices=("distance", "lpips", "dists"),
+                   help="the model exported from the spec flags: distance (content/style terms), "
+                        "lpips (VGG16 LPIPS; default layers and arch) or dists (DISTS, VGG16 with "
+                        "L2 pooling; inputs in [0, 1]); with --model, the kind the model must be "
+                        "(default: distance, or the kind of --model)")
     p.add_argument("--spatial-dir", metavar="DIR", dest="spatial_dir",
                    help="--graph lpips: write each pair's LPIPS map as a PNG here (grey levels "
                         "scaled by the map's own maximum; see docs/lpips.md)")
@@ -313,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Engine actors (default: one per GPU; without GPUs, one per 4 CPUs)")
     add_spec_options(p)
     add_lpips_options(p, spatial_flag=False)
+    add_dists_options(p)
     p.set_defaults(func=cmd_distance)
 
     p = sub.add_parser("info", help="versions, GPU and execution providers that really load",
@@ -334,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
     p.add_argument("--no-bench", action="store_true", help="skip the speed table")
     p.add_argument("--no-lpips", action="store_true", help="skip the LPIPS column (its model "
+                   "is exported once into --out-dir)")
+    p.add_argument("--no-dists", action="store_true", help="skip the DISTS column (its model "
                    "is exported once into --out-dir)")
     add_spec_options(p, default_layers="the arch's usual four; the demo's loss: content on "
                                        "relu2_2, style on every layer",

@@ -67,7 +67,8 @@ def add_spec_options(p: argparse.ArgumentParser, *, default_layers: str = "the a
     g.add_argument("--seed", type=int, help="seed of --weights random (default: 0)")
     g.add_argument("--input-range", choices=tuple(INPUT_RANGES), dest="input_range",
                    help="pixel range of the inputs (default: 0,1); write --input-range=-1,1")
-    g.add_argument("--pooling", choices=POOLINGS, help=f"max (as trained) or avg (default: {default_pooling})")
+    g.add_argument("--pooling", choices=POOLINGS, help="max (as trained), avg, or l2 (DISTS' L2 pooling) "
+                   f"(default: {default_pooling})")
     g = p.add_argument_group("loss (LossConfig)")
     g.add_argument("--content", type=_weight_map, metavar="L=W,...",
                    help=f"content terms and weights, e.g. relu2_2=1.0 (default: {default_content})")
@@ -145,6 +146,29 @@ def add_lpips_options(p: argparse.ArgumentParser, *, spatial_flag: bool) -> None
     if spatial_flag:
         g.add_argument("--spatial", action="store_true",
                        help="also output the per-pixel map 'spatial' (N, 1, H, W)")
+
+
+def add_dists_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("DISTS (--graph dists)")
+    g.add_argument("--dists-weights", metavar="PATH", dest="dists_weights",
+                   help="DISTS alpha/beta (.pt, keys alpha and beta, each (1, 1475, 1, 1)) "
+                        "(default: weights.pt of the installed DISTS_pytorch package)")
+
+
+def dists_spec_from_args(args: argparse.Namespace):
+    """The FeatureSpec of a DISTS graph: VGG16, L2 pooling, its five taps, [0, 1] inputs;
+    only --weights and --seed may be given."""
+    from ..dists import default_spec
+    from ..errors import ConfigError
+
+    given = [f"--{n.replace('_', '-')}" for n in ("content", "style", "gram", "arch", "layers",
+                                                   "input_range", "pooling")
+             if getattr(args, n, None) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} do not apply to --graph dists: DISTS is VGG16 with L2 "
+                          "pooling at relu1_2..relu5_3 on [0, 1] images, with its own head. Drop them "
+                          "(--weights and --seed choose the trunk).")
+    return default_spec(args.weights or "imagenet", seed=0 if args.seed is None else args.seed)
 
 
 def lpips_spec_from_args(args: argparse.Namespace):

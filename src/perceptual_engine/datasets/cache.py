@@ -34,12 +34,13 @@ class CachedModel:
 
 def model_key(spec: FeatureSpec, loss: LossConfig | None, dtype: str = "float32",
               graph: str = "distance", lpips: Any = None, spatial: bool = False,
-              grad: bool = False) -> str:
+              grad: bool = False, dists: Any = None) -> str:
     """Hash of everything the model's numbers depend on.
 
     A weights file enters by its size and modification time too, so replacing the
     file re-exports instead of reusing numbers from the old one. An LPIPS graph's
-    linear weights (``lpips``: LinearWeights) enter by their SHA-256, and ``spatial``.
+    linear weights (``lpips``: LinearWeights) enter by their SHA-256, and ``spatial``;
+    a DISTS graph's alpha/beta (``dists``: DistsWeights) by theirs.
     """
     # Term order is output order: keep it (a dict would be hashed sorted).
     terms = None if loss is None else {"content": list(loss.content.items()),
@@ -49,6 +50,8 @@ def model_key(spec: FeatureSpec, loss: LossConfig | None, dtype: str = "float32"
     if graph == "lpips":
         material["lpips"] = {"weights_sha256": lpips.sha256 if lpips is not None else None,
                              "spatial": bool(spatial)}
+    if graph == "dists":
+        material["dists"] = {"weights_sha256": dists.sha256 if dists is not None else None}
     if grad:  # only when set, so the keys of models without a gradient stay as they were
         material["grad"] = True
     if spec.weights not in ("imagenet", "random") and os.path.isfile(spec.weights):
@@ -67,7 +70,8 @@ def _sidecar(path: str) -> str:
 
 def check_entry(path: str, key: str, spec: FeatureSpec, loss: LossConfig | None,
                 dtype: str, graph: str = "distance", lpips: Any = None,
-                spatial: bool = False, grad: bool = False) -> tuple[dict[str, Any] | None, str]:
+                spatial: bool = False, grad: bool = False,
+                dists: Any = None) -> tuple[dict[str, Any] | None, str]:
     """(sidecar record, "") if the entry at ``path`` is intact, else (None, why not)."""
     if not os.path.isfile(path):
         return None, "not built yet"
@@ -91,6 +95,8 @@ def check_entry(path: str, key: str, spec: FeatureSpec, loss: LossConfig | None,
     if graph == "lpips" and (info.spatial != bool(spatial) or (info.lpips or {}).get(
             "weights_sha256") != getattr(lpips, "sha256", None)):
         return None, "model's LPIPS weights or spatial output differ from the requested ones"
+    if graph == "dists" and (info.dists or {}).get("weights_sha256") != getattr(dists, "sha256", None):
+        return None, "model's DISTS weights differ from the requested ones"
     return record, ""
 
 
@@ -98,7 +104,7 @@ def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "fl
                  graph: str = "distance", folder: str | None = None, name: str | None = None,
                  rebuild: bool = False, weights: Any = None, grad: bool = False,
                  say: Callable[[str], None] | None = None, lpips_weights: Any = None,
-                 spatial: bool = False) -> CachedModel:
+                 spatial: bool = False, dists_weights: Any = None) -> CachedModel:
     """The path of a verified model for (spec, loss, dtype, graph), exporting it if needed.
 
     folder: where entries live (default: ``<default_cache_dir()>/models``).
@@ -108,6 +114,8 @@ def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "fl
         outputs ``grad.x`` (export_onnx's ``grad``); part of the key.
     lpips_weights, spatial: graph "lpips" only (see export_onnx); the linear weights
         are loaded here (default: the lpips package's file) and keyed by their hash.
+    dists_weights: graph "dists" only: alpha/beta (default: the DISTS_pytorch wheel's),
+        loaded here and keyed by their hash.
     """
     say = say or (lambda msg: None)
     lin = None
@@ -115,13 +123,18 @@ def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "fl
         from ..lpips import LinearWeights, load_linear_weights
 
         lin = lpips_weights if isinstance(lpips_weights, LinearWeights) else load_linear_weights(lpips_weights)
-    key = model_key(spec, loss, dtype, graph, lin, spatial, grad)
+    dw = None
+    if graph == "dists":
+        from ..dists import resolve_weights
+
+        dw = resolve_weights(dists_weights)
+    key = model_key(spec, loss, dtype, graph, lin, spatial, grad, dw)
     folder = folder or models_dir()
     path = os.path.join(folder, f"{name or key}.onnx")
     os.makedirs(folder, exist_ok=True)
     with file_lock(os.path.join(folder, f"{name or key}.lock")):
         # Checked under the lock: another process may have just built it.
-        record, why = check_entry(path, key, spec, loss, dtype, graph, lin, spatial, grad)
+        record, why = check_entry(path, key, spec, loss, dtype, graph, lin, spatial, grad, dw)
         if record is not None and not rebuild:
             return CachedModel(path, key, built=False, errors=record.get("errors", {}))
         if rebuild:
@@ -130,6 +143,7 @@ def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "fl
         # The old sidecar stays until the new one replaces it: it cannot vouch for the new
         # file (its SHA-256 differs), and an export that fails leaves the old entry intact.
         extra = {"lpips_weights": lin, "spatial": spatial} if graph == "lpips" else {}
+        extra.update({"dists_weights": dw} if graph == "dists" else {})
         result = export_onnx(spec, path, graph=graph, loss=loss, dtype=dtype, weights=weights,
                              progress=say, **extra, **({"grad": True} if grad else {}))
         errors = {k: {"max_abs": e.max_abs, "max_rel": e.max_rel} for k, e in result.errors.items()}
@@ -144,17 +158,18 @@ def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "fl
 def open_engine(spec: FeatureSpec, loss: LossConfig | None, *, device: str = "auto",
                 dtype: str = "float32", folder: str | None = None,
                 say: Callable[[str], None] | None = None, graph: str = "distance",
-                lpips_weights: Any = None, spatial: bool = False):
+                lpips_weights: Any = None, spatial: bool = False, dists_weights: Any = None):
     """(Engine, CachedModel): the cached model loaded on ``device``; an entry that
     fails to load (ModelError) is rebuilt once, then any failure is the caller's.
-    graph "distance" (``loss``) or "lpips" (``lpips_weights``, ``spatial``)."""
+    graph "distance" (``loss``), "lpips" (``lpips_weights``, ``spatial``) or "dists"
+    (``dists_weights``)."""
     from ..runtime import Engine
 
     def make(path: str):
         return Engine(path, device)
 
     kw = dict(dtype=dtype, folder=folder, say=say, graph=graph, lpips_weights=lpips_weights,
-              spatial=spatial)
+              spatial=spatial, dists_weights=dists_weights)
     entry = ensure_model(spec, loss, **kw)
     try:
         return make(entry.path), entry

@@ -15,7 +15,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import onnx
 import torch
@@ -23,6 +23,7 @@ import torch
 from .. import __version__
 from .._io import atomic_path, check_destination
 from ..errors import ConfigError, ExportError
+from .. import dists as _dists
 from .. import lpips as _lpips
 from ..lpips import LinearWeights
 from ..reference import TorchFeatures, TorchLPIPS
@@ -136,6 +137,7 @@ def export_onnx(
     grad: bool = False,
     lpips_weights: "str | os.PathLike | LinearWeights | None" = None,
     spatial: bool = False,
+    dists_weights: "str | os.PathLike | Any | None" = None,
 ) -> ExportResult:
     """Export ``spec`` as a verified, self-contained ONNX file at ``path``.
 
@@ -151,6 +153,11 @@ def export_onnx(
     lpips_weights: graph "lpips" only: the linear weights file (.pth), LinearWeights,
         or None for the installed lpips package's ``weights/v0.1/vgg.pth``.
     spatial: graph "lpips" only: also output the per-pixel map ``spatial`` (N, 1, H, W).
+        "dists" (inputs ``x``, ``y`` in [0, 1]; outputs ``texture.<s>``, ``structure.<s>``
+        per stage (``input`` and the five taps) and ``total``, (N,) float32; ``spec`` is
+        ``perceptual_engine.dists.default_spec(weights)``: VGG16 with L2 pooling).
+    dists_weights: graph "dists" only: the alpha/beta file (.pt), DistsWeights, or None
+        for the installed DISTS_pytorch wheel's ``weights.pt``.
         "target" generalizes "style": inputs ``x``, ``target.content.<l>``
         (1, C, H_l, W_l) per content layer (x's feature size) and ``target.gram.<l>``
         (1, C, C) per style layer; outputs ``content.<l>``, ``style.<l>``, ``total``
@@ -169,9 +176,9 @@ def export_onnx(
         raise ConfigError(f"graph {graph!r} is not accepted; accepted: {', '.join(GRAPH_KINDS)}.")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not accepted; accepted: {', '.join(DTYPES)}.")
-    if grad and graph not in ("distance", "target", "lpips"):
-        raise ConfigError(f"grad=True needs graph='distance', graph='target' or graph='lpips' (a loss to "
-                          f"differentiate); got graph={graph!r}. Export one of those, or drop grad=True.")
+    if grad and graph not in ("distance", "target", "lpips", "dists"):
+        raise ConfigError(f"grad=True needs graph='distance', graph='target', graph='lpips' or graph='dists' "
+                          f"(a loss to differentiate); got graph={graph!r}. Export one of those, or drop grad=True.")
     if graph in ("distance", "target"):
         loss = loss if loss is not None else LossConfig.default_for(spec)
         loss.check_against(spec)
@@ -197,6 +204,15 @@ def export_onnx(
     elif lpips_weights is not None or spatial:
         raise ConfigError("lpips_weights and spatial are options of graph='lpips'; drop them or "
                           "export graph='lpips'.")
+    if graph == "dists":
+        _dists.check_spec(spec)
+        if grad and dtype == "float16":
+            # As for LPIPS: the half-precision backward through VGG16 to relu5_3 is not
+            # within the verified gradient tolerance (see docs/dists.md).
+            raise ConfigError("grad=True for a DISTS graph needs dtype='float32'; export float32 "
+                              "for gradients (the forward may stay float16).")
+    elif dists_weights is not None:
+        raise ConfigError("dists_weights is an option of graph='dists'; drop it or export graph='dists'.")
     if loss is not None:
         spec = _trim_to_loss(spec, loss)
     path = os.fspath(path)
@@ -204,7 +220,9 @@ def export_onnx(
     say = progress or (lambda msg: None)
     start = time.perf_counter()
 
-    lin, lpips_meta = None, None
+    lin, lpips_meta, dists_w = None, None, None
+    if graph == "dists":  # before the network: a missing DISTS_pytorch fails fast
+        dists_w = _dists.resolve_weights(dists_weights)
     if graph == "lpips":  # before the network: a missing lpips package fails fast
         lin = (lpips_weights if isinstance(lpips_weights, _lpips.LinearWeights)
                else _lpips.load_linear_weights(lpips_weights))
@@ -219,10 +237,13 @@ def export_onnx(
         traced.body.half()
     info = ModelInfo(spec=spec, loss=loss, graph=graph, dtype=dtype,
                      weights_source=weights.source, weights_sha256=weights.sha256,
-                     version=__version__, grad=grad, lpips=lpips_meta)
+                     version=__version__, grad=grad, lpips=lpips_meta,
+                     dists=dists_w.metadata() if dists_w is not None else None)
     if graph == "lpips":
         module: torch.nn.Module = LpipsGraph(traced, lin, bool(spatial), grad)
         reference = TorchLPIPS(spec, lin, spatial=bool(spatial), weights=weights)  # type: ignore[assignment]
+    elif graph == "dists":
+        module, reference = _dists.build(traced, spec, weights, dists_w, grad)  # type: ignore[assignment]
     else:
         kind = {"features": FeaturesGraph, "distance": DistanceGraph, "style": StyleGraph, "target": TargetGraph}
         module = kind[graph](traced, *(() if graph == "features" else (loss,)),
@@ -231,7 +252,7 @@ def export_onnx(
 
     size = _example_size(spec)
     g = torch.Generator().manual_seed(0)
-    args = tuple(torch.rand(2, 3, size, size + 2, generator=g) for _ in ("x", "y")[: 1 + (graph in ("distance", "lpips"))])
+    args = tuple(torch.rand(2, 3, size, size + 2, generator=g) for _ in ("x", "y")[: 1 + (graph in ("distance", "lpips", "dists"))])
     args += tuple(torch.rand(1, *shape, generator=g) for shape in _target_shapes(spec, loss, graph, size))
     say(f"exporting {graph} graph ({dtype}) to ONNX")
     with logging_level(logging.ERROR):

@@ -30,7 +30,7 @@ DTYPES = ("float32", "float16")
 MAX_VALUE_CHARS = 65536
 MAX_JSON_DEPTH = 8
 # Defined here, not beside the graph modules, so reading metadata needs no torch.
-GRAPH_KINDS = ("features", "distance", "style", "target", "lpips")
+GRAPH_KINDS = ("features", "distance", "style", "target", "lpips", "dists")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _VERSION = re.compile(r"[0-9A-Za-z.+!_-]{1,64}")
 
@@ -42,6 +42,14 @@ class Invalid(ValueError):
 def lpips_output_names(layers: tuple[str, ...], spatial: bool = False) -> tuple[str, ...]:
     """Outputs of an LPIPS graph, in order: ``lpips.<l>`` per tap, ``total``, [``spatial``]."""
     return tuple(f"lpips.{n}" for n in layers) + ("total",) + (("spatial",) if spatial else ())
+
+
+def dists_output_names(layers: tuple[str, ...]) -> tuple[str, ...]:
+    """Outputs of a DISTS graph, in order: ``texture.<s>`` then ``structure.<s>`` per stage
+    (``input``, then the taps ``layers``), then ``total``; each term is that stage's share
+    of the distance, so they sum to ``total``."""
+    stages = ("input",) + tuple(layers)
+    return tuple(f"texture.{s}" for s in stages) + tuple(f"structure.{s}" for s in stages) + ("total",)
 
 
 @dataclass(frozen=True)
@@ -58,12 +66,14 @@ class ModelInfo:
     graph_sha256: str = ""  # set when the model is sealed (integrity.seal)
     # graph "lpips": {"weights_source", "weights_sha256", "spatial"} of its linear head
     lpips: Mapping[str, Any] | None = None
+    # graph "dists": {"weights_source", "weights_sha256"} of its alpha/beta
+    dists: Mapping[str, Any] | None = None
 
     @property
     def input_names(self) -> tuple[str, ...]:
         if self.graph == "features":
             return ("x",)
-        if self.graph in ("distance", "lpips"):
+        if self.graph in ("distance", "lpips", "dists"):
             return ("x", "y")
         content = tuple(f"target.content.{n}" for n in self.loss.content) if self.graph == "target" else ()  # type: ignore[union-attr]
         return ("x",) + content + tuple(f"target.{g}" for g in self.gram_names)
@@ -87,13 +97,15 @@ class ModelInfo:
         """What ``Engine.distance`` returns: the loss terms, total, and ``grad.x`` if present."""
         if self.graph == "lpips":
             return lpips_output_names(self.spec.layers, self.spatial) + (("grad.x",) if self.grad else ())
+        if self.graph == "dists":
+            return dists_output_names(self.spec.layers) + (("grad.x",) if self.grad else ())
         if self.loss is None:
             return ()
         return self.loss.output_names() + (("grad.x",) if self.grad else ())
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        if self.graph == "lpips":
+        if self.graph in ("lpips", "dists"):
             return self.term_names
         if self.graph == "features" or self.loss is None:
             return tuple(self.spec.layers)
@@ -106,7 +118,8 @@ class ModelInfo:
 
     def to_props(self) -> dict[str, str]:
         """The metadata_props of this model (without ``integrity``, which seals them)."""
-        props = {PREFIX + key: f.dump(getattr(self, key)) for key, f in FIELDS.items() if f.stored}
+        props = {PREFIX + key: f.dump(getattr(self, key)) for key, f in FIELDS.items()
+                 if f.stored and not (f.optional and getattr(self, key) is None)}
         if not self.graph_sha256:
             del props[PREFIX + "graph_sha256"]
         return props
@@ -132,6 +145,8 @@ class ModelInfo:
         values: dict[str, Any] = {}
         for key, f in FIELDS.items():
             if key not in ours:
+                if f.optional:  # absent: its default (None); models without it stay readable
+                    continue
                 raise ModelError(f"{path}: metadata key {PREFIX}{key} is missing; format "
                                  f"{FORMAT_VERSION} has {f.accepted} there. Re-export the model.")
             raw = ours[key]
@@ -255,6 +270,19 @@ def _lpips(raw: str) -> dict[str, Any] | None:
     return d
 
 
+_DISTS_TYPES = {"weights_source": (str,), "weights_sha256": (str,)}
+
+
+def _dists(raw: str) -> dict[str, Any] | None:
+    d = _json(raw)
+    if d is None:
+        return None
+    d = _typed_object(d, "dists", _DISTS_TYPES)
+    if not _HEX64.fullmatch(d["weights_sha256"]):
+        raise Invalid("dists.weights_sha256 is not 64 hex digits")
+    return d
+
+
 def _one_of(accepted: tuple[str, ...]) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         if raw not in accepted:
@@ -289,6 +317,7 @@ class Field:
     dump: Callable[[Any], str]
     accepted: str  # for messages
     stored: bool = True  # a ModelInfo attribute (False: checked by integrity.py only)
+    optional: bool = False  # written only when not None, read as None when absent
 
 
 # Loss JSON keeps its key order: the order of the terms is the order of the outputs.
@@ -307,6 +336,8 @@ FIELDS: dict[str, Field] = {
     "graph_sha256": Field(_match(_HEX64, "64 hex digits"), str, "a SHA-256: 64 lowercase hex digits"),
     "lpips": Field(_lpips, lambda d: json.dumps(dict(d) if d else None, sort_keys=True),
                    "null, or for an lpips graph a JSON object {weights_source, weights_sha256, spatial}"),
+    "dists": Field(_dists, lambda d: json.dumps(dict(d) if d else None, sort_keys=True),
+                   "for a dists graph a JSON object {weights_source, weights_sha256}", optional=True),
     "integrity": Field(_match(_HEX64, "64 hex digits"), str, "a SHA-256: 64 lowercase hex digits",
                        stored=False),
 }
@@ -345,6 +376,8 @@ def _no_grad(rule: Callable[[ModelInfo], None]) -> Callable[[ModelInfo], None]:
 
 def _lpips_head(info: ModelInfo) -> None:
     _no_loss(info)
+    if info.dists is not None:
+        raise Invalid(f"{PREFIX}dists is set, but an lpips graph has no DISTS head.")
     if info.lpips is None:
         raise Invalid(f"{PREFIX}lpips is null, but an lpips graph records its linear weights there.")
 
@@ -354,14 +387,24 @@ def _no_head(rule: Callable[[ModelInfo], None]) -> Callable[[ModelInfo], None]:
         rule(info)
         if info.lpips is not None:
             raise Invalid(f"{PREFIX}lpips is set, but a {info.graph} graph has no LPIPS head.")
+        if info.dists is not None:
+            raise Invalid(f"{PREFIX}dists is set, but a {info.graph} graph has no DISTS head.")
     return check
+
+
+def _dists_head(info: ModelInfo) -> None:
+    _no_loss(info)
+    if info.lpips is not None:
+        raise Invalid(f"{PREFIX}lpips is set, but a dists graph has no LPIPS head.")
+    if info.dists is None:
+        raise Invalid(f"{PREFIX}dists is absent, but a dists graph records its alpha/beta weights there.")
 
 
 # graph kind -> what its loss, grad and LPIPS head must be.
 GRAPH_RULES: dict[str, Callable[[ModelInfo], None]] = {
     "features": _no_head(_no_grad(_no_loss)), "distance": _no_head(_any_loss),
     "style": _no_head(_no_grad(_style_loss)), "target": _no_head(_any_loss),
-    "lpips": _lpips_head,
+    "lpips": _lpips_head, "dists": _dists_head,
 }
 
 

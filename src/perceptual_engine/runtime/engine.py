@@ -250,7 +250,8 @@ class Engine:
         exported with ``grad=True`` (its finiteness is not checked).
 
         On an LPIPS model (graph="lpips"): {"lpips.<l>", "total"} (N,), and "spatial"
-        (N, 1, H, W) when it was exported with spatial=True.
+        (N, 1, H, W) when it was exported with spatial=True. On a DISTS model
+        (graph="dists"): {"texture.<s>", "structure.<s>", "total"} (N,).
 
         On a style or target model (graph="style"/"target") y is omitted: x is
         compared with the targets given to ``set_target``/``set_style_target``, and
@@ -288,14 +289,14 @@ class Engine:
             T.check_ready(self, target, x)
             self._check(x)
             out = self._run({"x": x}, self.info.term_names, target)
-        elif self.info.graph in ("distance", "lpips"):
+        elif self.info.graph in ("distance", "lpips", "dists"):
             if y is None:
                 raise InputError(f"distance(x, y) needs y on a {self.info.graph} model; pass y.")
             self._check(x, y)
             out = self._run({"x": x, "y": y}, self.info.term_names)
         else:
             raise ModelError(f"{self.path!r} is a features graph; distance() needs a model exported "
-                             "with graph='distance', 'target', 'style' or 'lpips' (perceptual-engine export --graph distance).")
+                             "with graph='distance', 'target', 'style', 'lpips' or 'dists' (perceptual-engine export --graph distance).")
         _check_finite(out)
         return out
 

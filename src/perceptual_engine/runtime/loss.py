@@ -102,10 +102,11 @@ def _no_grad_message(path: str, graph: str) -> str:
 class EnginePerceptualLoss(nn.Module):
     """The loss of an exported ``grad=True`` model, as a torch module.
 
-    path: an ONNX file from ``export_onnx(..., graph="distance", "target" or "lpips",
+    path: an ONNX file from ``export_onnx(..., graph="distance", "target", "lpips" or "dists",
         grad=True)`` (``perceptual-engine export --grad``); its metadata supplies spec
         and loss. On an LPIPS model the keys are ``lpips.<l>`` and ``total`` (and
-        ``spatial`` if exported with it).
+        ``spatial`` if exported with it); on a DISTS model ``texture.<s>``,
+        ``structure.<s>`` and ``total``.
     device, options: as for ``Engine`` ("auto", "cpu", "cuda", "tensorrt").
 
     ``forward(x, y=None) -> {"content.<l>": (N,), "style.<l>": (N,), "total": (N,)}``,

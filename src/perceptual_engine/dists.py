@@ -1,0 +1,299 @@
+"""DISTS (Ding, Ma, Wang, Simoncelli 2020; the authors' ``DISTS_pytorch`` 0.1): everything
+of the graph kind "dists" in one place: spec, weights, head, its VJP, graph and reference.
+
+VGG16 with L2 pooling (``FeatureSpec(pooling="l2")``), six stages: the input image itself
+(in [0, 1], not normalized, as DISTS_pytorch) and relu1_2, relu2_2, relu3_3, relu4_3,
+relu5_3. Per stage s and channel c, over space, with c1 = c2 = 1e-6::
+
+    t_c = (2 μx μy + c1) / (μx² + μy² + c1)          texture
+    s_c = (2 σxy + c2) / (σx² + σy² + c2)            structure
+          (computed as 1 − t_c = (μx − μy)² / (μx² + μy² + c1) and
+           1 − s_c = var(x − y) / (σx² + σy² + c2): see ``_terms``)
+    texture.<s>   = Σ_c α_c (1 − t_c)                 (N,)
+    structure.<s> = Σ_c β_c (1 − s_c)                 (N,)
+    total         = Σ_s texture.<s> + structure.<s>   = 1 − Σ (α t + β s)
+
+α, β (1475 channels each) divided by (Σα + Σβ), so the terms sum to DISTS_pytorch's
+score. Statistics and ratios are float32 whatever the network's precision.
+No sqrt is taken of a variance, so the VJP is finite on constant images (σ = 0).
+
+α and β come from the installed DISTS_pytorch wheel's ``weights.pt`` (found without
+importing it: it imports torchvision and downloads VGG16) or a file the caller names.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from . import backward
+from .errors import ConfigError, WeightsError
+from .export.metadata import dists_output_names
+from .reference import TorchFeatures
+from .spec import FeatureSpec
+from .validate import check_pair
+from .weights import Weights
+
+GRAPH = "dists"
+ARCH = "vgg16"
+POOLING = "l2"
+LAYERS: tuple[str, ...] = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
+STAGES: tuple[str, ...] = ("input",) + LAYERS
+CHANNELS: tuple[int, ...] = (3, 64, 128, 256, 512, 512)
+C1 = C2 = 1e-6
+INSTALL_HINT = ("pip install perceptual-engine[dists] (the DISTS_pytorch wheel ships weights.pt), "
+                "or give a file with dists_weights=PATH / --dists-weights PATH")
+
+
+def output_names(layers: tuple[str, ...] = LAYERS) -> tuple[str, ...]:
+    """``texture.<s>`` and ``structure.<s>`` per stage (``input`` and the taps), ``total``."""
+    return dists_output_names(layers)
+
+
+def default_spec(weights: str = "imagenet", *, seed: int = 0) -> FeatureSpec:
+    """The spec of DISTS: VGG16 with L2 pooling, the five taps, inputs in [0, 1]."""
+    return FeatureSpec(arch=ARCH, layers=LAYERS, weights=weights, seed=seed, input_range="0,1",
+                       pooling=POOLING)
+
+
+def check_spec(spec: FeatureSpec) -> None:
+    """DISTS is defined on VGG16 with L2 pooling at its five taps, on [0, 1] images."""
+    if spec.arch != ARCH or tuple(spec.layers) != LAYERS or spec.pooling != POOLING \
+            or spec.input_range != "0,1":
+        raise ConfigError(
+            f"DISTS needs arch 'vgg16', layers {','.join(LAYERS)}, pooling 'l2' and input range "
+            f"'0,1'; got arch {spec.arch!r}, layers {','.join(spec.layers)}, pooling {spec.pooling!r}, "
+            f"input range {spec.input_range!r}. Use perceptual_engine.dists.default_spec(weights) "
+            "(on the command line: --graph dists without --arch, --layers, --pooling or --input-range).")
+
+
+# -- alpha and beta ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistsWeights:
+    """α and β, each (1, 1475, 1, 1) float32, finite, >= 0, as stored (not normalized)."""
+
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    source: str  # the file read
+    sha256: str  # of the tensors (keys and float32 bytes), not of the pickle
+
+    def split(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Per stage, α and β divided by (Σα + Σβ), each (1, C_s)."""
+        total = self.alpha.sum() + self.beta.sum()
+        a = torch.split((self.alpha / total).flatten(1), list(CHANNELS), dim=1)
+        b = torch.split((self.beta / total).flatten(1), list(CHANNELS), dim=1)
+        return a, b
+
+    def metadata(self) -> dict[str, Any]:
+        """The model metadata's ``dists`` field."""
+        return {"weights_source": self.source, "weights_sha256": self.sha256}
+
+
+def default_weights_path() -> str:
+    """``DISTS_pytorch/weights.pt`` of the installed wheel (not imported)."""
+    try:
+        found = importlib.util.find_spec("DISTS_pytorch")
+    except (ImportError, ValueError):
+        found = None
+    folders = list(found.submodule_search_locations or []) if found is not None else []
+    for folder in folders:
+        path = os.path.join(folder, "weights.pt")
+        if os.path.isfile(path):
+            return path
+    what = "is not installed" if not folders else f"has no weights.pt in {folders}"
+    raise WeightsError(f"the DISTS alpha/beta weights were not found: the DISTS_pytorch package {what}. "
+                       f"Fix: {INSTALL_HINT}.")
+
+
+def load_weights(path: str | os.PathLike | None = None) -> DistsWeights:
+    """Read and check α and β; ``path`` None means the DISTS_pytorch wheel's ``weights.pt``.
+
+    A torch pickle loaded with ``weights_only=True`` (no code runs) onto the CPU, with
+    exactly the keys ``alpha`` and ``beta``, each (1, 1475, 1, 1), finite and >= 0.
+    """
+    path = default_weights_path() if path is None else os.fspath(path)
+    if not os.path.isfile(path):
+        what = "a folder" if os.path.isdir(path) else "missing"
+        raise WeightsError(f"DISTS weights file {path!r} is {what}; give the path of a .pt file "
+                           "such as DISTS_pytorch/weights.pt.")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(
+            f"DISTS weights file {path!r} was refused: it holds Python objects beyond tensors, "
+            "which could execute code when loaded. Accepted: a dict {'alpha': tensor, 'beta': tensor}; "
+            "re-save it with torch.save({'alpha': a, 'beta': b}, path).") from exc
+    except Exception as exc:
+        raise WeightsError(f"DISTS weights file {path!r} could not be read ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200]}); re-save it with torch.save.") from exc
+    return check_weights(raw, path)
+
+
+def check_weights(raw: object, source: str) -> DistsWeights:
+    """The checks of ``load_weights`` on an already loaded mapping."""
+    shape = (1, sum(CHANNELS), 1, 1)
+    if not isinstance(raw, Mapping) or set(map(str, raw)) != {"alpha", "beta"}:
+        got = sorted(map(str, raw))[:6] if isinstance(raw, Mapping) else type(raw).__name__
+        raise WeightsError(f"DISTS weights {source!r} hold {got}; accepted: a dict with exactly the keys "
+                           "'alpha' and 'beta'. Use DISTS_pytorch's weights.pt or a file saved the same way.")
+    out, h = {}, hashlib.sha256()
+    for key in ("alpha", "beta"):
+        t = raw[key]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise WeightsError(f"DISTS weight {key} in {source!r} is {kind}; accepted: a float tensor of "
+                               f"shape {shape}. Re-save the file with float tensors.")
+        if tuple(t.shape) != shape:
+            raise WeightsError(f"DISTS weight {key} in {source!r} has shape {tuple(t.shape)}; accepted: "
+                               f"{shape} (3 + 64 + 128 + 256 + 512 + 512 channels of VGG16).")
+        t = t.detach().to(torch.float32).contiguous()
+        if not torch.isfinite(t).all():
+            raise WeightsError(f"DISTS weight {key} in {source!r} holds NaN or Inf; accepted: finite values "
+                               ">= 0. The file is damaged: use DISTS_pytorch's weights.pt.")
+        if (t < 0).any():
+            raise WeightsError(f"DISTS weight {key} in {source!r} has negative values (min {float(t.min()):.3g}); "
+                               "accepted: values >= 0, as trained. Use DISTS_pytorch's weights.pt.")
+        h.update(key.encode())
+        h.update(t.numpy().tobytes())
+        out[key] = t
+    if float(out["alpha"].sum() + out["beta"].sum()) <= 0:
+        raise WeightsError(f"DISTS weights {source!r} are all zero; the score divides by their sum. "
+                           "Use DISTS_pytorch's weights.pt.")
+    return DistsWeights(out["alpha"], out["beta"],
+                        os.path.abspath(source) if os.path.exists(source) else source, h.hexdigest())
+
+
+def resolve_weights(value: "DistsWeights | str | os.PathLike | None") -> DistsWeights:
+    return value if isinstance(value, DistsWeights) else load_weights(value)
+
+
+# -- the head ------------------------------------------------------------------------
+
+def _terms(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(1 − t) and (1 − s) per sample and channel, (N, C) float32, and the pieces their VJP
+    reuses. Written as distances, 1 − t = (μa − μb)² / (μa² + μb² + c1) and 1 − s =
+    var(a − b) / (σa² + σb² + c2) (σa² + σb² − 2σab = var(a − b)), rather than as one
+    minus a ratio near 1: exactly 0 for a = b and free of that cancellation."""
+    a, b = a.float(), b.float()
+    ma, mb = a.mean(dim=(2, 3)), b.mean(dim=(2, 3))
+    va = ((a - ma[:, :, None, None]) ** 2).mean(dim=(2, 3))
+    vb = ((b - mb[:, :, None, None]) ** 2).mean(dim=(2, 3))
+    d = a - b
+    vd = ((d - (ma - mb)[:, :, None, None]) ** 2).mean(dim=(2, 3))
+    tn, td = (ma - mb) ** 2, ma * ma + mb * mb + C1
+    sn, sd = vd, va + vb + C2
+    return tn / td, sn / sd, (ma, mb, tn, td, sn, sd, d)
+
+
+def stages(x: torch.Tensor, feats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The six stages: the image x itself, then the taps."""
+    return {"input": x, **{n: feats[n] for n in LAYERS}}
+
+
+def head(fx: Mapping[str, torch.Tensor], fy: Mapping[str, torch.Tensor],
+         w: DistsWeights) -> dict[str, torch.Tensor]:
+    """``texture.<s>``, ``structure.<s>`` and ``total``, each (N,) float32; fx, fy: ``stages``."""
+    alpha, beta = w.split()
+    tex, struct = {}, {}
+    for s, a, b in zip(STAGES, alpha, beta):
+        dt, ds, _ = _terms(fx[s], fy[s])
+        tex[f"texture.{s}"] = (a * dt).sum(dim=1)
+        struct[f"structure.{s}"] = (b * ds).sum(dim=1)
+    out = {**tex, **struct}
+    total = None
+    for v in out.values():
+        total = v if total is None else total + v
+    out["total"] = total
+    return out
+
+
+def head_vjp(fx: Mapping[str, torch.Tensor], fy: Mapping[str, torch.Tensor], w: DistsWeights,
+             seed: torch.Tensor) -> dict[str, torch.Tensor]:
+    """∂(Σ_n seed_n · total_n)/∂fx per stage: {stage: (N, C, h, w) float32}; y is constant."""
+    alpha, beta = w.split()
+    seed = seed.float()[:, None]
+    out = {}
+    for s, a, b in zip(STAGES, alpha, beta):
+        _, _, (ma, mb, tn, td, sn, sd, d) = _terms(fx[s], fy[s])
+        g_tn, g_td = backward.ratio_vjp(seed * a, tn, td)
+        g_sn, g_sd = backward.ratio_vjp(seed * b, sn, sd)
+        # tn = (μa − μb)², td = μa² + μb² + c1; sn = var(a − b), sd = var(a) + var(b) + c2.
+        g_mean = g_tn * 2 * (ma - mb) + g_td * 2 * ma
+        out[s] = (backward.mean_vjp(g_mean, fx[s]) + backward.variance_vjp(g_sn, d)
+                  + backward.variance_vjp(g_sd, fx[s]))
+    return out
+
+
+def dists_and_grad(features: TorchFeatures, x: torch.Tensor, fy: Mapping[str, torch.Tensor],
+                   w: DistsWeights) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The head's outputs for x against y's ``stages`` ``fy``, and ∂(Σ_n total_n)/∂x
+    (N, 3, H, W) float32 by hand-written VJPs (traceable into ONNX). float16 networks
+    backpropagate a per-sample power-of-two scaled seed, unscaled in float32."""
+    feats, vjp = backward.features_and_vjp(features, x)
+    fx = stages(x, feats)
+    out = head(fx, fy, w)
+    grads = head_vjp(fx, fy, w, torch.ones_like(out["total"]))
+    g_input = grads.pop("input")  # the image stage: straight to x
+    if features.body[0].weight.dtype == torch.float32:
+        return out, vjp(grads) + g_input
+    scale = backward.loss_scale(grads)
+    return out, vjp({k: g * scale for k, g in grads.items()}) / scale + g_input
+
+
+# -- the graph the exporter traces, and the reference --------------------------------
+
+class DistsGraph(nn.Module):
+    """(x, y) (N, 3, H, W) float32 in [0, 1] -> ``texture.<s>``, ``structure.<s>``,
+    ``total`` (N,), and with ``grad`` last ``grad.x`` (N, 3, H, W); all float32."""
+
+    def __init__(self, features: TorchFeatures, w: DistsWeights, grad: bool = False) -> None:
+        super().__init__()
+        self.features, self.w, self.grad = features, w, grad
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.grad:
+            fx, fy = self.features.extract_pair(x, y)
+            return tuple(head(stages(x, fx), stages(y, fy), self.w).values())
+        fy = stages(y, self.features.extract(y))
+        out, gx = dists_and_grad(self.features, x, fy, self.w)
+        return tuple(out.values()) + (gx,)
+
+
+class TorchDISTS(nn.Module):
+    """DISTS on the reference network: ``forward(x, y) -> {"texture.<s>", "structure.<s>",
+    "total"}``, each (N,) float32; x, y in [0, 1]. Differentiable by autograd.
+
+    spec: ``default_spec(weights)`` (VGG16, L2 pooling, the five taps).
+    dists_weights: DistsWeights, a .pt path, or None for DISTS_pytorch's weights.pt.
+    """
+
+    def __init__(self, spec: FeatureSpec, dists_weights: "DistsWeights | str | None" = None, *,
+                 weights: Weights | None = None) -> None:
+        super().__init__()
+        check_spec(spec)
+        self.spec = spec
+        self.w = resolve_weights(dists_weights)
+        self.features = TorchFeatures(spec, weights=weights)
+
+    def terms(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Without input validation (the exporter's verification calls this)."""
+        fx, fy = self.features.extract_pair(x, y)
+        return head(stages(x, fx), stages(y, fy), self.w)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        check_pair(x, y, self.spec)
+        return self.terms(x, y)
+
+
+def build(traced: TorchFeatures, spec: FeatureSpec, weights: Weights, dists_weights: Any,
+          grad: bool) -> tuple[nn.Module, TorchDISTS]:
+    """(the module to trace, the float32 reference to verify it against) for export_onnx."""
+    w = resolve_weights(dists_weights)
+    return DistsGraph(traced, w, grad), TorchDISTS(spec, w, weights=weights)
