@@ -238,7 +238,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from ..images import MAX_IMAGE_PIXELS, SIZE_POLICIES
     from .results import STDOUT_FORMATS
-    from ..runtime.providers import DEVICES
+    from ..runtime import DEVICES
 
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(

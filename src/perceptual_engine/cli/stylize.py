@@ -38,7 +38,7 @@ minimum, bad options); 130 interrupted (the last --save-every image is kept).
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..optimize import DEFAULT_LR, INITS, OPTIMIZERS
-    from ..runtime.providers import DEVICES
+    from ..runtime import DEVICES
 
     # dests apart from --content/--style (the loss's weights)
     p.add_argument("content_image", metavar="CONTENT", help="content image file")

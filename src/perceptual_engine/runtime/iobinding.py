@@ -17,18 +17,15 @@ target it bound, so a call holding the old target never replays the new one's).
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from .. import layers as _layers
 from ..errors import InputError
 
-if TYPE_CHECKING:
-    from .engine import Engine
 
-
-def output_shapes(engine: "Engine", n: int, h: int, w: int) -> dict[str, tuple[int, ...]]:
+def output_shapes(engine: Any, n: int, h: int, w: int) -> dict[str, tuple[int, ...]]:
     """Shapes of every output for an (n, 3, h, w) input, from the layer table."""
     shapes: dict[str, tuple[int, ...]] = {}
     arch = engine.spec.arch
@@ -52,7 +49,7 @@ def output_shapes(engine: "Engine", n: int, h: int, w: int) -> dict[str, tuple[i
 
 
 class TorchBinder:
-    def __init__(self, engine: "Engine") -> None:
+    def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.session = engine.session
         self.device_id = engine.options.device_id
