@@ -15,8 +15,9 @@ import sys
 import warnings
 from typing import Sequence
 
-from .options import (SPEC_FLAGS, add_lpips_options, add_memory_options, add_spec_options,
-                      lpips_spec_from_args, positive_int, spec_from_args)
+from .options import (SPEC_FLAGS, add_device_options, add_lpips_options, add_memory_options,
+                      add_spec_options, lpips_spec_from_args, positive_int, say_device,
+                      spec_from_args)
 from ..errors import ConfigError, ModelError, PerceptualError, WeightsError
 
 PROG = "perceptual-engine"
@@ -111,7 +112,7 @@ def _open_engine(args: argparse.Namespace):
             raise ConfigError(f"--model reads the spec from the model; drop "
                               f"{', '.join('--' + f.replace('_', '-') for f in given)}, or drop "
                               "--model to export one from the flags.")
-        engine = Engine(args.model, args.device)
+        engine = Engine(args.model, args.device, precision=args.precision)
         if spatial and not engine.info.spatial:
             raise ModelError(f"{args.model!r} has no spatial output; --spatial-dir needs an LPIPS model "
                              "exported with --spatial (or drop --model to export one).")
@@ -119,6 +120,7 @@ def _open_engine(args: argparse.Namespace):
         from .cache import models_dir, open_engine
 
         engine, entry = open_engine(lpips_spec_from_args(args), None, device=args.device,
+                                    precision=args.precision,
                                     dtype=args.dtype or "float32", folder=models_dir(args.cache_dir),
                                     say=_say, graph="lpips", lpips_weights=args.lpips_weights,
                                     spatial=spatial)
@@ -132,6 +134,7 @@ def _open_engine(args: argparse.Namespace):
 
         spec, loss = spec_from_args(args)
         engine, entry = open_engine(spec, loss or LossConfig.default_for(spec), device=args.device,
+                                    precision=args.precision,
                                     dtype=args.dtype or "float32",
                                     folder=models_dir(args.cache_dir), say=_say)
         if not entry.built:
@@ -142,6 +145,7 @@ def _open_engine(args: argparse.Namespace):
     if spatial and engine.info.graph != "lpips":
         raise ConfigError("--spatial-dir writes LPIPS maps; add --graph lpips.")
     engine.memory_budget = getattr(args, "memory_budget", None)
+    say_device(args.device, engine, _say)
     return engine
 
 
@@ -229,7 +233,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigError(f"--size {args.size} is too small for {built.deepest} "
                           f"({built.min_size}x downsampling); accepted: --size >= {built.min_size}.")
     return run_demo(spec, loss, out_dir=args.out_dir, photo=args.image, size=args.size,
-                    device=args.device, dtype=args.dtype or "float32", bench=not args.no_bench,
+                    device=args.device, precision=args.precision, dtype=args.dtype or "float32",
+                    bench=not args.no_bench,
                     lpips=not args.no_lpips,
                     out=sys.stdout, err=sys.stderr)
 
@@ -294,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", metavar="DIR", help="model cache (default: "
                    "$PERCEPTUAL_ENGINE_CACHE, else $XDG_CACHE_HOME/perceptual-engine, else "
                    "~/.cache/perceptual-engine)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
+    add_device_options(p, DEVICES)
     p.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                    help="pairs of one size per engine call (default: 8)")
     p.add_argument("--size-policy", choices=SIZE_POLICIES, default="error",
@@ -339,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="photo to distort (default: the bundled astronaut)")
     p.add_argument("--size", type=positive_int, default=224, metavar="PIXELS",
                    help="square side the photo is resized to (default: 224)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
+    add_device_options(p, DEVICES)
     p.add_argument("--no-bench", action="store_true", help="skip the speed table")
     p.add_argument("--no-lpips", action="store_true", help="skip the LPIPS column (its model "
                    "is exported once into --out-dir)")
@@ -366,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 # The library's messages name API arguments; on the command line, name the flags.
 _CLI_WORDING = (
     (re.compile(r"\bdevice='(\w+)'"), r"--device \1"),
+    (re.compile(r"\bprecision='(\w+)'"), r"--precision \1"),
     (re.compile(r"\bgraph='(\w+)'"), r"--graph \1"),
     (re.compile(r"\bweights='(\w+)'"), r"--weights \1"),
     (re.compile(r"\bFeatureSpec\.layers\b"), "--layers"),

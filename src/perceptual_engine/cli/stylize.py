@@ -14,7 +14,7 @@ import time
 from typing import IO
 
 from ..errors import ConfigError, ImageError
-from .options import SPEC_FLAGS, add_spec_options, positive_int, spec_from_args
+from .options import SPEC_FLAGS, add_device_options, add_spec_options, positive_int, spec_from_args
 
 DESCRIPTION = """\
 Optimize an image so that its VGG features match CONTENT's (content terms) and its
@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest side of the style image (default: resized to the result's size)")
     g.add_argument("--save-every", type=positive_int, metavar="K",
                    help="also write OUT every K steps (Ctrl-C then keeps the last one)")
-    g.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
+    add_device_options(g, DEVICES)
     g.add_argument("--model", metavar="ONNX", help="an exported target model with gradient "
                    "(export --graph target --grad); without it one is exported from the spec "
                    "flags into the cache once")
@@ -152,7 +152,7 @@ def main(args: argparse.Namespace, say) -> int:
         result = stylize(args.content_image, args.style_image, spec=spec, loss=loss, model=args.model,
                          steps=args.steps, optimizer=args.optimizer, lr=args.lr,
                          init=args.init, stop_below=args.stop_below, size=args.size,
-                         style_size=args.style_size, device=args.device,
+                         style_size=args.style_size, device=args.device, precision=args.precision,
                          dtype=args.dtype or "float32", save_every=args.save_every,
                          save_path=args.output if args.save_every else None,
                          progress=report, on_save=lambda step, _: kept.append(step),

@@ -351,10 +351,10 @@ def read_info(path: str) -> ModelInfo:
 
 def _check_ort_precision(device: str, precision: str) -> None:
     if precision not in ("auto", "f32", "bf16"):
-        raise ConfigError(f"precision {precision!r} is not accepted; accepted: auto, f32, bf16.")
+        raise ConfigError(f"precision={precision!r} is not accepted; accepted: auto, f32, bf16.")
     if precision == "bf16":
-        raise ConfigError(f"precision 'bf16' runs on device='openvino' only; device {device!r} runs "
-                          "ONNX Runtime in float32. Use device='openvino', or precision='f32'/'auto'.")
+        raise ConfigError(f"precision='bf16' runs on device='openvino' only; device={device!r} runs "
+                          "ONNX Runtime in float32. Use device='openvino', or precision='f32'.")
 
 
 def _openvino_backend(path: str, info: ModelInfo, precision: str, threads: int | None) -> Any:

@@ -48,7 +48,9 @@ class EnginePerceptualLoss(nn.Module):
         grad=True)`` (``perceptual-engine export --grad``); its metadata supplies spec
         and loss. On an LPIPS model the keys are ``lpips.<l>`` and ``total`` (and
         ``spatial`` if exported with it).
-    device, options: as for ``Engine`` ("auto", "cpu", "cuda", "tensorrt").
+    device, options, precision: as for ``Engine`` ("auto", "cpu", "cuda", "tensorrt",
+        "openvino"; on "openvino" the gradient is checked against ONNX Runtime fp32 like
+        every output, and precision "auto" means f32 for gradient graphs).
 
     ``forward(x, y=None) -> {"content.<l>": (N,), "style.<l>": (N,), "total": (N,)}``,
     the keys of ``TorchPerceptualLoss``. x, y: float32 (N, 3, H, W) in the model's
@@ -59,9 +61,10 @@ class EnginePerceptualLoss(nn.Module):
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto",
-                 options: ProviderOptions | None = None, **engine_kwargs: Any) -> None:
+                 options: ProviderOptions | None = None, precision: str = "auto",
+                 **engine_kwargs: Any) -> None:
         super().__init__()
-        self.engine = Engine(path, device, options=options, **engine_kwargs)
+        self.engine = Engine(path, device, options=options, precision=precision, **engine_kwargs)
         info = self.engine.info
         if not info.grad:
             what = "a features graph" if info.graph == "features" else f"a {info.graph} graph without grad.x"

@@ -24,8 +24,8 @@ def import_openvino() -> Any:
     try:
         import openvino
     except ImportError as exc:
-        raise DeviceError(f"device 'openvino' needs the openvino package, which is not installed "
-                          f"({exc}); install it: {INSTALL}") from exc
+        raise DeviceError(f"device='openvino' needs the openvino package, which is not installed; "
+                          f"install it: {INSTALL}") from exc
     return openvino
 
 
@@ -37,10 +37,11 @@ def capabilities(core: Any) -> list[str]:
 def resolve_precision(precision: str, caps: Sequence[str], grad: bool) -> str:
     """f32 or bf16 for a requested precision on a CPU with ``caps``; ConfigError if refused."""
     if precision not in PRECISIONS:
-        raise ConfigError(f"precision {precision!r} is not accepted; accepted: {', '.join(PRECISIONS)}.")
+        raise ConfigError(f"precision={precision!r} is not accepted; accepted: {', '.join(PRECISIONS)}.")
     if precision == "bf16" and "BF16" not in caps:
-        raise ConfigError(f"precision 'bf16' was requested, but this CPU supports {', '.join(caps)} "
-                          "(no BF16: it needs avx512_bf16 or AMX). Use precision='f32' or 'auto'.")
+        raise ConfigError(f"precision='bf16' was requested, but this CPU's OpenVINO capabilities are "
+                          f"{', '.join(caps)} (no BF16: it needs avx512_bf16 or AMX). Use "
+                          "precision='f32' or precision='auto'.")
     if precision == "auto":
         return "bf16" if "BF16" in caps and not grad else "f32"
     return precision
