@@ -88,7 +88,7 @@ def check_inputs(info: Any, reference: Callable[[Mapping[str, np.ndarray], list[
             r = _layers.resolve(spec.arch, layer)
             zeros[name] = np.zeros((1, r.channels, side // r.downsample, (side + 4) // r.downsample)
                                    if kind == "content" else (1, r.channels, r.channels), np.float32)
-        wanted = [n.replace("target.content.", "feature.") for n in targets]
+        wanted = [n[len("target."):].replace("content.", "feature.", 1) for n in targets]
         got = reference({"x": y[:1], **zeros}, wanted)
         feeds.update({t: got[w] for t, w in zip(targets, wanted)})
     return feeds
