@@ -236,3 +236,44 @@ def test_device_auto_says_what_it_chose(distance_model, capsys):
     err = capsys.readouterr().err
     assert code == 0
     assert "--device auto runs CPUExecutionProvider (fp32); OpenVINO is installed: --device openvino" in err
+
+
+def test_info_says_what_openvino_runs(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    want = "bf16" if HAS_BF16 else "f32"
+    assert f"device 'openvino' runs: OpenVINO CPU {want} (precision auto; gradients f32), OpenVINO " in out
+    assert "OPTIMIZATION_CAPABILITIES" in out
+
+
+def test_demo_shows_the_openvino_row_with_its_peer(monkeypatch):
+    from perceptual_engine.cli import demo
+
+    rows = demo.demo_variants()
+    assert rows[:2] == ("torch-eager-fp32", "ort-cpu")
+    assert ("openvino-bf16" in rows and "torch-bf16-autocast" in rows) if HAS_BF16 else "openvino-f32" in rows
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    assert demo.demo_variants() == ("torch-eager-fp32", "ort-cpu")
+
+
+def test_ray_actors_take_device_openvino(distance_model):
+    from perceptual_engine.distributed.job import plan_resources
+    from perceptual_engine.distributed.stages import DistanceActor
+
+    assert plan_resources({"CPU": 8.0, "GPU": 1}, actors=None, num_gpus=None,
+                          device="openvino").actor_gpus == 0
+    actor = DistanceActor(distance_model[0], device="openvino", precision="f32")
+    assert actor.provider == "OpenVINO CPU f32"
+
+
+def test_bench_openvino_variants_say_why_they_cannot_run(monkeypatch):
+    from perceptual_engine.bench import variants as V
+
+    assert {"torch-bf16-autocast", "openvino-f32", "openvino-bf16", "torch-compile"} <= set(V.REGISTRY)
+    if HAS_BF16:
+        assert "refuses OpenVINO bf16 gradient graphs" in V.openvino_unavailable("bf16", grad=True)
+    monkeypatch.setattr(ov_backend, "capabilities", lambda core: ["FP32", "INT8"])
+    assert V.openvino_unavailable("bf16", grad=False) == "this CPU has no BF16 (OpenVINO capabilities FP32, INT8)"
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    assert "pip install 'perceptual-engine[openvino]'" in V.openvino_unavailable("f32", grad=False)
