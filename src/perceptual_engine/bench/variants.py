@@ -166,9 +166,10 @@ class TorchRunner(Runner):
         targets = (training.cached_targets(self.case, model, self.device)
                    if self.case.workload.name == "stylize-step" else None)
         terms = training.terms_fn(self.case, model, snippet=self.mode == "fp32", targets=targets)
-        if self.mode == "compile":
-            self._caches = torch.compiler.config.force_disable_caches
-            torch.compiler.config.force_disable_caches = True
+        if self.mode == "compile":  # as in build(): close() restores the setting
+            self._cache_cfg = _cache_config()
+            self._caches = self._cache_cfg.force_disable_caches
+            self._cache_cfg.force_disable_caches = True
             terms = torch.compile(terms, dynamic=False)
         self.fn = lambda feeds: training.value_and_grad(terms, feeds, amp=self.dtype)
 
