@@ -277,3 +277,22 @@ def test_bench_openvino_variants_say_why_they_cannot_run(monkeypatch):
     assert V.openvino_unavailable("bf16", grad=False) == "this CPU has no BF16 (OpenVINO capabilities FP32, INT8)"
     monkeypatch.setitem(sys.modules, "openvino", None)
     assert "pip install 'perceptual-engine[openvino]'" in V.openvino_unavailable("f32", grad=False)
+
+
+def test_bench_cpu_peers_on_the_stylize_step(monkeypatch, target_grad_cache):
+    """openvino-f32, torch-bf16-autocast and torch-compile (compile stubbed: its cache
+    setting must still be restored by close()) on the gradient workload, end to end."""
+    from perceptual_engine.bench import BenchConfig, run
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    result = run(BenchConfig(workloads=("stylize-step",), device="cpu",
+                             variants=("torch-eager-fp32", "torch-compile", "torch-bf16-autocast",
+                                       "openvino-f32", "openvino-bf16"),
+                             cache_dir=target_grad_cache[1], sizes=(27,), batch_sizes=(1,),
+                             layers=("relu1_1", "relu1_2"), iters=1, warmup=0, measure_peak=False))
+    ov_row = result.row("openvino-f32", "stylize-step", 27, 1)
+    assert ov_row.status == "ok" and ov_row.max_rel_err <= 1e-4, (ov_row.status, ov_row.reason)
+    assert result.row("torch-compile", "stylize-step", 27, 1).status == "ok"
+    assert result.row("torch-bf16-autocast", "stylize-step", 27, 1).precision == "bf16"
+    if HAS_BF16:
+        assert result.row("openvino-bf16", "stylize-step", 27, 1).status == "skipped"
