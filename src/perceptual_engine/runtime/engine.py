@@ -83,7 +83,8 @@ class Engine:
         self.fallback_reason = ""
         if device == "openvino":
             self.session = None
-            self.backend: Any = _openvino_backend(self.path, self.info, precision, threads)
+            self.backend: Any = _openvino_backend(self.path, self.info, precision, threads,
+                                                  self._check_names)
         else:
             _check_ort_precision(device, precision)
             self._session_opts = _ort.session_options(threads, self.cpu_arena)
@@ -156,8 +157,10 @@ class Engine:
         return self.info.output_names
 
     def _check_outputs(self) -> None:
-        got = tuple(o.name for o in self.session.get_outputs())
-        ins = tuple(i.name for i in self.session.get_inputs())
+        self._check_names(tuple(o.name for o in self.session.get_outputs()),
+                          tuple(i.name for i in self.session.get_inputs()))
+
+    def _check_names(self, got: tuple[str, ...], ins: tuple[str, ...]) -> None:
         if got != self.info.output_names or ins != self.inputs:
             raise ModelError(
                 f"{self.path!r} has inputs {ins} and outputs {got}, but its metadata promises "
@@ -357,11 +360,14 @@ def _check_ort_precision(device: str, precision: str) -> None:
                           "ONNX Runtime in float32. Use device='openvino', or precision='f32'.")
 
 
-def _openvino_backend(path: str, info: ModelInfo, precision: str, threads: int | None) -> Any:
-    """An OpenVINO backend whose numbers were checked against ONNX Runtime fp32."""
+def _openvino_backend(path: str, info: ModelInfo, precision: str, threads: int | None,
+                      check_names: Any) -> Any:
+    """An OpenVINO backend whose inputs/outputs are the metadata's and whose numbers were
+    checked against ONNX Runtime fp32."""
     from .backends import accuracy
     from .backends.openvino import OpenVinoBackend
 
     backend = OpenVinoBackend(path, precision, grad=bool(getattr(info, "grad", False)), threads=threads)
+    check_names(backend.output_names, backend.input_names)
     backend.accuracy = accuracy.verify(path, info, backend.precision, backend.version, backend.run)
     return backend

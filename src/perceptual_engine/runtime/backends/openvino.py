@@ -87,6 +87,9 @@ class OpenVinoBackend:
                               f"{_op_named(core, model)}: {str(exc).strip()[:400]}. Use device='cpu' "
                               "(ONNX Runtime) for this model.") from exc
         self._ports = {name: port for port in self.compiled.outputs for name in port.get_names()}
+        # One name per port, the ONNX graph's (a port may carry aliases OpenVINO added).
+        self.input_names = tuple(p.get_any_name() for p in self.compiled.inputs)
+        self.output_names = tuple(p.get_any_name() for p in self.compiled.outputs)
         self._local = threading.local()
         self.providers = [f"OpenVINO CPU {self.precision}"]
 
