@@ -274,7 +274,8 @@ def test_bench_openvino_variants_say_why_they_cannot_run(monkeypatch):
     if HAS_BF16:
         assert "refuses OpenVINO bf16 gradient graphs" in V.openvino_unavailable("bf16", grad=True)
     monkeypatch.setattr(ov_backend, "capabilities", lambda core: ["FP32", "INT8"])
-    assert V.openvino_unavailable("bf16", grad=False) == "this CPU has no BF16 (OpenVINO capabilities FP32, INT8)"
+    assert V.openvino_unavailable("bf16", grad=False) == \
+        "this CPU has no BF16 (OpenVINO capabilities FP32, INT8)"
     monkeypatch.setitem(sys.modules, "openvino", None)
     assert "pip install 'perceptual-engine[openvino]'" in V.openvino_unavailable("f32", grad=False)
 

@@ -10,8 +10,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from .._io import sha256_file
-from ..errors import (ConfigError, DeviceError, InputError, ModelError, NonFiniteError, NonFiniteInputError,
-                      PerceptualError)
+from ..errors import (ConfigError, DeviceError, InputError, ModelError, NonFiniteError,
+                      NonFiniteInputError, PerceptualError)
 from ..export.integrity import read_model
 from .. import memory as _memory
 from ..export.metadata import ModelInfo

@@ -117,7 +117,8 @@ def verify(path: str, info: Any, precision: str, version: str,
     errors = {n: error(_kind(n), got[n], want[n]) for n in names}
     bad = {n: e for n, e in errors.items() if not e <= getattr(tier, _kind(n))}
     if bad:
-        shown = ", ".join(f"{n} {e:.2g} (tier {getattr(tier, _kind(n)):.0e})" for n, e in list(bad.items())[:4])
+        shown = ", ".join(f"{n} {e:.2g} (tier {getattr(tier, _kind(n)):.0e})"
+                          for n, e in list(bad.items())[:4])
         raise PrecisionError(
             f"OpenVINO {precision} is outside its accuracy tier on {path!r} against ONNX Runtime fp32: "
             f"{shown}. The model is refused rather than run with wrong numbers; use precision='f32' "
