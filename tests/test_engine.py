@@ -12,7 +12,7 @@ from perceptual_engine import (Engine, FeatureSpec, LossConfig, TorchFeatures, T
                                export_onnx, losses)
 from perceptual_engine.runtime import ProviderOptions
 from perceptual_engine.errors import DeviceError, InputError, ModelError, NonFiniteError, PerceptualError
-from perceptual_engine.runtime import engine as engine_mod
+from perceptual_engine.runtime.backends import onnxruntime as ort_backend
 from perceptual_engine.runtime import providers as P
 
 TOL = 1e-4  # max |a - b| / max |b|, float32
@@ -454,7 +454,7 @@ def test_explicit_gpu_without_gpu(features_model, monkeypatch, device):
 def test_session_creation_failure_on_gpu_is_a_device_error(features_model, monkeypatch):
     monkeypatch.setattr(P, "plan", lambda device, *a, **k: [("CUDAExecutionProvider", {}),
                                                            ("CPUExecutionProvider", {})])
-    monkeypatch.setattr(P, "preload_cuda", lambda: None)
+    monkeypatch.setattr(ort_backend, "preload_cuda", lambda: None)
     import onnxruntime as ort
 
     def fail(*a, **k):
@@ -471,7 +471,7 @@ def test_auto_falls_back_to_cpu_when_the_gpu_session_fails(features_model, monke
     # (driver/library mismatch) must not make a valid model unusable or be blamed on the file.
     monkeypatch.setattr(P, "plan", lambda device, *a, **k: [("CUDAExecutionProvider", {}),
                                                            ("CPUExecutionProvider", {})])
-    monkeypatch.setattr(P, "preload_cuda", lambda: None)
+    monkeypatch.setattr(ort_backend, "preload_cuda", lambda: None)
     import onnxruntime as ort
 
     real = ort.InferenceSession
@@ -493,7 +493,7 @@ def test_auto_falls_back_to_cpu_when_the_gpu_session_fails(features_model, monke
 def test_auto_goes_from_a_failing_tensorrt_to_cuda_not_to_the_cpu(features_model, monkeypatch):
     trt, cuda = ("TensorrtExecutionProvider", {}), ("CUDAExecutionProvider", {})
     monkeypatch.setattr(P, "plan", lambda device, *a, **k: [trt, cuda, ("CPUExecutionProvider", {})])
-    monkeypatch.setattr(P, "preload_cuda", lambda: None)
+    monkeypatch.setattr(ort_backend, "preload_cuda", lambda: None)
     import onnxruntime as ort
 
     real = ort.InferenceSession
@@ -552,7 +552,7 @@ def test_tensorrt_profile_covers_the_image_inputs_only(tmp_path, monkeypatch):
 
 def test_unknown_device(features_model):
     with pytest.raises(PerceptualError, match=r"device 'gpu0' is not accepted; accepted: auto, cpu, cuda, "
-                                              r"tensorrt"):
+                                              r"tensorrt, openvino"):
         Engine(features_model[0], device="gpu0")
 
 
@@ -594,7 +594,7 @@ def test_a_sample_that_overflows_is_named_and_the_others_kept(distance_model):
 
 def test_device_error_names_the_wheels_of_the_missing_libraries(monkeypatch):
     monkeypatch.setattr(P, "missing_cuda_libraries", lambda: ["libcudnn.so.9", "libcublasLt.so.13"])
-    msg = engine_mod._why_not("cuda", RuntimeError("Failed to load libonnxruntime_providers_cuda.so"))
+    msg = ort_backend.why_not("cuda", RuntimeError("Failed to load libonnxruntime_providers_cuda.so"))
     assert "missing libraries: libcudnn.so.9, libcublasLt.so.13" in msg
     assert "pip install nvidia-cublas nvidia-cudnn-cu13" in msg and "device='cpu'" in msg
 

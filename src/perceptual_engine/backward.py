@@ -40,8 +40,20 @@ def normalize_vjp(g: Tensor, scale: Tensor) -> Tensor:
 
 
 def conv_vjp(g: Tensor, conv: nn.Conv2d) -> Tensor:
-    """3×3 conv, stride 1, padding 1: ConvTranspose with the same weights and padding."""
-    return F.conv_transpose2d(g, conv.weight, padding=conv.padding)
+    """3×3 conv, stride 1, padding 1: an ordinary Conv of g with the weights transposed
+    in/out and flipped 3×3, padding 1 (equal to ConvTranspose with the same weights).
+
+    Why not ConvTranspose: ONNX Runtime's CPU Conv is faster than its ConvTranspose for
+    these shapes (docs/openvino.md), and OpenVINO's CPU plugin gave a wrong ConvTranspose
+    where its weight tensor is also a forward Conv's weight of square shape (C_in = C_out);
+    the flipped copy is a constant of its own, folded at export.
+    """
+    return F.conv2d(g, flipped_weight(conv.weight), padding=conv.padding)
+
+
+def flipped_weight(w: Tensor) -> Tensor:
+    """(C_out, C_in, kh, kw) -> (C_in, C_out, kh, kw), flipped in both spatial axes."""
+    return w.transpose(0, 1).flip(2, 3)
 
 
 def relu_vjp(g: Tensor, out: Tensor) -> Tensor:

@@ -77,6 +77,16 @@ class DeviceError(PerceptualError, RuntimeError):
     """The requested device or execution provider cannot be used."""
 
 
+class PrecisionError(DeviceError):
+    """A backend's numbers are outside the accuracy tier of the precision asked for.
+
+    ``errors``: {output: relative error} against the fp32 reference (docs/openvino.md)."""
+
+    def __init__(self, message: str, errors: dict | None = None) -> None:
+        super().__init__(message)
+        self.errors = dict(errors or {})
+
+
 class ImageError(PerceptualError):
     """An image file could not be read or converted."""
 

@@ -355,7 +355,7 @@ def stylize(content: Any, style: Any, *, spec: FeatureSpec | None = None,
             steps: int = 300, optimizer: str = "adam", lr: float | None = None,
             init: str = "content", stop_below: float | None = None, size: int | None = None,
             style_size: int | None = None, device: str = "auto", dtype: str = "float32",
-            seed: int = 0,
+            seed: int = 0, precision: str = "auto",
             save_every: int | None = None, save_path: str | os.PathLike | None = None,
             progress: Progress | None = None, on_save: Callable[[int, str], None] | None = None,
             cache_dir: str | None = None,
@@ -376,7 +376,8 @@ def stylize(content: Any, style: Any, *, spec: FeatureSpec | None = None,
         range, seeded by ``seed``). save_path: checked before anything runs (see
         ``savepaths``); it may not be the content or style file unless
         ``overwrite_input``. Other options: see ``optimize_image``.
-    device: the Engine's device ("auto", "cpu", "cuda", "tensorrt"). dtype: the
+    device: the Engine's device ("auto", "cpu", "cuda", "tensorrt", "openvino"); precision:
+        the Engine's ("auto", "f32", "bf16"; see docs/openvino.md). dtype: the
         exported network's precision ("float32" or "float16"; see export_onnx).
     Returns a StylizeResult: the image (1, 3, H, W) float32 in the input range,
     the loss after every step and each step's time.
@@ -401,7 +402,7 @@ def stylize(content: Any, style: Any, *, spec: FeatureSpec | None = None,
     c, s = prepare_images(content, style, size=size, style_size=style_size,
                           min_size=spec.min_size, input_range=spec.input_range)
     path = os.fspath(model) if model is not None else _cached_model(spec, loss, dtype, cache_dir, say)
-    module = _engine_loss(path, device)
+    module = _engine_loss(path, device, precision)
     module.set_target(content=c, style=s)
     from .runtime.loss import on_engine_device
     if init == "content":
@@ -448,10 +449,10 @@ def _cached_model(spec: FeatureSpec, loss: LossConfig | None, dtype: str,
     return entry.path
 
 
-def _engine_loss(path: str, device: str) -> Any:
+def _engine_loss(path: str, device: str, precision: str = "auto") -> Any:
     from .runtime.loss import EnginePerceptualLoss, stylize_options
 
     # check_range off: L-BFGS's line search evaluates trial points beyond the range
     # before the step is clamped; that is intended, not a caller's mistake.
-    return EnginePerceptualLoss(path, device=device, options=stylize_options(device),
-                                check_range=False)
+    return EnginePerceptualLoss(path, device=device, precision=precision,
+                                options=stylize_options(device), check_range=False)

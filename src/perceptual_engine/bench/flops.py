@@ -61,7 +61,8 @@ def measure_peak(device: str, precision: str, *, n: int | None = None, reps: int
     """Time an n×n @ n×n product (2n³ FLOPs) at ``precision`` on ``device``; fastest of ``reps``
     (a ceiling, so the best run counts; on a shared CPU a median would understate it).
 
-    CPU: float32, n=2048, the fastest of torch.mm (MKL), numpy's matmul (OpenBLAS)
+    CPU "bf16": torch.mm on bfloat16 (oneDNN: avx512_bf16 or AMX where the CPU has them),
+    the ceiling of the CPU's bf16 rows. CPU "fp32": n=2048, the fastest of torch.mm (MKL), numpy's matmul (OpenBLAS)
     and ONNX Runtime's MatMul (MLAS): their kernels differ by up to 2× on one CPU. CUDA: n=8192; "fp32" with TF32 off, "tf32" with it on,
     "fp16"/"bf16" on tensor cores. The TF32 switch is restored afterwards.
     """
@@ -74,7 +75,9 @@ def measure_peak(device: str, precision: str, *, n: int | None = None, reps: int
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-    if device == "cpu":
+    if device == "cpu" and precision == "bf16":  # oneDNN's bf16 GEMM (avx512_bf16, AMX)
+        ms, lib = _fastest_ms(lambda: torch.mm(a, b), lambda: None, reps), "torch.mm bf16"
+    elif device == "cpu":
         ms, lib = _fastest_ms(lambda: torch.mm(a, b), lambda: None, reps), "torch.mm"
         an, bn = a.numpy(), b.numpy()
         for name, fn in (("numpy.matmul", lambda: np.matmul(an, bn)),
@@ -114,6 +117,8 @@ def ceilings(variants: Sequence[Any], device: str, say: Callable[[str], None]) -
     if any(not v.gpu for v in variants) and (device == "cpu" or any(
             getattr(v, "ep", None) == "cpu" for v in variants)):
         wanted.append(("cpu", "fp32"))
+    if any(not v.gpu and "bf16" in v.name for v in variants):  # CPU bf16 rows: their own ceiling
+        wanted.append(("cpu", "bf16"))
     if device == "cuda":
         wanted += [("cuda", p) for p in ("fp32", "tf32", "fp16", "bf16")]
     out = {}

@@ -8,7 +8,9 @@
    Beside them, LPIPS (VGG16, the lpips package's v0.1 weights) of the same pairs,
    from an LPIPS model exported once into the output folder (``--no-lpips`` skips it),
    and DISTS (VGG16 with L2 pooling, DISTS_pytorch's alpha/beta) likewise (``--no-dists``).
-3. Prints an ONNX Runtime vs PyTorch speed table from the benchmark package.
+3. Prints an ONNX Runtime vs PyTorch speed table from the benchmark package, with
+   the OpenVINO rows (``openvino-bf16``, ``torch-bf16-autocast``) when the
+   ``[openvino]`` extra is installed.
 
 ImageNet weights need a download. When it is impossible the demo (and only the
 demo) falls back to seeded random weights, announced by a banner on stderr.
@@ -180,6 +182,21 @@ def dists_model(spec: FeatureSpec, out_dir: str, dtype: str, say: Callable[[str]
     return entry, dspec.weights
 
 
+def demo_variants() -> tuple[str, ...]:
+    """The speed table's rows: PyTorch and ONNX Runtime, and with the [openvino] extra the
+    OpenVINO row beside its PyTorch peer at the same precision (bf16 autocast)."""
+    import importlib.util
+
+    rows = ("torch-eager-fp32", "ort-cpu")
+    if importlib.util.find_spec("openvino") is None:
+        return rows
+    from ..bench.variants import openvino_unavailable
+
+    if openvino_unavailable("bf16", grad=False) is None:
+        return rows + ("torch-bf16-autocast", "openvino-bf16")
+    return rows + ("openvino-f32",)
+
+
 def speed_table(out: IO[str], out_dir: str = "out") -> None:
     """A short ONNX Runtime vs PyTorch table from the benchmark package.
 
@@ -192,7 +209,7 @@ def speed_table(out: IO[str], out_dir: str = "out") -> None:
 
     try:
         result = run(BenchConfig(workloads=("distance",), sizes=(224,), batch_sizes=(1,),
-                                 variants=("torch-eager-fp32", "ort-cpu"), quick=True,
+                                 variants=demo_variants(), quick=True,
                                  iters=5, warmup=1, input_sets=2, measure_peak=False,
                                  cache_dir=os.path.join(out_dir, "bench-models")))
     except Exception as exc:  # the demo's other results stand; say why the table is missing
@@ -203,7 +220,8 @@ def speed_table(out: IO[str], out_dir: str = "out") -> None:
 
 def run_demo(spec: FeatureSpec, loss: LossConfig, *, out_dir: str = "out", photo: str | None = None,
              size: int = 224, device: str = "auto", dtype: str = "float32", bench: bool = True,
-             lpips: bool = True, dists: bool = True, out: IO[str], err: IO[str]) -> int:
+             lpips: bool = True, dists: bool = True, out: IO[str], err: IO[str],
+             precision: str = "auto") -> int:
     """Run the demo, printing to ``out`` (results) and ``err`` (progress, warnings).
 
     Returns 0; a distance that does not grow with strength is reported as a warning.
@@ -239,7 +257,7 @@ def run_demo(spec: FeatureSpec, loss: LossConfig, *, out_dir: str = "out", photo
     lo, hi = (-1.0, 1.0) if spec.input_range == "-1,1" else (0.0, 1.0)
     xs_arr, ys_arr = lo + (hi - lo) * xs_arr, lo + (hi - lo) * ys_arr
     t0 = time.perf_counter()
-    engine = Engine(entry.path, device)
+    engine = Engine(entry.path, device, precision=precision)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     dist = engine.distance(xs_arr, ys_arr)
@@ -249,7 +267,7 @@ def run_demo(spec: FeatureSpec, loss: LossConfig, *, out_dir: str = "out", photo
     if lpips:
         lp_entry, lp_note = lpips_model(spec, out_dir, dtype, say, err)
         if lp_entry is not None:
-            lp = Engine(lp_entry.path, device)
+            lp = Engine(lp_entry.path, device, precision=precision)
             y01 = np.ascontiguousarray(np.stack(ys), dtype=np.float32)
             x01 = np.ascontiguousarray(np.broadcast_to(ref, y01.shape), dtype=np.float32)
             a, b = (-1.0, 2.0) if lp.spec.input_range == "-1,1" else (0.0, 1.0)

@@ -120,8 +120,28 @@ def collect() -> dict[str, Any]:
     usable = [r["name"] for r in rows if r["loads"]]
     auto = [n for n in (P.PROVIDER["tensorrt"], P.PROVIDER["cuda"]) if n in usable]
     info["auto_device_uses"] = (auto[:1] or ["CPUExecutionProvider"])[0]
+    info["openvino"] = probe_openvino()
     info["cache_dir"] = P.default_cache_dir()
     return info
+
+
+def probe_openvino() -> dict[str, Any]:
+    """device="openvino": installed?, its version, the CPU's OPTIMIZATION_CAPABILITIES and
+    the precision "auto" picks for forward graphs (docs/openvino.md)."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        return {"installed": False, "reason": "not installed (pip install 'perceptual-engine[openvino]')"}
+    try:
+        from ..runtime.backends.openvino import capabilities, import_openvino, resolve_precision
+
+        ov = import_openvino()
+        caps = capabilities(ov.Core())
+        prec = resolve_precision("auto", caps, grad=False)
+        return {"installed": True, "version": ov.get_version(), "capabilities": caps,
+                "runs": f"OpenVINO CPU {prec}", "auto_precision": prec}
+    except Exception as exc:  # reported, not hidden: a broken install is what info is for
+        return {"installed": False, "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
 
 
 def format_text(info: dict[str, Any]) -> str:
@@ -146,6 +166,12 @@ def format_text(info: dict[str, Any]) -> str:
     if "providers_error" in info:
         lines.append(f"  onnxruntime failed: {info['providers_error']}")
     lines.append(f"device 'auto' runs on: {info['auto_device_uses']}")
+    ov = info.get("openvino", {})
+    if ov.get("installed"):
+        lines.append(f"device 'openvino' runs: {ov['runs']} (precision auto; gradients f32), "
+                     f"OpenVINO {ov['version']}, OPTIMIZATION_CAPABILITIES {' '.join(ov['capabilities'])}")
+    else:
+        lines.append(f"device 'openvino': {ov.get('reason', 'unknown')}")
     lines.append(f"cache folder:  {info['cache_dir']}")
     return "\n".join(lines)
 

@@ -15,9 +15,9 @@ import sys
 import warnings
 from typing import Sequence
 
-from .options import (add_dists_options, add_lpips_options, add_memory_options,
-                      add_spec_options, dists_spec_from_args, lpips_spec_from_args, positive_int,
-                      spec_from_args)
+from .options import (add_device_options, add_dists_options, add_lpips_options,
+                      add_memory_options, add_spec_options, dists_spec_from_args,
+                      lpips_spec_from_args, positive_int, say_device, spec_from_args)
 from ..errors import (ConfigError, LinearWeightsError, PerceptualError,
                       WeightsError)
 
@@ -137,17 +137,19 @@ def _open_engine(args: argparse.Namespace):
     req = model_request(args)
     if req.model:
         check_model_file(req)  # metadata only: a wrong kind is refused before a session starts
-        engine = Engine(req.model, args.device)
+        engine = Engine(req.model, args.device, precision=args.precision)
     else:
         from ..datasets.cache import models_dir, open_engine
 
         engine, entry = open_engine(req.spec, req.loss, device=args.device, dtype=req.dtype,
+                                    precision=args.precision,
                                     folder=models_dir(args.cache_dir), say=_say,
                                     graph=req.graph, **req.extra())
         if not entry.built:
             _say(f"using the cached model {entry.path}")
     check_model(req, engine.info)
     engine.memory_budget = getattr(args, "memory_budget", None)
+    say_device(args.device, engine, _say)
     return engine
 
 
@@ -236,8 +238,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigError(f"--size {args.size} is too small for {built.deepest} "
                           f"({built.min_size}x downsampling); accepted: --size >= {built.min_size}.")
     return run_demo(spec, loss, out_dir=args.out_dir, photo=args.image, size=args.size,
-                    device=args.device, dtype=args.dtype or "float32", bench=not args.no_bench,
-                    lpips=not args.no_lpips, dists=not args.no_dists,
+                    device=args.device, precision=args.precision, dtype=args.dtype or "float32",
+                    bench=not args.no_bench, lpips=not args.no_lpips, dists=not args.no_dists,
                     out=sys.stdout, err=sys.stderr)
 
 
@@ -245,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from ..images import MAX_IMAGE_PIXELS, SIZE_POLICIES
     from ..datasets.results import STDOUT_FORMATS
-    from ..runtime.providers import DEVICES
+    from ..runtime import DEVICES
 
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -306,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", metavar="DIR", help="model cache (default: "
                    "$PERCEPTUAL_ENGINE_CACHE, else $XDG_CACHE_HOME/perceptual-engine, else "
                    "~/.cache/perceptual-engine)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
+    add_device_options(p, DEVICES)
     p.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                    help="pairs of one size per engine call (default: 8)")
     p.add_argument("--size-policy", choices=SIZE_POLICIES, default="error",
@@ -352,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="photo to distort (default: the bundled astronaut)")
     p.add_argument("--size", type=positive_int, default=224, metavar="PIXELS",
                    help="square side the photo is resized to (default: 224)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
+    add_device_options(p, DEVICES)
     p.add_argument("--no-bench", action="store_true", help="skip the speed table")
     p.add_argument("--no-lpips", action="store_true", help="skip the LPIPS column (its model "
                    "is exported once into --out-dir)")
@@ -387,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
 # The library's messages name API arguments; on the command line, name the flags.
 _CLI_WORDING = (
     (re.compile(r"\bdevice='(\w+)'"), r"--device \1"),
+    (re.compile(r"\bprecision='(\w+)'"), r"--precision \1"),
     (re.compile(r"\bgraph='(\w+)'"), r"--graph \1"),
     (re.compile(r"\blpips_weights='([^']+)'"), r"--lpips-weights \1"),
     (re.compile(r"\bweights='([^']+)'"), r"--weights \1"),

@@ -32,6 +32,28 @@ def _weight_map(text: str) -> dict[str, float]:
     return out
 
 
+def add_device_options(p: argparse.ArgumentParser, devices: tuple[str, ...]) -> None:
+    p.add_argument("--device", choices=devices, default="auto",
+                   help="auto: TensorRT, CUDA, else ONNX Runtime CPU fp32; cpu: ONNX Runtime, exact "
+                        "fp32; openvino: OpenVINO on the CPU (perceptual-engine[openvino]; see "
+                        "docs/openvino.md) (default: auto)")
+    p.add_argument("--precision", choices=("auto", "f32", "bf16"), default="auto",
+                   help="--device openvino: bf16 or f32; auto: bf16 where the CPU has it (f32 for "
+                        "gradients). Other devices run fp32 (default: auto)")
+
+
+def say_device(device: str, engine: Any, say: Callable[[str], None]) -> None:
+    """Print what --device auto chose (and that OpenVINO is there to be asked for)."""
+    if device != "auto":
+        return
+    import importlib.util
+
+    hint = ""
+    if not engine.on_gpu and importlib.util.find_spec("openvino") is not None:
+        hint = "; OpenVINO is installed: --device openvino runs bf16 where the CPU has it"
+    say(f"--device auto runs {engine.providers[0]}{'' if engine.on_gpu else ' (fp32)'}{hint}")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

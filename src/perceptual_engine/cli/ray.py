@@ -52,6 +52,7 @@ def run_distance(args: argparse.Namespace, say: Callable[[str], None]) -> int:
             pairs=pairs, model=model, output=args.output, resume=args.resume,
             sinks=[screen.write], progress=bar, say=say, size_policy=args.size_policy,
             batch_size=args.batch_size, actors=args.ray_actors, device=args.device,
+            precision=args.precision,
             max_pixels=args.max_pixels, max_side=args.max_side,
             memory_budget=getattr(args, "memory_budget", None), cache_dir=args.cache_dir,
             maps=maps.write_png if maps is not None else None)

@@ -16,7 +16,7 @@ import time
 from typing import IO
 
 from ..errors import ConfigError, ImageError, OptimizationError, PerceptualError
-from .options import SPEC_FLAGS, add_spec_options, positive_int, spec_from_args
+from .options import SPEC_FLAGS, add_device_options, add_spec_options, positive_int, spec_from_args
 
 def _description() -> str:
     from ..optimize import (CONTENT_LAYER, DEFAULT_GRAM, DEFAULT_POOLING, DEFAULT_STYLE_WEIGHT,
@@ -56,7 +56,7 @@ DESCRIPTION = _description()
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..optimize import (CONTENT_LAYER, DEFAULT_GRAM, DEFAULT_LR, DEFAULT_POOLING,
                             DEFAULT_STYLE_WEIGHT, GATYS_LAYERS, INITS, OPTIMIZERS, STYLE_LAYERS)
-    from ..runtime.providers import DEVICES
+    from ..runtime import DEVICES
 
     # dests apart from --content/--style (the loss's weights)
     p.add_argument("content_image", metavar="CONTENT", help="content image file")
@@ -83,7 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest side of the style image (default: resized to the result's size)")
     g.add_argument("--save-every", type=positive_int, metavar="K",
                    help="also write OUT every K steps (Ctrl-C then keeps the last one)")
-    g.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
+    add_device_options(g, DEVICES)
     g.add_argument("--model", metavar="ONNX", help="an exported target model with gradient "
                    "(export --graph target --grad); without it one is exported from the spec "
                    "flags into the cache once")
@@ -261,7 +261,7 @@ def main(args: argparse.Namespace, say) -> int:
                     args.content_image, args.style_image, spec=spec, loss=loss, model=args.model,
                     steps=args.steps, optimizer=args.optimizer, lr=args.lr, init=args.init,
                     stop_below=args.stop_below, size=args.size, style_size=args.style_size,
-                    device=args.device, dtype=args.dtype or "float32",
+                    device=args.device, precision=args.precision, dtype=args.dtype or "float32",
                     save_every=args.save_every, save_path=args.output if args.save_every else None,
                     progress=report, on_save=lambda step, _: kept.append(step),
                     cache_dir=args.cache_dir, say=say, overwrite_input=args.overwrite_input,

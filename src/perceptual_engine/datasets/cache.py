@@ -156,6 +156,7 @@ def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "fl
 
 
 def open_engine(spec: FeatureSpec, loss: LossConfig | None, *, device: str = "auto",
+                precision: str = "auto",
                 dtype: str = "float32", folder: str | None = None,
                 say: Callable[[str], None] | None = None, graph: str = "distance",
                 lpips_weights: Any = None, spatial: bool = False, dists_weights: Any = None):
@@ -166,7 +167,7 @@ def open_engine(spec: FeatureSpec, loss: LossConfig | None, *, device: str = "au
     from ..runtime import Engine
 
     def make(path: str):
-        return Engine(path, device)
+        return Engine(path, device, precision=precision)
 
     kw = dict(dtype=dtype, folder=folder, say=say, graph=graph, lpips_weights=lpips_weights,
               spatial=spatial, dists_weights=dists_weights)

@@ -102,7 +102,7 @@ def plan_resources(cluster: dict[str, float], *, actors: int | None, num_gpus: i
     """
     cpus, gpus = float(cluster.get("CPU", 1.0)), int(cluster.get("GPU", 0))
     if num_gpus is None:
-        num_gpus = 1 if gpus and device != "cpu" else 0
+        num_gpus = 1 if gpus and device not in ("cpu", "openvino") else 0
     if num_gpus not in (0, 1):
         raise ConfigError(f"num_gpus={num_gpus}; accepted: 0 or 1 (one Engine per GPU).")
     if device in ("cuda", "tensorrt") and not (gpus and num_gpus):
@@ -166,7 +166,7 @@ def build_job(a: str | None = None, b: str | None = None, *, pairs: str | Sequen
               dataset: Any = None, model: str | None = None, spec: FeatureSpec | None = None,
               loss: LossConfig | None = None, dtype: str = "float32", size_policy: str = "error",
               batch_size: int = 8, actors: int | None = None, num_gpus: int | None = None,
-              device: str = "auto", max_pixels: int | None = MAX_IMAGE_PIXELS,
+              device: str = "auto", precision: str = "auto", max_pixels: int | None = MAX_IMAGE_PIXELS,
               max_side: int | None = None, memory_budget: Any = None, cache_dir: str | None = None, share: str = "auto",
               skip: set[tuple[str, str]] | frozenset = frozenset(),
               say: Callable[[str], None] | None = None, maps: bool = False) -> Job:
@@ -223,6 +223,7 @@ def build_job(a: str | None = None, b: str | None = None, *, pairs: str | Sequen
     rows = decoded.map_batches(
         DistanceActor, batch_size=batch_size, batch_format="numpy",
         fn_constructor_kwargs={"model": _model_handle(path, share), "device": device,
+                               "precision": precision,
                                "batch_size": batch_size, "threads": res.threads,
                                "memory_budget": memory_budget, "maps": maps},
         compute=ray.data.ActorPoolStrategy(size=res.actors),

@@ -73,12 +73,13 @@ class DistanceActor:
 
     model: a path every node sees, or ``(ObjectRef or bytes, sha256)`` of the file in
         Ray's object store (copied once to a node-local file).
-    device: the Engine's device; "auto" takes the GPU Ray assigned to this actor.
+    device: the Engine's device; "auto" takes the GPU Ray assigned to this actor;
+        "openvino" runs OpenVINO on the actor's CPUs (precision: the Engine's).
     maps: also return each computed pair's LPIPS map as PNG bytes (column ``_spatial``),
         encoded here so that only a few kilobytes per pair travel to the driver.
     """
 
-    def __init__(self, model: Any, *, device: str = "auto", batch_size: int = 8,
+    def __init__(self, model: Any, *, device: str = "auto", precision: str = "auto", batch_size: int = 8,
                  threads: int | None = None, memory_budget: Any = None,
                  maps: bool = False) -> None:
         from ..runtime import Engine
@@ -90,7 +91,8 @@ class DistanceActor:
 
                 ref = ray.get(ref)
             model = local_model_copy(ref, sha)
-        self.engine = Engine(model, device, threads=threads, memory_budget=memory_budget)
+        self.engine = Engine(model, device, threads=threads, memory_budget=memory_budget,
+                             precision=precision)
         self.terms = row_terms(self.engine.output_names)
         self.batch_size = batch_size
         self.provider = self.engine.providers[0]

@@ -1,45 +1,43 @@
-"""Engine: an exported model on ONNX Runtime, called with numpy arrays or torch tensors."""
+"""Engine: an exported model on a backend (ONNX Runtime or OpenVINO), called with numpy
+arrays or torch tensors. The backend only runs feeds; validation, the memory budget,
+cached targets, NaN handling and metadata are here, the same for every backend."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import os
-import warnings
 from typing import Any, Mapping
 
 import numpy as np
 
 from .._io import sha256_file
-from ..errors import (DeviceError, InputError, ModelError, NonFiniteError, NonFiniteInputError,
-                      PerceptualError)
+from ..errors import (ConfigError, DeviceError, InputError, ModelError, NonFiniteError,
+                      NonFiniteInputError, PerceptualError)
 from ..export.integrity import read_model
 from .. import memory as _memory
 from ..export.metadata import ModelInfo
 from ..validate import MAX_BATCH_PIXELS, check_pair, check_tensor, nonfinite_samples
 from . import providers as P
 from . import targets as T
+from .backends import onnxruntime as _ort
+from .host import to_host as _to_host
 from .iobinding import GATE, TorchBinder
 
-
-def _session_options(threads: int | None, cpu_arena: bool):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.enable_cpu_mem_arena = cpu_arena
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3  # errors only: a failed provider is reported by us, with the reason
-    if threads:
-        so.intra_op_num_threads = threads
-    return so
+DEVICES = (*P.DEVICES, "openvino")
 
 
 class Engine:
     """Run an exported perceptual-engine model.
 
     path: an ONNX file from ``export_onnx``; its metadata supplies spec and loss.
-    device: "auto" (TensorRT, then CUDA, then CPU), "cpu", "cuda" or "tensorrt".
-        An explicit device that cannot be used raises DeviceError; never a silent
-        CPU run. ``providers`` says what ONNX Runtime really uses.
+    device: "auto" (TensorRT, then CUDA, then CPU), "cpu" (ONNX Runtime, exact fp32),
+        "cuda", "tensorrt" or "openvino" (OpenVINO on the CPU, the ``[openvino]`` extra;
+        docs/openvino.md). An explicit device that cannot be used raises DeviceError;
+        never a silent CPU run. ``providers`` says what really runs.
+    precision: "auto", "f32" or "bf16", for device="openvino" ("auto": bf16 where the
+        CPU reports BF16, f32 for gradient graphs); ONNX Runtime devices take "auto" or
+        "f32". OpenVINO's outputs are checked against ONNX Runtime fp32 once per model,
+        within the precision's tier; a model outside it raises PrecisionError.
     options: ProviderOptions for CUDA/TensorRT (tf32, fixed shapes, caches, ...).
     check_range: refuse host inputs outside the model's input range (see README).
     max_pixels: refuse a call whose N·H·W exceeds it, before any work.
@@ -62,9 +60,8 @@ class Engine:
     def __init__(self, path: str | os.PathLike, device: str = "auto", *,
                  options: P.ProviderOptions | None = None, threads: int | None = None,
                  check_range: bool = True, max_pixels: int | None = MAX_BATCH_PIXELS,
-                 cpu_arena: bool | None = None, memory_budget: Any = None) -> None:
-        import onnxruntime as ort
-
+                 cpu_arena: bool | None = None, memory_budget: Any = None,
+                 precision: str = "auto") -> None:
         self.path = os.fspath(path)
         self.options = options or P.ProviderOptions()
         if device != "cpu":  # run on torch's stream when torch already uses CUDA (iobinding.py)
@@ -85,15 +82,25 @@ class Engine:
         # set_style_target run here; the TorchBinder keeps a separate session for the
         # one captured shape (ONNX Runtime replays a captured graph on every later run
         # of its session, whatever the inputs).
-        self._session_opts = _session_options(threads, self.cpu_arena)
-        self.session, self.fallback_reason = self._open_session(
-            device, dataclasses.replace(self.options, cuda_graph=False))
-        self.providers: list[str] = list(self.session.get_providers())
+        if device not in DEVICES:
+            raise ConfigError(f"device {device!r} is not accepted; accepted: {', '.join(DEVICES)}.")
         self.device = device
-        want = P.PROVIDER.get(device)
-        if device != "auto" and want not in self.providers:
-            raise DeviceError(_why_not(device, None, got=self.providers))
-        self._check_outputs()
+        self.fallback_reason = ""
+        if device == "openvino":
+            self.session = None
+            self.backend: Any = _openvino_backend(self.path, self.info, precision, threads,
+                                                  self._check_names)
+        else:
+            _check_ort_precision(device, precision)
+            self._session_opts = _ort.session_options(threads, self.cpu_arena)
+            self.session, self.fallback_reason = self._open_session(
+                device, dataclasses.replace(self.options, cuda_graph=False))
+            self.backend = _ort.OrtBackend(self.session, self.options.device_id)
+            want = P.PROVIDER.get(device)
+            if device != "auto" and want not in self.backend.providers:
+                raise DeviceError(_ort.why_not(device, None, got=self.backend.providers))
+            self._check_outputs()
+        self.providers: list[str] = list(self.backend.providers)
         self._binder = TorchBinder(self) if self.on_gpu else None
         self._target: T.Target | None = None  # cached targets, on the session's device; swapped whole
         self.memory_budget = memory_budget
@@ -125,39 +132,12 @@ class Engine:
         return self._memory.limit()
 
     def _open_session(self, device: str, options: P.ProviderOptions) -> tuple[Any, str]:
-        """An InferenceSession for ``device``, and why "auto" did not get its first choice.
-
-        "auto" walks its chain (TensorRT, CUDA, CPU): a provider that fails to start
-        is skipped with a RuntimeWarning and the next one tried, so a TensorRT failure
-        lands on CUDA, not on the CPU. An explicit GPU device raises DeviceError.
-        """
-        import onnxruntime as ort
-
+        """An ONNX Runtime session for ``device`` (backends/onnxruntime.py)."""
         # TensorRT's optimization profile covers every dynamic input: the images and
         # a target graph's content features; the style Grams (1, C, C) are static.
         dynamic = P.profile_inputs(self.spec.arch, self.inputs)
-        chain = P.plan(device, options, dynamic, lambda: sha256_file(self.path)[:16])
-        gpu = any(name != "CPUExecutionProvider" for name, _ in chain)
-        if gpu:
-            P.preload_cuda()
-        failures: list[str] = []
-        for start in range(len(chain)):
-            try:
-                # A new session allocates on the GPU: not while a CUDA graph is captured.
-                with GATE.shared() if gpu else contextlib.nullcontext():
-                    session = ort.InferenceSession(self.path, self._session_opts, providers=chain[start:],
-                                                   enable_fallback=0)
-            except Exception as exc:
-                if device in ("cuda", "tensorrt"):
-                    raise DeviceError(_why_not(device, exc)) from exc
-                if device != "auto" or start == len(chain) - 1:
-                    raise ModelError(f"ONNX Runtime could not load {self.path!r}: {exc}") from exc
-                failures.append(f"{chain[start][0]} failed: {_first(exc)}")
-                warnings.warn(f"device='auto' skips {failures[-1]}; trying {chain[start + 1][0]}",
-                              RuntimeWarning, stacklevel=3)
-                continue
-            return session, "; ".join(failures)
-        raise AssertionError("unreachable: the last provider either returns or raises")
+        return _ort.open_session(self.path, device, options, self._session_opts, dynamic,
+                                 lambda: sha256_file(self.path)[:16])
 
     def _open_graph_session(self) -> Any:
         """A session with CUDA graphs on, for the provider the main session runs."""
@@ -171,7 +151,11 @@ class Engine:
     # -- introspection -------------------------------------------------------
     @property
     def on_gpu(self) -> bool:
-        return self.providers[0] != "CPUExecutionProvider"
+        return self.backend.on_gpu
+
+    def describe(self) -> str:
+        """What runs this model, in words (backend, version, precision or providers)."""
+        return self.backend.describe()
 
     @property
     def spec(self):
@@ -182,8 +166,10 @@ class Engine:
         return self.info.output_names
 
     def _check_outputs(self) -> None:
-        got = tuple(o.name for o in self.session.get_outputs())
-        ins = tuple(i.name for i in self.session.get_inputs())
+        self._check_names(tuple(o.name for o in self.session.get_outputs()),
+                          tuple(i.name for i in self.session.get_inputs()))
+
+    def _check_names(self, got: tuple[str, ...], ins: tuple[str, ...]) -> None:
         if got != self.info.output_names or ins != self.inputs:
             raise ModelError(
                 f"{self.path!r} has inputs {ins} and outputs {got}, but its metadata promises "
@@ -221,17 +207,10 @@ class Engine:
         extra = target.feeds if target is not None else {}
         if self._binder is not None and self._binder.accepts(feeds):
             return self._binder.run(feeds, extra, names)
+        host = {k: _to_host(v) for k, v in feeds.items()}
         # Host calls copy to and from the GPU: not while a CUDA graph is captured.
         with GATE.shared() if self.on_gpu else contextlib.nullcontext():
-            if not extra:
-                host = {k: _to_host(v) for k, v in feeds.items()}
-                return dict(zip(names, self.session.run(list(names), host)))
-            import onnxruntime as ort
-
-            values = {k: ort.OrtValue.ortvalue_from_numpy(_to_host(v)) for k, v in feeds.items()}
-            values.update(extra)
-            out = self.session.run_with_ort_values(list(names), values)
-            return {k: v.numpy() for k, v in zip(names, out)}
+            return self.backend.run_cached(host, extra, names)
 
     def features(self, x: Any) -> dict[str, Any]:
         """{layer: (N, C, H_l, W_l) float32} for x (N, 3, H, W) float32 in the input range.
@@ -328,7 +307,7 @@ class Engine:
         if self.info.graph != "target":
             raise ModelError(f"{self.path!r} is a {self.info.graph} graph; set_target needs a model exported "
                              "with graph='target' (perceptual-engine export --graph target).")
-        self._swap(T.build(self, self._target, content, style))
+        self._swap(T.build(self._target_context(), self._target, content, style))
 
     def set_style_target(self, image: Any) -> None:
         """Compute the Grams of ``image`` (1, 3, H, W) once and keep them on the device.
@@ -341,7 +320,11 @@ class Engine:
         if self.info.graph != "style":
             raise ModelError(f"{self.path!r} is a {self.info.graph} graph; set_style_target needs a model "
                              "exported with graph='style' (a style-only loss) or graph='target'.")
-        self._swap(T.build(self, None, None, image))
+        self._swap(T.build(self._target_context(), None, None, image))
+
+    def _target_context(self) -> "T.Context":
+        return T.Context(path=self.path, info=self.info, inputs=self.inputs, check=self._check,
+                         run=self.backend.run, keep=self.backend.keep)
 
     def _swap(self, target: T.Target) -> None:
         self._target = target
@@ -374,12 +357,6 @@ def _scatter(v: Any, keep: list[int], n: int) -> Any:
     return full
 
 
-def _to_host(v: Any) -> np.ndarray:
-    if isinstance(v, np.ndarray):
-        return np.ascontiguousarray(v)
-    return np.ascontiguousarray(v.detach().cpu().numpy())  # a CPU torch tensor: no copy
-
-
 def _check_finite(out: Mapping[str, Any]) -> None:
     total = out["total"]
     arr = total if isinstance(total, np.ndarray) else total.detach().float().cpu().numpy()
@@ -405,21 +382,22 @@ def _gpu_terms(engine: Engine) -> dict[str, Any]:
     return {"workspace": P.workspace_bytes(o), "sessions": 2 if o.cuda_graph else 1}
 
 
-def _first(exc: BaseException) -> str:
-    """The first line of an exception's message; its type name when the message is empty."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+def _check_ort_precision(device: str, precision: str) -> None:
+    if precision not in ("auto", "f32", "bf16"):
+        raise ConfigError(f"precision={precision!r} is not accepted; accepted: auto, f32, bf16.")
+    if precision == "bf16":
+        raise ConfigError(f"precision='bf16' runs on device='openvino' only; device={device!r} runs "
+                          "ONNX Runtime in float32. Use device='openvino', or precision='f32'.")
 
 
-def _why_not(device: str, exc: BaseException | None, got: list[str] | None = None) -> str:
-    parts = [f"device {device!r} was requested but ONNX Runtime could not start {P.PROVIDER[device]}"]
-    if got is not None:
-        parts.append(f"(the session got {got})")
-    if exc is not None:
-        parts.append(f"({_first(exc)})")
-    missing = P.missing_cuda_libraries()
-    if missing:
-        wheels = P.cuda_wheels(missing)
-        parts.append(f"; missing libraries: {', '.join(missing)} (pip install {' '.join(wheels)}, "
-                     "or add their folder to LD_LIBRARY_PATH)")
-    parts.append(". Use device='cpu' to run on the CPU deliberately.")
-    return " ".join(parts)
+def _openvino_backend(path: str, info: ModelInfo, precision: str, threads: int | None,
+                      check_names: Any) -> Any:
+    """An OpenVINO backend whose inputs/outputs are the metadata's and whose numbers were
+    checked against ONNX Runtime fp32."""
+    from .backends import accuracy
+    from .backends.openvino import OpenVinoBackend
+
+    backend = OpenVinoBackend(path, precision, grad=bool(getattr(info, "grad", False)), threads=threads)
+    check_names(backend.output_names, backend.input_names)
+    backend.accuracy = accuracy.verify(path, info, backend.precision, backend.version, backend.run)
+    return backend

@@ -33,15 +33,13 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import threading
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from .. import layers as _layers
 from ..errors import InputError
 
-if TYPE_CHECKING:
-    from .engine import Engine
 
 # ONNX Runtime's CUDA EP runs a graph session normally once (its allocations),
 # captures on the next run and replays the capture to produce that run's outputs
@@ -97,7 +95,7 @@ class Gate:
 GATE = Gate()  # one per process: CUDA's global capture mode is process-wide
 
 
-def output_shapes(engine: "Engine", n: int, h: int, w: int) -> dict[str, tuple[int, ...]]:
+def output_shapes(engine: Any, n: int, h: int, w: int) -> dict[str, tuple[int, ...]]:
     """Shapes of every output for an (n, 3, h, w) input, from the layer table."""
     shapes: dict[str, tuple[int, ...]] = {}
     arch = engine.spec.arch
@@ -130,7 +128,7 @@ def _run_options(no_sync: bool) -> Any:
 
 
 class TorchBinder:
-    def __init__(self, engine: "Engine") -> None:
+    def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.session = engine.session
         self.device_id = engine.options.device_id

@@ -107,7 +107,9 @@ class EnginePerceptualLoss(nn.Module):
         and loss. On an LPIPS model the keys are ``lpips.<l>`` and ``total`` (and
         ``spatial`` if exported with it); on a DISTS model ``texture.<s>``,
         ``structure.<s>`` and ``total``.
-    device, options: as for ``Engine`` ("auto", "cpu", "cuda", "tensorrt").
+    device, options, precision: as for ``Engine`` ("auto", "cpu", "cuda", "tensorrt",
+        "openvino"; on "openvino" the gradient is checked against ONNX Runtime fp32 like
+        every output, and precision "auto" means f32 for gradient graphs).
 
     ``forward(x, y=None) -> {"content.<l>": (N,), "style.<l>": (N,), "total": (N,)}``,
     the keys of ``TorchPerceptualLoss``. x, y: float32 (N, 3, H, W) in the model's
@@ -118,9 +120,10 @@ class EnginePerceptualLoss(nn.Module):
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto",
-                 options: ProviderOptions | None = None, **engine_kwargs: Any) -> None:
+                 options: ProviderOptions | None = None, precision: str = "auto",
+                 **engine_kwargs: Any) -> None:
         super().__init__()
-        self.engine = Engine(path, device, options=options, **engine_kwargs)
+        self.engine = Engine(path, device, options=options, precision=precision, **engine_kwargs)
         info = self.engine.info
         if not info.grad:
             raise ModelError(_no_grad_message(self.engine.path, info.graph))

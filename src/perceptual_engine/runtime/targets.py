@@ -9,15 +9,30 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from .. import layers as _layers
 from ..errors import InputError, ModelError
+from .host import to_host
 
-if TYPE_CHECKING:
-    from .engine import Engine
+
+@dataclass(frozen=True)
+class Context:
+    """What building a target needs of an Engine (no import of engine.py): the model,
+    the input check, and its backend's ``run`` (host arrays) and ``keep`` (to the device)."""
+
+    path: str
+    info: Any
+    inputs: tuple[str, ...]
+    check: Callable[..., None]
+    run: Callable[[Mapping[str, np.ndarray], list[str]], dict[str, np.ndarray]]
+    keep: Callable[[np.ndarray], Any]
+
+    @property
+    def spec(self) -> Any:
+        return self.info.spec
 
 
 @dataclass(frozen=True)
@@ -29,12 +44,12 @@ class Target:
     content_hw: tuple[int, int] | None = None
 
 
-def _feature_hw(engine: "Engine", layer: str, h: int, w: int) -> tuple[int, int]:
+def _feature_hw(engine: Any, layer: str, h: int, w: int) -> tuple[int, int]:
     d = _layers.resolve(engine.spec.arch, layer).downsample
     return h // d, w // d
 
 
-def _dummy_feeds(engine: "Engine", h: int, w: int) -> dict[str, np.ndarray]:
+def _dummy_feeds(engine: Any, h: int, w: int) -> dict[str, np.ndarray]:
     """Zeros for every target input, sized for an (h, w) image (their values are not read)."""
     feeds: dict[str, np.ndarray] = {}
     for name in engine.inputs[1:]:
@@ -45,19 +60,15 @@ def _dummy_feeds(engine: "Engine", h: int, w: int) -> dict[str, np.ndarray]:
     return feeds
 
 
-def _check_image(engine: "Engine", image: Any, what: str) -> None:
-    engine._check(image, name=f"{what} target")
+def _check_image(engine: Any, image: Any, what: str) -> None:
+    engine.check(image, name=f"{what} target")
     if tuple(image.shape)[0] != 1:
         raise InputError(f"the {what} target has batch {tuple(image.shape)[0]}; accepted: one image, "
                          "shape (1, 3, H, W). Pass target[None] or target[:1].")
 
 
-def build(engine: "Engine", old: Target | None, content: Any = None, style: Any = None) -> Target:
+def build(engine: Context, old: Target | None, content: Any = None, style: Any = None) -> Target:
     """A new Target: ``old``'s parts, with content and/or style replaced from the images given."""
-    import onnxruntime as ort
-
-    from .engine import _to_host
-
     loss = engine.info.loss
     assert loss is not None  # style and target graphs carry one
     if content is None and style is None:
@@ -69,7 +80,6 @@ def build(engine: "Engine", old: Target | None, content: Any = None, style: Any 
                              f"loss is {loss.to_dict()}. Drop {what}=, or export a model with {what} terms.")
         if image is not None:
             _check_image(engine, image, what)
-    device, dev_id = ("cuda", engine.options.device_id) if engine.on_gpu else ("cpu", 0)
     feeds = dict(old.feeds) if old is not None else {}
     content_hw = old.content_hw if old is not None else None
     runs = [(image, names) for image, names in ((content, engine.info.feature_names),
@@ -77,25 +87,24 @@ def build(engine: "Engine", old: Target | None, content: Any = None, style: Any 
     if content is not None and content is style:  # one image for both: one run
         runs = [(content, engine.info.feature_names + engine.info.gram_names)]
     for image, names in runs:
-        host = _to_host(image)
+        host = to_host(image)
         h, w = host.shape[2:]
         with _gate(engine):  # host runs and copies to the GPU: not while a CUDA graph is captured
-            values = engine.session.run(list(names), {"x": host, **_dummy_feeds(engine, h, w)})
-            for name, v in zip(names, values):
-                feeds[f"target.{name.replace('feature.', 'content.')}"] = \
-                    ort.OrtValue.ortvalue_from_numpy(v, device, dev_id)
+            values = engine.run({"x": host, **_dummy_feeds(engine, h, w)}, list(names))
+            for name in names:
+                feeds[f"target.{name.replace('feature.', 'content.')}"] = engine.keep(values[name])
         if names and names[0].startswith("feature."):
             content_hw = (int(h), int(w))
     return Target(feeds=feeds, content_hw=content_hw)
 
 
-def _gate(engine: "Engine") -> Any:
+def _gate(engine: Any) -> Any:
     from .iobinding import GATE
 
     return GATE.shared() if engine.on_gpu else contextlib.nullcontext()
 
 
-def check_ready(engine: "Engine", target: Target | None, x: Any) -> None:
+def check_ready(engine: Any, target: Target | None, x: Any) -> None:
     """Raise unless ``target`` feeds every target input, sized for x's features."""
     missing = [n for n in engine.inputs[1:] if target is None or n not in target.feeds]
     if missing:
