@@ -324,7 +324,7 @@ class Engine:
 
     def _target_context(self) -> "T.Context":
         return T.Context(path=self.path, info=self.info, inputs=self.inputs, check=self._check,
-                         run=self.backend.run, keep=self.backend.keep)
+                         run=self.backend.run, keep=self.backend.keep, on_gpu=self.on_gpu)
 
     def _swap(self, target: T.Target) -> None:
         self._target = target

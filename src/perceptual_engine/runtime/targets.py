@@ -29,6 +29,7 @@ class Context:
     check: Callable[..., None]
     run: Callable[[Mapping[str, np.ndarray], list[str]], dict[str, np.ndarray]]
     keep: Callable[[np.ndarray], Any]
+    on_gpu: bool = False  # host runs then wait while a CUDA graph is captured
 
     @property
     def spec(self) -> Any:
