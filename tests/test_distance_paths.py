@@ -6,7 +6,7 @@ subparser: honoured, or refused with a one-line reason. Here:
 - every option of the subparser (from build_parser()) has a row, so a new flag
   cannot be dropped silently by one path;
 - every refused (flag, path) is refused with exit 2, one line, before any work;
-- three scenarios run the honoured flags through both paths (the session's local
+- four scenarios (LPIPS, DISTS, spec flags, a given model) run the honoured flags through both paths (the session's local
   Ray, small images of odd sizes, seeded random weights, shallow specs) and compare
   the result files, the rows on stdout and the LPIPS maps; a test checks that the
   scenarios exercise every honoured flag on both paths.
@@ -133,9 +133,13 @@ def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("paths-cache"))
 
 
-def _scenarios(images, lin_weights, cache, distance_model, budget):
+def _scenarios(images, lin_weights, cache, distance_model, budget, dists_file=None):
     """name -> (argv without --output/--spatial-dir/--ray, output extension, maps?)."""
     return {
+        # DISTS from the flags, with alpha/beta from a file.
+        "dists": ([images["a"], images["b"], "--graph", "dists", "--weights", "random",
+                   "--seed", "6", "--dists-weights", str(dists_file), "--cache-dir", cache,
+                   "--format", "json"], ".jsonl", False),
         # LPIPS from the flags: the Ray path used to drop --graph lpips, --lpips-weights
         # and --spatial-dir and compute VGG19 content terms instead.
         "lpips": ([images["a"], images["b"], "--graph", "lpips", "--weights", "random",
@@ -147,7 +151,7 @@ def _scenarios(images, lin_weights, cache, distance_model, budget):
                   "avg", "--content", "relu2_1=1", "--style", "relu1_1=1,relu1_2=2", "--gram", "hw",
                   "--dtype", "float16", "--cache-dir", cache, "--size-policy", "resize",
                   "--max-side", "48", "--max-pixels", "10000", "--batch-size", "3",
-                  "--device", "cpu", "--format", "csv"], ".csv", False),
+                  "--device", "cpu", "--precision", "f32", "--format", "csv"], ".csv", False),
         # A given model, a memory budget that refuses the largest pair, resumed output.
         "model": ([images["a"], images["b"], "--model", distance_model[0], "--memory-budget",
                    budget, "--batch-size", "2", "--graph", "distance", "--format", "json"],
@@ -230,11 +234,12 @@ def _partial(full: str, dest: str, keep: int) -> str:
 COVERED: dict[str, set[str]] = {SINGLE: set(), RAY: set()}
 
 
-@pytest.mark.parametrize("name", ["lpips", "spec", "model"])
+@pytest.mark.parametrize("name", ["lpips", "dists", "spec", "model"])
 def test_both_paths_give_the_same_rows(name, local_ray, images, lin_weights, cache,
-                                       distance_model, tmp_path, capsys):
+                                       distance_model, tmp_path, capsys, request):
+    dists_file = request.getfixturevalue("dists_pkg")["alt_file"] if name == "dists" else None
     argv, ext, maps = _scenarios(images, lin_weights, cache, distance_model,
-                                 _budget(distance_model))[name]
+                                 _budget(distance_model), dists_file)[name]
     fmt = argv[argv.index("--format") + 1]
     results = {}
     full = None

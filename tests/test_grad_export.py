@@ -249,7 +249,9 @@ def test_cli_export_grad_needs_a_loss_graph(tmp_path, capsys):
                  "-o", str(out)])
     assert code == 2 and not out.exists()
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "grad=True needs --graph distance" in err[0] and "got --graph features" in err[0]
+    # In the command's own flags: --grad, not the API's grad=True.
+    assert len(err) == 1 and "--grad needs --graph distance, --graph target" in err[0]
+    assert "got --graph features" in err[0] and "drop --grad" in err[0] and "grad=True" not in err[0]
 
 
 @pytest.mark.gpu

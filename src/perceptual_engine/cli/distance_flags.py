@@ -85,15 +85,16 @@ class ModelRequest:
 def model_request(args: argparse.Namespace) -> ModelRequest:
     """What the model flags ask for; ConfigError for combinations that cannot hold."""
     spatial = args.spatial_dir is not None
+    dists_weights = getattr(args, "dists_weights", None)  # commands without DISTS lack the flag
     if args.model:
         given = [_flag(f) for f in SPEC_FLAGS + ("lpips_weights", "dists_weights")
-                 if getattr(args, f) is not None]
+                 if getattr(args, f, None) is not None]
         if given:
             raise ConfigError(f"--model reads the spec from the model; drop {', '.join(given)}, "
                               "or drop --model to export one from the flags.")
         return ModelRequest(model=args.model, graph=args.graph or "", spatial=spatial)
     graph = args.graph or "distance"
-    if args.dists_weights is not None and graph != "dists":
+    if dists_weights is not None and graph != "dists":
         raise ConfigError("--dists-weights is an option of --graph dists; add --graph dists, or drop it.")
     if graph == "lpips":
         return ModelRequest(None, "lpips", lpips_spec_from_args(args), None, args.lpips_weights,
@@ -103,7 +104,7 @@ def model_request(args: argparse.Namespace) -> ModelRequest:
             raise ConfigError("--lpips-weights and --spatial-dir are options of --graph lpips; DISTS "
                               "has no spatial map. Drop them.")
         return ModelRequest(None, "dists", dists_spec_from_args(args), None,
-                            dtype=args.dtype or "float32", dists_weights=args.dists_weights)
+                            dtype=args.dtype or "float32", dists_weights=dists_weights)
     if args.lpips_weights is not None:
         raise ConfigError("--lpips-weights is an option of --graph lpips; add --graph lpips, or drop it.")
     if spatial and graph != "lpips":

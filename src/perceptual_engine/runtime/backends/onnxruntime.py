@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ...errors import DeviceError, ModelError, first_line
+from ...errors import DeviceError, ModelError
 from .. import providers as P
 
 
@@ -52,7 +52,7 @@ def open_session(path: str, device: str, options: P.ProviderOptions, so: Any, dy
                 raise DeviceError(why_not(device, exc)) from exc
             if device != "auto" or start == len(chain) - 1:
                 raise ModelError(f"ONNX Runtime could not load {path!r}: {exc}") from exc
-            failures.append(f"{chain[start][0]} failed: {first_line(exc)[:300]}")
+            failures.append(f"{chain[start][0]} failed: {_first(exc)}")
             warnings.warn(f"device='auto' skips {failures[-1]}; trying {chain[start + 1][0]}",
                           RuntimeWarning, stacklevel=4)
             continue
@@ -107,7 +107,7 @@ def why_not(device: str, exc: BaseException | None, got: list[str] | None = None
     if got is not None:
         parts.append(f"(the session got {got})")
     if exc is not None:
-        parts.append(f"({first_line(exc)[:300]})")
+        parts.append(f"({_first(exc)})")
     missing = P.missing_cuda_libraries()
     if missing:
         wheels = P.cuda_wheels(missing)
@@ -116,3 +116,8 @@ def why_not(device: str, exc: BaseException | None, got: list[str] | None = None
     parts.append(". Use device='cpu' to run on the CPU deliberately.")
     return " ".join(parts)
 
+
+
+def _first(exc: BaseException) -> str:
+    """The first line of an exception's message; its type name when the message is empty."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
