@@ -410,3 +410,34 @@ def test_fp16_raw_grams_are_computed_in_float32(fp16_models, make_images, rel_er
     for k in expected:
         assert np.isfinite(got[k]).all(), k
         assert rel_err(got[k], expected[k]) <= F16_TOL, k
+
+
+# -- the optimizer keeps small constants ------------------------------------------------
+
+
+class _SmallConstants(torch.nn.Module):
+    """Stabilizers the default optimizer took for no-ops (|c| <= 1e-8 as 0, c within 1e-5
+    of 1 as 1), beside true no-ops it should still remove."""
+
+    def forward(self, f):
+        r = torch.sqrt((f * f).sum(dim=1, keepdim=True)) + 1e-10
+        s = (f - 1e-12) * (1.0 + 1e-6) / (1.0 - 1e-6)
+        return f / r + s + 0.0 - 0.0, (f * 1.0) / 1.0
+
+
+def test_export_keeps_small_constants():
+    proto = exporter._to_onnx(_SmallConstants(), (torch.rand(1, 4, 5, 7),), ("x",), ("a", "b"), False)
+    consts = {i.name: float(onnx.numpy_helper.to_array(i)) for i in proto.graph.initializer
+              if not i.dims}
+    ops = [(n.op_type, consts.get(n.input[1])) for n in proto.graph.node if len(n.input) == 2]
+    for kept in (("Add", np.float32(1e-10)), ("Sub", np.float32(1e-12)),
+                 ("Mul", np.float32(1.0 + 1e-6)), ("Div", np.float32(1.0 - 1e-6))):
+        assert kept in ops, (kept, ops)
+    assert not any(c in (0.0, 1.0) for _, c in ops), ops  # exact no-ops still go
+    x = np.random.default_rng(0).random((1, 4, 5, 7), dtype=np.float32)
+    x[0, :, 2, 3] = 0.0  # a zero vector: 0 / (0 + 1e-10)
+    out = _run(_session(proto.SerializeToString()), {"x": x})
+    assert np.isfinite(out["a"]).all()
+    # the scale (1 + 1e-6) / (1 - 1e-6) = 1 + 2e-6 is there too: rtol 1e-7
+    np.testing.assert_allclose(out["a"][0, :, 2, 3], -1e-12 * (1 + 1e-6) / (1 - 1e-6), rtol=1e-7)
+    np.testing.assert_array_equal(out["b"], x)

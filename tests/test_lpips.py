@@ -106,6 +106,71 @@ def test_engine_perceptual_loss_on_lpips(lpips_models, lpips_pkg, rel_err):
     assert rel_err(xe.grad.numpy(), xa.grad.numpy()) <= 1e-4
 
 
+def _eps_adds(path: str) -> list[float]:
+    """The constants added to a Sqrt's output, for each Sqrt of the graph (None: no Add)."""
+    import onnx
+
+    model = onnx.load(path)
+    consts = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    users: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    out = []
+    for node in model.graph.node:
+        if node.op_type == "Sqrt":
+            adds = [consts.get(n.input[1]) for n in users.get(node.output[0], []) if n.op_type == "Add"]
+            out.append(float(adds[0]) if adds and adds[0] is not None else None)
+    return out
+
+
+@pytest.mark.parametrize("key", ["fp32", "fp16"])
+def test_onnx_keeps_the_norm_epsilon(lpips_models, key):
+    """Every channel norm of the exported head is followed by + 1e-10 (x's and y's at the
+    five taps): torch's default ONNX optimizer deleted that Add as "x + 0"."""
+    got = _eps_adds(lpips_models[key][0])
+    assert len(got) == 10 and all(v == np.float32(L.EPS) for v in got), got
+
+
+def test_onnx_dead_tap_is_finite(lpips_models, lpips_pkg, rel_err):
+    """The exported float32 model with conv5_3's bias at -1e3: every relu5_3 feature vector
+    is zero, where n(f) = 0 / (0 + 1e-10) = 0. Outputs and grad.x are finite and equal
+    the lpips package's (the Add-less graph gave 0/0 = NaN)."""
+    import copy
+
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(lpips_models["fp32"][0])
+    # The random trunk's biases are 0, which the optimizer drops: give conv5_3 (x's and
+    # y's) one, as the package's conv5_3 below.
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.full((512,), -1e3, np.float32), "dead"))
+    convs = [n for n in model.graph.node if n.op_type == "Conv" and n.input[1] == "features.body.28.weight"]
+    assert len(convs) == 2
+    for conv in convs:
+        del conv.input[2:]
+        conv.input.append("dead")
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x, y = images((1, 3, 33, 35), 12, -1.0), images((1, 3, 33, 35), 13, -1.0)
+    names = [o.name for o in sess.get_outputs()]
+    got = dict(zip(names, sess.run(None, {"x": x.numpy(), "y": y.numpy()})))
+
+    pkg = copy.deepcopy(lpips_pkg["model"])
+    with torch.no_grad():
+        getattr(pkg.net.slice5, "28").bias.fill_(-1e3)
+    want = pkg_outputs(pkg, x, y, normalize=False, spatial=True)
+    xa = x.clone().requires_grad_()
+    pkg(xa, y).sum().backward()
+    want["grad.x"] = xa.grad.numpy()
+    assert want["lpips.relu5_3"][0] == 0 and want["total"][0] > 0  # n(0) - n(0) at relu5_3
+    for name in want:
+        assert np.isfinite(got[name]).all(), name
+        if name == "lpips.relu5_3":  # exactly 0 both sides, which rel_err refuses to compare
+            assert not got[name].any(), got[name]
+        else:
+            assert rel_err(got[name], want[name]) <= 1e-4, name
+
+
 def test_onnx_float16_large_activations(lpips_models, lpips_pkg, rel_err):
     """float16 network, float32 head: finite and within 2e-2 of the lpips package (float32)
     where the channel sum of squares would overflow float16."""

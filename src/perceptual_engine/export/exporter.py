@@ -30,6 +30,7 @@ from ..reference import TorchFeatures, TorchLPIPS
 from ..spec import FeatureSpec, LossConfig
 from ..weights import Weights, load_weights, restrict
 from .graphs import GRAPH_KINDS, DistanceGraph, FeaturesGraph, LpipsGraph, StyleGraph, TargetGraph
+from . import optimizer
 from .integrity import seal
 from .metadata import DTYPES, ModelInfo
 from .verify import OutputParity, verify_model
@@ -94,10 +95,13 @@ def _to_onnx(module: torch.nn.Module, args: tuple[torch.Tensor, ...], inputs: tu
             # torch.export first: torch.onnx.export turns the tuples of a
             # dynamic_shapes spec into lists, which torch.export then rejects.
             program = torch.export.export(module, args, dynamic_shapes=dims, strict=False)
+            # optimize=False, then torch's optimizer with exact no-op rules: its own
+            # drops Add(x, c) for |c| <= 1e-8, such as LPIPS' 1e-10 (see optimizer.py).
             prog = torch.onnx.export(
                 program, args, dynamo=True, input_names=list(inputs), output_names=list(outputs),
-                external_data=False, optimize=True, verbose=False,
+                external_data=False, optimize=False, verbose=False,
             )
+            optimizer.optimize(prog.model)
     except Exception as exc:
         raise ExportError(
             f"torch.onnx.export failed ({type(exc).__name__}: {exc}). Exporter log:\n{buf.getvalue()[-2000:]}"

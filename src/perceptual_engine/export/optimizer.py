@@ -1,0 +1,94 @@
+"""The ONNX optimizer every export runs: onnxscript's default, with exact no-op rules.
+
+``torch.onnx.export(optimize=True)`` runs ``onnxscript.optimizer.optimize``, whose rewrite
+rules include x + 0 -> x, x - 0 -> x, x * 1 -> x and x / 1 -> x
+(``onnxscript/rewriter/rules/common/_no_op.py``). Their constant patterns match a scalar
+within ``math.isclose(c, 0 or 1, rel_tol=1e-5, abs_tol=1e-8)``: any |c| <= 1e-8 counts as 0.
+So LPIPS' ``sqrt(Σ f²) + 1e-10`` lost its Add, and a dead feature vector gave 0/0 = NaN
+where the lpips package gives 0. Every small constant a graph adds or subtracts (a
+stabilizer like 1e-10 or 1e-12) went the same way; 1e-6 and larger were kept.
+
+``optimize`` runs the same passes as ``onnxscript.optimizer.optimize_ir`` with the same
+defaults, the four tolerant rules replaced by ones that match exactly 0 or 1. Nothing a
+graph builder does is needed for its constants to survive.
+"""
+from __future__ import annotations
+
+import onnx_ir as ir
+
+
+def rewrite_rules() -> tuple:
+    """onnxscript's default rewrite rules, the no-op rules matching exact constants only."""
+    from onnxscript import rewriter
+    from onnxscript.rewriter import pattern
+    from onnxscript.rewriter.rules.common import _no_op
+
+    def exact(value: float):
+        return pattern.Constant(value, rel_tol=0.0, abs_tol=0.0)
+
+    def add_0(op, x):
+        return op.Add(x, exact(0.0))
+
+    def sub_0(op, x):
+        return op.Sub(x, exact(0.0))
+
+    def mul_by_1(op, x):
+        return op.Mul(x, exact(1.0))
+
+    def div_by_1(op, x):
+        return op.Div(x, exact(1.0))
+
+    def identity(op, x, **_):
+        return op.Identity(x)
+
+    exact_rules = (*pattern.RewriteRule(add_0, identity).commute(), pattern.RewriteRule(sub_0, identity),
+                   *pattern.RewriteRule(mul_by_1, identity).commute(), pattern.RewriteRule(div_by_1, identity))
+    keep = {id(_no_op.dropout_zero_rule), id(_no_op.dropout_inference_rule)}
+    tolerant = {id(r) for r in _no_op.rules.rules if id(r) not in keep}
+    if len(tolerant) != 6:  # mul_by_1 x2, add_0 x2, sub_0, div_by_1 (onnxscript 0.7)
+        raise RuntimeError(f"onnxscript's no-op rules changed ({len(tolerant)} found, 6 expected); "
+                           "perceptual_engine.export.optimizer needs updating")
+    out, placed = [], False
+    for rule in rewriter._DEFAULT_REWRITE_RULES:
+        if id(rule) not in tolerant:
+            out.append(rule)
+        elif not placed:  # the exact rules where the tolerant ones were: order is kept
+            out.extend(exact_rules)
+            placed = True
+    return tuple(out)
+
+
+def optimize(model: ir.Model) -> None:
+    """In place: ``onnxscript.optimizer.optimize_ir(model)`` with ``rewrite_rules()``."""
+    import onnx_ir.passes.common as common_passes
+    from onnxscript import rewriter
+    from onnxscript.optimizer import _constant_folding
+
+    passes = [
+        common_passes.InlinePass(),
+        ir.passes.PassManager(
+            [
+                _constant_folding.FoldConstantsPass(
+                    shape_inference=True,
+                    input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                    output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+                    should_fold=lambda node: None,
+                ),
+                rewriter.RewritePass(rewrite_rules()),
+                common_passes.RemoveUnusedNodesPass(),
+                common_passes.RemoveUnusedFunctionsPass(),
+                common_passes.RemoveUnusedOpsetsPass(),
+            ],
+            steps=2,
+            early_stop=True,
+        ),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common_passes.LiftSubgraphInitializersToMainGraphPass(),
+        common_passes.DeduplicateInitializersPass(),
+        common_passes.CommonSubexpressionEliminationPass(),
+        common_passes.OutputFixPass(),
+        common_passes.NameFixPass(),
+    ]
+    result = ir.passes.Sequential(*passes)(model)
+    assert result.model is model  # every pass works in place
