@@ -21,7 +21,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import ConfigError
-from .options import add_lpips_options, add_spec_options, memory_budget, positive_int
+from .options import (add_device_options, add_lpips_options, add_spec_options, memory_budget,
+                      positive_int)
 
 MATRIX_FORMATS = {".npy": "npy", ".csv": "csv", ".parquet": "parquet"}
 ROW_FORMATS = ("table", "csv", "json")
@@ -69,10 +70,11 @@ def register(sub: Any, say: Callable[[str], None], fmt: Any) -> None:
             p.add_argument("--format", choices=ROW_FORMATS, default="table", help="default: table")
         p.add_argument("--model", metavar="ONNX", help="an exported lpips or distance model; without "
                        "it one is exported from the spec flags into the cache once")
-        p.add_argument("--graph", choices=("distance", "lpips"), default="distance",
-                       help="the model exported from the spec flags (default: distance)")
+        p.add_argument("--graph", choices=("distance", "lpips"),
+                       help="the model exported from the spec flags; with --model, the kind the "
+                            "model must be (default: distance, or the kind of --model)")
         p.add_argument("--cache-dir", metavar="DIR", help="model cache (as for distance)")
-        p.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
+        add_device_options(p, DEVICES)
         p.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
                        help="images per forward call, lowered to fit the memory budget (default: 16)")
         p.add_argument("--size-policy", choices=SIZE_POLICIES, default="error",
