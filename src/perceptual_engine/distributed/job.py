@@ -75,10 +75,10 @@ def resolve_model(model: str | None, spec: FeatureSpec | None, loss: LossConfig 
                              folder=models_dir(cache_dir), say=say)
         model = entry.path
     info = read_info(os.fspath(model))
-    if info.graph not in ("distance", "lpips"):
+    if info.graph not in ("distance", "lpips", "dists"):
         raise ModelError(f"{model!r} is a {info.graph} graph; distances need a model exported "
-                         "with graph='distance' or graph='lpips' (export --graph distance, or "
-                         "--graph lpips).")
+                         "with graph='distance', graph='lpips' or graph='dists' (export --graph "
+                         "distance, lpips or dists).")
     return os.path.abspath(os.fspath(model))
 
 
