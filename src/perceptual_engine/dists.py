@@ -143,25 +143,16 @@ def check_weights(raw: object, source: str) -> DistsWeights:
         got = sorted(map(str, raw))[:6] if isinstance(raw, Mapping) else type(raw).__name__
         raise WeightsError(f"DISTS weights {source!r} hold {got}; accepted: a dict with exactly the keys "
                            "'alpha' and 'beta'. Use DISTS_pytorch's weights.pt or a file saved the same way.")
+    from .weights import checked_head_tensor
+
     out, h = {}, hashlib.sha256()
     for key in ("alpha", "beta"):
-        t = raw[key]
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-            raise WeightsError(f"DISTS weight {key} in {source!r} is {kind}; accepted: a float tensor of "
-                               f"shape {shape}. Re-save the file with float tensors.")
-        if tuple(t.shape) != shape:
-            raise WeightsError(f"DISTS weight {key} in {source!r} has shape {tuple(t.shape)}; accepted: "
-                               f"{shape} (3 + 64 + 128 + 256 + 512 + 512 channels of VGG16).")
-        t = t.detach().to(torch.float32).contiguous()
-        if not torch.isfinite(t).all():
-            raise WeightsError(f"DISTS weight {key} in {source!r} holds NaN or Inf; accepted: finite values "
-                               ">= 0. The file is damaged: use DISTS_pytorch's weights.pt.")
-        if (t < 0).any():
-            raise WeightsError(f"DISTS weight {key} in {source!r} has negative values (min {float(t.min()):.3g}); "
-                               "accepted: values >= 0, as trained. Use DISTS_pytorch's weights.pt.")
-        h.update(key.encode())
-        h.update(t.numpy().tobytes())
+        t = checked_head_tensor(
+            raw[key], what="DISTS", key=key, source=source, shape=shape, error=WeightsError,
+            shape_hint="(3 + 64 + 128 + 256 + 512 + 512 channels of VGG16).",
+            file_fix="use DISTS_pytorch's weights.pt.",
+            negative_fix="As trained, alpha and beta are >= 0: use DISTS_pytorch's weights.pt.",
+            digest=h)
         out[key] = t
     if float(out["alpha"].sum() + out["beta"].sum()) <= 0:
         raise WeightsError(f"DISTS weights {source!r} are all zero; the score divides by their sum. "

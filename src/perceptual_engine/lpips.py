@@ -122,26 +122,16 @@ def check_linear_weights(raw: object, source: str) -> LinearWeights:
         raise LinearWeightsError(f"LPIPS weights {source!r} do not have the keys of lpips v0.1 VGG ({'; '.join(parts)}); "
                            "accepted: exactly lin0..lin4.model.1.weight. Use the lpips package's "
                            "weights/v0.1/vgg.pth or a file saved the same way.")
+    from .weights import checked_head_tensor
+
     out, h = [], hashlib.sha256()
     for key, shape in want.items():
-        t = raw[key]
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-            raise LinearWeightsError(f"LPIPS weight {key} in {source!r} is {kind}; accepted: a float "
-                               f"tensor of shape {shape}. Re-save the file with float tensors.")
-        if tuple(t.shape) != shape:
-            raise LinearWeightsError(f"LPIPS weight {key} in {source!r} has shape {tuple(t.shape)}; accepted: "
-                               f"{shape} (VGG16). Check the file is the VGG (not alex/squeeze) version.")
-        t = t.detach().to(torch.float32).contiguous()
-        if not torch.isfinite(t).all():
-            raise LinearWeightsError(f"LPIPS weight {key} in {source!r} holds NaN or Inf; accepted: finite "
-                               "values >= 0. The file is damaged: use the lpips package's file.")
-        if (t < 0).any():
-            raise LinearWeightsError(f"LPIPS weight {key} in {source!r} has negative values (min "
-                               f"{float(t.min()):.3g}); accepted: values >= 0, as lpips clamps them "
-                               "in training. Clamp them (w.clamp_(min=0)) or use the package's file.")
-        h.update(key.encode())
-        h.update(t.numpy().tobytes())
+        t = checked_head_tensor(
+            raw[key], what="LPIPS", key=key, source=source, shape=shape, error=LinearWeightsError,
+            shape_hint="(VGG16). Check the file is the VGG (not alex/squeeze) version.",
+            file_fix="use the lpips package's file.",
+            negative_fix="lpips clamps them in training: clamp them (w.clamp_(min=0)) or use "
+                         "the package's file.", digest=h)
         out.append(t)
     return LinearWeights(tuple(out), os.path.abspath(source) if os.path.exists(source) else source,
                          h.hexdigest())

@@ -233,3 +233,31 @@ def load_weights(spec: FeatureSpec) -> Weights:
         source = os.path.abspath(spec.weights)
     check_finite(state, source)
     return Weights(state=state, source=source, sha256=_digest(state))
+
+
+def checked_head_tensor(t: object, *, what: str, key: str, source: str, shape: tuple[int, ...],
+                        error: type[Exception], shape_hint: str, file_fix: str,
+                        negative_fix: str, digest: "hashlib._Hash") -> torch.Tensor:
+    """One learned head's weight (LPIPS' linear layers, DISTS' alpha/beta) checked and hashed.
+
+    Accepted: a float tensor of ``shape``, finite and >= 0. Returns it as contiguous
+    float32 and adds ``key`` and its bytes to ``digest``. ``what`` names the head in
+    messages ("LPIPS", "DISTS"); the hints say what to do for that head's files.
+    """
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise error(f"{what} weight {key} in {source!r} is {kind}; accepted: a float tensor of "
+                    f"shape {shape}. Re-save the file with float tensors.")
+    if tuple(t.shape) != shape:
+        raise error(f"{what} weight {key} in {source!r} has shape {tuple(t.shape)}; accepted: "
+                    f"{shape} {shape_hint}")
+    t = t.detach().to(torch.float32).contiguous()
+    if not torch.isfinite(t).all():
+        raise error(f"{what} weight {key} in {source!r} holds NaN or Inf; accepted: finite values "
+                    f">= 0. The file is damaged: {file_fix}")
+    if (t < 0).any():
+        raise error(f"{what} weight {key} in {source!r} has negative values (min "
+                    f"{float(t.min()):.3g}); accepted: values >= 0. {negative_fix}")
+    digest.update(key.encode())
+    digest.update(t.numpy().tobytes())
+    return t
