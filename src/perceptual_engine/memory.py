@@ -38,7 +38,7 @@ IMAGES_PER_SAMPLE: dict[str, int] = {"features": 1, "style": 1, "target": 1, "di
 # GRAM and GRAD_WORK were fitted on shallow models at 256² and 512² (docs/memory.md);
 # ARENA on a GPU is not measured yet: a conservative guess.
 WORK = 2.0
-TAP = {"features": 1.0, "style": 1.0, "target": 1.0, "distance": 0.5, "lpips": 2.0}
+TAP = {"features": 1.25, "style": 1.0, "target": 1.0, "distance": 0.5, "lpips": 2.0}
 GRAM = 1.5
 GRAD_WORK = 2.0
 FIXED = 16 << 20  # per call, whatever the size: small buffers, the outputs, allocator slack
