@@ -150,7 +150,7 @@ def _run(command: str, args: argparse.Namespace, out_format: str | None,
     from .. import images
     from . import matrix_out
     from ..datasets.imageset import ImageSet, Loader, common_size
-    from .main import _open_engine
+    from .distance import _open_engine
 
     max_pixels = args.max_pixels or images.MAX_IMAGE_PIXELS
     sets = [ImageSet(args.a, max_pixels=max_pixels)]

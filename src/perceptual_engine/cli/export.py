@@ -1,0 +1,111 @@
+"""``perceptual-engine export``: export a verified ONNX model and print what was written."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from .common import say as _say
+from .options import dists_spec_from_args, lpips_spec_from_args, spec_from_args
+from ..errors import ConfigError
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..export import export_onnx
+    from ..export.exporter import FP16_CPU_NOTE, TOLERANCE
+
+    if args.triton_name is not None and not args.triton_repo:
+        raise ConfigError("--triton-name names the model in --triton-repo DIR; add --triton-repo.")
+    triton_name = None
+    if args.triton_repo:  # before the export: a bad name or repo must not cost one
+        from ..export.triton import check_repo_entry
+
+        triton_name = args.triton_name if args.triton_name is not None else \
+            os.path.splitext(os.path.basename(args.output))[0]
+        check_repo_entry(args.triton_repo, triton_name, args.output)
+    lpips_kw: dict = {}
+    if args.dists_weights is not None and args.graph != "dists":
+        raise ConfigError("--dists-weights is an option of --graph dists; add --graph dists, or drop it.")
+    if args.graph == "dists":
+        if args.lpips_weights is not None or args.spatial:
+            raise ConfigError("--lpips-weights and --spatial are options of --graph lpips; DISTS has "
+                              "no spatial map. Drop them.")
+        spec, loss = dists_spec_from_args(args), None
+        lpips_kw = {"dists_weights": args.dists_weights}
+    elif args.graph == "lpips":
+        spec, loss = lpips_spec_from_args(args), None
+        lpips_kw = {"lpips_weights": args.lpips_weights, "spatial": args.spatial}
+    else:
+        if args.lpips_weights is not None or args.spatial:
+            raise ConfigError("--lpips-weights and --spatial are options of --graph lpips; add "
+                              "--graph lpips, or drop them.")
+        spec, loss = spec_from_args(args)
+    if args.graph == "features" and loss is not None:
+        raise ConfigError("--content/--style/--gram describe a distance graph; add --graph "
+                          "distance, or drop them to export features.")
+    dtype = args.dtype or "float32"
+    r = export_onnx(spec, args.output, graph=args.graph, loss=loss, dtype=dtype,
+                    progress=lambda m: _say(m), grad=args.grad, **lpips_kw)
+    print(f"wrote {r.path} ({r.size_bytes / 1e6:.1f} MB) in {r.seconds:.1f} s")
+    print(f"  graph     {r.graph}, {r.dtype} network, float32 inputs and outputs")
+    print(f"  spec      {spec.arch} {','.join(spec.layers)}; weights {spec.weights}"
+          f"{f' (seed {spec.seed})' if spec.weights == 'random' else ''}, sha256 "
+          f"{r.weights_sha256[:16]}; input range {spec.input_range}; {spec.pooling} pooling")
+    if r.graph in ("distance", "style", "target"):
+        from ..spec import LossConfig
+
+        lc = loss or LossConfig.default_for(spec)
+        terms = [f"content {k}={v:g}" for k, v in lc.content.items()]
+        terms += [f"style {k}={v:g}" for k, v in lc.style.items()]
+        print(f"  loss      {', '.join(terms)}; gram {lc.gram}")
+    dims = "(N, 3, H, W), N, H, W dynamic"
+    images = [n for n in r.inputs if not n.startswith("target.")]
+    print(f"  inputs    {', '.join(images)}: float32 {dims}"
+          + ("; target.content.<l>: float32 (1, C, H_l, W_l)" if r.graph == "target" else "")
+          + ("; target.gram.<l>: float32 (1, C, C)" if len(images) < len(r.inputs) else ""))
+    if r.graph == "dists":
+        from ..runtime import read_info
+
+        head = read_info(r.path).dists or {}
+        print(f"  dists     alpha/beta {head.get('weights_source')}, sha256 "
+              f"{str(head.get('weights_sha256'))[:16]}; statistics in float32")
+        scalars = [o for o in r.outputs if o != "grad.x"]
+        print(f"  outputs   {', '.join(scalars)}: float32 (N,)"
+              + ("; grad.x (N, 3, H, W)" if "grad.x" in r.outputs else ""))
+    elif r.graph == "lpips":
+        from ..runtime import read_info
+
+        head = read_info(r.path).lpips or {}
+        print(f"  lpips     linear weights {head.get('weights_source')}, sha256 "
+              f"{str(head.get('weights_sha256'))[:16]}; head in float32")
+        scalars = [o for o in r.outputs if o not in ("spatial", "grad.x")]
+        print(f"  outputs   {', '.join(scalars)}: float32 (N,)"
+              + ("; spatial: float32 (N, 1, H, W)" if "spatial" in r.outputs else "")
+              + ("; grad.x (N, 3, H, W)" if "grad.x" in r.outputs else ""))
+    elif r.graph in ("distance", "style", "target"):
+        print(f"  outputs   {', '.join(r.outputs)}: float32 (N,)"
+              + ("; grad.x (N, 3, H, W)" if "grad.x" in r.outputs else "")
+              + ("; feature.<l> (N, C, H_l, W_l)" if r.graph == "target" else "")
+              + ("; gram.<l> (N, C, C)" if r.graph in ("style", "target") else ""))
+    else:
+        from .. import layers as _layers
+
+        for name in r.outputs:
+            info = _layers.resolve(spec.arch, name)
+            print(f"  output    {name}: float32 (N, {info.channels}, H/{info.downsample}, "
+                  f"W/{info.downsample})")
+    print(f"  parity vs the PyTorch reference on ONNX Runtime CPU (tolerance "
+          f"{TOLERANCE[dtype]:g} relative):")
+    for name, e in r.errors.items():
+        print(f"    {name:<20} max abs {e.max_abs:.2e}   max rel {e.max_rel:.2e}")
+    if dtype == "float16":
+        print(f"    note: {FP16_CPU_NOTE}")
+    if args.triton_repo:
+        from ..export.triton import write_triton_repo
+
+        t = write_triton_repo(r.path, args.triton_repo, triton_name)
+        print(f"wrote Triton model {t.folder} (config.pbtxt, 1/model.onnx), max_batch_size "
+              f"{t.max_batch_size}; config " + ("checked against Triton's schema and the graph"
+                                                if t.checked else t.note))
+    return 0
+
+
