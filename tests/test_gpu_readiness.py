@@ -1,6 +1,6 @@
 """The GPU path, checked on a CPU machine: what ONNX Runtime and torch would be asked
-(provider options captured, sessions and CUDA calls faked). docs/gpu.md, issue items
-named in each test; scripts/gpu_check.py proves the same on a GPU."""
+(provider options captured, sessions and CUDA calls faked), as docs/gpu.md describes;
+scripts/gpu_check.py proves the same on a GPU."""
 from __future__ import annotations
 
 import ctypes

@@ -151,7 +151,7 @@ def test_sigint_keeps_the_last_saved_image(cache, photos, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]  # no temporary file left
 
 
-# -- issue 16: destinations, braces, defaults, overflow, signals ---------------------------
+# -- destinations, braces, defaults, overflow, signals ------------------------------------
 def _copies(photos, folder):
     """Copies of the photos in ``folder`` (tests that might overwrite them use these)."""
     import shutil

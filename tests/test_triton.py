@@ -140,7 +140,7 @@ def test_cli_export_writes_the_repository(tmp_path, capsys):
                  "--triton-name", "x"]) == 2
 
 
-# -- names and repositories are checked before the export (issue: after it, with errno) ------
+# -- names and repositories are checked before the export (they used to be after it, with errno) --
 
 BAD_NAMES = {"": "empty", "a/b": "path separator", "..": "not a folder name", ".": "not a folder name",
              "m\n": "control character", "m\tx": "control character", "modèle": "non-ASCII",
