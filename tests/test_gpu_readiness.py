@@ -157,7 +157,7 @@ def test_gpu_memory_reading_imports_no_torch():
 
 def test_gpu_memory_guard_reads_the_driver(monkeypatch):
     from perceptual_engine import memory
-    from perceptual_engine.runtime import cuda_driver
+    from perceptual_engine import cuda_driver
 
     monkeypatch.setattr(cuda_driver, "free_memory", lambda device_id=0: 7 << 30)
     assert memory.available_memory("cuda", 0) == 7 << 30

@@ -45,3 +45,39 @@ def test_the_checker_sees_relative_imports():
     assert "perceptual_engine.cli.main" in _imports(probe, "from ..cli.main import main\n")
     assert "perceptual_engine.datasets.pairs" in _imports(PKG / "datasets" / "__init__.py",
                                                           "from .pairs import Pair\n")
+
+
+# Floors, bottom to top: the shared concepts at the package's top level (errors, spec,
+# layers, weights, losses, backward, the metric heads, memory, images, ...), then export/,
+# runtime/, datasets/, then the users of all of them (optimize, metrics, distributed/,
+# bench/), and cli/ on top. An import may point to its own floor or below, never up.
+FLOORS = {"export": 1, "runtime": 2, "datasets": 3, "optimize": 4, "optimize_guard": 4,
+          "savepaths": 4, "metrics": 4, "distributed": 4, "bench": 4, "cli": 5}
+
+
+def _floor(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[0] != "perceptual_engine" or len(parts) < 2:
+        return None  # another package, or the package root (lazy re-exports only)
+    return FLOORS.get(parts[1], 0)
+
+
+def test_imports_point_down_the_floors():
+    offenders = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG)
+        if rel.parts == ("__init__.py",):
+            continue  # the public API re-exports every floor, lazily
+        me = _floor(".".join(("perceptual_engine", *rel.with_suffix("").parts)))
+        for mod in _imports(path):
+            floor = _floor(mod)
+            if floor is not None and floor > me:
+                offenders.append(f"{rel} (floor {me}) imports {mod} (floor {floor})")
+    assert not offenders, "imports that point up a floor:\n" + "\n".join(sorted(set(offenders)))
+
+
+def test_the_floor_check_sees_an_upward_import():
+    probe = PKG / "lpips.py"
+    ups = [m for m in _imports(probe, "from .export.metadata import GRAPH_KINDS\n")
+           if (_floor(m) or 0) > 0]
+    assert "perceptual_engine.export.metadata" in ups

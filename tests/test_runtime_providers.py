@@ -42,7 +42,7 @@ def _names(chain):
 @pytest.fixture
 def gpu_memory(monkeypatch):
     """The driver reports a GPU of 80 GB."""
-    from perceptual_engine.runtime import cuda_driver
+    from perceptual_engine import cuda_driver
 
     monkeypatch.setattr(cuda_driver, "total_memory", lambda device_id=0: 80 * 10**9)
 
@@ -65,7 +65,7 @@ def test_gpu_mem_limit_bytes_fraction_or_none(monkeypatch, gpu_memory):
     assert P.cuda_options(ProviderOptions(gpu_mem_limit=0.25))["gpu_mem_limit"] == str(20 * 10**9)
     assert P.cuda_options(ProviderOptions(gpu_mem_limit=1 << 30))["gpu_mem_limit"] == str(1 << 30)
     assert "gpu_mem_limit" not in P.cuda_options(ProviderOptions(gpu_mem_limit=None))
-    from perceptual_engine.runtime import cuda_driver
+    from perceptual_engine import cuda_driver
 
     monkeypatch.setattr(cuda_driver, "total_memory", lambda device_id=0: None)  # driver cannot tell
     assert "gpu_mem_limit" not in P.cuda_options(ProviderOptions())

@@ -34,7 +34,7 @@ from torch import nn
 
 from . import backward
 from .errors import ConfigError, WeightsError
-from .export.metadata import dists_output_names
+from .outputs import dists_output_names
 from .reference import TorchFeatures
 from .spec import FeatureSpec
 from .validate import check_pair

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from . import layers as _layers
 from .errors import ConfigError, LinearWeightsError
-from .export.metadata import lpips_output_names
+from .outputs import lpips_output_names
 from .spec import FeatureSpec
 
 LAYERS: tuple[str, ...] = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")

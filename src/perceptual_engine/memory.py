@@ -254,7 +254,7 @@ def available_memory(device: str = "cpu", device_id: int = 0) -> int | None:
             return room
         return avail if room is None else min(avail, room)
     try:
-        from .runtime.cuda_driver import free_memory
+        from .cuda_driver import free_memory
 
         return free_memory(device_id)
     except Exception:  # no driver: no budget, an OOM is still translated

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError, ModelError
 from ..spec import FeatureSpec, LossConfig, _short
+from ..outputs import dists_output_names, lpips_output_names
 
 FORMAT_VERSION = 3
 PREFIX = "perceptual_engine."
@@ -37,19 +38,6 @@ _VERSION = re.compile(r"[0-9A-Za-z.+!_-]{1,64}")
 
 class Invalid(ValueError):
     """A value that does not parse; the message says what is accepted."""
-
-
-def lpips_output_names(layers: tuple[str, ...], spatial: bool = False) -> tuple[str, ...]:
-    """Outputs of an LPIPS graph, in order: ``lpips.<l>`` per tap, ``total``, [``spatial``]."""
-    return tuple(f"lpips.{n}" for n in layers) + ("total",) + (("spatial",) if spatial else ())
-
-
-def dists_output_names(layers: tuple[str, ...]) -> tuple[str, ...]:
-    """Outputs of a DISTS graph, in order: ``texture.<s>`` then ``structure.<s>`` per stage
-    (``input``, then the taps ``layers``), then ``total``; each term is that stage's share
-    of the distance, so they sum to ``total``."""
-    stages = ("input",) + tuple(layers)
-    return tuple(f"texture.{s}" for s in stages) + tuple(f"structure.{s}" for s in stages) + ("total",)
 
 
 @dataclass(frozen=True)

@@ -304,10 +304,10 @@ def write_triton_repo(model: str | os.PathLike, repo: str | os.PathLike, name: s
         (default: ``/tmp/triton-trt-cache/<name>``).
     """
     from .. import layers as _layers
-    from ..runtime import read_info
+    from .integrity import read_model
 
     model = os.fspath(model)
-    info = read_info(model)  # ModelError for a file that is not ours
+    info = read_model(model)  # ModelError for a file that is not ours
     if name is None:  # only None: an empty name is refused, not replaced
         name = os.path.splitext(os.path.basename(model))[0]
     check_repo_entry(repo, name, model)

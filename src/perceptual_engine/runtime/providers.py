@@ -152,7 +152,7 @@ def mem_limit_bytes(o: ProviderOptions) -> int | None:
     m = o.gpu_mem_limit
     if m is None or isinstance(m, int):
         return m
-    from .cuda_driver import total_memory
+    from ..cuda_driver import total_memory
 
     total = total_memory(o.device_id)
     return None if total is None else int(total * m)
@@ -245,7 +245,7 @@ def default_cache_dir() -> str:
 
 def cuda_gpu_count() -> tuple[int, str]:
     """(number of CUDA GPUs, reason when 0), asked of the driver without ONNX Runtime."""
-    from .cuda_driver import gpu_count
+    from ..cuda_driver import gpu_count
 
     return gpu_count()
 
