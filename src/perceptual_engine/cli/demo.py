@@ -125,61 +125,46 @@ def _fallback(spec: FeatureSpec, exc: WeightsError, err: IO[str]) -> FeatureSpec
     return dataclasses.replace(spec, weights="random")
 
 
-def lpips_model(spec: FeatureSpec, out_dir: str, dtype: str, say: Callable[[str], None],
-                err: IO[str]) -> tuple[CachedModel | None, str]:
-    """(the demo's LPIPS model, its trunk weights) or (None, why it is skipped).
+def head_model(graph: str, spec: FeatureSpec, out_dir: str, dtype: str,
+               say: Callable[[str], None], err: IO[str]) -> tuple[CachedModel | None, str]:
+    """(the demo's LPIPS or DISTS model, its trunk weights) or (None, why it is skipped).
 
     The trunk follows the demo's weights: ImageNet VGG16 (seeded random when that
     cannot be had, as the banner says), random, or the given file if it is VGG16's.
+    A missing lpips or DISTS_pytorch package skips the column; the rest of the demo stands.
     """
-    from .. import lpips as L
-    from ..errors import PerceptualError
+    from .. import dists, lpips
+    from ..errors import PerceptualError, first_line
 
+    label, module = {"lpips": ("LPIPS", lpips), "dists": ("DISTS", dists)}[graph]
     weights = spec.weights
     if weights not in ("imagenet", "random") and spec.arch != "vgg16":
-        return None, f"skipped: --weights is a {spec.arch} file and LPIPS runs VGG16"
-    lspec = L.default_spec(weights, seed=spec.seed)
+        return None, f"skipped: --weights is a {spec.arch} file and {label} runs VGG16"
+    hspec = module.default_spec(weights, seed=spec.seed)
     try:
         if weights == "imagenet":
             try:
                 with contextlib.redirect_stdout(err):
-                    load_weights(lspec)
+                    load_weights(hspec)
             except WeightsError:
-                lspec = dataclasses.replace(lspec, weights="random")
-                err.write(f"  LPIPS: ImageNet VGG16 weights are not available either; its column uses "
-                          f"SEEDED RANDOM trunk weights (seed {spec.seed})\n")
-        entry = ensure_model(lspec, None, dtype=dtype, graph="lpips", folder=out_dir,
-                             name="vgg16-lpips", say=say)
-    except PerceptualError as exc:  # no lpips package: the rest of the demo stands
-        return None, f"skipped: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}"
-    return entry, lspec.weights
+                hspec = dataclasses.replace(hspec, weights="random")
+                err.write(f"  {label}: ImageNet VGG16 weights are not available either; its column "
+                          f"uses SEEDED RANDOM trunk weights (seed {spec.seed})\n")
+        entry = ensure_model(hspec, None, dtype=dtype, graph=graph, folder=out_dir,
+                             name=f"vgg16-{graph}", say=say)
+    except PerceptualError as exc:
+        return None, f"skipped: {first_line(exc).split(': ', 1)[1]}"
+    return entry, hspec.weights
+
+
+def lpips_model(spec: FeatureSpec, out_dir: str, dtype: str, say: Callable[[str], None],
+                err: IO[str]) -> tuple[CachedModel | None, str]:
+    return head_model("lpips", spec, out_dir, dtype, say, err)
 
 
 def dists_model(spec: FeatureSpec, out_dir: str, dtype: str, say: Callable[[str], None],
                 err: IO[str]) -> tuple[CachedModel | None, str]:
-    """(the demo's DISTS model, its trunk weights) or (None, why it is skipped); the trunk
-    follows the demo's weights as ``lpips_model``'s does."""
-    from .. import dists as D
-    from ..errors import PerceptualError
-
-    weights = spec.weights
-    if weights not in ("imagenet", "random") and spec.arch != "vgg16":
-        return None, f"skipped: --weights is a {spec.arch} file and DISTS runs VGG16"
-    dspec = D.default_spec(weights, seed=spec.seed)
-    try:
-        if weights == "imagenet":
-            try:
-                with contextlib.redirect_stdout(err):
-                    load_weights(dspec)
-            except WeightsError:
-                dspec = dataclasses.replace(dspec, weights="random")
-                err.write(f"  DISTS: ImageNet VGG16 weights are not available either; its column uses "
-                          f"SEEDED RANDOM trunk weights (seed {spec.seed})\n")
-        entry = ensure_model(dspec, None, dtype=dtype, graph="dists", folder=out_dir,
-                             name="vgg16-dists", say=say)
-    except PerceptualError as exc:  # no DISTS_pytorch: the rest of the demo stands
-        return None, f"skipped: {str(exc).splitlines()[0]}"
-    return entry, dspec.weights
+    return head_model("dists", spec, out_dir, dtype, say, err)
 
 
 def demo_variants() -> tuple[str, ...]:
