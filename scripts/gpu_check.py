@@ -484,8 +484,8 @@ def run_graph(check: Check, models: Models) -> None:
 
     def streams() -> dict:
         opts = dict(tf32=True, fixed_shapes=True)
-        shared = Engine(path, "cuda", options=ProviderOptions(**opts))  # torch has CUDA up: its stream
-        synced = Engine(path, "cuda", options=ProviderOptions(share_torch_stream=False, **opts))  # its own stream
+        shared = Engine(path, "cuda", options=ProviderOptions(share_torch_stream=True, **opts))  # torch's stream
+        synced = Engine(path, "cuda", options=ProviderOptions(**opts))  # its own stream (the default)
         cur = torch.cuda.current_stream().cuda_stream
         a, b = shared.distance(x, y), synced.distance(x, y)
         err = max(rel(a[k], b[k]) for k in b)

@@ -212,10 +212,10 @@ def test_strict_fp32_holds_on_the_nhwc_path(models, reference):
 
 
 def test_iobinding_on_torchs_stream_matches_a_synchronized_run(models):
-    torch.zeros(1, device="cuda")  # torch has CUDA up: the Engine shares its stream
-    shared = Engine(models["float32"], "cuda", options=ProviderOptions(tf32=False))
+    torch.zeros(1, device="cuda")  # torch has CUDA up: the Engine can share its stream
+    shared = Engine(models["float32"], "cuda", options=ProviderOptions(tf32=False, share_torch_stream=True))
     assert shared.options.user_stream == torch.cuda.current_stream().cuda_stream
-    synced = Engine(models["float32"], "cuda", options=ProviderOptions(tf32=False, share_torch_stream=False))
+    synced = Engine(models["float32"], "cuda", options=ProviderOptions(tf32=False))  # the default
     assert synced.options.user_stream is None  # ORT's own stream: synchronized around each call
     x, y = _pair(2, 64, 80)
     for _ in range(3):  # back to back, no host sync in between on the shared stream

@@ -168,13 +168,15 @@ def test_gpu_memory_guard_reads_the_driver(monkeypatch):
 # -- torch's stream -------------------------------------------------------------------------
 
 
-def test_user_stream_is_torchs_only_when_torch_already_uses_cuda(monkeypatch):
+def test_user_stream_is_torchs_only_when_asked_and_torch_already_uses_cuda(monkeypatch):
     stream = SimpleNamespace(cuda_stream=0xBEEF)
+    shared = ProviderOptions(share_torch_stream=True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    assert P.with_torch_stream(ProviderOptions()).user_stream is None
+    assert P.with_torch_stream(shared).user_stream is None
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
-    o = P.with_torch_stream(ProviderOptions())
+    assert P.with_torch_stream(ProviderOptions()).user_stream is None  # off by default (docs/gpu.md)
+    o = P.with_torch_stream(shared)
     assert o.user_stream == 0xBEEF
     assert P.cuda_options(o)["user_compute_stream"] == str(0xBEEF)
     assert P.with_torch_stream(ProviderOptions(user_stream=5)).user_stream == 5  # the caller's choice

@@ -7,6 +7,8 @@ tapped conv output.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Mapping
 
 import torch
@@ -255,9 +257,18 @@ class TorchLPIPS(nn.Module):
         super().__init__()
         _lpips.check_spec(spec)
         self.spec, self.spatial = spec, spatial
-        self.lin = (lpips_weights if isinstance(lpips_weights, _lpips.LinearWeights)
-                    else _lpips.load_linear_weights(lpips_weights))
+        lin = (lpips_weights if isinstance(lpips_weights, _lpips.LinearWeights)
+               else _lpips.load_linear_weights(lpips_weights))
+        self._lin = lin
+        for i, w in enumerate(lin.weights):  # buffers: .to(device) moves them with the network
+            self.register_buffer(f"lin{i}", w.clone(), persistent=False)
         self.features = TorchFeatures(spec, weights=weights)
+
+    @property
+    def lin(self) -> "_lpips.LinearWeights":
+        """The linear weights, on the module's device."""
+        weights = tuple(getattr(self, f"lin{i}") for i in range(len(self._lin.weights)))
+        return dataclasses.replace(self._lin, weights=weights)
 
     def terms(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Without input validation (the exporter traces this)."""

@@ -9,6 +9,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from .._io import atomic_path
+from .variants import GRAD_TOLERANCE, TOLERANCE
 
 if TYPE_CHECKING:
     from . import BenchResult, Row
@@ -108,10 +109,9 @@ def to_markdown(result: "BenchResult") -> str:
         "variant for PyTorch rows, nvidia-smi's per-process figure (delta) for ONNX Runtime rows, "
         "n/a where neither is available.",
         "- Check: each variant's first output vs the float32 PyTorch reference on the same "
-        "inputs, max relative error = max|a−b| / max|b| over all outputs; tolerance fp32 1e-4, "
-        "tf32 1e-3, fp16 1e-2, bf16 1e-1; grad.x apart: the largest 1% of its element errors left out "
-        "(max-pool/ReLU reroutes), tolerance fp32 1e-4, tf32 1e-2, "
-        "fp16 5e-2, bf16 1e-1; over it = WRONG, not ranked.",
+        f"inputs, max relative error = max|a−b| / max|b| over all outputs; tolerance {_tiers(TOLERANCE)}; "
+        "grad.x apart: the largest 1% of its element errors left out "
+        f"(max-pool/ReLU reroutes), tolerance {_tiers(GRAD_TOLERANCE)}; over it = WRONG, not ranked.",
     ]
     if result.peaks:
         lines.append("- Ceiling (measured matrix product): " + "; ".join(
@@ -233,3 +233,7 @@ def _panel(ax: Any, rows: list["Row"], workload: str, size: int) -> None:
         ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+
+
+def _tiers(table: dict[str, float]) -> str:
+    return ", ".join(f"{tier} {tol:.0e}".replace("e-0", "e-") for tier, tol in table.items())

@@ -11,7 +11,7 @@ the others keep y out of autograd; fp16/bf16 are AMP (autocast, float32 weights,
 channels_last); torch-compile compiles the forward, autograd differentiates it.
 
 Precision tiers decide the tolerance of the parity check: "fp32" 1e-4,
-"tf32" 1e-3, "fp16" 1e-2, "bf16" 1e-1 (max relative error against the float32
+"tf32" 1e-2, "fp16" 1e-2, "bf16" 1e-1 (max relative error against the float32
 PyTorch reference, TF32 off, on the same inputs, over every output: bf16 keeps 8
 mantissa bits, and single style terms, whose Grams run in bf16, were measured up to
 6e-2 off; the Engine's own bf16 tier for taps and total is tighter, docs/openvino.md).
@@ -38,11 +38,16 @@ from typing import Any, Callable, Iterator
 from ..errors import ConfigError, DeviceError
 from .workloads import Case, torch_call, torch_model
 
-TOLERANCE = {"fp32": 1e-4, "tf32": 1e-3, "fp16": 1e-2, "bf16": 1e-1}
+# tf32 1e-2: PyTorch's own default (cuDNN TF32 on) is 1.3e-3 to 4e-3 off the strict
+# float32 answer on an H200 (VGG19 to relu4_4, 224², batch 8: eager and compile, the
+# style Grams the worst), and ONNX Runtime's TF32 lands in the same place.
+TOLERANCE = {"fp32": 1e-4, "tf32": 1e-2, "fp16": 1e-2, "bf16": 1e-1}
 # grad.x: the gradient goes back through every layer, so its rounding is that of
 # about twice the network (fp16 5e-2 as export's GRAD_TOLERANCE; bf16 has 3 fewer
 # mantissa bits than fp16; TF32 rounds products like fp16, accumulating in fp32).
-GRAD_TOLERANCE = {"fp32": 1e-4, "tf32": 1e-2, "fp16": 5e-2, "bf16": 1e-1}
+# tf32 5e-2 as fp16: eager PyTorch's default TF32 and ORT's TF32 gradients were both
+# 1.8e-2 off on an H200 (stylize-step, 224²).
+GRAD_TOLERANCE = {"fp32": 1e-4, "tf32": 5e-2, "fp16": 5e-2, "bf16": 1e-1}
 # 1% in every tier: torch.compile's float32 gradient (CPU, VGG19 to relu4_4, 224²)
 # differs from the float64 answer on 0.30% of x's elements by more than 1e-4 of its
 # scale and matches it to 5e-7 elsewhere (forward terms within 1e-5): a reroute

@@ -114,9 +114,13 @@ class ProviderOptions:
         GPU's memory (float in (0, 1], default 0.5, so torch in the same process
         keeps room), or None for no cap.
     user_stream: a cudaStream_t address for ONNX Runtime to run on (0: the default
-        stream). None: torch's current stream when torch has already initialized CUDA
-        and ``share_torch_stream`` (so IO binding needs no host synchronization), else
-        ONNX Runtime's own stream.
+        stream). None: ONNX Runtime's own stream, synchronized around each IO-binding
+        call; or torch's current stream when ``share_torch_stream`` is set and torch has
+        already initialized CUDA.
+    share_torch_stream: opt in to running on torch's current stream (no host
+        synchronization per call). Off by default: on an H200 with onnxruntime-gpu
+        1.31.1, sessions on torch's stream read wrong shapes in the Gram's reshape
+        (scripts/gpu_stream_check.py, docs/gpu.md).
     """
 
     device_id: int = 0
@@ -129,7 +133,7 @@ class ProviderOptions:
     shapes: ShapeRange = field(default_factory=ShapeRange)
     gpu_mem_limit: int | float | None = 0.5
     user_stream: int | None = None
-    share_torch_stream: bool = True
+    share_torch_stream: bool = False
 
     def __post_init__(self) -> None:
         m = self.gpu_mem_limit
