@@ -26,7 +26,7 @@ def section(results: dict, command: str | None = None) -> str:
     text = to_markdown(results)
     bench = results.get("bench_markdown")
     if bench:  # the bench's own report, one heading level down
-        text = text.replace(bench, bench.replace("## perceptual-engine benchmark", "#### Benchmark (quick GPU table)"))
+        text = text.replace(bench, bench.replace("## perceptual-engine benchmark", "#### Benchmark (GPU table)"))
     return text
 
 

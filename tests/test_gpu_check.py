@@ -47,7 +47,7 @@ def test_gpu_check_dry_run_writes_json_markdown_and_benchmarks_rows(tmp_path, ta
     capsys.readouterr()
     assert rows.main([str(out / "gpu_check.json"), "--allow-dry-run", "--command", "CMD"]) == 0
     section = capsys.readouterr().out
-    assert "- Command: `CMD`" in section and "#### Benchmark (quick GPU table)" in section
+    assert "- Command: `CMD`" in section and "#### Benchmark (GPU table)" in section
 
 
 def test_gpu_check_refuses_without_a_gpu_unless_dry_run(tmp_path):

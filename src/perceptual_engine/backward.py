@@ -61,16 +61,23 @@ def relu_vjp(g: Tensor, out: Tensor) -> Tensor:
     return g * (out > 0).to(g.dtype)
 
 
+# No integer arithmetic on sizes below (no 2·Ho, no H − 2·Ho): exported, such sizes
+# become int64 Mul/Sub nodes that the CUDA provider computed wrong (export/shapes.py).
+# Constant slices and the sizes of existing tensors give the same crops and pads.
 def _unpool(g: Tensor, like: Tensor) -> Tensor:
-    # (N, C, Ho, 2, Wo, 2) -> (N, C, 2·Ho, 2·Wo), zero-padded to like's H, W (floored rows/cols).
+    # (N, C, Ho, 2, Wo, 2) -> (N, C, 2·Ho, 2·Wo), zero-padded to like's H, W (floored rows/cols):
+    # one zero row and column always, then cut to like's sides (2·Ho <= H <= 2·Ho + 1).
     g = g.flatten(4, 5).flatten(2, 3)
-    return F.pad(g, (0, like.shape[3] - g.shape[3], 0, like.shape[2] - g.shape[2]))
+    return F.pad(g, (0, 1, 0, 1))[:, :, : like.shape[2], : like.shape[3]]
 
 
 def _windows(t: Tensor, out: Tensor) -> Tensor:
-    # The 2×2 windows of t that produced out: (N, C, Ho, 2, Wo, 2).
-    t = t[:, :, : 2 * out.shape[2], : 2 * out.shape[3]]
-    return t.unflatten(3, (-1, 2)).unflatten(2, (-1, 2))
+    # The 2×2 windows of t that produced out: (N, C, Ho, 2, Wo, 2). Rows 0:-1:2 and 1::2
+    # are the windows' first and second rows whether the side is even or odd (a floored
+    # odd side's last row is in neither).
+    rows = [t[:, :, 0:-1:2], t[:, :, 1::2]]
+    quads = [[r[:, :, :, 0:-1:2], r[:, :, :, 1::2]] for r in rows]
+    return torch.stack([torch.stack(q, -1) for q in quads], 3)
 
 
 def avg_pool_vjp(g: Tensor, inp: Tensor) -> Tensor:
@@ -100,15 +107,18 @@ def l2_pool_vjp(g: Tensor, inp: Tensor, out: Tensor, filt: Tensor) -> Tensor:
     """
     x, y = inp.float(), out.float()
     back = F.conv_transpose2d(g.float() / y, filt.float(), stride=2, groups=x.shape[1])
-    return (x * back[:, :, 1:1 + x.shape[2], 1:1 + x.shape[3]]).to(g.dtype)
+    back = back[:, :, 1:, 1:][:, :, : x.shape[2], : x.shape[3]]  # no 1 + H: see _unpool
+    return (x * back).to(g.dtype)
 
 
 # Spatial statistics of (N, C, h, w) maps, per sample and channel -> (N, C); their VJPs
-# take the gradient (N, C) of the statistic and return one of the map's shape, float32.
+# take the gradient (N, C) of the statistic and return one of the map's shape (the
+# mean's broadcasts from (N, C, 1, 1)), float32.
 def mean_vjp(g: Tensor, a: Tensor) -> Tensor:
-    """μ = mean over h, w of a: g / (h·w) everywhere."""
-    hw = a.shape[2] * a.shape[3]
-    return (g.float() / hw)[:, :, None, None].expand(a.shape)
+    """μ = mean over h, w of a: g / (h·w) everywhere, as (N, C, 1, 1) that broadcasts
+    against the map (an Expand to a's shape would export its target as int64 arithmetic
+    on the input's sides: see _unpool)."""
+    return (g.float() / _area(a))[:, :, None, None]
 
 
 def variance_vjp(g: Tensor, a: Tensor) -> Tensor:
@@ -116,8 +126,12 @@ def variance_vjp(g: Tensor, a: Tensor) -> Tensor:
     A covariance is a difference of variances here (σa² + σb² − 2σab = var(a − b)), so
     DISTS' structure term needs no VJP of its own."""
     a = a.float()
-    hw = a.shape[2] * a.shape[3]
-    return (2.0 * g.float() / hw)[:, :, None, None] * (a - a.mean(dim=(2, 3), keepdim=True))
+    return (2.0 * g.float() / _area(a))[:, :, None, None] * (a - a.mean(dim=(2, 3), keepdim=True))
+
+
+def _area(a: Tensor) -> Tensor:
+    """h·w of an (N, C, h, w) map as a float32 scalar, one axis at a time (no int64 product)."""
+    return losses.axis_size(a, 2) * losses.axis_size(a, 3)
 
 
 def ratio_vjp(g: Tensor, num: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:

@@ -26,7 +26,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from . import layers as _layers
+from . import layers as _layers, losses as _losses
 from .errors import ConfigError, LinearWeightsError
 from .outputs import lpips_output_names
 from .spec import FeatureSpec
@@ -203,7 +203,7 @@ def head_vjp(fx: Mapping[str, torch.Tensor], fy: Mapping[str, torch.Tensor], lin
     out = {}
     for name, w in zip(LAYERS, lin.weights):
         a, b = fx[name], fy[name]
-        hw = a.shape[2] * a.shape[3]
+        hw = _losses.axis_size(a, 2) * _losses.axis_size(a, 3)  # float32: no int64 product (export/shapes.py)
         d = normalize_channels(a) - normalize_channels(b)
         # ∂ mean_hw Σ_c w_c d_c² / ∂n(fx) = 2 w d / (h·w), scaled by the sample's seed.
         gn = d * w * (2.0 * g_total.float().view(-1, 1, 1, 1) / hw)

@@ -385,6 +385,9 @@ REGISTRY: dict[str, Variant] = {v.name: v for v in (
                True, "cuda", feed="torch-cuda"),
     OrtVariant("ort-cuda-graph", "ONNX Runtime CUDA, float32, IO binding + CUDA graph", True, "cuda",
                feed="torch-cuda", cuda_graph=True),
+    # PyTorch's eager default runs its convolutions in TF32: this is the like-for-like row.
+    OrtVariant("ort-cuda-tf32-iobinding", "ONNX Runtime CUDA, float32 with TF32, IO binding", True,
+               "cuda", tf32=True, feed="torch-cuda"),
     OrtVariant("ort-cuda-fp16-iobinding", "ONNX Runtime CUDA, float16 model, IO binding", True,
                "cuda", dtype="float16", feed="torch-cuda"),
     OrtVariant("ort-cuda-fp16-nhwc", "as ort-cuda-fp16-iobinding with prefer_nhwc on (NHWC)",

@@ -30,7 +30,7 @@ from ..reference import TorchFeatures, TorchLPIPS
 from ..spec import FeatureSpec, LossConfig
 from ..weights import Weights, load_weights, restrict
 from .graphs import GRAPH_KINDS, DistanceGraph, FeaturesGraph, LpipsGraph, StyleGraph, TargetGraph
-from . import optimizer
+from . import optimizer, shapes
 from .integrity import seal
 from .metadata import DTYPES, ModelInfo
 from .verify import OutputParity, verify_model
@@ -108,6 +108,9 @@ def _to_onnx(module: torch.nn.Module, args: tuple[torch.Tensor, ...], inputs: tu
         ) from exc
     proto = prog.model_proto
     if dynamic:
+        # No integer arithmetic into Reshape/Slice shapes: the CUDA provider computed
+        # those wrong (shapes.py). Static exports fold them to constants already.
+        shapes.static_shape_inputs(proto)
         _name_axes(proto)
     return proto
 
