@@ -421,3 +421,24 @@ def dists_models(model_dir, dists_pkg):
                "--dists-weights", dists_pkg["alt_file"], "-o", str(fp16)])
     assert rc == 0
     return {"fp32": (str(path), result), "fp16": str(fp16)}
+
+
+# One model per VGG graph kind (and gradient), small but behind a max pool (relu2_1), so
+# the pool's VJP is in the gradient graphs: shared by the shape and registry tests.
+SHAPES_SPEC = FeatureSpec(layers=("relu1_2", "relu2_1"), weights="random", seed=3)
+SHAPES_LOSS = LossConfig(content={"relu2_1": 1.0}, style={"relu1_2": 1.0, "relu2_1": 1.0})
+
+
+@pytest.fixture(scope="session")
+def vgg_graphs(tmp_path_factory):
+    """{"features", "distance", "distance-grad", "style", "target-grad"} -> path."""
+    d = tmp_path_factory.mktemp("vgg_graphs")
+    out = {}
+    for name, kw in (("features", dict(graph="features")),
+                     ("distance", dict(graph="distance", loss=SHAPES_LOSS)),
+                     ("distance-grad", dict(graph="distance", loss=SHAPES_LOSS, grad=True)),
+                     ("style", dict(graph="style", loss=LossConfig(style={"relu1_2": 1.0, "relu2_1": 1.0}))),
+                     ("target-grad", dict(graph="target", loss=SHAPES_LOSS, grad=True))):
+        out[name] = str(d / f"{name}.onnx")
+        export_onnx(SHAPES_SPEC, out[name], **kw)
+    return out

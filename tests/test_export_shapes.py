@@ -13,27 +13,8 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from perceptual_engine import FeatureSpec, LossConfig, export_onnx
+from conftest import SHAPES_LOSS as LOSS, SHAPES_SPEC as SPEC
 from perceptual_engine.export import shapes
-
-# relu2_1 sits behind a max pool: the pool's VJP (crops and pads) is in the gradient graphs.
-SPEC = FeatureSpec(layers=("relu1_2", "relu2_1"), weights="random", seed=3)
-LOSS = LossConfig(content={"relu2_1": 1.0}, style={"relu1_2": 1.0, "relu2_1": 1.0})
-
-
-@pytest.fixture(scope="module")
-def vgg_graphs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("shapes")
-    out = {}
-    for name, kw in (("features", dict(graph="features")),
-                     ("distance", dict(graph="distance", loss=LOSS)),
-                     ("distance-grad", dict(graph="distance", loss=LOSS, grad=True)),
-                     ("style", dict(graph="style", loss=LossConfig(style={"relu1_2": 1.0, "relu2_1": 1.0}))),
-                     ("target-grad", dict(graph="target", loss=LOSS, grad=True))):
-        out[name] = str(d / f"{name}.onnx")
-        export_onnx(SPEC, out[name], **kw)
-    return out
-
 
 @pytest.mark.parametrize("name", ["features", "distance", "distance-grad", "style", "target-grad"])
 def test_vgg_graphs_have_no_shape_arithmetic(vgg_graphs, name):

@@ -284,7 +284,8 @@ class TorchDISTS(nn.Module):
 
 
 def build(traced: TorchFeatures, spec: FeatureSpec, weights: Weights, dists_weights: Any,
-          grad: bool) -> tuple[nn.Module, TorchDISTS]:
-    """(the module to trace, the float32 reference to verify it against) for export_onnx."""
+          grad: bool, spatial: bool = False) -> tuple[nn.Module, TorchDISTS]:
+    """(the module to trace, the float32 reference to verify it against) for export_onnx.
+    ``spatial``: DISTS has no per-pixel map (the exporter refuses it first)."""
     w = resolve_weights(dists_weights)
     return DistsGraph(traced, w, grad), TorchDISTS(spec, w, weights=weights)

@@ -25,6 +25,7 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import layers as _layers, losses as _losses
 from .errors import ConfigError, LinearWeightsError
@@ -71,6 +72,15 @@ class LinearWeights:
     weights: tuple[torch.Tensor, ...]
     source: str  # the file read
     sha256: str  # of the tensors (keys and float32 bytes), not of the pickle
+
+    def metadata(self, spatial: bool = False) -> dict[str, object]:
+        """The model metadata's ``lpips`` field."""
+        return {"weights_source": self.source, "weights_sha256": self.sha256, "spatial": bool(spatial)}
+
+
+def resolve_weights(value: "LinearWeights | str | os.PathLike | None") -> LinearWeights:
+    """LinearWeights as given, or read from a path (None: the lpips package's file)."""
+    return value if isinstance(value, LinearWeights) else load_linear_weights(value)
 
 
 def _keys() -> dict[str, tuple[int, ...]]:
@@ -228,3 +238,33 @@ def lpips_and_grad(features, x: torch.Tensor, fy: Mapping[str, torch.Tensor], li
         return out, vjp(grads)
     scale = backward.loss_scale(grads)
     return out, vjp({k: g * scale for k, g in grads.items()}) / scale
+
+
+# -- the exported graph ----------------------------------------------------------------
+
+class LpipsGraph(nn.Module):
+    """(x, y) (N, 3, H, W) float32 -> ``lpips.<l>`` (N,) per tap, ``total`` (N,), when
+    ``spatial`` the map ``spatial`` (N, 1, H, W), and with ``grad`` last ``grad.x``
+    (N, 3, H, W), ∂(Σ_n total_n)/∂x; all float32 (the head is float32 even when the
+    network is float16)."""
+
+    def __init__(self, features: nn.Module, lin: LinearWeights, spatial: bool, grad: bool = False) -> None:
+        super().__init__()
+        self.features, self.lin, self.spatial, self.grad = features, lin, spatial, grad
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        size = (x.shape[2], x.shape[3]) if self.spatial else None
+        if not self.grad:
+            fx, fy = self.features.extract_pair(x, y)
+            return tuple(head(fx, fy, self.lin, size=size).values())
+        fy = self.features.extract(y)
+        out, gx = lpips_and_grad(self.features, x, fy, self.lin, size=size)
+        return tuple(out.values()) + (gx,)
+
+
+def build(traced: nn.Module, spec: FeatureSpec, weights: object, lin: LinearWeights, grad: bool,
+          spatial: bool = False) -> tuple[nn.Module, nn.Module]:
+    """(the module to trace, the float32 reference to verify it against) for export_onnx."""
+    from .reference import TorchLPIPS  # reference.py imports this module
+
+    return LpipsGraph(traced, lin, bool(spatial), grad), TorchLPIPS(spec, lin, spatial=bool(spatial), weights=weights)

@@ -17,16 +17,16 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
-from . import layers as _layers
+from . import kinds, layers as _layers
 from .errors import ConfigError, MemoryBudgetError, OutOfMemoryError
 
 DEFAULT_FRACTION = 0.8  # of MemAvailable (CPU) or free GPU memory: the default budget
 CHECK_ABOVE = 256 << 20  # an automatic budget is not consulted for estimates below this
 AVAILABLE_TTL_S = 1.0  # how long a reading of available memory is reused
 
-# Images through the network per sample, by graph kind. A pair graph runs x and y
-# as one batch of 2N. A kind missing here is costed as a pair (the larger choice).
-IMAGES_PER_SAMPLE: dict[str, int] = {"features": 1, "style": 1, "target": 1, "distance": 2, "lpips": 2}
+# Images through the network per sample, by graph kind (kinds.py): a pair graph runs
+# x and y as one batch of 2N.
+IMAGES_PER_SAMPLE: dict[str, int] = {k.name: k.images for k in kinds.KINDS.values()}
 
 # Calibration (docs/memory.md). WORK: live activation tensors while a convolution
 # runs (its input and output). TAP: copies held per tapped layer, fitted per graph
@@ -38,7 +38,7 @@ IMAGES_PER_SAMPLE: dict[str, int] = {"features": 1, "style": 1, "target": 1, "di
 # GRAM and GRAD_WORK were fitted on shallow models at 256² and 512² (docs/memory.md);
 # ARENA on a GPU is not measured yet: a conservative guess.
 WORK = 2.0
-TAP = {"features": 1.25, "style": 1.0, "target": 1.0, "distance": 0.5, "lpips": 2.0}
+TAP = {k.name: k.tap_factor for k in kinds.KINDS.values()}
 GRAM = 1.5
 GRAD_WORK = 2.0
 FIXED = 16 << 20  # per call, whatever the size: small buffers, the outputs, allocator slack

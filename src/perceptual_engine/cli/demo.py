@@ -133,10 +133,11 @@ def head_model(graph: str, spec: FeatureSpec, out_dir: str, dtype: str,
     cannot be had, as the banner says), random, or the given file if it is VGG16's.
     A missing lpips or DISTS_pytorch package skips the column; the rest of the demo stands.
     """
-    from .. import dists, lpips
+    from .. import kinds
     from ..errors import PerceptualError, first_line
 
-    label, module = {"lpips": ("LPIPS", lpips), "dists": ("DISTS", dists)}[graph]
+    kind = kinds.get(graph)
+    label, module = kind.label, kind.module()
     weights = spec.weights
     if weights not in ("imagenet", "random") and spec.arch != "vgg16":
         return None, f"skipped: --weights is a {spec.arch} file and {label} runs VGG16"

@@ -6,6 +6,7 @@ import sys
 
 from .common import say as _say
 from .options import say_device
+from .. import kinds
 from ..errors import PerceptualError
 
 
@@ -114,7 +115,7 @@ def _check_distance_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         sub.error("--resume needs --output (the file to resume)")
     # Flags one path refuses are checked by cmd_distance (distance_flags.FLAGS), as one line.
     args.flag_defaults = {a.dest: a.default for a in sub._actions}
-    if args.spatial_dir and not args.model and args.graph != "lpips":
+    if args.spatial_dir and not args.model and not kinds.get(args.graph or "distance").spatial:
         sub.error("--spatial-dir writes LPIPS maps: add --graph lpips (or --model with an LPIPS "
                   "model exported with --spatial)")
 

@@ -18,8 +18,9 @@ import argparse
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .. import kinds
 from ..errors import ConfigError, ModelError
-from .options import SPEC_FLAGS, dists_spec_from_args, lpips_spec_from_args, spec_from_args
+from .options import SPEC_FLAGS, head_kwargs, head_spec_from_args, spec_from_args
 
 HONOURED = "honoured"
 SINGLE, RAY = "single", "ray"
@@ -74,42 +75,30 @@ class ModelRequest:
     dists_weights: str | None = None
 
     def extra(self) -> dict[str, Any]:
-        """The model cache's arguments for this graph's head (LPIPS or DISTS weights)."""
-        if self.graph == "lpips":
-            return {"lpips_weights": self.lpips_weights, "spatial": self.spatial}
-        if self.graph == "dists":
-            return {"dists_weights": self.dists_weights}
-        return {}
+        """The model cache's arguments for this graph's head (its weights; LPIPS' spatial map)."""
+        kind = kinds.get(self.graph)
+        if kind.head is None:
+            return {}
+        return {kind.weights_option: getattr(self, kind.weights_option),
+                **({"spatial": self.spatial} if kind.spatial else {})}
 
 
 def model_request(args: argparse.Namespace) -> ModelRequest:
     """What the model flags ask for; ConfigError for combinations that cannot hold."""
     spatial = args.spatial_dir is not None
-    dists_weights = getattr(args, "dists_weights", None)  # commands without DISTS lack the flag
     if args.model:
-        given = [_flag(f) for f in SPEC_FLAGS + ("lpips_weights", "dists_weights")
+        heads = tuple(k.weights_option for k in kinds.KINDS.values() if k.head)
+        given = [_flag(f) for f in SPEC_FLAGS + heads
                  if getattr(args, f, None) is not None]
         if given:
             raise ConfigError(f"--model reads the spec from the model; drop {', '.join(given)}, "
                               "or drop --model to export one from the flags.")
         return ModelRequest(model=args.model, graph=args.graph or "", spatial=spatial)
     graph = args.graph or "distance"
-    if dists_weights is not None and graph != "dists":
-        raise ConfigError("--dists-weights is an option of --graph dists; add --graph dists, or drop it.")
-    if graph == "lpips":
-        return ModelRequest(None, "lpips", lpips_spec_from_args(args), None, args.lpips_weights,
-                            spatial, args.dtype or "float32")
-    if graph == "dists":
-        if args.lpips_weights is not None or spatial:
-            raise ConfigError("--lpips-weights and --spatial-dir are options of --graph lpips; DISTS "
-                              "has no spatial map. Drop them.")
-        return ModelRequest(None, "dists", dists_spec_from_args(args), None,
-                            dtype=args.dtype or "float32", dists_weights=dists_weights)
-    if args.lpips_weights is not None:
-        raise ConfigError("--lpips-weights is an option of --graph lpips; add --graph lpips, or drop it.")
-    if spatial and graph != "lpips":
-        raise ConfigError("--spatial-dir writes LPIPS maps; add --graph lpips (or --model with an "
-                          "LPIPS model exported with --spatial).")
+    head = head_kwargs(args, graph, spatial, "--spatial-dir")
+    if kinds.get(graph).head:
+        return ModelRequest(None, graph, head_spec_from_args(args, graph), None, dtype=args.dtype or "float32",
+                            **head)
     from ..spec import LossConfig
 
     spec, loss = spec_from_args(args)
@@ -125,10 +114,9 @@ def check_model(req: ModelRequest, info: Any) -> None:
                           f"{info.graph} model (its metadata says so); drop --graph (the model "
                           f"says what it computes), or give a model exported with --graph "
                           f"{req.graph}.")
-    if info.graph not in ("distance", "lpips", "dists"):
+    if not kinds.get(info.graph).compares:
         raise ModelError(f"{name!r} is a {info.graph} graph; distance needs a model exported "
-                         "with `perceptual-engine export --graph distance`, `--graph lpips` or "
-                         "`--graph dists`.")
+                         f"with `perceptual-engine export --graph {'|'.join(kinds.names(compares=True))}`.")
     if req.spatial and not getattr(info, "spatial", False):
         raise ModelError(f"{name!r} has no spatial output; --spatial-dir needs an LPIPS model "
                          "exported with --spatial (or drop --model to export one).")

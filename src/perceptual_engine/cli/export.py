@@ -5,8 +5,9 @@ import argparse
 import os
 
 from .common import say as _say
-from .options import dists_spec_from_args, lpips_spec_from_args, spec_from_args
+from .. import kinds
 from ..errors import ConfigError
+from .options import head_kwargs, head_spec_from_args, spec_from_args
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -22,29 +23,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         triton_name = args.triton_name if args.triton_name is not None else \
             os.path.splitext(os.path.basename(args.output))[0]
         check_repo_entry(args.triton_repo, triton_name, args.output)
-    lpips_kw: dict = {}
-    if args.dists_weights is not None and args.graph != "dists":
-        raise ConfigError("--dists-weights is an option of --graph dists; add --graph dists, or drop it.")
-    if args.graph == "dists":
-        if args.lpips_weights is not None or args.spatial:
-            raise ConfigError("--lpips-weights and --spatial are options of --graph lpips; DISTS has "
-                              "no spatial map. Drop them.")
-        spec, loss = dists_spec_from_args(args), None
-        lpips_kw = {"dists_weights": args.dists_weights}
-    elif args.graph == "lpips":
-        spec, loss = lpips_spec_from_args(args), None
-        lpips_kw = {"lpips_weights": args.lpips_weights, "spatial": args.spatial}
+    head_kw = head_kwargs(args, args.graph, bool(args.spatial), "--spatial")
+    if kinds.get(args.graph).head:
+        spec, loss = head_spec_from_args(args, args.graph), None
     else:
-        if args.lpips_weights is not None or args.spatial:
-            raise ConfigError("--lpips-weights and --spatial are options of --graph lpips; add "
-                              "--graph lpips, or drop them.")
         spec, loss = spec_from_args(args)
     if args.graph == "features" and loss is not None:
         raise ConfigError("--content/--style/--gram describe a distance graph; add --graph "
                           "distance, or drop them to export features.")
     dtype = args.dtype or "float32"
     r = export_onnx(spec, args.output, graph=args.graph, loss=loss, dtype=dtype,
-                    progress=lambda m: _say(m), grad=args.grad, **lpips_kw)
+                    progress=lambda m: _say(m), grad=args.grad, **head_kw)
     print(f"wrote {r.path} ({r.size_bytes / 1e6:.1f} MB) in {r.seconds:.1f} s")
     print(f"  graph     {r.graph}, {r.dtype} network, float32 inputs and outputs")
     print(f"  spec      {spec.arch} {','.join(spec.layers)}; weights {spec.weights}"

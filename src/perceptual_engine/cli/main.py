@@ -20,6 +20,7 @@ from .distance import _check_distance_args, cmd_distance
 from .export import cmd_export
 from .options import (add_device_options, add_dists_options, add_lpips_options,
                       add_memory_options, add_spec_options, positive_int, spec_from_args)
+from .. import kinds
 from ..errors import (ConfigError, LinearWeightsError, PerceptualError,
                       WeightsError)
 
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a FeatureSpec to one self-contained ONNX file, verified "
                                    "with onnx.checker and against the PyTorch reference.")
     add_spec_options(p)
-    p.add_argument("--graph", choices=("features", "distance", "style", "target", "lpips", "dists"),
+    p.add_argument("--graph", choices=kinds.names(),
                    default="features",
                    help="features: input x, one output per layer; distance: inputs x, y, "
                         "outputs content.<l>, style.<l>, total; target: x against cached "
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", metavar="CSV", help="two columns: image A, image B (instead of A B)")
     p.add_argument("--model", metavar="ONNX", help="an exported distance or lpips model; without "
                    "it one is exported from the spec flags into the cache once")
-    p.add_argument("--graph", choices=("distance", "lpips", "dists"),
+    p.add_argument("--graph", choices=kinds.names(compares=True),
                    help="the model exported from the spec flags: distance (content/style terms), "
                         "lpips (VGG16 LPIPS; default layers and arch) or dists (DISTS, VGG16 with "
                         "L2 pooling; inputs in [0, 1]); with --model, the kind the model must be "

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import kinds
 from ..errors import ConfigError
 from .options import (add_device_options, add_lpips_options, add_spec_options, memory_budget,
                       positive_int)
@@ -70,7 +71,7 @@ def register(sub: Any, say: Callable[[str], None], fmt: Any) -> None:
             p.add_argument("--format", choices=ROW_FORMATS, default="table", help="default: table")
         p.add_argument("--model", metavar="ONNX", help="an exported lpips or distance model; without "
                        "it one is exported from the spec flags into the cache once")
-        p.add_argument("--graph", choices=("distance", "lpips"),
+        p.add_argument("--graph", choices=kinds.names(matrix=True),
                        help="the model exported from the spec flags; with --model, the kind the "
                             "model must be (default: distance, or the kind of --model)")
         p.add_argument("--cache-dir", metavar="DIR", help="model cache (as for distance)")

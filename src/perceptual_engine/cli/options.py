@@ -209,3 +209,30 @@ def lpips_spec_from_args(args: argparse.Namespace):
                        input_range=args.input_range or "0,1", pooling=args.pooling or "max")
     check_spec(spec)
     return spec
+
+
+def head_spec_from_args(args: argparse.Namespace, graph: str):
+    """The FeatureSpec of a learned head's graph (kinds.py ``head``) from the spec flags."""
+    return {"lpips": lpips_spec_from_args, "dists": dists_spec_from_args}[graph](args)
+
+
+def head_kwargs(args: argparse.Namespace, graph: str, spatial: bool, spatial_flag: str) -> dict:
+    """export_onnx's (and the model cache's) keyword arguments for ``graph``'s head from
+    the flags: its weights file and, for LPIPS, the spatial map. ConfigError for another
+    head's weights flag, or a spatial flag on a kind without a map."""
+    from .. import kinds
+    from ..errors import ConfigError
+
+    kind = kinds.get(graph)
+    for other in kinds.KINDS.values():
+        if other.head and other is not kind and getattr(args, other.weights_option, None) is not None:
+            raise ConfigError(f"{other.weights_flag} is an option of --graph {other.name}; add --graph "
+                              f"{other.name}, or drop it.")
+    if spatial and not kind.spatial:
+        maps = "|".join(kinds.names(spatial=True))
+        raise ConfigError(f"{spatial_flag} writes LPIPS maps, an option of --graph {maps}; add --graph "
+                          f"{maps} (or --model with an LPIPS model exported with --spatial), or drop it.")
+    if kind.head is None:
+        return {}
+    return {kind.weights_option: getattr(args, kind.weights_option, None),
+            **({"spatial": spatial} if kind.spatial else {})}

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from .. import __version__
+from .. import __version__, kinds
 from .._io import atomic_write_bytes, file_lock, sha256_file
 from ..errors import ModelError, PerceptualError
 from ..export import export_onnx
@@ -33,25 +33,24 @@ class CachedModel:
 
 
 def model_key(spec: FeatureSpec, loss: LossConfig | None, dtype: str = "float32",
-              graph: str = "distance", lpips: Any = None, spatial: bool = False,
-              grad: bool = False, dists: Any = None) -> str:
+              graph: str = "distance", head: Any = None, spatial: bool = False,
+              grad: bool = False) -> str:
     """Hash of everything the model's numbers depend on.
 
     A weights file enters by its size and modification time too, so replacing the
-    file re-exports instead of reusing numbers from the old one. An LPIPS graph's
-    linear weights (``lpips``: LinearWeights) enter by their SHA-256, and ``spatial``;
-    a DISTS graph's alpha/beta (``dists``: DistsWeights) by theirs.
+    file re-exports instead of reusing numbers from the old one. A learned head's
+    weights (``head``: LPIPS' LinearWeights, DISTS' DistsWeights) enter by their SHA-256,
+    and LPIPS' ``spatial``.
     """
     # Term order is output order: keep it (a dict would be hashed sorted).
     terms = None if loss is None else {"content": list(loss.content.items()),
                                        "style": list(loss.style.items()), "gram": loss.gram}
     material: dict[str, Any] = {"spec": spec.key(), "loss": terms, "dtype": dtype,
                                 "graph": graph, "version": __version__}
-    if graph == "lpips":
-        material["lpips"] = {"weights_sha256": lpips.sha256 if lpips is not None else None,
-                             "spatial": bool(spatial)}
-    if graph == "dists":
-        material["dists"] = {"weights_sha256": dists.sha256 if dists is not None else None}
+    kind = kinds.get(graph)
+    if kind.head is not None:  # the head's weights by their hash (and its spatial map)
+        material[kind.head] = {"weights_sha256": head.sha256 if head is not None else None,
+                               **({"spatial": bool(spatial)} if kind.spatial else {})}
     if grad:  # only when set, so the keys of models without a gradient stay as they were
         material["grad"] = True
     if spec.weights not in ("imagenet", "random") and os.path.isfile(spec.weights):
@@ -69,9 +68,8 @@ def _sidecar(path: str) -> str:
 
 
 def check_entry(path: str, key: str, spec: FeatureSpec, loss: LossConfig | None,
-                dtype: str, graph: str = "distance", lpips: Any = None,
-                spatial: bool = False, grad: bool = False,
-                dists: Any = None) -> tuple[dict[str, Any] | None, str]:
+                dtype: str, graph: str = "distance", head: Any = None,
+                spatial: bool = False, grad: bool = False) -> tuple[dict[str, Any] | None, str]:
     """(sidecar record, "") if the entry at ``path`` is intact, else (None, why not)."""
     if not os.path.isfile(path):
         return None, "not built yet"
@@ -92,11 +90,12 @@ def check_entry(path: str, key: str, spec: FeatureSpec, loss: LossConfig | None,
     built_spec = loss.used_spec(spec) if loss is not None else spec
     if (info.graph, info.dtype, info.spec, info.loss, info.grad) != (graph, dtype, built_spec, loss, grad):
         return None, "model metadata differs from the requested spec"
-    if graph == "lpips" and (info.spatial != bool(spatial) or (info.lpips or {}).get(
-            "weights_sha256") != getattr(lpips, "sha256", None)):
-        return None, "model's LPIPS weights or spatial output differ from the requested ones"
-    if graph == "dists" and (info.dists or {}).get("weights_sha256") != getattr(dists, "sha256", None):
-        return None, "model's DISTS weights differ from the requested ones"
+    kind = kinds.get(graph)
+    if kind.head is not None:
+        recorded = (getattr(info, kind.head) or {}).get("weights_sha256")
+        if recorded != getattr(head, "sha256", None) or (kind.spatial and info.spatial != bool(spatial)):
+            spatial_too = " or spatial output" if kind.spatial else ""
+            return None, f"model's {kind.label} weights{spatial_too} differ from the requested ones"
     return record, ""
 
 
@@ -118,23 +117,17 @@ def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "fl
         loaded here and keyed by their hash.
     """
     say = say or (lambda msg: None)
-    lin = None
-    if graph == "lpips":
-        from ..lpips import LinearWeights, load_linear_weights
-
-        lin = lpips_weights if isinstance(lpips_weights, LinearWeights) else load_linear_weights(lpips_weights)
-    dw = None
-    if graph == "dists":
-        from ..dists import resolve_weights
-
-        dw = resolve_weights(dists_weights)
-    key = model_key(spec, loss, dtype, graph, lin, spatial, grad, dw)
+    kind = kinds.get(graph)
+    given = {"lpips_weights": lpips_weights, "dists_weights": dists_weights}
+    head = kind.module()
+    head_weights = head.resolve_weights(given[kind.weights_option]) if head is not None else None
+    key = model_key(spec, loss, dtype, graph, head_weights, spatial, grad)
     folder = folder or models_dir()
     path = os.path.join(folder, f"{name or key}.onnx")
     os.makedirs(folder, exist_ok=True)
     with file_lock(os.path.join(folder, f"{name or key}.lock")):
         # Checked under the lock: another process may have just built it.
-        record, why = check_entry(path, key, spec, loss, dtype, graph, lin, spatial, grad, dw)
+        record, why = check_entry(path, key, spec, loss, dtype, graph, head_weights, spatial, grad)
         if record is not None and not rebuild:
             return CachedModel(path, key, built=False, errors=record.get("errors", {}))
         if rebuild:
@@ -142,8 +135,8 @@ def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "fl
         say(f"exporting the {graph} model to {path} ({why}); this is done once")
         # The old sidecar stays until the new one replaces it: it cannot vouch for the new
         # file (its SHA-256 differs), and an export that fails leaves the old entry intact.
-        extra = {"lpips_weights": lin, "spatial": spatial} if graph == "lpips" else {}
-        extra.update({"dists_weights": dw} if graph == "dists" else {})
+        extra = {} if head is None else {kind.weights_option: head_weights}
+        extra.update({"spatial": spatial} if kind.spatial else {})
         result = export_onnx(spec, path, graph=graph, loss=loss, dtype=dtype, weights=weights,
                              progress=say, **extra, **({"grad": True} if grad else {}))
         errors = {k: {"max_abs": e.max_abs, "max_rel": e.max_rel} for k, e in result.errors.items()}

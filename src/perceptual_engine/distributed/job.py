@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from .. import kinds
 from .._io import sha256_file
 from ..datasets.pairs import Pair, pair_key, pairs_from_args
 from ..datasets.results import Row
@@ -75,10 +76,10 @@ def resolve_model(model: str | None, spec: FeatureSpec | None, loss: LossConfig 
                              folder=models_dir(cache_dir), say=say)
         model = entry.path
     info = read_info(os.fspath(model))
-    if info.graph not in ("distance", "lpips", "dists"):
+    if not kinds.get(info.graph).compares:
         raise ModelError(f"{model!r} is a {info.graph} graph; distances need a model exported "
-                         "with graph='distance', graph='lpips' or graph='dists' (export --graph "
-                         "distance, lpips or dists).")
+                         f"with graph={kinds.quoted(kinds.names(compares=True))} (export --graph "
+                         f"{'|'.join(kinds.names(compares=True))}).")
     return os.path.abspath(os.fspath(model))
 
 

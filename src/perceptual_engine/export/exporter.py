@@ -20,16 +20,14 @@ from typing import Any, Callable
 import onnx
 import torch
 
-from .. import __version__
+from .. import __version__, kinds
 from .._io import atomic_path, check_destination
 from ..errors import ConfigError, ExportError
-from .. import dists as _dists
-from .. import lpips as _lpips
 from ..lpips import LinearWeights
-from ..reference import TorchFeatures, TorchLPIPS
+from ..reference import TorchFeatures
 from ..spec import FeatureSpec, LossConfig
 from ..weights import Weights, load_weights, restrict
-from .graphs import GRAPH_KINDS, DistanceGraph, FeaturesGraph, LpipsGraph, StyleGraph, TargetGraph
+from .graphs import GRAPH_KINDS, DistanceGraph, FeaturesGraph, StyleGraph, TargetGraph
 from . import optimizer, shapes
 from .integrity import seal
 from .metadata import DTYPES, ModelInfo
@@ -183,8 +181,8 @@ def export_onnx(
         raise ConfigError(f"graph {graph!r} is not accepted; accepted: {', '.join(GRAPH_KINDS)}.")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not accepted; accepted: {', '.join(DTYPES)}.")
-    if grad and graph not in ("distance", "target", "lpips", "dists"):
-        raise ConfigError(f"grad=True needs graph='distance', graph='target', graph='lpips' or graph='dists' "
+    if grad and not kinds.get(graph).grad:
+        raise ConfigError(f"grad=True needs graph={kinds.quoted(kinds.names(grad=True))} "
                           f"(a loss to differentiate); got graph={graph!r}. Export one of those, or drop grad=True.")
     if graph in ("distance", "target"):
         loss = loss if loss is not None else LossConfig.default_for(spec)
@@ -199,27 +197,25 @@ def export_onnx(
         loss.check_against(spec)
     elif loss is not None:
         raise ConfigError("loss is only used by graph='distance', 'target' or 'style'; drop it or export one of those.")
-    if graph == "lpips":
-        _lpips.check_spec(spec)
-        if grad and dtype == "float16":
-            # Measured: the half-precision backward through VGG16 to relu5_3 and the
-            # channel normalization is ~0.5% off autograd at the median and ~10% at the
-            # worst element, beyond the float16 gradient tolerance; no loss scale helps.
-            raise ConfigError("grad=True for an LPIPS graph needs dtype='float32': its float16 "
-                              "gradient is not accurate to the verified tolerance. Export "
-                              "float32 for gradients (the forward may stay float16).")
-    elif lpips_weights is not None or spatial:
-        raise ConfigError("lpips_weights and spatial are options of graph='lpips'; drop them or "
-                          "export graph='lpips'.")
-    if graph == "dists":
-        _dists.check_spec(spec)
-        if grad and dtype == "float16":
-            # As for LPIPS: the half-precision backward through VGG16 to relu5_3 is not
-            # within the verified gradient tolerance (see docs/dists.md).
-            raise ConfigError("grad=True for a DISTS graph needs dtype='float32'; export float32 "
-                              "for gradients (the forward may stay float16).")
-    elif dists_weights is not None:
-        raise ConfigError("dists_weights is an option of graph='dists'; drop it or export graph='dists'.")
+    kind = kinds.get(graph)
+    head = kind.module()  # lpips.py or dists.py for a learned head
+    given = {"lpips_weights": lpips_weights, "dists_weights": dists_weights}
+    for option, value in given.items():
+        if value is not None and option != kind.weights_option:
+            owner = option.removesuffix("_weights")
+            raise ConfigError(f"{option} is an option of graph='{owner}'; drop it or export graph='{owner}'.")
+    if spatial and not kind.spatial:
+        raise ConfigError(f"spatial is one of the options of graph={kinds.quoted(kinds.names(spatial=True))}; "
+                          "drop it or export one of those.")
+    if head is not None:
+        head.check_spec(spec)
+    if grad and dtype == "float16" and not kind.fp16_grad:
+        # Measured: the half-precision backward through VGG16 to relu5_3 (and LPIPS'
+        # channel normalization) is ~0.5% off autograd at the median and ~10% at the
+        # worst element, beyond the float16 gradient tolerance; no loss scale helps.
+        raise ConfigError(f"grad=True for a {kind.label} graph needs dtype='float32': its float16 "
+                          "gradient is not accurate to the verified tolerance. Export "
+                          "float32 for gradients (the forward may stay float16).")
     if loss is not None:
         spec = _trim_to_loss(spec, loss)
     path = os.fspath(path)
@@ -227,14 +223,10 @@ def export_onnx(
     say = progress or (lambda msg: None)
     start = time.perf_counter()
 
-    lin, lpips_meta, dists_w = None, None, None
-    if graph == "dists":  # before the network: a missing DISTS_pytorch fails fast
-        dists_w = _dists.resolve_weights(dists_weights)
-    if graph == "lpips":  # before the network: a missing lpips package fails fast
-        lin = (lpips_weights if isinstance(lpips_weights, _lpips.LinearWeights)
-               else _lpips.load_linear_weights(lpips_weights))
-        lpips_meta = {"weights_source": lin.source, "weights_sha256": lin.sha256,
-                      "spatial": bool(spatial)}
+    # Before the network: a missing lpips or DISTS_pytorch package fails fast.
+    head_weights = head.resolve_weights(given[kind.weights_option]) if head is not None else None
+    head_meta = {} if head is None else {kind.head: (head_weights.metadata(bool(spatial)) if kind.spatial
+                                                     else head_weights.metadata())}
     say(f"loading {spec.arch} weights ({spec.weights})")
     weights = restrict(weights, spec) if weights is not None else load_weights(spec)
     reference = TorchFeatures(spec, weights=weights)  # float32: what the export is checked against
@@ -244,13 +236,9 @@ def export_onnx(
         traced.body.half()
     info = ModelInfo(spec=spec, loss=loss, graph=graph, dtype=dtype,
                      weights_source=weights.source, weights_sha256=weights.sha256,
-                     version=__version__, grad=grad, lpips=lpips_meta,
-                     dists=dists_w.metadata() if dists_w is not None else None)
-    if graph == "lpips":
-        module: torch.nn.Module = LpipsGraph(traced, lin, bool(spatial), grad)
-        reference = TorchLPIPS(spec, lin, spatial=bool(spatial), weights=weights)  # type: ignore[assignment]
-    elif graph == "dists":
-        module, reference = _dists.build(traced, spec, weights, dists_w, grad)  # type: ignore[assignment]
+                     version=__version__, grad=grad, **head_meta)
+    if head is not None:
+        module, reference = head.build(traced, spec, weights, head_weights, grad, spatial=bool(spatial))
     else:
         kind = {"features": FeaturesGraph, "distance": DistanceGraph, "style": StyleGraph, "target": TargetGraph}
         module = kind[graph](traced, *(() if graph == "features" else (loss,)),
@@ -259,7 +247,7 @@ def export_onnx(
 
     size = _example_size(spec)
     g = torch.Generator().manual_seed(0)
-    args = tuple(torch.rand(2, 3, size, size + 2, generator=g) for _ in ("x", "y")[: 1 + (graph in ("distance", "lpips", "dists"))])
+    args = tuple(torch.rand(2, 3, size, size + 2, generator=g) for _ in ("x", "y")[: kinds.get(graph).images])
     args += tuple(torch.rand(1, *shape, generator=g) for shape in _target_shapes(spec, loss, graph, size))
     say(f"exporting {graph} graph ({dtype}) to ONNX")
     with logging_level(logging.ERROR):

@@ -105,22 +105,4 @@ class StyleGraph(nn.Module):
         return tuple(terms.values()) + tuple(gx.values())
 
 
-class LpipsGraph(nn.Module):
-    """(x, y) (N, 3, H, W) float32 -> ``lpips.<l>`` (N,) per tap, ``total`` (N,), when
-    ``spatial`` the map ``spatial`` (N, 1, H, W), and with ``grad`` last ``grad.x``
-    (N, 3, H, W), ∂(Σ_n total_n)/∂x; all float32 (the head is float32 even when the
-    network is float16: see lpips.py)."""
-
-    def __init__(self, features: TorchFeatures, lin: "_lpips.LinearWeights", spatial: bool,
-                 grad: bool = False) -> None:
-        super().__init__()
-        self.features, self.lin, self.spatial, self.grad = features, lin, spatial, grad
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        size = (x.shape[2], x.shape[3]) if self.spatial else None
-        if not self.grad:
-            fx, fy = self.features.extract_pair(x, y)
-            return tuple(_lpips.head(fx, fy, self.lin, size=size).values())
-        fy = self.features.extract(y)
-        out, gx = _lpips.lpips_and_grad(self.features, x, fy, self.lin, size=size)
-        return tuple(out.values()) + (gx,)
+LpipsGraph = _lpips.LpipsGraph  # defined beside its head (lpips.py); kept importable here

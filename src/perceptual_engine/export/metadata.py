@@ -20,9 +20,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from .. import kinds
 from ..errors import ConfigError, ModelError
 from ..spec import FeatureSpec, LossConfig, _short
-from ..outputs import dists_output_names, lpips_output_names
 
 FORMAT_VERSION = 3
 PREFIX = "perceptual_engine."
@@ -31,7 +31,7 @@ DTYPES = ("float32", "float16")
 MAX_VALUE_CHARS = 65536
 MAX_JSON_DEPTH = 8
 # Defined here, not beside the graph modules, so reading metadata needs no torch.
-GRAPH_KINDS = ("features", "distance", "style", "target", "lpips", "dists")
+GRAPH_KINDS = tuple(kinds.KINDS)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _VERSION = re.compile(r"[0-9A-Za-z.+!_-]{1,64}")
 
@@ -61,7 +61,7 @@ class ModelInfo:
     def input_names(self) -> tuple[str, ...]:
         if self.graph == "features":
             return ("x",)
-        if self.graph in ("distance", "lpips", "dists"):
+        if kinds.get(self.graph).images == 2:
             return ("x", "y")
         content = tuple(f"target.content.{n}" for n in self.loss.content) if self.graph == "target" else ()  # type: ignore[union-attr]
         return ("x",) + content + tuple(f"target.{g}" for g in self.gram_names)
@@ -83,17 +83,16 @@ class ModelInfo:
     @property
     def term_names(self) -> tuple[str, ...]:
         """What ``Engine.distance`` returns: the loss terms, total, and ``grad.x`` if present."""
-        if self.graph == "lpips":
-            return lpips_output_names(self.spec.layers, self.spatial) + (("grad.x",) if self.grad else ())
-        if self.graph == "dists":
-            return dists_output_names(self.spec.layers) + (("grad.x",) if self.grad else ())
+        head_outputs = kinds.get(self.graph).head_outputs
+        if head_outputs is not None:
+            return head_outputs(self.spec.layers, self.spatial) + (("grad.x",) if self.grad else ())
         if self.loss is None:
             return ()
         return self.loss.output_names() + (("grad.x",) if self.grad else ())
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        if self.graph in ("lpips", "dists"):
+        if kinds.get(self.graph).head:
             return self.term_names
         if self.graph == "features" or self.loss is None:
             return tuple(self.spec.layers)
@@ -245,30 +244,24 @@ def _loss(raw: str) -> LossConfig | None:
     return None if d is None else LossConfig.from_dict(_typed_object(d, "loss", _LOSS_TYPES))
 
 
-_LPIPS_TYPES = {"weights_source": (str,), "weights_sha256": (str,), "spatial": (bool,)}
+# A learned head's field (named after its kind): where its weights came from.
+_HEAD_TYPES = {"weights_source": (str,), "weights_sha256": (str,)}
+_HEAD_EXTRA_TYPES = {"lpips": {"spatial": (bool,)}}
 
 
-def _lpips(raw: str) -> dict[str, Any] | None:
-    d = _json(raw)
-    if d is None:
-        return None
-    d = _typed_object(d, "lpips", _LPIPS_TYPES)
-    if not _HEX64.fullmatch(d["weights_sha256"]):
-        raise Invalid("lpips.weights_sha256 is not 64 hex digits")
-    return d
+def _head_field(name: str) -> Callable[[str], dict[str, Any] | None]:
+    types = {**_HEAD_TYPES, **_HEAD_EXTRA_TYPES.get(name, {})}
 
+    def parse(raw: str) -> dict[str, Any] | None:
+        d = _json(raw)
+        if d is None:
+            return None
+        d = _typed_object(d, name, types)
+        if not _HEX64.fullmatch(d["weights_sha256"]):
+            raise Invalid(f"{name}.weights_sha256 is not 64 hex digits")
+        return d
 
-_DISTS_TYPES = {"weights_source": (str,), "weights_sha256": (str,)}
-
-
-def _dists(raw: str) -> dict[str, Any] | None:
-    d = _json(raw)
-    if d is None:
-        return None
-    d = _typed_object(d, "dists", _DISTS_TYPES)
-    if not _HEX64.fullmatch(d["weights_sha256"]):
-        raise Invalid("dists.weights_sha256 is not 64 hex digits")
-    return d
+    return parse
 
 
 def _one_of(accepted: tuple[str, ...]) -> Callable[[str], str]:
@@ -322,9 +315,9 @@ FIELDS: dict[str, Field] = {
     "version": Field(_match(_VERSION, "a version"), str, "a package version such as 0.1.0"),
     "grad": Field(_bool, lambda b: "true" if b else "false", "true or false"),
     "graph_sha256": Field(_match(_HEX64, "64 hex digits"), str, "a SHA-256: 64 lowercase hex digits"),
-    "lpips": Field(_lpips, lambda d: json.dumps(dict(d) if d else None, sort_keys=True),
+    "lpips": Field(_head_field("lpips"), lambda d: json.dumps(dict(d) if d else None, sort_keys=True),
                    "null, or for an lpips graph a JSON object {weights_source, weights_sha256, spatial}"),
-    "dists": Field(_dists, lambda d: json.dumps(dict(d) if d else None, sort_keys=True),
+    "dists": Field(_head_field("dists"), lambda d: json.dumps(dict(d) if d else None, sort_keys=True),
                    "for a dists graph a JSON object {weights_source, weights_sha256}", optional=True),
     "integrity": Field(_match(_HEX64, "64 hex digits"), str, "a SHA-256: 64 lowercase hex digits",
                        stored=False),

@@ -37,6 +37,7 @@ from typing import Any
 
 import onnx
 
+from .. import kinds
 from .._io import atomic_path, sha256_file
 from ..errors import ConfigError, ExportError
 
@@ -178,7 +179,7 @@ def trt_precision(info: Any) -> str:
     whose head overflows it (docs/lpips.md); and for gradient graphs, whose float16
     backward has no GPU parity run yet (scripts/gpu_check.py measures it)."""
     raw_grams = info.loss is not None and info.loss.gram == "none" and bool(info.loss.style)
-    if raw_grams or info.graph == "lpips" or getattr(info, "grad", False):
+    if raw_grams or kinds.get(info.graph).tensorrt_fp32 or getattr(info, "grad", False):
         return "FP32"
     return "FP16"
 

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import torch
 
-from .. import losses
+from .. import kinds, losses
 from ..errors import ExportError
 from ..reference import TorchFeatures, TorchLPIPS
 from .metadata import ModelInfo
@@ -59,7 +59,7 @@ def reference_outputs(reference: "TorchFeatures | TorchLPIPS", info: ModelInfo,
     ``grad.x`` by torch autograd of the reference's Σ_n total_n (x's half only)."""
     x = torch.from_numpy(feeds["x"]).requires_grad_(info.grad)
     with torch.set_grad_enabled(info.grad):
-        if info.graph in ("lpips", "dists"):  # reference: a TorchLPIPS or TorchDISTS
+        if kinds.get(info.graph).head:  # reference: a TorchLPIPS or TorchDISTS
             terms = reference.terms(x, torch.from_numpy(feeds["y"]))  # type: ignore[operator]
             if info.grad:
                 terms["total"].sum().backward()
@@ -124,7 +124,7 @@ def _errors_on_draw(sess, reference: "TorchFeatures | TorchLPIPS", info: ModelIn
     h, w = max(h, 41), max(w, 53)
     rng = np.random.default_rng(seed)
     lo, hi = INPUT_RANGES[spec.input_range]
-    images = ("x", "y") if info.graph in ("distance", "lpips", "dists") else ("x",)
+    images = ("x", "y")[: kinds.get(info.graph).images]
     feeds = {n: rng.uniform(lo, hi, size=(batch, 3, h, w)).astype(np.float32) for n in images}
     feeds.update(target_feeds(reference, info, feeds["x"], rng))
     got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))

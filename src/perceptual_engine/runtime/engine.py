@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .. import kinds
 from .._io import sha256_file
 from ..errors import (ConfigError, DeviceError, InputError, ModelError, NonFiniteError,
                       NonFiniteInputError, PerceptualError)
@@ -268,14 +269,15 @@ class Engine:
             T.check_ready(self, target, x)
             self._check(x)
             out = self._run({"x": x}, self.info.term_names, target)
-        elif self.info.graph in ("distance", "lpips", "dists"):
+        elif kinds.get(self.info.graph).compares:
             if y is None:
                 raise InputError(f"distance(x, y) needs y on a {self.info.graph} model; pass y.")
             self._check(x, y)
             out = self._run({"x": x, "y": y}, self.info.term_names)
         else:
             raise ModelError(f"{self.path!r} is a features graph; distance() needs a model exported "
-                             "with graph='distance', 'target', 'style', 'lpips' or 'dists' (perceptual-engine export --graph distance).")
+                             f"with graph={kinds.quoted(kinds.names(compares=True) + ('target', 'style'))} "
+                             "(perceptual-engine export --graph distance).")
         _check_finite(out)
         return out
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import kinds
 from ..errors import InputError, ModelError, NotSupportedError
 from .engine import Engine
 from .providers import ProviderOptions
@@ -89,14 +90,14 @@ def _torch_input(v: Any, name: str) -> torch.Tensor:
 
 
 def _no_grad_message(path: str, graph: str) -> str:
-    if graph in ("distance", "target", "lpips"):
+    if kinds.get(graph).grad:
         how = (f"Re-export it with export_onnx(spec, path, graph={graph!r}, ..., grad=True) "
                f"(perceptual-engine export --graph {graph} --grad).")
         return f"{path!r} is a {graph} graph without grad.x; EnginePerceptualLoss needs the exported gradient. {how}"
     return (f"{path!r} is a {graph} graph, which is not exported with a gradient; "
-            "EnginePerceptualLoss needs a distance, target or lpips graph with its gradient. Re-export it with "
+            f"EnginePerceptualLoss needs a {', '.join(kinds.names(grad=True))} graph with its gradient. Re-export it with "
             "export_onnx(spec, path, graph='distance', loss=loss, grad=True) (perceptual-engine "
-            "export --graph distance --grad; --graph target or lpips likewise).")
+            "export --graph distance --grad; the other kinds likewise).")
 
 
 class EnginePerceptualLoss(nn.Module):

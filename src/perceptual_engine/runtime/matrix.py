@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .. import memory as _memory
+from .. import kinds, memory as _memory
 from ..errors import DeviceError, InputError, MemoryBudgetError, ModelError
 from ..validate import check_tensor
 from .embed import embed_taps, lpips_weights, tap_tensors, term_dims, x_branch
@@ -45,9 +45,9 @@ class Embedder:
         import onnxruntime as ort
 
         info, path = engine.info, engine.path
-        if info.graph not in ("lpips", "distance"):
+        if not kinds.get(info.graph).matrix:
             raise ModelError(f"{path!r} is a {info.graph} graph; distance matrices need a model exported "
-                             "with graph='lpips' or graph='distance'.")
+                             f"with graph={kinds.quoted(kinds.names(matrix=True))}.")
         model = _checked_model(path)
         self.lin: dict[str, np.ndarray] = {}
         self.gram = "chw"

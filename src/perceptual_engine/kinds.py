@@ -1,0 +1,109 @@
+"""The graph kinds, one entry each: what every path asks about a kind, answered once.
+
+The exporter, metadata, verify, the Engine and its matrix runner, memory, Triton,
+the command line (local and Ray) and the docs ask this registry instead of comparing
+kind strings. Torch-free and import-light (floor 0: no torch, no onnx).
+
+Adding a metric (docs/architecture.md, "Adding a metric"): its own module (spec
+defaults, weights, head, VJPs, torch reference, like lpips.py and dists.py), one
+``GraphKind`` line below, the exporter's builder for it, and its tests; the
+registry tests (tests/test_kinds.py) then hold every path to the new entry.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
+
+from .errors import ConfigError
+from .outputs import dists_output_names, lpips_output_names
+
+
+@dataclass(frozen=True)
+class GraphKind:
+    """One graph kind.
+
+    images: images per sample: 1 (``x``) or 2 (``x`` and ``y``, run as one batch of 2N).
+    grad: ``export_onnx(..., grad=True)`` adds ``grad.x``, the loss's input gradient.
+    compares: a distance of two images: ``Engine.distance``, ``distance`` (local and
+        ``--ray``), metrics.
+    matrix: all-pairs matrices and nearest neighbours (``Engine.matrix``, ``matrix``).
+    head: the module of a learned head on VGG16 (weights file, metadata field of that
+        name, torch reference, ``--<head>-weights``), or None.
+    label: how reports name it.
+    tap_factor: copies held per tapped layer in the memory bound (docs/memory.md).
+    tensorrt_fp32: Triton's TensorRT stays FP32 for it (a float16 head loses its
+        normalization epsilon).
+    head_outputs: a head's output names, in order, from (taps, spatial); None: the
+        loss's (LossConfig.output_names).
+    spatial: it can also output the per-pixel map ``spatial`` (``--spatial``).
+    fp16_grad: a float16 export may carry ``grad.x`` (the heads' float16 backward is
+        not within the verified gradient tolerance: docs/lpips.md, docs/dists.md).
+    """
+
+    name: str
+    images: int
+    grad: bool
+    compares: bool
+    matrix: bool
+    head: str | None
+    label: str
+    tap_factor: float
+    tensorrt_fp32: bool = False
+    head_outputs: Callable[[tuple[str, ...], bool], tuple[str, ...]] | None = None
+    spatial: bool = False
+    fp16_grad: bool = True
+
+    def module(self) -> ModuleType | None:
+        """The head's module (lpips.py, dists.py): ``check_spec``, ``default_spec``,
+        ``resolve_weights`` and ``build``; imported on first use (it needs torch)."""
+        return None if self.head is None else importlib.import_module(f"{__package__}.{self.head}")
+
+    @property
+    def weights_option(self) -> str | None:
+        """export_onnx's keyword for the head's weights (``lpips_weights``), or None."""
+        return None if self.head is None else f"{self.head}_weights"
+
+    @property
+    def weights_flag(self) -> str | None:
+        """The command line's flag for the head's weights (``--lpips-weights``), or None."""
+        return None if self.head is None else f"--{self.head}-weights"
+
+
+KINDS: dict[str, GraphKind] = {k.name: k for k in (
+    GraphKind("features", images=1, grad=False, compares=False, matrix=False, head=None,
+              label="features", tap_factor=1.25),
+    GraphKind("distance", images=2, grad=True, compares=True, matrix=True, head=None,
+              label="distance", tap_factor=0.5),
+    GraphKind("style", images=1, grad=False, compares=False, matrix=False, head=None,
+              label="style", tap_factor=1.0),
+    GraphKind("target", images=1, grad=True, compares=False, matrix=False, head=None,
+              label="target", tap_factor=1.0),
+    GraphKind("lpips", images=2, grad=True, compares=True, matrix=True, head="lpips",
+              label="LPIPS", tap_factor=2.0, tensorrt_fp32=True, head_outputs=lpips_output_names,
+              spatial=True, fp16_grad=False),
+    GraphKind("dists", images=2, grad=True, compares=True, matrix=False, head="dists",
+              label="DISTS", tap_factor=2.0, head_outputs=lambda taps, spatial: dists_output_names(taps),
+              fp16_grad=False),
+)}
+
+
+def get(name: str) -> GraphKind:
+    """The kind called ``name``; ConfigError naming the accepted ones otherwise."""
+    try:
+        return KINDS[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"graph {name!r} is not a graph kind; accepted: {', '.join(KINDS)}.") from None
+
+
+def names(**where: object) -> tuple[str, ...]:
+    """The kinds whose attributes equal ``where``, in registry order:
+    ``names(compares=True)`` -> ("distance", "lpips", "dists")."""
+    return tuple(k.name for k in KINDS.values() if all(getattr(k, a) == v for a, v in where.items()))
+
+
+def quoted(kinds: tuple[str, ...], last: str = "or") -> str:
+    """"graph='distance', graph='lpips' or graph='dists'"-style list for messages."""
+    items = [f"'{k}'" for k in kinds]
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {last} {items[-1]}"
