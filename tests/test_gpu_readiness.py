@@ -16,6 +16,7 @@ import onnx
 import pytest
 import torch
 
+from perceptual_engine.runtime import gpu_libs
 from perceptual_engine.runtime import iobinding as IOB
 from perceptual_engine.runtime import providers as P
 from perceptual_engine.runtime.providers import ProviderOptions
@@ -59,7 +60,8 @@ def test_engine_profiles_every_dynamic_input_of_the_graph(fixture, request, monk
 
 @pytest.fixture
 def fake_cdll(monkeypatch):
-    """ctypes.CDLL as seen by providers.py: loads only what ``ok`` says, records calls."""
+    """ctypes.CDLL as seen by gpu_libs.py (its probes are re-exported by providers.py): loads
+    only what ``ok`` says, records calls."""
     calls = []
 
     def make(ok):
@@ -69,7 +71,7 @@ def fake_cdll(monkeypatch):
                 raise OSError(f"{name}: cannot open shared object file")
             return SimpleNamespace(name=name)
 
-        monkeypatch.setattr(P.ctypes, "CDLL", cdll)
+        monkeypatch.setattr(gpu_libs.ctypes, "CDLL", cdll)
         return calls
 
     return make

@@ -127,7 +127,7 @@ class Row:
     stats: Stats | None = None
     cold_start_s: float | None = None
     max_rel_err: float | None = None  # of the terms/features; grad.x apart
-    grad_rel_err: float | None = None  # grad.x, sparse reroutes forgiven (variants.py)
+    grad_rel_err: float | None = None  # grad.x, sparse reroutes forgiven (tiers.py)
     speedup: float | None = None
     flops_per_call: int = 0
     tflops: float | None = None

@@ -221,7 +221,7 @@ def max_rel_error(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.nd
 def grad_rel_error(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
                    forgive: float) -> float | None:
     """grad.x's max |a − b| / max |b| once the ``forgive`` fraction of elements with the
-    largest errors is left out (sparse max-pool/ReLU reroutes, variants.py); None
+    largest errors is left out (sparse max-pool/ReLU reroutes, tiers.py); None
     when the reference has no gradient, inf when it is missing or not finite."""
     from ..export.verify import compare
 
