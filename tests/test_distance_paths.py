@@ -22,6 +22,7 @@ import io
 import json
 import os
 import shutil
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -157,6 +158,16 @@ def _scenarios(images, lin_weights, cache, distance_model, budget, dists_file=No
                    budget, "--batch-size", "2", "--graph", "distance", "--format", "json"],
                   ".jsonl", False),
     }
+
+
+def test_the_scenarios_cover_every_comparing_kind():
+    """Every kind that ``distance`` computes (kinds.py) runs through both paths: a new
+    kind needs its scenario above."""
+    from perceptual_engine import kinds
+
+    argvs = _scenarios(defaultdict(str), "", "", ("",), "").values()
+    graphs = {argv[argv.index("--graph") + 1] if "--graph" in argv else "distance" for argv, _, _ in argvs}
+    assert set(kinds.names(compares=True)) <= graphs
 
 
 def _budget(distance_model) -> str:

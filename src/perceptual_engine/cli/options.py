@@ -230,7 +230,7 @@ def head_kwargs(args: argparse.Namespace, graph: str, spatial: bool, spatial_fla
                               f"{other.name}, or drop it.")
     if spatial and not kind.spatial:
         maps = "|".join(kinds.names(spatial=True))
-        raise ConfigError(f"{spatial_flag} writes LPIPS maps, an option of --graph {maps}; add --graph "
+        raise ConfigError(f"{spatial_flag} writes LPIPS maps, one of the options of --graph {maps}; add --graph "
                           f"{maps} (or --model with an LPIPS model exported with --spatial), or drop it.")
     if kind.head is None:
         return {}
