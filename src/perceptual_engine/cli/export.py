@@ -9,6 +9,9 @@ from .. import kinds
 from ..errors import ConfigError
 from .options import head_kwargs, head_spec_from_args, spec_from_args
 
+# What a head's weights are called in the summary (default: "weights").
+HEAD_WEIGHTS = {"lpips": "linear weights", "dists": "alpha/beta"}
+
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export_onnx
@@ -51,26 +54,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"  inputs    {', '.join(images)}: float32 {dims}"
           + ("; target.content.<l>: float32 (1, C, H_l, W_l)" if r.graph == "target" else "")
           + ("; target.gram.<l>: float32 (1, C, C)" if len(images) < len(r.inputs) else ""))
-    if r.graph == "dists":
+    kind = kinds.get(r.graph)
+    if kind.head:
         from ..runtime import read_info
 
-        head = read_info(r.path).dists or {}
-        print(f"  dists     alpha/beta {head.get('weights_source')}, sha256 "
-              f"{str(head.get('weights_sha256'))[:16]}; statistics in float32")
-        scalars = [o for o in r.outputs if o != "grad.x"]
-        print(f"  outputs   {', '.join(scalars)}: float32 (N,)"
-              + ("; grad.x (N, 3, H, W)" if "grad.x" in r.outputs else ""))
-    elif r.graph == "lpips":
-        from ..runtime import read_info
-
-        head = read_info(r.path).lpips or {}
-        print(f"  lpips     linear weights {head.get('weights_source')}, sha256 "
+        head = getattr(read_info(r.path), kind.head) or {}
+        print(f"  {kind.head:<9} {HEAD_WEIGHTS.get(kind.head, 'weights')} {head.get('weights_source')}, sha256 "
               f"{str(head.get('weights_sha256'))[:16]}; head in float32")
         scalars = [o for o in r.outputs if o not in ("spatial", "grad.x")]
         print(f"  outputs   {', '.join(scalars)}: float32 (N,)"
               + ("; spatial: float32 (N, 1, H, W)" if "spatial" in r.outputs else "")
               + ("; grad.x (N, 3, H, W)" if "grad.x" in r.outputs else ""))
-    elif r.graph in ("distance", "style", "target"):
+    elif r.graph != "features":  # a loss graph: its terms and total
         print(f"  outputs   {', '.join(r.outputs)}: float32 (N,)"
               + ("; grad.x (N, 3, H, W)" if "grad.x" in r.outputs else "")
               + ("; feature.<l> (N, C, H_l, W_l)" if r.graph == "target" else "")
