@@ -156,3 +156,26 @@ def test_cli_names_its_own_flags(tmp_path, capsys):
 def test_demo_size_below_the_minimum_exits_2(capsys):
     code, _, err = _run(capsys, "demo", "--weights", "random", "--size", "4", "--no-bench")
     assert code == 2 and "--size 4 is too small" in err
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_run(tmp_path, monkeypatch, capsys):
+    # Python prints and drops a KeyboardInterrupt raised inside a callback (a weakref's,
+    # during an import): the handler's record must stop the run at the next progress
+    # line, before anything is written.
+    from perceptual_engine.cli import common, export as export_cmd
+    from perceptual_engine.cli.main import main
+
+    real = export_cmd.spec_from_args
+
+    def interrupted_on_the_way(args):
+        common.INTERRUPTED[0] = True  # what the handler records; its exception was lost
+        return real(args)
+
+    monkeypatch.setattr(export_cmd, "spec_from_args", interrupted_on_the_way)
+    out = tmp_path / "m.onnx"
+    code = main(["export", "--weights", "random", "--layers", "relu1_2", "-o", str(out)])
+    assert code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "perceptual-engine: interrupted"
+    assert not out.exists()
+    monkeypatch.undo()
+    assert main(["export", "--weights", "random", "--layers", "relu1_2", "-o", str(out)]) == 0  # reset per run

@@ -6,6 +6,20 @@ import sys
 PROG = "perceptual-engine"
 
 
+# Set by main()'s SIGINT handler. A KeyboardInterrupt raised while the interpreter runs
+# a callback (a weakref's, during an import) is printed and dropped, so the run would go
+# on after Ctrl-C: every progress line checks this and raises it again.
+INTERRUPTED = [False]
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C came and was swallowed on its way."""
+    if INTERRUPTED[0]:
+        raise KeyboardInterrupt
+
+
 def say(msg: str) -> None:
-    """One line on stderr, prefixed with the program's name."""
+    """One line on stderr, prefixed with the program's name (a point where a swallowed
+    Ctrl-C is raised again)."""
+    check_interrupted()
     print(f"{PROG}: {msg}", file=sys.stderr, flush=True)

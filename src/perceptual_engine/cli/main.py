@@ -12,10 +12,11 @@ import os
 import re
 import signal
 import sys
+import threading
 import warnings
 from typing import Sequence
 
-from .common import PROG, say as _say
+from .common import INTERRUPTED, PROG, check_interrupted, say as _say
 from .distance import _check_distance_args, cmd_distance
 from .export import cmd_export
 from .options import (add_device_options, add_dists_options, add_lpips_options,
@@ -235,14 +236,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     and exit status 130; what was already written stays (exports and cache entries
     are atomic, result files keep their rows).
     """
+    INTERRUPTED[0] = False
+    previous = _catch_sigint()
     try:
-        return _main(argv)
+        code = _main(argv)
+        check_interrupted()  # a Ctrl-C that was swallowed after the last progress line
+        return code
     except KeyboardInterrupt:
         try:
             print(f"{PROG}: interrupted", file=sys.stderr)
         except KeyboardInterrupt:  # a second Ctrl-C while saying so
             pass
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _catch_sigint():
+    """Python's own SIGINT behaviour (raise KeyboardInterrupt), which also records the
+    interrupt (common.INTERRUPTED); the previous handler, or None where it was not
+    Python's default or this is not the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        return None
+
+    def handler(signum, frame):
+        INTERRUPTED[0] = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    return previous
 
 
 def run() -> None:
