@@ -83,7 +83,7 @@ def test_channels_last_and_strided_cuda_tensors(models):
     x, y = _pair(2, 64, 80)
     expected = eng.distance(x, y)["total"]
     got = eng.distance(x.contiguous(memory_format=torch.channels_last), y.transpose(2, 3).contiguous().transpose(2, 3))
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got["total"], expected, rtol=1e-5, atol=0)
 
 
 def test_cuda_graph_fixed_shape_matches_and_is_thread_safe(models):
@@ -235,3 +235,17 @@ def test_stylize_on_the_gpu_keeps_x_on_the_device(tmp_path):
     assert result.providers[0] == "CUDAExecutionProvider"
     assert result.image.shape == (1, 3, 40, 56) and np.isfinite(result.image).all()
     assert result.final_loss <= result.initial_loss
+
+
+def test_a_cpu_engine_trains_cuda_tensors(grad_models):
+    # ONNX Runtime CPU (or OpenVINO) with x on the GPU: the loss and x's gradient come
+    # back on x's device, as autograd needs them.
+    from perceptual_engine import EnginePerceptualLoss
+
+    loss = EnginePerceptualLoss(grad_models["float32"], device="cpu")
+    x, y = _pair(1, 37, 45)
+    x.requires_grad_(True)
+    out = loss(x, y)
+    assert out["total"].device == x.device
+    out["total"].sum().backward()
+    assert x.grad is not None and x.grad.device == x.device and torch.isfinite(x.grad).all()

@@ -141,7 +141,9 @@ class EnginePerceptualLoss(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         xd = _torch_input(x, "x")
         yd = None if y is None else _torch_input(y, "y")
-        out = {k: _tensor(v) for k, v in self.engine.distance(xd, yd).items()}
+        # On x's device: a CPU engine (ONNX Runtime CPU, OpenVINO) fed CUDA tensors answers
+        # on the host, and autograd needs x's gradient where x is.
+        out = {k: _tensor(v).to(x.device) for k, v in self.engine.distance(xd, yd).items()}
         grad_x = out.pop("grad.x")
         out["total"] = _EngineTotal.apply(x, out["total"], grad_x)
         return out
