@@ -107,10 +107,11 @@ def test_heads_share_one_module_shape():
             assert kind.module() is None and kind.weights_flag is None
             continue
         module = kind.module()
-        for name in ("default_spec", "check_spec", "resolve_weights", "build"):
+        for name in ("default_spec", "check_spec", "spec_from_flags", "resolve_weights", "build"):
             assert callable(getattr(module, name, None)), (kind.name, name)
         assert kind.head in metadata.FIELDS, kind.name
         kind.module().check_spec(module.default_spec("random"))
+        assert kind.weights_help, kind.name
 
 
 def test_the_command_line_offers_what_the_registry_says():

@@ -62,6 +62,21 @@ def default_spec(weights: str = "imagenet", *, seed: int = 0) -> FeatureSpec:
                        pooling=POOLING)
 
 
+def spec_from_flags(flags: object) -> FeatureSpec:
+    """The spec of a DISTS graph from the command line's spec flags: VGG16, L2 pooling,
+    its five taps, [0, 1] inputs; only ``weights`` and ``seed`` may be given (ConfigError
+    naming the others)."""
+    given = [f"--{n.replace('_', '-')}" for n in ("content", "style", "gram", "arch", "layers",
+                                                   "input_range", "pooling")
+             if getattr(flags, n, None) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} do not apply to --graph dists: DISTS is VGG16 with L2 "
+                          "pooling at relu1_2..relu5_3 on [0, 1] images, with its own head. Drop them "
+                          "(--weights and --seed choose the trunk).")
+    seed = getattr(flags, "seed", None)
+    return default_spec(getattr(flags, "weights", None) or "imagenet", seed=0 if seed is None else seed)
+
+
 def check_spec(spec: FeatureSpec) -> None:
     """DISTS is defined on VGG16 with L2 pooling at its five taps, on [0, 1] images."""
     if spec.arch != ARCH or tuple(spec.layers) != LAYERS or spec.pooling != POOLING \

@@ -54,6 +54,7 @@ class GraphKind:
     head_outputs: Callable[[tuple[str, ...], bool], tuple[str, ...]] | None = None
     spatial: bool = False
     fp16_grad: bool = True
+    weights_help: str | None = None  # the --<head>-weights flag's help
 
     def module(self) -> ModuleType | None:
         """The head's module (lpips.py, dists.py): ``check_spec``, ``default_spec``,
@@ -82,10 +83,14 @@ KINDS: dict[str, GraphKind] = {k.name: k for k in (
               label="target", tap_factor=1.0),
     GraphKind("lpips", images=2, grad=True, compares=True, matrix=True, head="lpips",
               label="LPIPS", tap_factor=2.0, tensorrt_fp32=True, head_outputs=lpips_output_names,
-              spatial=True, fp16_grad=False),
+              spatial=True, fp16_grad=False,
+              weights_help="LPIPS linear weights (.pth, keys lin0..lin4.model.1.weight) (default: "
+                           "weights/v0.1/vgg.pth of the installed lpips package)"),
     GraphKind("dists", images=2, grad=True, compares=True, matrix=False, head="dists",
               label="DISTS", tap_factor=2.0, head_outputs=lambda taps, spatial: dists_output_names(taps),
-              fp16_grad=False),
+              fp16_grad=False,
+              weights_help="DISTS alpha/beta (.pt, keys alpha and beta, each (1, 1475, 1, 1)) "
+                           "(default: weights.pt of the installed DISTS_pytorch package)"),
 )}
 
 

@@ -63,6 +63,24 @@ def default_spec(weights: str = "imagenet", *, input_range: str = "0,1", seed: i
     return FeatureSpec(arch=ARCH, layers=LAYERS, weights=weights, seed=seed, input_range=input_range)
 
 
+def spec_from_flags(flags: object) -> FeatureSpec:
+    """The spec of an LPIPS graph from the command line's spec flags (an object with
+    ``arch``, ``layers``, ``weights``, ``seed``, ``input_range``, ``pooling``, ``content``,
+    ``style``, ``gram``; None where not given): VGG16 at its five taps unless --arch or
+    --layers say otherwise (then a ConfigError says what to change)."""
+    given = [f"--{n}" for n in ("content", "style", "gram") if getattr(flags, n, None) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} describe a content/style loss; LPIPS has its own "
+                          "head (channel-normalized differences, learned weights). Drop them.")
+    seed = getattr(flags, "seed", None)
+    spec = FeatureSpec(arch=getattr(flags, "arch", None) or ARCH, layers=getattr(flags, "layers", None) or LAYERS,
+                       weights=getattr(flags, "weights", None) or "imagenet", seed=0 if seed is None else seed,
+                       input_range=getattr(flags, "input_range", None) or "0,1",
+                       pooling=getattr(flags, "pooling", None) or "max")
+    check_spec(spec)
+    return spec
+
+
 # -- linear weights ------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Sequence
 from .common import INTERRUPTED, PROG, check_interrupted, say as _say
 from .distance import _check_distance_args, cmd_distance
 from .export import cmd_export
-from .options import (add_device_options, add_dists_options, add_lpips_options,
+from .options import (add_device_options, add_head_options,
                       add_memory_options, add_spec_options, positive_int, spec_from_args)
 from .. import kinds
 from ..errors import (ConfigError, LinearWeightsError, PerceptualError,
@@ -88,8 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "entry: DIR/NAME/config.pbtxt and DIR/NAME/1/model.onnx (see docs/scale.md)")
     p.add_argument("--triton-name", metavar="NAME", help="the Triton model name (default: the "
                    "stem of --output)")
-    add_lpips_options(p, spatial_flag=True)
-    add_dists_options(p)
+    add_head_options(p, spatial_flag=True)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -140,8 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ray-actors", type=positive_int, metavar="N",
                    help="Engine actors (default: one per GPU; without GPUs, one per 4 CPUs)")
     add_spec_options(p)
-    add_lpips_options(p, spatial_flag=False)
-    add_dists_options(p)
+    add_head_options(p, spatial_flag=False)
     p.set_defaults(func=cmd_distance)
 
     p = sub.add_parser("info", help="versions, GPU and execution providers that really load",

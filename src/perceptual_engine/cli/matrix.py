@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import kinds
 from ..errors import ConfigError
-from .options import (add_device_options, add_lpips_options, add_spec_options, memory_budget,
+from .options import (add_device_options, add_head_options, add_spec_options, memory_budget,
                       positive_int)
 
 MATRIX_FORMATS = {".npy": "npy", ".csv": "csv", ".parquet": "parquet"}
@@ -95,7 +95,7 @@ def register(sub: Any, say: Callable[[str], None], fmt: Any) -> None:
                        "(perceptual-engine[ray]; docs/scale.md)")
         p.add_argument("--ray-address", metavar="ADDR", help="a running Ray cluster")
         add_spec_options(p)
-        add_lpips_options(p, spatial_flag=False)
+        add_head_options(p, spatial_flag=False, matrix=True)
         p.set_defaults(func=lambda a, _n=name: run(_n, a, say), spatial_dir=None)
 
 

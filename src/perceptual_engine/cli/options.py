@@ -160,60 +160,28 @@ def add_memory_options(p: argparse.ArgumentParser) -> None:
                         "bicubic, antialiased) before the size policy (default: no limit)")
 
 
-def add_lpips_options(p: argparse.ArgumentParser, *, spatial_flag: bool) -> None:
-    g = p.add_argument_group("LPIPS (--graph lpips)")
-    g.add_argument("--lpips-weights", metavar="PATH", dest="lpips_weights",
-                   help="LPIPS linear weights (.pth, keys lin0..lin4.model.1.weight) (default: "
-                        "weights/v0.1/vgg.pth of the installed lpips package)")
-    if spatial_flag:
-        g.add_argument("--spatial", action="store_true",
-                       help="also output the per-pixel map 'spatial' (N, 1, H, W)")
+def add_head_options(p: argparse.ArgumentParser, *, spatial_flag: bool, **where: object) -> None:
+    """One group per learned head (kinds.py), in registry order: its weights flag and,
+    with ``spatial_flag``, --spatial for a head with a map. ``where`` picks the kinds
+    (``matrix=True``: those with matrices)."""
+    from .. import kinds
 
-
-def add_dists_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("DISTS (--graph dists)")
-    g.add_argument("--dists-weights", metavar="PATH", dest="dists_weights",
-                   help="DISTS alpha/beta (.pt, keys alpha and beta, each (1, 1475, 1, 1)) "
-                        "(default: weights.pt of the installed DISTS_pytorch package)")
-
-
-def dists_spec_from_args(args: argparse.Namespace):
-    """The FeatureSpec of a DISTS graph: VGG16, L2 pooling, its five taps, [0, 1] inputs;
-    only --weights and --seed may be given."""
-    from ..dists import default_spec
-    from ..errors import ConfigError
-
-    given = [f"--{n.replace('_', '-')}" for n in ("content", "style", "gram", "arch", "layers",
-                                                   "input_range", "pooling")
-             if getattr(args, n, None) is not None]
-    if given:
-        raise ConfigError(f"{', '.join(given)} do not apply to --graph dists: DISTS is VGG16 with L2 "
-                          "pooling at relu1_2..relu5_3 on [0, 1] images, with its own head. Drop them "
-                          "(--weights and --seed choose the trunk).")
-    return default_spec(args.weights or "imagenet", seed=0 if args.seed is None else args.seed)
-
-
-def lpips_spec_from_args(args: argparse.Namespace):
-    """The FeatureSpec of an LPIPS graph from the spec flags: VGG16 at its five taps
-    unless --arch/--layers say otherwise (then a ConfigError says what to change)."""
-    from ..errors import ConfigError
-    from ..lpips import ARCH, LAYERS, check_spec
-    from ..spec import FeatureSpec
-
-    given = [f"--{n}" for n in ("content", "style", "gram") if getattr(args, n, None) is not None]
-    if given:
-        raise ConfigError(f"{', '.join(given)} describe a content/style loss; LPIPS has its own "
-                          "head (channel-normalized differences, learned weights). Drop them.")
-    spec = FeatureSpec(arch=args.arch or ARCH, layers=args.layers or LAYERS,
-                       weights=args.weights or "imagenet", seed=0 if args.seed is None else args.seed,
-                       input_range=args.input_range or "0,1", pooling=args.pooling or "max")
-    check_spec(spec)
-    return spec
+    for kind in kinds.KINDS.values():
+        if kind.head is None or any(getattr(kind, a) != v for a, v in where.items()):
+            continue
+        g = p.add_argument_group(f"{kind.label} (--graph {kind.name})")
+        g.add_argument(kind.weights_flag, metavar="PATH", dest=kind.weights_option, help=kind.weights_help)
+        if spatial_flag and kind.spatial:
+            g.add_argument("--spatial", action="store_true",
+                           help="also output the per-pixel map 'spatial' (N, 1, H, W)")
 
 
 def head_spec_from_args(args: argparse.Namespace, graph: str):
-    """The FeatureSpec of a learned head's graph (kinds.py ``head``) from the spec flags."""
-    return {"lpips": lpips_spec_from_args, "dists": dists_spec_from_args}[graph](args)
+    """The FeatureSpec of a learned head's graph (kinds.py ``head``) from the spec flags:
+    the head module's ``spec_from_flags``."""
+    from .. import kinds
+
+    return kinds.get(graph).module().spec_from_flags(args)
 
 
 def head_kwargs(args: argparse.Namespace, graph: str, spatial: bool, spatial_flag: str) -> dict:
