@@ -15,7 +15,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import ImageError
-from .job import _model_handle, _quiet_data_context, import_ray, plan_resources, start_ray
+from .job_plan import _model_handle, plan_resources
+from .ray_setup import _quiet_data_context, import_ray, start_ray
 from .stages import local_model_copy
 
 

@@ -1,28 +1,32 @@
 """Engine: an exported model on a backend (ONNX Runtime or OpenVINO), called with numpy
 arrays or torch tensors. The backend only runs feeds; validation, the memory budget,
-cached targets, NaN handling and metadata are here, the same for every backend."""
+cached targets, NaN handling and metadata are here, the same for every backend.
+
+The parts: engine_open.py (the model file, ``read_info``, the OpenVINO backend, the
+estimate's fixed terms), finite.py (NaN/Inf samples of a distance call); ``read_info``
+is re-exported here, the path callers use."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import os
-from typing import Any, Mapping
-
-import numpy as np
+from typing import Any
 
 from .. import kinds
 from .._io import sha256_file
-from ..errors import (ConfigError, DeviceError, InputError, ModelError, NonFiniteError,
-                      NonFiniteInputError, PerceptualError)
-from ..export.integrity import read_model
+from ..errors import ConfigError, DeviceError, InputError, ModelError, NonFiniteInputError, PerceptualError
 from .. import memory as _memory
-from ..export.metadata import ModelInfo
-from ..validate import MAX_BATCH_PIXELS, check_pair, check_tensor, nonfinite_samples
+from ..validate import MAX_BATCH_PIXELS, check_pair, check_tensor
 from . import providers as P
 from . import targets as T
 from .backends import onnxruntime as _ort
+from .engine_open import (_check_ort_precision, _nhw, _openvino_backend, check_model_file, check_names,
+                          memory_args, read_info)
+from .finite import _check_finite, distance_finite_samples
 from .host import to_host as _to_host
 from .iobinding import GATE, TorchBinder
+
+__all__ = ["DEVICES", "Engine", "read_info"]
 
 DEVICES = (*P.DEVICES, "openvino")
 
@@ -70,12 +74,7 @@ class Engine:
         self.check_range = check_range
         self.max_pixels = max_pixels
         self.cpu_arena = self.options.fixed_shapes if cpu_arena is None else cpu_arena
-        if not os.path.isfile(self.path):
-            what = ("a folder" if os.path.isdir(self.path) else
-                    "not a regular file (a device, pipe or socket)" if os.path.exists(self.path)
-                    else "missing")
-            raise ModelError(f"model {self.path!r} is {what}; give the path of an exported .onnx file "
-                             "(perceptual-engine export -o model.onnx).")
+        check_model_file(self.path)
         # Metadata first, from a CPU-free read of the header: the spec names the inputs.
         self.info = read_info(self.path)
         self.inputs = self.info.input_names
@@ -113,15 +112,9 @@ class Engine:
 
     @memory_budget.setter
     def memory_budget(self, value: Any) -> None:
-        info = self.info
         self._memory = _memory.MemoryGuard(value, "cuda" if self.on_gpu else "cpu", self.options.device_id)
         self._memory_budget = value
-        self._memory_args = dict(  # what the estimate needs besides the shape, fixed per model
-            dtype=info.dtype, grad=bool(getattr(info, "grad", False)), arena=self.cpu_arena,
-            device="cuda" if self.on_gpu else "cpu", **_gpu_terms(self),
-            taps=None if info.graph == "features" or info.loss is None
-            else tuple(dict.fromkeys((*info.loss.content, *info.loss.style))),
-            grams=tuple(info.loss.style) if info.loss is not None else ())
+        self._memory_args = memory_args(self)  # what the estimate needs besides the shape
 
     def estimate_memory(self, n: int, height: int, width: int) -> "_memory.MemoryEstimate":
         """Upper bound of the peak memory of a call on n images (pairs) of height x width."""
@@ -171,12 +164,7 @@ class Engine:
                           tuple(i.name for i in self.session.get_inputs()))
 
     def _check_names(self, got: tuple[str, ...], ins: tuple[str, ...]) -> None:
-        if got != self.info.output_names or ins != self.inputs:
-            raise ModelError(
-                f"{self.path!r} has inputs {ins} and outputs {got}, but its metadata promises "
-                f"{self.inputs} and {self.info.output_names}; the file was edited or damaged. "
-                "Re-export it."
-            )
+        check_names(self.path, self.info, self.inputs, got, ins)
 
     # -- calls ---------------------------------------------------------------
     def _check(self, *arrays: Any, name: str = "x") -> None:
@@ -243,21 +231,7 @@ class Engine:
         try:
             return self._distance(x, y)
         except NonFiniteInputError as exc:
-            return self._distance_finite_samples(x, y, exc)
-
-    def _distance_finite_samples(self, x: Any, y: Any, exc: NonFiniteInputError) -> dict[str, Any]:
-        bad = sorted(set(nonfinite_samples(_host_view(x)))
-                     | (set(nonfinite_samples(_host_view(y))) if y is not None else set()))
-        n = int(x.shape[0])
-        keep = [i for i in range(n) if i not in bad]
-        if not keep:
-            raise exc
-        sub = self._distance(x[keep], None if y is None else y[keep])
-        out = {k: _scatter(v, keep, n) for k, v in sub.items()}
-        raise NonFiniteError(
-            f"the input of sample(s) {bad} holds NaN or Inf: those were not computed; the other "
-            f"{len(keep)} sample(s)' terms are in this error's .out (NaN for the bad ones). "
-            "Check those inputs.", out, bad, inputs=True)
+            return distance_finite_samples(self._distance, x, y, exc)
 
     def _distance(self, x: Any, y: Any = None) -> dict[str, Any]:
         if self.info.graph in ("style", "target"):
@@ -335,71 +309,3 @@ class Engine:
 
     def __repr__(self) -> str:
         return f"Engine({self.path!r}, graph={self.info.graph}, providers={self.providers})"
-
-
-def _nhw(x: Any) -> tuple[int, int, int]:
-    shape = tuple(x.shape)
-    return int(shape[0]), int(shape[2]), int(shape[3])
-
-
-def _host_view(v: Any) -> Any:
-    """A numpy array or CPU torch tensor as is (CUDA tensors are never scanned)."""
-    return v if isinstance(v, np.ndarray) else v.detach()
-
-
-def _scatter(v: Any, keep: list[int], n: int) -> Any:
-    """Rows ``keep`` of an (n, ...) result filled from ``v``, the others NaN."""
-    if isinstance(v, np.ndarray):
-        full = np.full((n, *v.shape[1:]), np.nan, dtype=v.dtype)
-    else:
-        import torch
-
-        full = torch.full((n, *v.shape[1:]), float("nan"), dtype=v.dtype, device=v.device)
-    full[keep] = v
-    return full
-
-
-def _check_finite(out: Mapping[str, Any]) -> None:
-    total = out["total"]
-    arr = total if isinstance(total, np.ndarray) else total.detach().float().cpu().numpy()
-    if not np.isfinite(arr).all():
-        bad = np.flatnonzero(~np.isfinite(arr)).tolist()
-        raise NonFiniteError(f"the distance of sample(s) {bad} is not finite; the inputs hold NaN/Inf "
-                             "or overflow the model's precision. Check those inputs (the other "
-                             "samples' terms are in this error's .out).", dict(out), bad)
-
-
-def read_info(path: str) -> ModelInfo:
-    """The ModelInfo in ``path``'s metadata (the file is parsed, not run), validated
-    against the schema and checked against the digests recorded at export."""
-    return read_model(path)
-
-
-def _gpu_terms(engine: Engine) -> dict[str, Any]:
-    """What the memory estimate adds on a GPU: cuDNN's workspace bound and the CUDA
-    graph's second session (its own arena holds a second copy of the activations)."""
-    if not engine.on_gpu:
-        return {}
-    o = engine.options
-    return {"workspace": P.workspace_bytes(o), "sessions": 2 if o.cuda_graph else 1}
-
-
-def _check_ort_precision(device: str, precision: str) -> None:
-    if precision not in ("auto", "f32", "bf16"):
-        raise ConfigError(f"precision={precision!r} is not accepted; accepted: auto, f32, bf16.")
-    if precision == "bf16":
-        raise ConfigError(f"precision='bf16' runs on device='openvino' only; device={device!r} runs "
-                          "ONNX Runtime in float32. Use device='openvino', or precision='f32'.")
-
-
-def _openvino_backend(path: str, info: ModelInfo, precision: str, threads: int | None,
-                      check_names: Any) -> Any:
-    """An OpenVINO backend whose inputs/outputs are the metadata's and whose numbers were
-    checked against ONNX Runtime fp32."""
-    from .backends import accuracy
-    from .backends.openvino import OpenVinoBackend
-
-    backend = OpenVinoBackend(path, precision, grad=bool(getattr(info, "grad", False)), threads=threads)
-    check_names(backend.output_names, backend.input_names)
-    backend.accuracy = accuracy.verify(path, info, backend.precision, backend.version, backend.run)
-    return backend
