@@ -92,6 +92,13 @@ def _loss(raw: str) -> LossConfig | None:
 # A learned head's field (named after its kind): where its weights came from.
 _HEAD_TYPES = {"weights_source": (str,), "weights_sha256": (str,)}
 _HEAD_EXTRA_TYPES = {"lpips": {"spatial": (bool,)}}
+# Heads whose key every model writes (null on other kinds): LPIPS, from before DISTS.
+# A later head's key is written by its own kind only, and absent elsewhere.
+ALWAYS_WRITTEN = ("lpips",)
+
+
+def _head_json(d: Any) -> str:
+    return json.dumps(dict(d) if d else None, sort_keys=True)
 
 
 def _head_field(name: str) -> Callable[[str], dict[str, Any] | None]:
@@ -160,10 +167,12 @@ FIELDS: dict[str, Field] = {
     "version": Field(_match(_VERSION, "a version"), str, "a package version such as 0.1.0"),
     "grad": Field(_bool, lambda b: "true" if b else "false", "true or false"),
     "graph_sha256": Field(_match(_HEX64, "64 hex digits"), str, "a SHA-256: 64 lowercase hex digits"),
-    "lpips": Field(_head_field("lpips"), lambda d: json.dumps(dict(d) if d else None, sort_keys=True),
-                   "null, or for an lpips graph a JSON object {weights_source, weights_sha256, spatial}"),
-    "dists": Field(_head_field("dists"), lambda d: json.dumps(dict(d) if d else None, sort_keys=True),
-                   "for a dists graph a JSON object {weights_source, weights_sha256}", optional=True),
+    # One per learned head (kinds.py), named after it.
+    **{k.head: Field(_head_field(k.head), _head_json,
+                     ("null, or " if k.head in ALWAYS_WRITTEN else "") + f"for graph {k.name!r} a JSON object "
+                     "{" + ", ".join([*_HEAD_TYPES, *_HEAD_EXTRA_TYPES.get(k.head, {})]) + "}",
+                     optional=k.head not in ALWAYS_WRITTEN)
+       for k in kinds.KINDS.values() if k.head},
     "integrity": Field(_match(_HEX64, "64 hex digits"), str, "a SHA-256: 64 lowercase hex digits",
                        stored=False),
 }

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
+from .. import kinds
 from ..errors import ConfigError
 from ..spec import _short
-from .metadata_fields import PREFIX, Invalid
+from .metadata_fields import ALWAYS_WRITTEN, PREFIX, Invalid
 
 if TYPE_CHECKING:
     from .metadata import ModelInfo
@@ -42,37 +43,34 @@ def _no_grad(rule: Callable[[ModelInfo], None]) -> Callable[[ModelInfo], None]:
     return check
 
 
-def _lpips_head(info: ModelInfo) -> None:
-    _no_loss(info)
-    if info.dists is not None:
-        raise Invalid(f"{PREFIX}dists is set, but an lpips graph has no DISTS head.")
-    if info.lpips is None:
-        raise Invalid(f"{PREFIX}lpips is null, but an lpips graph records its linear weights there.")
+def _heads(info: ModelInfo, own: str | None) -> None:
+    """Only the kind's own learned head (kinds.py) is recorded, and it is."""
+    for kind in kinds.KINDS.values():
+        if kind.head is None:
+            continue
+        value = getattr(info, kind.head)
+        if kind.head == own and value is None:
+            raise Invalid(f"{PREFIX}{kind.head} is {'null' if kind.head in ALWAYS_WRITTEN else 'absent'}, "
+                          f"but a {info.graph} graph records its {kind.label} weights there.")
+        if kind.head != own and value is not None:
+            raise Invalid(f"{PREFIX}{kind.head} is set, but a {info.graph} graph has no {kind.label} head.")
 
 
-def _no_head(rule: Callable[[ModelInfo], None]) -> Callable[[ModelInfo], None]:
+def _with_heads(rule: Callable[[ModelInfo], None]) -> Callable[[ModelInfo], None]:
     def check(info: ModelInfo) -> None:
         rule(info)
-        if info.lpips is not None:
-            raise Invalid(f"{PREFIX}lpips is set, but a {info.graph} graph has no LPIPS head.")
-        if info.dists is not None:
-            raise Invalid(f"{PREFIX}dists is set, but a {info.graph} graph has no DISTS head.")
+        _heads(info, kinds.get(info.graph).head)
     return check
 
 
-def _dists_head(info: ModelInfo) -> None:
-    _no_loss(info)
-    if info.lpips is not None:
-        raise Invalid(f"{PREFIX}lpips is set, but a dists graph has no LPIPS head.")
-    if info.dists is None:
-        raise Invalid(f"{PREFIX}dists is absent, but a dists graph records its alpha/beta weights there.")
-
-
-# graph kind -> what its loss, grad and LPIPS head must be.
+# graph kind -> what its loss, grad and learned head must be. A learned head's kind has
+# no loss; the others keep their own rules.
+_LOSS_RULES: dict[str, Callable[[ModelInfo], None]] = {
+    "features": _no_grad(_no_loss), "distance": _any_loss,
+    "style": _no_grad(_style_loss), "target": _any_loss,
+}
 GRAPH_RULES: dict[str, Callable[[ModelInfo], None]] = {
-    "features": _no_head(_no_grad(_no_loss)), "distance": _no_head(_any_loss),
-    "style": _no_head(_no_grad(_style_loss)), "target": _no_head(_any_loss),
-    "lpips": _lpips_head, "dists": _dists_head,
+    name: _with_heads(_LOSS_RULES.get(name, _no_loss)) for name in kinds.KINDS
 }
 
 
