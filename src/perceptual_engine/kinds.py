@@ -109,6 +109,7 @@ def names(**where: object) -> tuple[str, ...]:
 
 
 def quoted(kinds: tuple[str, ...], last: str = "or") -> str:
-    """"graph='distance', graph='lpips' or graph='dists'"-style list for messages."""
-    items = [f"'{k}'" for k in kinds]
+    """"graph='distance', graph='lpips' or graph='dists'" for messages (the command
+    line's wording turns each into "--graph distance")."""
+    items = [f"graph='{k}'" for k in kinds]
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {last} {items[-1]}"

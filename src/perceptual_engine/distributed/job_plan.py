@@ -32,7 +32,7 @@ def resolve_model(model: str | None, spec: FeatureSpec | None, loss: LossConfig 
     info = read_info(os.fspath(model))
     if not kinds.get(info.graph).compares:
         raise ModelError(f"{model!r} is a {info.graph} graph; distances need a model exported "
-                         f"with graph={kinds.quoted(kinds.names(compares=True))} (export --graph "
+                         f"with {kinds.quoted(kinds.names(compares=True))} (export --graph "
                          f"{'|'.join(kinds.names(compares=True))}).")
     return os.path.abspath(os.fspath(model))
 

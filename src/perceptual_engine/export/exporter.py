@@ -182,7 +182,7 @@ def export_onnx(
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not accepted; accepted: {', '.join(DTYPES)}.")
     if grad and not kinds.get(graph).grad:
-        raise ConfigError(f"grad=True needs graph={kinds.quoted(kinds.names(grad=True))} "
+        raise ConfigError(f"grad=True needs {kinds.quoted(kinds.names(grad=True))} "
                           f"(a loss to differentiate); got graph={graph!r}. Export one of those, or drop grad=True.")
     if graph in ("distance", "target"):
         loss = loss if loss is not None else LossConfig.default_for(spec)
@@ -205,7 +205,7 @@ def export_onnx(
             owner = option.removesuffix("_weights")
             raise ConfigError(f"{option} is an option of graph='{owner}'; drop it or export graph='{owner}'.")
     if spatial and not kind.spatial:
-        raise ConfigError(f"spatial is one of the options of graph={kinds.quoted(kinds.names(spatial=True))}; "
+        raise ConfigError(f"spatial is one of the options of {kinds.quoted(kinds.names(spatial=True))}; "
                           "drop it or export one of those.")
     if head is not None:
         head.check_spec(spec)

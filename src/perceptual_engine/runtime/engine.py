@@ -250,7 +250,7 @@ class Engine:
             out = self._run({"x": x, "y": y}, self.info.term_names)
         else:
             raise ModelError(f"{self.path!r} is a features graph; distance() needs a model exported "
-                             f"with graph={kinds.quoted(kinds.names(compares=True) + ('target', 'style'))} "
+                             f"with {kinds.quoted(kinds.names(compares=True) + ('target', 'style'))} "
                              "(perceptual-engine export --graph distance).")
         _check_finite(out)
         return out

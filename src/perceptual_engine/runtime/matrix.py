@@ -47,7 +47,7 @@ class Embedder:
         info, path = engine.info, engine.path
         if not kinds.get(info.graph).matrix:
             raise ModelError(f"{path!r} is a {info.graph} graph; distance matrices need a model exported "
-                             f"with graph={kinds.quoted(kinds.names(matrix=True))}.")
+                             f"with {kinds.quoted(kinds.names(matrix=True))}.")
         model = _checked_model(path)
         self.lin: dict[str, np.ndarray] = {}
         self.gram = "chw"
