@@ -430,15 +430,12 @@ SHAPES_LOSS = LossConfig(content={"relu2_1": 1.0}, style={"relu1_2": 1.0, "relu2
 
 
 @pytest.fixture(scope="session")
-def vgg_graphs(tmp_path_factory):
-    """{"features", "distance", "distance-grad", "style", "target-grad"} -> path."""
+def vgg_graphs(tmp_path_factory, features_model, distance_model, style_model):
+    """{"features", "distance", "distance-grad", "style", "target-grad"} -> path: the
+    session's shared models, plus the two gradient graphs exported here."""
     d = tmp_path_factory.mktemp("vgg_graphs")
-    out = {}
-    for name, kw in (("features", dict(graph="features")),
-                     ("distance", dict(graph="distance", loss=SHAPES_LOSS)),
-                     ("distance-grad", dict(graph="distance", loss=SHAPES_LOSS, grad=True)),
-                     ("style", dict(graph="style", loss=LossConfig(style={"relu1_2": 1.0, "relu2_1": 1.0}))),
-                     ("target-grad", dict(graph="target", loss=SHAPES_LOSS, grad=True))):
+    out = {"features": features_model[0], "distance": distance_model[0], "style": style_model[0]}
+    for name, graph in (("distance-grad", "distance"), ("target-grad", "target")):
         out[name] = str(d / f"{name}.onnx")
-        export_onnx(SHAPES_SPEC, out[name], **kw)
+        export_onnx(SHAPES_SPEC, out[name], graph=graph, loss=SHAPES_LOSS, grad=True)
     return out
