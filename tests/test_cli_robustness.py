@@ -179,3 +179,23 @@ def test_a_swallowed_ctrl_c_still_stops_the_run(tmp_path, monkeypatch, capsys):
     assert not out.exists()
     monkeypatch.undo()
     assert main(["export", "--weights", "random", "--layers", "relu1_2", "-o", str(out)]) == 0  # reset per run
+
+
+def test_ctrl_c_during_the_rows_says_where_they_are_once(tmp_path, monkeypatch, capsys, distance_model):
+    # The handler records the interrupt and raises it; distance reports it with the
+    # resume hint, and nothing raises it again or says it twice.
+    from perceptual_engine.cli import common
+    from perceptual_engine.cli.main import main
+    from perceptual_engine.datasets import runner
+
+    def ctrl_c(*args, **kwargs):
+        common.INTERRUPTED[0] = True
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_pairs", ctrl_c)
+    a, b = _png(tmp_path / "a.png"), _png(tmp_path / "b.png", 1)
+    out = tmp_path / "rows.jsonl"
+    code = main(["distance", a, b, "--model", distance_model[0], "--output", str(out)])
+    assert code == 130
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "interrupted" in ln]
+    assert lines == [f"perceptual-engine: interrupted; the rows computed so far are in {out}, rerun with --resume"]

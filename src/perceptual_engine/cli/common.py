@@ -18,6 +18,15 @@ def check_interrupted() -> None:
         raise KeyboardInterrupt
 
 
+def report_interrupt(bar, output: str | None) -> int:
+    """After Ctrl-C in a run that writes rows: close the progress bar, say where the
+    rows computed so far are (once, without raising the interrupt again), return 130."""
+    bar.close()
+    kept = f"; the rows computed so far are in {output}, rerun with --resume" if output else ""
+    print(f"{PROG}: interrupted{kept}", file=sys.stderr, flush=True)
+    return 130
+
+
 def say(msg: str) -> None:
     """One line on stderr, prefixed with the program's name (a point where a swallowed
     Ctrl-C is raised again)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import say as _say
+from .common import report_interrupt, say as _say
 from .options import say_device
 from .. import kinds
 from ..errors import PerceptualError
@@ -77,11 +77,7 @@ def cmd_distance(args: argparse.Namespace) -> int:
                           max_pixels=args.max_pixels, max_side=args.max_side, progress=bar,
                           maps=maps.write if maps is not None else None)
     except KeyboardInterrupt:
-        bar.close()
-        where = f"; the rows computed so far are in {args.output}, rerun with --resume" \
-            if args.output else ""
-        _say(f"interrupted{where}")
-        return 130
+        return report_interrupt(bar, args.output)
     finally:
         _close_all(closers)
     _say(stats.summary())

@@ -238,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = _catch_sigint()
     try:
         code = _main(argv)
-        check_interrupted()  # a Ctrl-C that was swallowed after the last progress line
+        if code not in (130, 143):  # a command that reported its interrupt has said so
+            check_interrupted()  # a Ctrl-C that was swallowed after the last progress line
         return code
     except KeyboardInterrupt:
         try:

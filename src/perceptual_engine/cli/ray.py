@@ -11,6 +11,7 @@ import time
 from typing import Callable
 
 from ..datasets.runner import row_terms
+from .common import report_interrupt
 
 
 def run_distance(args: argparse.Namespace, say: Callable[[str], None]) -> int:
@@ -57,11 +58,7 @@ def run_distance(args: argparse.Namespace, say: Callable[[str], None]) -> int:
             memory_budget=getattr(args, "memory_budget", None), cache_dir=args.cache_dir,
             maps=maps.write_png if maps is not None else None)
     except KeyboardInterrupt:
-        bar.close()
-        kept = f"; the rows computed so far are in {args.output}, rerun with --resume" \
-            if args.output else ""
-        say(f"interrupted{kept}")
-        return 130
+        return report_interrupt(bar, args.output)
     finally:
         screen.close()
         if started:
