@@ -18,11 +18,11 @@ from .spec import LossConfig
 
 
 def axis_size(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """t's size along ``dim`` as a float32 scalar tensor. Counted from the tensor (not
-    from Python ints) so exported graphs keep height/width dynamic, and along one
-    axis only, so the sum stays small (exact in float16)."""
-    index = tuple(slice(None) if i == dim else 0 for i in range(t.dim()))
-    return torch.ones_like(t[index], dtype=torch.float32).sum()
+    """t's size along ``dim`` as a float32 scalar tensor. Read from the tensor's shape
+    (exported: Shape, Squeeze, Cast), so exported graphs keep height/width dynamic;
+    one axis at a time, so products of sizes are taken in float32, never as int64
+    arithmetic on shapes (export/shapes.py)."""
+    return torch.scalar_tensor(t.shape[dim], dtype=torch.float32, device=t.device)
 
 
 def _rsqrt_count(f: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -61,6 +61,51 @@ def gram_factor(f: torch.Tensor, norm: str) -> torch.Tensor | None:
     if norm != "none":
         raise ValueError(f"unknown gram norm {norm!r}")
     return None
+
+
+# float16 Grams: F/(16·√(H·W)) in float16, its product with its transpose accumulated in
+# float32 and rounded to float16, then scaled back in float32 on the small (C, C) result.
+# The float16 Gram is mean_k(f_i·f_j)/256, finite for activations up to 4096, and the
+# scaled features stay normal float16 down to |f| ≈ 6e-5·16·√(H·W) (0.2 at 224²),
+# below which a value's share of a Gram is under the float16 rounding of the larger ones.
+HALF_GRAM_PRESCALE = 16.0
+
+
+def gram_fast(f: torch.Tensor, norm: str = "chw") -> torch.Tensor:
+    """The Gram of ``gram`` (float32 (N, C, C)), computed from float16 features without
+    casting them to float32: float16 inputs, float32 accumulation (tensor cores on a GPU),
+    pre-scaled so nothing overflows (HALF_GRAM_PRESCALE). float32 features and
+    ``norm="none"`` (unbounded) take ``gram``'s float32 path."""
+    if f.dtype != torch.float16 or norm == "none":
+        return gram(f, norm)
+    hw = axis_size(f, 2) * axis_size(f, 3)
+    a = f.flatten(2) * (torch.rsqrt(hw) / HALF_GRAM_PRESCALE).to(f.dtype)
+    g = torch.bmm(a, a.transpose(1, 2)).float() * (HALF_GRAM_PRESCALE ** 2)
+    return g / axis_size(f, 1) if norm == "chw" else g
+
+
+def half_difference(f: torch.Tensor, n) -> torch.Tensor:
+    """f[:n] − f[n:] of a joined (2n, ...) batch, as (n, rest), in f's dtype: a
+    (1, 2) × (2, n·rest) product, so neither half is copied out first (an exported
+    Slice copies)."""
+    sign = torch.tensor([[1.0, -1.0]], dtype=f.dtype, device=f.device)
+    return (sign @ f.reshape(2, -1)).reshape(n, -1)
+
+
+def pair_terms(f: Mapping[str, torch.Tensor], n, loss: LossConfig) -> dict[str, torch.Tensor]:
+    """The terms of ``distance_terms`` from the features of a joined batch (x's n
+    images, then y's): content from the halves' difference (float32 sums of squares),
+    style from the joined batch's Grams (``gram_fast``), split only as (n, C, C)."""
+    out: dict[str, torch.Tensor] = {}
+    for name in loss.content:
+        d = half_difference(f[name], n).float()
+        out[f"content.{name}"] = (d * d).sum(dim=1) / (
+            axis_size(f[name], 1) * axis_size(f[name], 2) * axis_size(f[name], 3))
+    for name in loss.style:
+        g = gram_fast(f[name], loss.gram)
+        out[f"style.{name}"] = style_term(g[:n], g[n:])
+    out["total"] = weighted_total(out, loss)
+    return out
 
 
 def content_term(fx: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:

@@ -205,6 +205,47 @@ def head(fx: Mapping[str, torch.Tensor], fy: Mapping[str, torch.Tensor], lin: Li
     return out
 
 
+# float16 features: the channel norms are summed in float32 (as torch sums a half tensor),
+# the reciprocal capped at 2^14 so that it fits a float16 (only vectors with ‖f‖ < 6e-5, far
+# below float16's resolution of the network's activations, are shortened by the cap), and
+# the normalized features stay float16: no float32 copy of them is kept.
+HALF_INV_NORM_CAP = 2.0 ** 14
+
+
+def _normalized(f: torch.Tensor) -> torch.Tensor:
+    """n(f) of ``normalize_channels`` in f's dtype (float32 as lpips)."""
+    f32 = f.float()
+    inv = 1.0 / (torch.sqrt((f32 * f32).sum(dim=1, keepdim=True)) + EPS)
+    if f.dtype == torch.float16:
+        inv = inv.clamp(max=HALF_INV_NORM_CAP).to(f.dtype)
+    return f * inv
+
+
+def head_pair(f: Mapping[str, torch.Tensor], n, lin: LinearWeights,
+              *, size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """``head`` from the features of a joined batch (x's n images, then y's), as the
+    exported graph computes it: each tap normalized once for both halves, the halves'
+    difference without copying them out (``losses.half_difference``), Σ_c w_c d_c² as
+    a 1×1 convolution. In the network's dtype up to the per-tap means (float32 out)."""
+    out: dict[str, torch.Tensor] = {}
+    spatial = None
+    for name, w in zip(LAYERS, lin.weights):
+        t = f[name]
+        d = _losses.half_difference(_normalized(t), n).reshape(n, t.shape[1], t.shape[2], t.shape[3])
+        m = F.conv2d(torch.square(d), w.to(t.dtype))
+        out[f"lpips.{name}"] = m.mean(dim=(1, 2, 3)).float()
+        if size is not None:
+            up = upsample(m.float(), size)
+            spatial = up if spatial is None else spatial + up
+    total = out[f"lpips.{LAYERS[0]}"]
+    for name in LAYERS[1:]:
+        total = total + out[f"lpips.{name}"]
+    out["total"] = total
+    if spatial is not None:
+        out["spatial"] = spatial
+    return out
+
+
 # -- its vector-Jacobian product -------------------------------------------------------
 
 def normalize_vjp(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -273,8 +314,8 @@ class LpipsGraph(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         size = (x.shape[2], x.shape[3]) if self.spatial else None
         if not self.grad:
-            fx, fy = self.features.extract_pair(x, y)
-            return tuple(head(fx, fy, self.lin, size=size).values())
+            f = self.features.extract(torch.cat([x, y]))
+            return tuple(head_pair(f, x.shape[0], self.lin, size=size).values())
         fy = self.features.extract(y)
         out, gx = lpips_and_grad(self.features, x, fy, self.lin, size=size)
         return tuple(out.values()) + (gx,)

@@ -46,8 +46,8 @@ class DistanceGraph(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self.grad:
-            fx, fy = self.features.extract_pair(x, y)
-            return tuple(losses.distance_terms(fx, fy, self.loss).values())
+            f = self.features.extract(torch.cat([x, y]))
+            return tuple(losses.pair_terms(f, x.shape[0], self.loss).values())
         fy = self.features.extract(y)
         _, terms, gx = backward.loss_and_grad(self.features, self.loss, x, content=fy,
                                            style=losses.style_grams(fy, self.loss))

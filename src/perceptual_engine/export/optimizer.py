@@ -92,3 +92,25 @@ def optimize(model: ir.Model) -> None:
     ]
     result = ir.passes.Sequential(*passes)(model)
     assert result.model is model  # every pass works in place
+    sums_of_squares(model.graph)
+
+
+def sums_of_squares(graph: ir.Graph) -> int:
+    """In place: ReduceSum(Mul(a, a)) -> ReduceSumSquare(a) where the square has no other
+    use (torch has no sum-of-squares op to export). One pass over a, no squared copy:
+    the exact same sum on every backend. Returns how many were rewritten."""
+    done = 0
+    for node in list(graph):
+        if node.op_type != "ReduceSum" or node.domain not in ("", "ai.onnx") or not node.inputs:
+            continue
+        square = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if (square is None or square.op_type != "Mul" or square.domain not in ("", "ai.onnx")
+                or square.inputs[0] is not square.inputs[1] or len(square.outputs[0].uses()) != 1):
+            continue
+        new = ir.Node("", "ReduceSumSquare", inputs=[square.inputs[0], *node.inputs[1:]],
+                      attributes=list(node.attributes.values()), name=f"{node.name}_sum_square")
+        new.outputs[0].shape, new.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
+        ir.convenience.replace_nodes_and_values(graph, node, [square, node], [new],
+                                                [node.outputs[0]], [new.outputs[0]])
+        done += 1
+    return done
