@@ -18,11 +18,18 @@ from .spec import LossConfig
 
 
 def axis_size(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """t's size along ``dim`` as a float32 scalar tensor. Read from the tensor's shape
-    (exported: Shape, Squeeze, Cast), so exported graphs keep height/width dynamic;
-    one axis at a time, so products of sizes are taken in float32, never as int64
-    arithmetic on shapes (export/shapes.py)."""
-    return torch.scalar_tensor(t.shape[dim], dtype=torch.float32, device=t.device)
+    """t's size along ``dim`` as a float32 scalar tensor, one axis at a time (products of
+    sizes are taken in float32, never as int64 arithmetic on shapes: export/shapes.py).
+
+    Exported, an input's own axis is read from its shape (Shape, Squeeze, Cast). An axis
+    that is an expression of the input's sides (a pooled side, floor(H/2)) would export
+    as integer Div, so it is counted from the tensor instead (a sum of ones along it).
+    """
+    size = t.shape[dim]
+    if not isinstance(size, torch.SymInt) or size.node.expr.is_Symbol:
+        return torch.scalar_tensor(size, dtype=torch.float32, device=t.device)
+    index = tuple(slice(None) if i == dim else 0 for i in range(t.dim()))
+    return torch.ones_like(t[index], dtype=torch.float32).sum()
 
 
 def _rsqrt_count(f: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:

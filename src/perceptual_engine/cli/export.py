@@ -13,6 +13,15 @@ from .options import head_kwargs, head_spec_from_args, spec_from_args
 HEAD_WEIGHTS = {"lpips": "linear weights", "dists": "alpha/beta"}
 
 
+def static_shape_arg(text: str) -> tuple[int, int, int]:
+    """--static-shape NxHxW -> (N, H, W)."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape; accepted: BATCHxHEIGHTxWIDTH, "
+                                         "three positive integers, e.g. 8x224x224")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export_onnx
     from ..export.exporter import FP16_CPU_NOTE, TOLERANCE
@@ -25,6 +34,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         triton_name = args.triton_name if args.triton_name is not None else \
             os.path.splitext(os.path.basename(args.output))[0]
+        if args.static_shape:
+            raise ConfigError("--triton-repo with --static-shape: Triton batches requests of any size "
+                              "into the model; drop --static-shape for a Triton model.")
         check_repo_entry(args.triton_repo, triton_name, args.output)
     head_kw = head_kwargs(args, args.graph, bool(args.spatial), "--spatial")
     if kinds.get(args.graph).head:
@@ -35,10 +47,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError("--content/--style/--gram describe a distance graph; add --graph "
                           "distance, or drop them to export features.")
     dtype = args.dtype or "float32"
+    if args.fp16_outputs and (args.graph != "features" or dtype != "float16"):
+        raise ConfigError(f"--fp16-outputs needs --graph features --dtype float16 (got --graph {args.graph} "
+                          f"--dtype {dtype}); other graphs' terms stay float32.")
     r = export_onnx(spec, args.output, graph=args.graph, loss=loss, dtype=dtype,
-                    progress=lambda m: _say(m), grad=args.grad, **head_kw)
+                    progress=lambda m: _say(m), grad=args.grad, static_shape=args.static_shape,
+                    fp16_outputs=args.fp16_outputs, **head_kw)
     print(f"wrote {r.path} ({r.size_bytes / 1e6:.1f} MB) in {r.seconds:.1f} s")
-    print(f"  graph     {r.graph}, {r.dtype} network, float32 inputs and outputs")
+    out_dtype = "float16" if args.fp16_outputs else "float32"
+    print(f"  graph     {r.graph}, {r.dtype} network, "
+          + ("float32 inputs and outputs" if out_dtype == "float32" else f"float32 inputs, {out_dtype} outputs"))
     print(f"  spec      {spec.arch} {','.join(spec.layers)}; weights {spec.weights}"
           f"{f' (seed {spec.seed})' if spec.weights == 'random' else ''}, sha256 "
           f"{r.weights_sha256[:16]}; input range {spec.input_range}; {spec.pooling} pooling")
@@ -49,7 +67,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         terms = [f"content {k}={v:g}" for k, v in lc.content.items()]
         terms += [f"style {k}={v:g}" for k, v in lc.style.items()]
         print(f"  loss      {', '.join(terms)}; gram {lc.gram}")
-    dims = "(N, 3, H, W), N, H, W dynamic"
+    dims = ("(N, 3, H, W), N, H, W dynamic" if not args.static_shape
+            else "({}, 3, {}, {}), static".format(*args.static_shape))
     images = [n for n in r.inputs if not n.startswith("target.")]
     print(f"  inputs    {', '.join(images)}: float32 {dims}"
           + ("; target.content.<l>: float32 (1, C, H_l, W_l)" if r.graph == "target" else "")
@@ -75,7 +94,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         for name in r.outputs:
             info = _layers.resolve(spec.arch, name)
-            print(f"  output    {name}: float32 (N, {info.channels}, H/{info.downsample}, "
+            print(f"  output    {name}: {out_dtype} (N, {info.channels}, H/{info.downsample}, "
                   f"W/{info.downsample})")
     print(f"  parity vs the PyTorch reference on ONNX Runtime CPU (tolerance "
           f"{TOLERANCE[dtype]:g} relative):")

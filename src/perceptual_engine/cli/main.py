@@ -18,7 +18,7 @@ from typing import Sequence
 
 from .common import INTERRUPTED, PROG, check_interrupted, say as _say
 from .distance import _check_distance_args, cmd_distance
-from .export import cmd_export
+from .export import cmd_export, static_shape_arg
 from .options import (add_device_options, add_head_options,
                       add_memory_options, add_spec_options, positive_int, spec_from_args)
 from .. import kinds
@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also output grad.x (N, 3, H, W), the gradient of the summed total with "
                         "respect to x (distance, target, lpips and dists graphs; docs/training.md)")
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="the .onnx file to write")
+    p.add_argument("--static-shape", metavar="NxHxW", type=static_shape_arg,
+                   help="export for exactly this input shape, e.g. 8x224x224 (features, distance, lpips, "
+                        "dists): fewer nodes, a fixed plan for CUDA graphs; the model refuses any other "
+                        "shape (docs/gpu.md)")
+    p.add_argument("--fp16-outputs", action="store_true",
+                   help="with --graph features --dtype float16: the taps come out as float16 (no cast, "
+                        "half the bytes)")
     p.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository "
                    "entry: DIR/NAME/config.pbtxt and DIR/NAME/1/model.onnx (see docs/scale.md)")
     p.add_argument("--triton-name", metavar="NAME", help="the Triton model name (default: the "

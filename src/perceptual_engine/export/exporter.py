@@ -143,6 +143,8 @@ def export_onnx(
     lpips_weights: "str | os.PathLike | LinearWeights | None" = None,
     spatial: bool = False,
     dists_weights: "str | os.PathLike | Any | None" = None,
+    static_shape: tuple[int, int, int] | None = None,
+    fp16_outputs: bool = False,
 ) -> ExportResult:
     """Export ``spec`` as a verified, self-contained ONNX file at ``path``.
 
@@ -174,6 +176,13 @@ def export_onnx(
     dtype: "float32" or "float16" (half-precision network; inputs, Grams,
         reductions and outputs in float32).
     dynamic: batch, height and width dynamic (named axes) if True.
+    static_shape: (batch, height, width): export for exactly this input shape (every
+        size a constant: fewer nodes, every normalizer folded, a fixed plan for CUDA
+        graphs and cuDNN). The Engine refuses any other shape in one line. Graphs
+        "features" and those that compare two images; implies dynamic=False; verified
+        at that shape.
+    fp16_outputs: graph "features" with dtype "float16" only: the taps leave the graph
+        as float16 (no Cast to float32 and half the bytes to copy out).
     verify: run onnx.checker and the ONNX Runtime CPU parity check (recommended).
     Returns an ExportResult with the per-output errors measured.
     """
@@ -218,6 +227,11 @@ def export_onnx(
                           "float32 for gradients (the forward may stay float16).")
     if loss is not None:
         spec = _trim_to_loss(spec, loss)
+    static_shape = _check_static_shape(static_shape, spec, graph)
+    if fp16_outputs and (graph != "features" or dtype != "float16"):
+        raise ConfigError(f"fp16_outputs needs graph='features' with dtype='float16' (got graph={graph!r}, "
+                          f"dtype={dtype!r}): only feature maps are worth leaving as float16; terms stay "
+                          "float32. Export a float16 features graph, or drop fp16_outputs.")
     path = os.fspath(path)
     check_destination(path, "export destination", "model.onnx")
     say = progress or (lambda msg: None)
@@ -236,22 +250,26 @@ def export_onnx(
         traced.body.half()
     info = ModelInfo(spec=spec, loss=loss, graph=graph, dtype=dtype,
                      weights_source=weights.source, weights_sha256=weights.sha256,
-                     version=__version__, grad=grad, **head_meta)
+                     version=__version__, grad=grad, static_shape=static_shape,
+                     output_dtype="float16" if fp16_outputs else None, **head_meta)
     if head is not None:
         module, reference = head.build(traced, spec, weights, head_weights, grad, spatial=bool(spatial))
     else:
         kind = {"features": FeaturesGraph, "distance": DistanceGraph, "style": StyleGraph, "target": TargetGraph}
         module = kind[graph](traced, *(() if graph == "features" else (loss,)),
                              *((grad,) if graph in ("distance", "target") else ()))
+        if fp16_outputs:
+            module.output_dtype = torch.float16
     inputs, outputs = info.input_names, info.output_names
 
     size = _example_size(spec)
+    n, h, w = static_shape if static_shape is not None else (2, size, size + 2)
     g = torch.Generator().manual_seed(0)
-    args = tuple(torch.rand(2, 3, size, size + 2, generator=g) for _ in ("x", "y")[: kinds.get(graph).images])
+    args = tuple(torch.rand(n, 3, h, w, generator=g) for _ in ("x", "y")[: kinds.get(graph).images])
     args += tuple(torch.rand(1, *shape, generator=g) for shape in _target_shapes(spec, loss, graph, size))
-    say(f"exporting {graph} graph ({dtype}) to ONNX")
+    say(f"exporting {graph} graph ({dtype}{', static ' + 'x'.join(map(str, static_shape)) if static_shape else ''}) to ONNX")
     with logging_level(logging.ERROR):
-        proto = _to_onnx(module, args, inputs, outputs, dynamic)
+        proto = _to_onnx(module, args, inputs, outputs, dynamic and static_shape is None)
     seal(proto, info)  # the metadata and the digests binding it to this graph
 
     errors: dict[str, OutputParity] = {}
@@ -261,13 +279,38 @@ def export_onnx(
         if verify:
             say("verifying: onnx.checker (full) and ONNX Runtime CPU parity")
             tol = {"grad.x": GRAD_TOLERANCE[dtype]} if grad else {}
-            errors = verify_model(tmp, reference, info, tolerance=TOLERANCE[dtype], tolerances=tol)
+            errors = verify_model(tmp, reference, info, tolerance=TOLERANCE[dtype], tolerances=tol,
+                                  shape=static_shape)
     say(f"wrote {path}")
     return ExportResult(
         path=path, graph=graph, dtype=dtype, inputs=inputs, outputs=outputs, errors=errors,
         size_bytes=os.path.getsize(path), weights_sha256=weights.sha256,
         seconds=time.perf_counter() - start,
     )
+
+
+def _check_static_shape(shape: Any, spec: FeatureSpec, graph: str) -> tuple[int, int, int] | None:
+    """(batch, height, width) as ints, or a ConfigError saying what is accepted."""
+    from .metadata_rules import STATIC_SHAPE_KINDS
+
+    if shape is None:
+        return None
+    if graph not in STATIC_SHAPE_KINDS:
+        raise ConfigError(f"static_shape is for graph {', '.join(map(repr, STATIC_SHAPE_KINDS))}; a {graph} "
+                          "graph also runs its target images (of other sizes) through the network. "
+                          "Drop static_shape for it.")
+    try:
+        values = tuple(int(v) for v in shape)
+        ok = len(values) == 3 and all(v == s and not isinstance(s, bool) for v, s in zip(values, shape))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or min(values) < 1 or max(values) > 65536:
+        raise ConfigError(f"static_shape {shape!r} is not accepted; accepted: (batch, height, width), "
+                          "three positive integers, e.g. (8, 224, 224).")
+    if min(values[1:]) < spec.min_size:
+        raise ConfigError(f"static_shape {values} has a side smaller than {spec.min_size}, the smallest "
+                          f"{spec.deepest} takes; use sides of at least {spec.min_size}.")
+    return values  # type: ignore[return-value]
 
 
 def _trim_to_loss(spec: FeatureSpec, loss: LossConfig) -> FeatureSpec:

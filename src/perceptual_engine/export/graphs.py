@@ -19,7 +19,10 @@ from .metadata import GRAPH_KINDS  # noqa: F401  (re-exported: the kinds these m
 
 
 class FeaturesGraph(nn.Module):
-    """x (N, 3, H, W) float32 -> one float32 output per layer, in spec order."""
+    """x (N, 3, H, W) float32 -> one output per layer, in spec order: float32, or
+    ``output_dtype`` (float16 for a float16 network's --fp16-outputs: no Cast)."""
+
+    output_dtype = torch.float32
 
     def __init__(self, features: TorchFeatures) -> None:
         super().__init__()
@@ -27,7 +30,7 @@ class FeaturesGraph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feats = self.features.extract(x)
-        return tuple(f.float() for f in feats.values())
+        return tuple(f.to(self.output_dtype) for f in feats.values())
 
 
 class DistanceGraph(nn.Module):

@@ -56,6 +56,10 @@ class ModelInfo:
     lpips: Mapping[str, Any] | None = None
     # graph "dists": {"weights_source", "weights_sha256"} of its alpha/beta
     dists: Mapping[str, Any] | None = None
+    # (batch, height, width) of a static-shape export: the only input shape it takes
+    static_shape: tuple[int, int, int] | None = None
+    # "float16" for a features graph exported with fp16_outputs; None: float32 outputs
+    output_dtype: str | None = None
 
     @property
     def input_names(self) -> tuple[str, ...]:

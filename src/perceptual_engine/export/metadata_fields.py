@@ -144,6 +144,14 @@ def _text(raw: str) -> str:
     return raw
 
 
+def _static_shape(raw: str) -> tuple[int, int, int]:
+    d = _json(raw)
+    if (not isinstance(d, list) or len(d) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 65536 for v in d)):
+        raise Invalid("not a JSON list [batch, height, width] of positive integers")
+    return (d[0], d[1], d[2])
+
+
 @dataclass(frozen=True)
 class Field:
     parse: Callable[[str], Any]
@@ -173,6 +181,12 @@ FIELDS: dict[str, Field] = {
                      "{" + ", ".join([*_HEAD_TYPES, *_HEAD_EXTRA_TYPES.get(k.head, {})]) + "}",
                      optional=k.head not in ALWAYS_WRITTEN)
        for k in kinds.KINDS.values() if k.head},
+    # Written only when set: a reader that does not know them refuses the model.
+    "static_shape": Field(_static_shape, lambda t: json.dumps(list(t)),
+                          "a JSON list [batch, height, width]: the one input shape of a static-shape export",
+                          optional=True),
+    "output_dtype": Field(_one_of(("float16",)), str,
+                          "float16 (the outputs of a --fp16-outputs export; absent: float32)", optional=True),
     "integrity": Field(_match(_HEX64, "64 hex digits"), str, "a SHA-256: 64 lowercase hex digits",
                        stored=False),
 }

@@ -74,8 +74,27 @@ GRAPH_RULES: dict[str, Callable[[ModelInfo], None]] = {
 }
 
 
+# Graph kinds a static-shape export may have: the ones whose every input follows x's
+# shape (a style or target graph also runs its target images, of other sizes, as x).
+STATIC_SHAPE_KINDS = ("features",) + tuple(k.name for k in kinds.KINDS.values() if k.compares)
+
+
+def _export_options(info: ModelInfo) -> None:
+    if info.static_shape is not None:
+        if info.graph not in STATIC_SHAPE_KINDS:
+            raise Invalid(f"{PREFIX}static_shape is set, but a {info.graph} graph is exported with dynamic "
+                          f"shapes only (static: {', '.join(STATIC_SHAPE_KINDS)}).")
+        if min(info.static_shape[1:]) < info.spec.min_size:
+            raise Invalid(f"{PREFIX}static_shape {list(info.static_shape)} is smaller than the spec's "
+                          f"smallest side {info.spec.min_size}.")
+    if info.output_dtype is not None and (info.graph != "features" or info.dtype != "float16"):
+        raise Invalid(f"{PREFIX}output_dtype is {info.output_dtype}, but only a float16 features graph has "
+                      f"float16 outputs (this is a {info.dtype} {info.graph} graph).")
+
+
 def _check_together(info: ModelInfo) -> None:
     GRAPH_RULES.get(info.graph, lambda i: None)(info)
+    _export_options(info)
     spec, source = info.spec, info.weights_source
     expected = {"random": f"random(seed={spec.seed})", "imagenet": "imagenet"}.get(spec.weights)
     if expected is not None and source != expected:

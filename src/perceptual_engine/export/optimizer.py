@@ -105,7 +105,8 @@ def sums_of_squares(graph: ir.Graph) -> int:
             continue
         square = node.inputs[0].producer() if node.inputs[0] is not None else None
         if (square is None or square.op_type != "Mul" or square.domain not in ("", "ai.onnx")
-                or square.inputs[0] is not square.inputs[1] or len(square.outputs[0].uses()) != 1):
+                or square.inputs[0] is not square.inputs[1] or len(square.outputs[0].uses()) != 1
+                or square.outputs[0].is_graph_output()):
             continue
         new = ir.Node("", "ReduceSumSquare", inputs=[square.inputs[0], *node.inputs[1:]],
                       attributes=list(node.attributes.values()), name=f"{node.name}_sum_square")

@@ -115,13 +115,16 @@ GRAD_DRAWS = 3
 
 
 def _errors_on_draw(sess, reference: "TorchFeatures | TorchLPIPS", info: ModelInfo, batch: int,
-                    seed: int) -> dict[str, OutputParity]:
-    """Per-output errors of the session against the reference on one random draw."""
+                    seed: int, shape: tuple[int, int, int] | None = None) -> dict[str, OutputParity]:
+    """Per-output errors of the session against the reference on one random draw
+    (of ``shape`` = (batch, height, width) for a static-shape model)."""
     from ..spec import INPUT_RANGES
 
     spec = info.spec
     h, w = spec.min_size * 2 + 3, spec.min_size * 3 + 1  # odd sizes, unlike the export's
     h, w = max(h, 41), max(w, 53)
+    if shape is not None:
+        batch, h, w = shape
     rng = np.random.default_rng(seed)
     lo, hi = INPUT_RANGES[spec.input_range]
     images = ("x", "y")[: kinds.get(info.graph).images]
@@ -137,8 +140,10 @@ def _errors_on_draw(sess, reference: "TorchFeatures | TorchLPIPS", info: ModelIn
 
 def verify_model(path: str, reference: "TorchFeatures | TorchLPIPS", info: ModelInfo, *,
                  tolerance: float, batch: int = 2,
-                 tolerances: dict[str, float] | None = None) -> dict[str, OutputParity]:
+                 tolerances: dict[str, float] | None = None,
+                 shape: tuple[int, int, int] | None = None) -> dict[str, OutputParity]:
     """Check ``path`` structurally and against ``reference``; raise ExportError if off.
+    ``shape``: the (batch, height, width) of a static-shape model, the one it runs.
 
     ``tolerances`` overrides ``tolerance`` for the outputs it names (``grad.x``)."""
     import onnxruntime as ort
@@ -156,7 +161,7 @@ def verify_model(path: str, reference: "TorchFeatures | TorchLPIPS", info: Model
     # draw is rare, and a wrong VJP fails on every draw. So grad.x gets up to
     # GRAD_DRAWS random inputs and passes on the first within tolerance.
     for draw in range(GRAD_DRAWS if info.grad else 1):
-        errors = _errors_on_draw(sess, reference, info, batch, seed=1 + draw)
+        errors = _errors_on_draw(sess, reference, info, batch, seed=1 + draw, shape=shape)
         if "grad.x" not in errors or errors["grad.x"].max_rel <= limit_grad:
             break
     limit = {k: (tolerances or {}).get(k, tolerance) for k in errors}

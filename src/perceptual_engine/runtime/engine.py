@@ -21,7 +21,7 @@ from . import providers as P
 from . import targets as T
 from .backends import onnxruntime as _ort
 from .engine_open import (_check_ort_precision, _nhw, _openvino_backend, check_model_file, check_names,
-                          memory_args, read_info)
+                          check_static_shape, memory_args, read_info)
 from .finite import _check_finite, distance_finite_samples
 from .host import to_host as _to_host
 from .iobinding import GATE, TorchBinder
@@ -129,7 +129,7 @@ class Engine:
         """An ONNX Runtime session for ``device`` (backends/onnxruntime.py)."""
         # TensorRT's optimization profile covers every dynamic input: the images and
         # a target graph's content features; the style Grams (1, C, C) are static.
-        dynamic = P.profile_inputs(self.spec.arch, self.inputs)
+        dynamic = [] if self.info.static_shape else P.profile_inputs(self.spec.arch, self.inputs)
         return _ort.open_session(self.path, device, options, self._session_opts, dynamic,
                                  lambda: sha256_file(self.path)[:16])
 
@@ -173,6 +173,8 @@ class Engine:
             check_tensor(arrays[0], name, self.spec, **kw)
         else:
             check_pair(arrays[0], arrays[1], self.spec, **kw)
+        if self.info.static_shape is not None:
+            check_static_shape(self.path, self.info.static_shape, arrays[0], name)
         self._memory.check(self.estimate_memory(*_nhw(arrays[0])))
 
     def _run(self, feeds: dict[str, Any], names: tuple[str, ...] | None = None,

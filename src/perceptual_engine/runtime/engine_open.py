@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, InputError, ModelError
 from ..export.integrity import read_model
 from ..export.metadata import ModelInfo
 from . import providers as P
@@ -48,6 +48,15 @@ def memory_args(engine: Any) -> dict[str, Any]:
         taps=None if info.graph == "features" or info.loss is None
         else tuple(dict.fromkeys((*info.loss.content, *info.loss.style))),
         grams=tuple(info.loss.style) if info.loss is not None else ())
+
+
+def check_static_shape(path: str, want: tuple[int, int, int], x: Any, name: str = "x") -> None:
+    """A static-shape model runs one input shape: any other is an InputError naming both."""
+    n, h, w = _nhw(x)
+    if (n, h, w) != tuple(want):
+        raise InputError(f"{name} has shape ({n}, 3, {h}, {w}), but {os.path.basename(path)} was exported for "
+                         f"({want[0]}, 3, {want[1]}, {want[2]}) only (static_shape); pass that shape, or "
+                         "export the model without static_shape.")
 
 
 def _nhw(x: Any) -> tuple[int, int, int]:

@@ -66,6 +66,8 @@ class ShapeRange:
     def profile(self, inputs: ProfileInputs) -> dict[str, str]:
         """trt_profile_{min,opt,max}_shapes for every input (a plain name is an image)."""
         specs = [ProfileInput(i) if isinstance(i, str) else i for i in inputs]
+        if not specs:  # a static-shape model: TensorRT takes its shapes from the graph
+            return {}
 
         def fmt(nhw: tuple[int, int, int]) -> str:
             n, h, w = nhw
