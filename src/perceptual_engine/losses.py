@@ -127,9 +127,12 @@ def style_term(gx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
     return (d * d).flatten(1).mean(dim=1)
 
 
-def style_grams(feats: Mapping[str, torch.Tensor], loss: LossConfig) -> dict[str, torch.Tensor]:
-    """The Grams of every style layer of ``loss``: {layer: (N, C, C) float32}."""
-    return {name: gram(feats[name], loss.gram) for name in loss.style}
+def style_grams(feats: Mapping[str, torch.Tensor], loss: LossConfig, *,
+                fast: bool = False) -> dict[str, torch.Tensor]:
+    """The Grams of every style layer of ``loss``: {layer: (N, C, C) float32}
+    (``fast``: by ``gram_fast``, as the exported graphs compute them)."""
+    g = gram_fast if fast else gram
+    return {name: g(feats[name], loss.gram) for name in loss.style}
 
 
 def weighted_total(terms: Mapping[str, torch.Tensor], loss: LossConfig) -> torch.Tensor:
@@ -149,20 +152,23 @@ def distance_terms(
     loss: LossConfig,
     *,
     style_target: Mapping[str, torch.Tensor] | None = None,
+    fast: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Per-sample terms ``content.<layer>``, ``style.<layer>`` and ``total``, each (N,).
 
     ``style_target`` gives precomputed Grams of y ((1, C, C) broadcasts over the
-    batch) instead of ``fy`` for the style terms.
+    batch) instead of ``fy`` for the style terms. ``fast``: Grams by ``gram_fast``
+    (float16 products for float16 features), as the exported graphs compute them.
     """
+    g = gram_fast if fast else gram
     out: dict[str, torch.Tensor] = {}
     for name in loss.content:
         if fy is None:
             raise ValueError("content terms need the features of y")
         out[f"content.{name}"] = content_term(fx[name], fy[name])
     for name in loss.style:
-        gy = style_target[name] if style_target is not None else gram(fy[name], loss.gram)
-        out[f"style.{name}"] = style_term(gram(fx[name], loss.gram), gy)
+        gy = style_target[name] if style_target is not None else g(fy[name], loss.gram)
+        out[f"style.{name}"] = style_term(g(fx[name], loss.gram), gy)
     out["total"] = weighted_total(out, loss)
     return out
 

@@ -83,10 +83,12 @@ class TargetGraph(nn.Module):
             fx, terms, gx = backward.loss_and_grad(self.features, self.loss, x, content=content, style=style)
         else:
             fx = self.features.extract(x)
-            terms = losses.distance_terms(fx, content, self.loss, style_target=style)
+            terms = losses.distance_terms(fx, content, self.loss, style_target=style, fast=True)
         out = tuple(terms.values()) + ((gx,) if gx is not None else ())
         out += tuple(fx[n].float() for n in self.loss.content)
-        return out + tuple(losses.style_grams(fx, self.loss).values())
+        # The gradient graph's own Grams (backward.loss_and_grad) are float32's: the same
+        # function here lets the exporter share them instead of computing both.
+        return out + tuple(losses.style_grams(fx, self.loss, fast=not self.grad).values())
 
 
 class StyleGraph(nn.Module):
@@ -103,7 +105,7 @@ class StyleGraph(nn.Module):
         self.loss = loss
 
     def forward(self, x: torch.Tensor, *target: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        gx = losses.style_grams(self.features.extract(x), self.loss)
+        gx = losses.style_grams(self.features.extract(x), self.loss, fast=True)
         terms = losses.style_terms(gx, dict(zip(self.loss.style, target)), self.loss)
         return tuple(terms.values()) + tuple(gx.values())
 

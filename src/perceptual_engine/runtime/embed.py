@@ -109,16 +109,24 @@ def x_branch(model: Any, outputs: dict[str, str], concat: Any) -> Any:
 
 def lpips_weights(model: Any, recorded: str, path: str) -> tuple[np.ndarray, ...]:
     """The five (C,) linear weights of the file's LPIPS head, checked against ``recorded``
-    (the SHA-256 of lpips.check_linear_weights, kept in the metadata)."""
-    from onnx import numpy_helper
+    (the SHA-256 of lpips.check_linear_weights, kept in the metadata).
+
+    Each tap's weights are the first (1, C, 1, 1) initializer, in graph order, of a
+    ``Mul`` (the gradient graph's head) or of the 1x1 ``Conv`` that sums Σ_c w_c d_c²
+    (the forward graph's). A float16 model holds them rounded to float16, so their
+    float32 digest cannot be recomputed: there the integrity digest of the whole graph,
+    already checked on these bytes, is what binds them to the export.
+    """
+    from onnx import TensorProto, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
     channels = [_layers.resolve("vgg16", n).channels for n in LPIPS_LAYERS]
-    seen: list[str] = []  # the first (1, C, 1, 1) factor of each tap's Mul, in graph order
+    seen: list[str] = []
     for node in model.graph.node:
-        if node.op_type != "Mul" or len(seen) == len(channels):
+        if node.op_type not in ("Mul", "Conv") or len(seen) == len(channels):
             continue
-        for name in node.input:
+        names = node.input[1:2] if node.op_type == "Conv" else node.input
+        for name in names:
             init = inits.get(name)
             if init is not None and len(init.dims) == 4 and name not in seen \
                     and [init.dims[i] for i in (0, 2, 3)] == [1, 1, 1] \
@@ -126,12 +134,13 @@ def lpips_weights(model: Any, recorded: str, path: str) -> tuple[np.ndarray, ...
                 seen.append(name)
                 break
     weights = [numpy_helper.to_array(inits[n]).astype(np.float32).reshape(-1) for n in seen]
+    half = any(inits[n].data_type == TensorProto.FLOAT16 for n in seen)
     h = hashlib.sha256()
     if [w.size for w in weights] == channels:
         for i, w in enumerate(weights):
             h.update(f"lin{i}.model.1.weight".encode())
             h.update(np.ascontiguousarray(w).tobytes())
-    if [w.size for w in weights] != channels or h.hexdigest() != recorded:
+    if [w.size for w in weights] != channels or (not half and h.hexdigest() != recorded):
         raise _refuse(path, "its LPIPS linear weights could not be found or do not match the "
                             "SHA-256 in its metadata")
     return tuple(weights)
