@@ -5,17 +5,20 @@
     python3 scripts/gpu_check.py --dry-run --out /tmp/gc    # anywhere: the same stages on the CPU
 
 Stages, in this order, each within what is left of --budget-s (default 450 s, one
-8-minute device call with room for the reports):
+8-minute device call with room for the install and the reports):
 
 1. tests     the GPU tests (tests/test_gpu.py, tests/test_lpips_gpu.py)
 2. parity    strict fp32 / TF32 (NCHW and NHWC) / fp16 forward; gradient tiers with
              the bench's grad.x rule; LPIPS fp32 and fp16; DISTS when the package has it
-3. layout    prefer_nhwc on against off, per precision (which default is right)
-4. graph     placement log (CPU nodes, Memcpy) with and without enable_cuda_graph;
+3. ab        the CUDA provider options, A/B, on features, distance and train at 224²,
+             batch 8, each row checked against float32 (scripts/gpu_check_ab.py), within
+             --ab-budget-s; CPU placement, the NHWC graph, top kernels
+4. layout    prefer_nhwc on against off, per precision, and the GPU memory each takes
+5. graph     placement log (CPU nodes, Memcpy) with and without enable_cuda_graph;
              CUDA-graph replay against the plain run; IO binding on torch's stream
              against a synchronized one; capture while another thread runs
-5. bench     the benchmark's GPU table (a subprocess, stopped at the budget:
-             the rows measured so far are kept)
+6. bench     the benchmark's GPU table with the matrix-product peaks of the same run
+             (a subprocess, stopped at the budget: the rows measured so far are kept)
 
 Writes gpu_check.json (everything) and gpu_check.md (the tables) under --out; a
 check that raises is recorded with its error and the script goes on.
@@ -29,7 +32,6 @@ Exit status: 0 when every check passed, 1 when one failed, 2 on bad arguments.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import json
 import os
@@ -45,12 +47,17 @@ import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpu_check_ab, gpu_check_diag
+
+from gpu_check_diag import stderr_to  # noqa: E402
 
 FULL_LAYERS = ("relu1_2", "relu2_2", "relu3_4", "relu4_4")  # the bench's default network
 DRY_LAYERS = ("relu1_1", "relu1_2")  # no pooling: the cheapest exports
-GPU_VARIANTS = ("torch-eager-fp32", "torch-fp16-cl", "torch-bf16-cl", "torch-compile", "ort-cuda-fp32",
-                "ort-cuda-tf32", "ort-cuda-fp16", "ort-cuda-iobinding", "ort-cuda-tf32-iobinding", "ort-cuda-graph",
-                "ort-cuda-fp16-iobinding", "ort-cuda-fp16-nhwc", "ort-cuda-fp16-graph")
+GPU_VARIANTS = ("torch-eager-fp32", "torch-fp16-cl", "torch-bf16-cl", "torch-compile", "torch-compile-fp16-cl",
+                "torch-fp16-cl-autotune", "ort-cuda-fp32", "ort-cuda-tf32", "ort-cuda-fp16", "ort-cuda-iobinding",
+                "ort-cuda-tf32-iobinding", "ort-cuda-graph", "ort-cuda-fp16-iobinding", "ort-cuda-fp16-nhwc",
+                "ort-cuda-fp16-graph")
+STAGES = ("tests", "parity", "ab", "layout", "graph", "bench")
 # The most asked-for first: the bench stage stops at the budget and keeps the rows so far.
 GPU_WORKLOADS = ("distance", "train", "lpips", "dists", "features", "stylize-step")
 
@@ -339,7 +346,15 @@ def run_parity(check: Check, models: Models) -> None:
     check.record("parity.dists", p.dists, need_s=30)
 
 
-# -- 3. layout ----------------------------------------------------------------------------
+# -- 3. ab ---------------------------------------------------------------------------------------
+
+def run_ab(check: Check, models: Models, budget_s: float) -> dict:
+    import gpu_check_ab
+
+    return gpu_check_ab.run_ab(models, check.dry_run, min(budget_s, max(0.0, check.left() - 20)))
+
+
+# -- 4. layout ----------------------------------------------------------------------------
 
 def timed(fn, iters: int = 10) -> float:
     """Median ms of ``fn`` after warm-up: CUDA events on a GPU, wall time on a CPU."""
@@ -398,22 +413,7 @@ def run_layout(check: Check, models: Models) -> None:
         check.record(f"layout.{name}", lambda d=dtype, t=tf32: compare(d, t), need_s=30)
 
 
-# -- 4. CUDA graphs, placement, streams ----------------------------------------------------------
-
-@contextlib.contextmanager
-def stderr_to(path: str):
-    """ONNX Runtime's C++ log goes to fd 2: into a file for the duration."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(path, "w") as fh:
-        os.dup2(fh.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-
+# -- 5. CUDA graphs, placement, streams ----------------------------------------------------------
 
 def placement(path: str, logdir: str) -> dict:
     """Sessions with enable_cuda_graph 0 and 1 at VERBOSE: which nodes fall to the CPU,
@@ -531,11 +531,11 @@ def run_graph(check: Check, models: Models) -> None:
     check.record("graph.capture_while_other_thread_runs", concurrency, need_s=20)
 
 
-# -- 5. bench --------------------------------------------------------------------------------
+# -- 6. bench --------------------------------------------------------------------------------
 
-def run_bench(check: Check, cache_dir: str) -> dict:
-    out = os.path.join(check.out, "bench")
-    if check.dry_run:
+def bench_command(dry_run: bool, cache_dir: str, out: str) -> list[str]:
+    """The bench stage's command line."""
+    if dry_run:
         args = ["--device", "cpu", "--workloads", "train,stylize-step",  # models parity made or cached
                 "--variants", "torch-eager-fp32,ort-cpu", "--sizes", "32", "--batch-sizes", "1",
                 "--layers", ",".join(DRY_LAYERS), "--iters", "1", "--warmup", "0", "--input-sets", "1"]
@@ -545,8 +545,16 @@ def run_bench(check: Check, cache_dir: str) -> dict:
         args = ["--device", "cuda", "--sizes", "224", "--batch-sizes", "8", "--iters", "10",
                 "--warmup", "2", "--input-sets", "2", "--workloads", ",".join(GPU_WORKLOADS),
                 "--variants", ",".join(GPU_VARIANTS)]
-    cmd = [sys.executable, "-m", "perceptual_engine.bench", *args, "--no-peak", "--quiet",
-           "--cache-dir", cache_dir, "--out", out]
+    # The GPU table reports TFLOP/s against matrix-product peaks measured in the same run; the
+    # dry run leaves them out (a CPU peak there would take longer than its rows).
+    peak = ["--no-peak"] if dry_run else []
+    return [sys.executable, "-m", "perceptual_engine.bench", *args, *peak, "--quiet",
+            "--cache-dir", cache_dir, "--out", out]
+
+
+def run_bench(check: Check, cache_dir: str) -> dict:
+    out = os.path.join(check.out, "bench")
+    cmd = bench_command(check.dry_run, cache_dir, out)
     limit = check.left() - 15  # room for the reports
     if limit < 20:
         raise Skip(f"budget: {check.left():.0f} s left")
@@ -584,7 +592,7 @@ def to_markdown(results: dict) -> str:
         if isinstance(v, dict):
             keys = ("max_rel", "terms_max_rel", "grad_x", "faster", "nhwc_speedup", "capture_s", "replay_vs_plain",
                     "p50_ms_iobinding", "p50_ms_graph", "p50_ms_shared", "p50_ms_synced", "summary", "rows",
-                    "wrong_or_failed", "memcpy_nodes")
+                    "wrong_or_failed", "memcpy_nodes", "wrong", "errors")
             shown = "; ".join(f"{k} {_fmt(v[k])}" for k in keys if k in v)
             if "graph1" in v:
                 shown = (f"CUDA graph {'accepted' if 'error' not in v['graph1'] else 'refused'}; "
@@ -592,9 +600,9 @@ def to_markdown(results: dict) -> str:
         else:
             shown = e.get("error") or e.get("reason") or ""
         lines.append(f"| {name} | {e['status']} | {str(shown)[:300].replace('|', '/')} | {e.get('seconds', '')} |")
-    bench_md = results.get("bench_markdown")
-    if bench_md:
-        lines += ["", bench_md]
+    for key in ("ab_markdown", "bench_markdown"):
+        if results.get(key):
+            lines += ["", results[key]]
     return "\n".join(lines) + "\n"
 
 
@@ -611,15 +619,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu-check-out", help="report folder (default: $OUT)")
     ap.add_argument("--dry-run", action="store_true", help="every stage on the CPU, tiny (CI: proves it starts)")
     ap.add_argument("--budget-s", type=float, default=450.0, help="stop starting checks after this (default 450)")
-    ap.add_argument("--skip", default="", help="comma-separated stages to leave out: tests,parity,layout,graph,bench")
+    ap.add_argument("--skip", default="", help=f"comma-separated stages to leave out: {','.join(STAGES)}")
+    ap.add_argument("--ab-budget-s", type=float, default=150.0,
+                    help="seconds the ab stage may take, diagnostics included (default 150)")
     ap.add_argument("--cache-dir", default=None, help="exported models (default: $TMPDIR/pe-gpu-check-models)")
     ap.add_argument("--ort-parts", default=None, help="folder of the carried onnxruntime-gpu parts (GPU.md)")
     ap.add_argument("--wheels", default=None, help="folder of extra wheels to install (lpips, DISTS_pytorch)")
     ap.add_argument("--site", default="/tmp/site", help="where carried wheels are installed (default /tmp/site)")
     args = ap.parse_args(argv)
     skip = {s for s in args.skip.split(",") if s}
-    if skip - {"tests", "parity", "layout", "graph", "bench"}:
-        ap.error(f"--skip {args.skip!r}: accepted stages tests,parity,layout,graph,bench")
+    if skip - set(STAGES):
+        ap.error(f"--skip {args.skip!r}: accepted stages {','.join(STAGES)}")
     if (args.ort_parts or args.wheels) and os.environ.get("PE_GPU_CHECK_INSTALLED") != "1":
         install_carried(args.ort_parts, args.wheels, args.site)
         env = {**os.environ, "PE_GPU_CHECK_INSTALLED": "1",
@@ -648,6 +658,10 @@ def main(argv: list[str] | None = None) -> int:
         check.record("tests", lambda: run_tests(check), need_s=60)
     if "parity" not in skip:
         run_parity(check, models)
+    if "ab" not in skip:
+        ab = check.record("ab", lambda: run_ab(check, models, args.ab_budget_s), need_s=min(60.0, args.ab_budget_s))
+        if isinstance(ab, dict) and ab.get("markdown"):
+            results["ab_markdown"] = ab["markdown"]
     if "layout" not in skip:
         run_layout(check, models)
     if "graph" not in skip:
