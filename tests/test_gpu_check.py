@@ -81,3 +81,15 @@ def test_gpu_check_refuses_without_a_gpu_unless_dry_run(tmp_path):
     assert gpu_check.main(["--out", str(tmp_path), "--skip", "tests,parity,ab,layout,graph,bench"]) == 1
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     assert results["checks"]["setup"]["status"] == "FAIL"
+
+
+def test_stage_budgets_cap_checks_and_leave_the_bench_its_share(tmp_path):
+    gpu_check = _script("gpu_check")
+    check = gpu_check.Check(str(tmp_path), 450.0, dry_run=False)
+    with check.stage(5.0):
+        assert check.left() <= 5.0
+        entry = check.record("slow", lambda: {"ok": True}, need_s=10)
+    assert entry is None and check.results["checks"]["slow"]["status"] == "not run"
+    assert check.left() > 400  # outside a stage: the run's budget
+    # the default budget holds every capped stage and leaves the bench at least 100 s
+    assert 450 - sum(gpu_check.STAGE_S.values()) >= 100
