@@ -212,7 +212,10 @@ class Engine:
     def features(self, x: Any) -> dict[str, Any]:
         """{layer: (N, C, H_l, W_l) float32} for x (N, 3, H, W) float32 in the input range.
 
-        numpy in -> numpy out; CUDA torch tensors in -> CUDA torch tensors out.
+        numpy in -> numpy out; CUDA torch tensors in -> CUDA torch tensors out. CUDA
+        results alias buffers the Engine reuses for a later call only once nothing holds
+        them any more (not the dict, a view, a numpy array or an autograd save): a result
+        you keep is never overwritten (docs/gpu.md, "IO binding").
         """
         if self.info.graph != "features":
             raise ModelError(f"{self.path!r} is a {self.info.graph} graph; features() needs a model exported "
