@@ -438,7 +438,7 @@ def run_ab(models: Any, dry_run: bool, budget_s: float) -> dict:
     result["wrong"] = [f"{r['workload']}/{r['variant']}: {', '.join(r['wrong'])}" for r in rows if r.get("wrong")]
     result["errors"] = [f"{r['workload']}/{r['variant']}: {r['note']}" for r in rows
                         if r.get("note", "").startswith("error")]
-    result["markdown"] = render(rows, n, size, dry_run)
+    result["markdown"] = render(rows, n, size, dry_run) + "\n\n" + render_diagnostics(result["workloads"])
     result["ok"] = not result["wrong"]
     return result
 
@@ -465,4 +465,28 @@ def render(rows: list[dict], n: int, size: int, dry_run: bool) -> str:
               "the same on the float32 model. +bias: fuse_conv_bias; +graph: CUDA graph; numpy: host I/O "
               "(session.run), every other ORT row IO binding."
               + (" Dry run: the distance and train rows run the float32 models." if dry_run else "")]
+    return "\n".join(lines)
+
+
+def render_diagnostics(workloads: dict) -> str:
+    """Placement (CPU op types, Memcpy), the NHWC graph and the top kernels, as lines."""
+    lines = ["Diagnostics:", ""]
+    for workload, w in workloads.items():
+        for name, d in w["diagnostics"].items():
+            if not isinstance(d, dict):
+                lines.append(f"- {workload}, {name}: {d}")
+            elif name.startswith("placement"):
+                text = f"nodes {d.get('nodes')}; on the CPU {d.get('cpu_op_types') or 'none'}; " \
+                       f"Memcpy mentions {d.get('memcpy_mentions')}"
+                if "layout" in d:
+                    text += f"; after the layout transformation {d['layout']}"
+                if d.get("error"):
+                    text += f"; session failed: {d['error']}"
+                if d.get("refusals"):
+                    text += f"; {d['refusals']}"
+                lines.append(f"- {workload}, {name}: {text}")
+            else:
+                lines.append(f"- {workload}, {name}: {d.get('total_ms')} ms per call over {d.get('names')} "
+                             f"kernel names {d.get('note', '')}".rstrip())
+                lines += [f"    - {k['ms']:.3f} ms x{k['per_call']} {k['name']}" for k in d.get("top", [])[:6]]
     return "\n".join(lines)

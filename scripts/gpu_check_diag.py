@@ -81,6 +81,8 @@ def placement(path: str, providers: list, debug_layout: bool) -> dict:
     out["nodes"] = {ep: ops.get("_total") for ep, ops in counts.items()}
     cpu = counts.get("CPUExecutionProvider", {})
     out["cpu_op_types"] = dict(sorted(((k, v) for k, v in cpu.items() if k != "_total"), key=lambda kv: -kv[1]))
+    if cpu.get("_total") and not out["cpu_op_types"]:  # "All nodes placed on [CPUExecutionProvider]"
+        out["cpu_op_types"] = {"every node": cpu["_total"]}
     out["memcpy_mentions"] = sum(1 for ln in lines if re.search(r"Memcpy(FromHost|ToHost)", ln))
     out["refusals"] = [ln.strip()[-200:] for ln in lines
                        if re.search(r"cannot use the CUDA Graph|requires W as initializer|Fallback mode", ln)][:5]

@@ -56,6 +56,7 @@ def test_gpu_check_dry_run_writes_json_markdown_and_benchmarks_rows(tmp_path, ta
     md = (out / "gpu_check.md").read_text()
     assert "| parity.grad.fp32-strict | pass |" in md and "| ort-cpu (fp32) | stylize-step |" in md
     assert "#### A/B of the CUDA provider options" in md and "| train | ort16 nchw B tc-off |" in md
+    assert "- train, placement ort16 nchw B: nodes" in md and "- train, kernels torch fp16-cl:" in md
 
     rows = _script("gpu_check_rows")
     assert rows.main([str(out / "gpu_check.json")]) == 2  # a dry run holds no GPU figures
