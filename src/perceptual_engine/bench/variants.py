@@ -8,7 +8,7 @@ hot calls. Every runner takes the same input sets.
 
 CPU peers at the bf16 limit: ``torch-bf16-autocast`` (float32 weights, channels_last,
 ``torch.autocast("cpu", dtype=torch.bfloat16)`` around the call, Grams included, as a
-user writes it) and ``openvino-f32``/``openvino-bf16`` (the Engine on device="openvino").
+user writes it; on the gradient workloads the loss terms in float32, as every AMP row) and ``openvino-f32``/``openvino-bf16`` (the Engine on device="openvino").
 
 The parts: variant_base.py (Context, Runner, Variant), tiers.py (precision tiers, the
 tolerances of the parity check, TF32 switches), torch_variants.py (PyTorch, autograd on
@@ -46,7 +46,7 @@ REGISTRY: dict[str, Variant] = {v.name: v for v in (
     TorchVariant("torch-nograd-y", "PyTorch eager float32, y under no_grad (train only)", False,
                  "nograd-y"),
     TorchVariant("torch-bf16-autocast", "PyTorch eager, float32 weights, channels_last, "
-                 "torch.autocast bfloat16 (Grams too)", False, "bf16-autocast"),
+                 "torch.autocast bfloat16 (Grams too; train: terms in float32)", False, "bf16-autocast"),
     OrtVariant("ort-cpu", "ONNX Runtime, CPU execution provider", False, "cpu"),
     OrtVariant("openvino-f32", "the Engine on OpenVINO CPU, f32", False, "openvino"),
     OrtVariant("openvino-bf16", "the Engine on OpenVINO CPU, bf16 (INFERENCE_PRECISION_HINT)",
