@@ -343,6 +343,12 @@ def test_numpy_fed_gpu_rows_say_host_io_and_float16_rows_keep_tensor_cores():
         "ort-cuda-fp32", "ort-cuda-tf32", "ort-cuda-fp16", "ort-tensorrt"}
     assert label(Row("ort-cuda-fp16", "features", 224, 8, "ok", precision="fp16", host_io=True)) == (
         "ort-cuda-fp16 (fp16, host I/O)")
+    from perceptual_engine.bench import harness
+    from perceptual_engine.bench.report import _cells
+
+    row = Row("ort-cuda-fp16", "features", 224, 8, "ok", precision="fp16", tflops=52.6, peak_fraction=0.0532,
+              stats=harness.summarize([5.37], items_per_call=8))
+    assert _cells(row)[10] == "5.3% (52.6 TFLOP/s)"  # achieved TFLOP/s against the run's peak
     # use_tf32=0 would drop the float16 convolutions' tensor cores (ORT 1.20+)
     assert all(v.use_tf32 for v in reg.values() if getattr(v, "dtype", "") == "float16")
     assert not reg["ort-cuda-fp32"].use_tf32

@@ -124,9 +124,12 @@ def to_markdown(result: "BenchResult") -> str:
         lines.append("- Ceiling (measured matrix product): " + "; ".join(
             f"{p.device} {p.precision} {p.tflops:.3g} TFLOP/s ({p.library}, {p.n}², best {p.ms:.1f} ms)"
             for p in result.peaks.values()) + ", the better of a measurement at the start and "
-            "at the end of the run. % of peak = achieved conv+Gram TFLOP/s over the ceiling of "
-            "the variant's precision; tuned convolution kernels can beat a library's GEMM, so it "
-            "can pass 100%.")
+            "at the end of the run. % of peak = achieved conv+Gram TFLOP/s (in brackets) over the "
+            "ceiling of the variant's precision; tuned convolution kernels can beat a library's "
+            "GEMM, so it can pass 100%.")
+    if any(r.host_io for r in result.rows):
+        lines.append("- host I/O: a GPU row fed numpy arrays; its time includes copying the inputs "
+                     "to the GPU and the outputs back, every call.")
     if env.get("command"):
         lines.append(f"- Command: `{env['command']}`")
     load = (env.get("load_average_at_start"), env.get("load_average_at_end"))
