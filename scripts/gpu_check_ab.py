@@ -445,9 +445,10 @@ def run_ab(models: Any, dry_run: bool, budget_s: float) -> dict:
 
 def render(rows: list[dict], n: int, size: int, dry_run: bool) -> str:
     base = {r["workload"]: r.get("median_ms") for r in rows if r["variant"] == "torch fp16-cl"}
-    lines = [f"#### A/B of the CUDA provider options ({n}x3x{size}²{', dry run: CPU, timings mean nothing' if dry_run else ''})",
-             "", "| workload | variant | median ms | p90 ms | torch fp16-cl / this | build s | err terms | err grad.x | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    dry = ", dry run: CPU, timings mean nothing" if dry_run else ""
+    lines = [f"#### A/B of the CUDA provider options ({n}x3x{size}²{dry})", "",
+             "| workload | variant | median ms | p90 ms | torch fp16-cl / this | build s | err terms | err grad.x "
+             "| note |", "|---|---|---|---|---|---|---|---|---|"]
 
     def f(v: Any, fmt: str) -> str:
         return "—" if v is None else format(v, fmt)

@@ -8,7 +8,8 @@ hot calls. Every runner takes the same input sets.
 
 CPU peers at the bf16 limit: ``torch-bf16-autocast`` (float32 weights, channels_last,
 ``torch.autocast("cpu", dtype=torch.bfloat16)`` around the call, Grams included, as a
-user writes it; on the gradient workloads the loss terms in float32, as every AMP row) and ``openvino-f32``/``openvino-bf16`` (the Engine on device="openvino").
+user writes it; on the gradient workloads the loss terms in float32, as every AMP row) and
+``openvino-f32``/``openvino-bf16`` (the Engine on device="openvino").
 
 The parts: variant_base.py (Context, Runner, Variant), tiers.py (precision tiers, the
 tolerances of the parity check, TF32 switches), torch_variants.py (PyTorch, autograd on
