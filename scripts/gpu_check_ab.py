@@ -319,7 +319,8 @@ def timed(call: Callable[[], Any], sync: Callable[[], None], max_iters: int, tar
 # -- the stage ----------------------------------------------------------------------------
 
 def run_workload(workload: str, ctx: SimpleNamespace, deadline: float) -> dict:
-    """Every row of ``workload`` until ``deadline`` (time.perf_counter()), then its diagnostics."""
+    """The rows of ``workload`` until ``ctx.diag_s`` before ``deadline`` (time.perf_counter()),
+    then its diagnostics until ``deadline``."""
     import torch
 
     from perceptual_engine.bench.tiers import GRAD_FORGIVE, GRAD_TOLERANCE, TOLERANCE
@@ -332,7 +333,7 @@ def run_workload(workload: str, ctx: SimpleNamespace, deadline: float) -> dict:
         tier = item.tier if isinstance(item, OrtRow) else "fp16"
         row: dict = {"workload": workload, "variant": label, "tier": tier}
         rows.append(row)
-        if time.perf_counter() > deadline:
+        if time.perf_counter() > deadline - ctx.diag_s:
             row["note"] = "skipped: budget"
             continue
         if isinstance(item, OrtRow) and item.graph and not gpu:
@@ -377,7 +378,7 @@ def run_workload(workload: str, ctx: SimpleNamespace, deadline: float) -> dict:
             if gpu:
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
-    diag = diagnostics(workload, ctx, keep, deadline + ctx.diag_grace_s)
+    diag = diagnostics(workload, ctx, keep, deadline)
     keep.clear()
     gc.collect()
     return {"rows": rows, "diagnostics": diag}
@@ -428,7 +429,7 @@ def run_ab(models: Any, dry_run: bool, budget_s: float) -> dict:
     ctx = SimpleNamespace(gpu=gpu, sync=torch.cuda.synchronize if gpu else (lambda: None), paths=paths,
                           net=net, x=x, y=y, iters=1 if dry_run else 30, target_s=0.05 if dry_run else 0.5,
                           warmup=0 if dry_run else 3,
-                          diag_grace_s=5.0 if dry_run else 10.0)
+                          diag_s=3.0 if dry_run else 10.0)  # of each workload's share, for diagnostics
     result: dict = {"batch": n, "size": size, "workloads": {}}
     for i, workload in enumerate(WORKLOADS):
         left = budget_s - (time.perf_counter() - t0)
