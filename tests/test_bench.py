@@ -20,7 +20,7 @@ from perceptual_engine.runtime.providers import tensorrt_loadable
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skips of a CPU-only machine")
 GPU_VARIANTS = ("torch-fp16-cl", "torch-bf16-cl", "ort-cuda-fp32", "ort-cuda-tf32", "ort-cuda-fp16",
                 "ort-cuda-iobinding", "ort-cuda-graph", "ort-cuda-fp16-iobinding", "ort-cuda-fp16-nhwc",
-                "ort-cuda-fp16-graph", "ort-tensorrt")
+                "ort-cuda-fp16-graph", "ort-tensorrt", "torch-compile-fp16-cl", "torch-fp16-cl-autotune")
 # A shallow network and tiny images: the mechanics, not the numbers, are under test.
 TINY = dict(sizes=(32,), batch_sizes=(1,), layers=("relu1_2",), iters=2, warmup=1,
             measure_peak=False)
@@ -275,3 +275,80 @@ def test_train_and_stylize_step_run_end_to_end_and_check_the_gradient(monkeypatc
     assert nograd.status == "ok" and nograd.max_rel_err <= 1e-4
     assert result.row("torch-nograd-y", "stylize-step", 27, 1).status == "skipped"
     assert {(e["graph"], e["cached"]) for e in result.exports} == {("distance", False), ("target", True)}
+
+
+# -- honest GPU baselines, checked on the CPU -----------------------------------------------------
+
+
+def _train_case(size=37, batch=2):
+    from perceptual_engine import FeatureSpec
+    from perceptual_engine.bench import workloads as W
+
+    spec = FeatureSpec(layers=("relu1_2", "relu2_1"), weights="random", seed=0)
+    return W.make_case(W.get("train"), spec, size, batch, n_sets=1, seed=0)
+
+
+def test_amp_train_rows_compute_the_loss_terms_in_float32_outside_autocast(monkeypatch):
+    from perceptual_engine import losses
+    from perceptual_engine.bench import training
+    from perceptual_engine.bench.workloads import torch_model
+    from perceptual_engine.weights import load_weights
+
+    case = _train_case()
+    model = torch_model(case, load_weights(case.spec))
+    feeds = {k: torch.from_numpy(v) for k, v in case.sets[0].items()}
+    seen = []
+    real = losses.distance_terms
+
+    def spy(fx, fy, loss, **kw):  # what the loss terms (the Grams) are computed from
+        seen.append((torch.is_autocast_enabled("cpu"), {v.dtype for v in fx.values()}))
+        return real(fx, fy, loss, **kw)
+
+    monkeypatch.setattr(training.losses, "distance_terms", spy)
+    want = training.value_and_grad(training.terms_fn(case, model, snippet=False), feeds)
+    got = training.value_and_grad(training.terms_fn(case, model, snippet=False, amp=torch.bfloat16),
+                                  feeds, amp=torch.bfloat16)
+    assert seen[1] == (False, {torch.float32})  # not under autocast, float32 features
+    for k in want:
+        if k != "grad.x":  # bf16 convolutions, float32 Grams: the terms within the fp16 tier
+            assert got[k].dtype == torch.float32
+            assert float((got[k] - want[k]).abs().max() / want[k].abs().max()) <= variants.TOLERANCE["fp16"], k
+
+
+def test_autotune_row_turns_cudnn_benchmark_on_for_its_calls_only(monkeypatch):
+    from perceptual_engine.bench.variant_base import Context
+    from perceptual_engine.weights import load_weights
+
+    case = _train_case(size=32, batch=1)
+    ctx = Context("cpu", True, "", (), lambda c, d: "", load_weights, "")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    runner = variants.REGISTRY["torch-fp16-cl-autotune"].runner(ctx, case)
+    assert runner.precision == "fp16" and not runner.compiled
+    runner.build()
+    assert torch.backends.cudnn.benchmark is True
+    out = runner.call(0)
+    assert out["total"].dtype == torch.float32 and set(out) >= {"total", "grad.x"}
+    runner.close()
+    assert torch.backends.cudnn.benchmark is False
+    compiled = variants.REGISTRY["torch-compile-fp16-cl"].runner(ctx, case)
+    assert compiled.compiled and compiled.dtype == torch.float16 and compiled.precision == "fp16"
+
+
+def test_numpy_fed_gpu_rows_say_host_io_and_float16_rows_keep_tensor_cores():
+    from perceptual_engine.bench import Row
+    from perceptual_engine.bench.report import label
+
+    reg = variants.REGISTRY
+    assert {n for n, v in reg.items() if getattr(v, "host_io", False)} == {
+        "ort-cuda-fp32", "ort-cuda-tf32", "ort-cuda-fp16", "ort-tensorrt"}
+    assert label(Row("ort-cuda-fp16", "features", 224, 8, "ok", precision="fp16", host_io=True)) == (
+        "ort-cuda-fp16 (fp16, host I/O)")
+    from perceptual_engine.bench import harness
+    from perceptual_engine.bench.report import _cells
+
+    row = Row("ort-cuda-fp16", "features", 224, 8, "ok", precision="fp16", tflops=52.6, peak_fraction=0.0532,
+              stats=harness.summarize([5.37], items_per_call=8))
+    assert _cells(row)[10] == "5.3% (52.6 TFLOP/s)"  # achieved TFLOP/s against the run's peak
+    # use_tf32=0 would drop the float16 convolutions' tensor cores (ORT 1.20+)
+    assert all(v.use_tf32 for v in reg.values() if getattr(v, "dtype", "") == "float16")
+    assert not reg["ort-cuda-fp32"].use_tf32

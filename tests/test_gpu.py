@@ -249,3 +249,33 @@ def test_a_cpu_engine_trains_cuda_tensors(grad_models):
     assert out["total"].device == x.device
     out["total"].sum().backward()
     assert x.grad is not None and x.grad.device == x.device and torch.isfinite(x.grad).all()
+
+
+def test_float16_keeps_tensor_cores_with_nhwc_and_fused_bias_in_tier(models, reference):
+    # tf32=False is not applied to a float16 model (ORT 1.20+ would drop its tensor cores)
+    eng = Engine(models["float16"], "cuda", options=ProviderOptions(tf32=False, prefer_nhwc=True,
+                                                                    fuse_conv_bias=True))
+    assert eng.options.tf32 and eng.option_notes and not eng.requested_options.tf32
+    x, y = _pair()
+    with torch.no_grad():
+        ref = reference(x, y)
+    got = eng.distance(x, y)
+    for name, value in got.items():
+        assert torch.isfinite(value).all() and _rel(value, ref[name]) <= 1e-2, name
+
+
+def test_iobinding_recycles_dropped_results_and_keeps_held_ones(models):
+    eng = Engine(models["float32"], "cuda", options=ProviderOptions(tf32=False))
+    (x1, y1), (x2, y2) = _pair(2, 64, 80, seed=1), _pair(2, 64, 80, seed=2)
+    a = eng.distance(x1, y1)
+    kept = {k: v.clone() for k, v in a.items()}
+    np.testing.assert_allclose(a.host_total, kept["total"].cpu().numpy())  # the check's host copy
+    b = eng.distance(x2, y2)
+    assert all(torch.equal(a[k], kept[k]) for k in kept)  # held: never overwritten
+    ptr = b["total"].data_ptr()
+    assert ptr != a["total"].data_ptr()
+    want = {k: v.clone() for k, v in b.items()}
+    del b
+    c = eng.distance(x2, y2)
+    assert c["total"].data_ptr() == ptr  # dropped: its buffers are reused
+    assert all(_rel(c[k], want[k]) <= 1e-6 for k in want)

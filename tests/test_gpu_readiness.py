@@ -313,6 +313,90 @@ def test_other_engines_wait_while_a_graph_is_captured(fake_cuda):
     capturing.close()
 
 
+class WritingBinding(FakeBinding):
+    def __init__(self):
+        super().__init__()
+        self.calls, self.ptrs = [], {}
+
+    def bind_input(self, name, device, index, dtype, shape, ptr):
+        self.calls.append(("in", name, device))
+        super().bind_input(name, device, index, dtype, shape, ptr)
+
+    def bind_output(self, name, device, index, dtype, shape, ptr):
+        self.calls.append(("out", name, device))
+        self.ptrs[name] = (ptr, shape)
+        super().bind_output(name, device, index, dtype, shape, ptr)
+
+
+class WritingSession(FakeSession):
+    """Writes run number k into every bound output, by pointer, as ONNX Runtime would."""
+
+    def __init__(self):
+        super().__init__()
+        self.bindings = []
+
+    def io_binding(self):
+        self.bindings.append(WritingBinding())
+        return self.bindings[-1]
+
+    def run_with_iobinding(self, binding, run_options=None):
+        super().run_with_iobinding(binding, run_options)
+        for ptr, shape in binding.ptrs.values():
+            value = np.full(shape, float(len(self.runs)), dtype=np.float32)
+            ctypes.memmove(ptr, value.ctypes.data, value.nbytes)
+
+
+def test_iobinding_reuses_one_binding_and_its_outputs_once_results_are_dropped(fake_cuda):
+    eng = FakeEngine(ProviderOptions(), session=WritingSession())
+    eng.output_names = ("content.relu1_2", "total")
+    binder, feeds = IOB.TorchBinder(eng), _feeds()
+    names = eng.output_names
+    first = binder.run(feeds, {}, names)
+    ptr = first["content.relu1_2"].data_ptr()
+    assert float(first["total"][0]) == 1.0
+    del first  # dropped: its slot is free again
+    second = binder.run(feeds, {}, names)
+    assert second["content.relu1_2"].data_ptr() == ptr and float(second["total"][0]) == 2.0
+    (binding,) = eng.session.bindings  # one binding, outputs bound once, inputs once (same pointers)
+    assert [c for c in binding.calls if c[0] == "out"] == [("out", "content.relu1_2", "cuda"),
+                                                           ("out", "total", "cpu")]
+    assert [c[1] for c in binding.calls if c[0] == "in"] == ["x", "y"]
+    del second
+    binder.run(_feeds(seed=1), {}, names)  # new input tensors: only the inputs are bound again
+    assert [c[1] for c in binding.calls if c[0] == "in"] == ["x", "y", "x", "y"]
+
+
+@pytest.mark.parametrize("hold", ["dict", "view", "numpy"])
+def test_iobinding_never_overwrites_results_the_caller_still_holds(fake_cuda, hold):
+    eng = FakeEngine(ProviderOptions(), session=WritingSession())
+    eng.output_names = ("content.relu1_2", "total")
+    binder, feeds, names = IOB.TorchBinder(eng), _feeds(), eng.output_names
+    first = binder.run(feeds, {}, names)
+    kept = {"dict": first, "view": {k: v[:1] for k, v in first.items()},
+            "numpy": {k: v.numpy() for k, v in first.items()}}[hold]
+    del first
+    later = [binder.run(feeds, {}, names) for _ in range(IOB.SLOTS_PER_SHAPE + 2)]  # pool and beyond
+    assert all(float(v.reshape(-1)[0]) == 1.0 for v in kept.values())  # still run 1's values
+    assert [float(r["total"][0]) for r in later] == [2.0, 3.0, 4.0, 5.0]
+    assert len({r["total"].data_ptr() for r in later}) == len(later)  # held results: distinct buffers
+
+
+def test_finite_check_reads_the_total_onnx_runtime_copied_to_the_host(fake_cuda):
+    from perceptual_engine.errors import NonFiniteError
+    from perceptual_engine.runtime.finite import _check_finite
+
+    eng = FakeEngine(ProviderOptions(), session=WritingSession())
+    out = IOB.TorchBinder(eng).run(_feeds(), {}, ("total",))
+    assert isinstance(out.host_total, np.ndarray) and out.host_total.tolist() == [1.0, 1.0]
+    assert out["total"].tolist() == [1.0, 1.0]  # the caller's total, filled from the host copy
+    out.host_total[1] = np.nan  # what the host copy says is what is checked: no device read
+    with pytest.raises(NonFiniteError, match=r"sample\(s\) \[1\]"):
+        _check_finite(out)
+    shared = FakeEngine(ProviderOptions(user_stream=0x10), session=WritingSession())
+    out = IOB.TorchBinder(shared).run(_feeds(), {}, ("total",))  # torch's stream: nothing waited for
+    assert out.host_total is None and ("out", "total", "cuda") in shared.session.bindings[0].calls
+
+
 def test_gate_excludes_shared_holders_during_exclusive():
     gate, order = IOB.Gate(), []
     with gate.shared():

@@ -1,6 +1,8 @@
 """Provider planning and option assembly, on a CPU machine with the GPU probes simulated."""
 from __future__ import annotations
 
+import dataclasses
+
 import os
 
 import pytest
@@ -77,11 +79,50 @@ def test_gpu_mem_limit_rejects_bad_values(bad):
         ProviderOptions(gpu_mem_limit=bad)
 
 
-def test_workspace_bounded_unless_fixed_shapes(gpu_memory):
-    assert P.workspace_bytes(ProviderOptions()) == P.HEURISTIC_WORKSPACE
-    assert P.workspace_bytes(ProviderOptions(fixed_shapes=True)) == P.MAX_WORKSPACE
-    assert P.workspace_bytes(ProviderOptions(fixed_shapes=True, gpu_mem_limit=1 << 30)) == 1 << 30
-    assert P.cuda_options(ProviderOptions(fixed_shapes=True))["cudnn_conv_use_max_workspace"] == "1"
+def test_workspace_is_one_bound_whatever_fixed_shapes(gpu_memory):
+    # ORT 1.20+'s cuDNN-frontend Conv sizes the workspace by its plan and does not read
+    # cudnn_conv_use_max_workspace: fixed_shapes no longer asks for (or counts) 2 GiB.
+    assert P.workspace_bytes(ProviderOptions()) == P.CONV_WORKSPACE == 256 << 20
+    assert P.workspace_bytes(ProviderOptions(fixed_shapes=True)) == P.CONV_WORKSPACE
+    assert P.workspace_bytes(ProviderOptions(gpu_mem_limit=1 << 20)) == 1 << 20  # within the arena cap
+    assert P.cuda_options(ProviderOptions(fixed_shapes=True))["cudnn_conv_use_max_workspace"] == "0"
+
+
+def test_defaults_table_covers_and_matches_the_options():
+    fields = {f.name: f.default for f in dataclasses.fields(ProviderOptions)}
+    rows = {d.option: d for d in P.DEFAULTS}
+    assert len(rows) == len(P.DEFAULTS)  # one row per option
+    assert set(rows) == {"fixed_shapes", "tf32", "prefer_nhwc", "fuse_conv_bias", "cuda_graph",
+                         "gpu_mem_limit", "share_torch_stream"}
+    for name, row in rows.items():
+        assert row.default == fields[name], name
+        assert row.why and row.change_if
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "docs", "gpu.md")).read()
+    for name, row in rows.items():  # docs/gpu.md shows the same defaults
+        assert f"| `{name}` | `{row.default}` |" in docs, name
+
+
+def test_prefer_nhwc_and_fuse_conv_bias_reach_the_cuda_provider(gpu_memory):
+    o = P.cuda_options(ProviderOptions())
+    assert (o["prefer_nhwc"], o["fuse_conv_bias"]) == ("0", "0")
+    o = P.cuda_options(ProviderOptions(prefer_nhwc=True, fuse_conv_bias=True))
+    assert (o["prefer_nhwc"], o["fuse_conv_bias"]) == ("1", "1")
+
+
+@pytest.mark.parametrize("name", ["prefer_nhwc", "fuse_conv_bias", "tf32", "fixed_shapes", "cuda_graph"])
+@pytest.mark.parametrize("bad", [1, "1", "true", None])
+def test_switches_take_booleans_only(name, bad):
+    with pytest.raises(ConfigError, match=rf"{name}=.* is not accepted; accepted: True or False"):
+        ProviderOptions(**{name: bad})
+
+
+def test_float16_models_keep_tensor_cores_whatever_tf32(gpu_memory):
+    strict = ProviderOptions(tf32=False, prefer_nhwc=True)
+    o, notes = P.for_model(strict, "float16")
+    assert o == dataclasses.replace(strict, tf32=True) and P.cuda_options(o)["use_tf32"] == "1"
+    assert len(notes) == 1 and "tensor-core" in notes[0] and "float16" in notes[0]
+    assert P.for_model(strict, "float32") == (strict, ())  # float32: strict parity as asked
+    assert P.for_model(ProviderOptions(), "float16") == (ProviderOptions(), ())
 
 
 def test_cuda_options_fixed_shapes_and_flags():
@@ -276,3 +317,20 @@ def test_probes_return_reasons():
     ok, why_trt = P.tensorrt_loadable()
     assert ok or "libnvinfer" in why_trt
     assert isinstance(P.missing_cuda_libraries(), list)
+
+
+def test_engine_with_a_float16_model_and_tf32_off_keeps_tensor_cores_and_says_so(features_model, monkeypatch):
+    from perceptual_engine.runtime import engine as E
+
+    real = E.read_info
+    monkeypatch.setattr(E, "read_info", lambda path: dataclasses.replace(real(path), dtype="float16"))
+    seen = []
+    plan = P.plan
+    monkeypatch.setattr(P, "plan", lambda device, options, *a: seen.append(options) or plan(device, options, *a))
+    eng = E.Engine(features_model[0], "cpu", options=ProviderOptions(tf32=False))
+    assert eng.requested_options.tf32 is False  # not an error: what was asked stays readable
+    assert eng.options.tf32 is True and seen[0].tf32 is True  # what the providers get
+    assert eng.option_notes and "tensor-core" in eng.describe()
+    monkeypatch.setattr(E, "read_info", real)
+    plain = E.Engine(features_model[0], "cpu", options=ProviderOptions(tf32=False))
+    assert plain.options.tf32 is False and plain.option_notes == ()

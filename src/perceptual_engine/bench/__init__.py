@@ -133,6 +133,7 @@ class Row:
     tflops: float | None = None
     peak_fraction: float | None = None
     memory: Memory | None = None
+    host_io: bool = False  # a GPU row fed numpy arrays: its time includes the PCIe copies
 
     @property
     def measured(self) -> bool:
@@ -276,7 +277,8 @@ def _measure(v: V.Variant, ctx: V.Context, case: W.Case, ref: dict[str, Any], co
     filled first: with the reference's outputs, or on the CPU with the baseline's own
     first output (there the baseline is the float32 reference: no TF32 on a CPU)."""
     row = Row(v.name, case.workload.name, case.size, case.batch, "skipped", unit=case.workload.unit,
-              flops_per_call=case.workload.flops_per_item(case.spec, case.size) * case.batch)
+              flops_per_call=case.workload.flops_per_item(case.spec, case.size) * case.batch,
+              host_io=bool(getattr(v, "host_io", False)))
     why = v.unavailable(ctx, case) or device_skips.get(v.name)
     if why:
         row.reason = why

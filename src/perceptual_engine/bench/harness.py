@@ -304,7 +304,7 @@ def environment(device: str, config: Any, spec: Any, weights: Any,
         gpu = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
                "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
                "cudnn": torch.backends.cudnn.version()}
-    ort_tf32 = {v.name: bool(v.tf32) for v in variants if getattr(v, "ep", "cpu") != "cpu"}
+    ort_tf32 = {v.name: bool(v.use_tf32) for v in variants if getattr(v, "ep", "cpu") not in ("cpu", "openvino")}
     return {
         "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device,

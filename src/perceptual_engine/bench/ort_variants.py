@@ -14,7 +14,7 @@ class OrtRunner(Runner):
         self.case, self.ctx, self.v = case, ctx, v
         self.runs_on = "cpu" if v.ep in ("cpu", "openvino") else "cuda"
         self.memory_smi = self.runs_on == "cuda"
-        self.precision = {"float16": "fp16"}.get(v.dtype, "tf32" if v.tf32 else "fp32")
+        self.precision = {"float16": "fp16"}.get(v.dtype, "tf32" if v.use_tf32 else "fp32")
         if v.precision == "bf16":
             self.precision = "bf16"
         self.path = ctx.model_path(case, v.dtype)  # exported here, before the clock starts
@@ -30,7 +30,7 @@ class OrtRunner(Runner):
 
         b, s = self.case.batch, self.case.size
         opts = ProviderOptions(
-            fixed_shapes=True, tf32=self.v.tf32, cuda_graph=self.v.cuda_graph,
+            fixed_shapes=True, tf32=self.v.use_tf32, cuda_graph=self.v.cuda_graph,
             prefer_nhwc=self.v.nhwc,
             cache_dir=self.ctx.cache_dir,
             shapes=ShapeRange(min=(1, min(s, 32), min(s, 32)), opt=(b, s, s), max=(b, s, s)),
@@ -59,11 +59,23 @@ class OrtRunner(Runner):
 class OrtVariant(Variant):
     ep: str = "cpu"  # Engine device: "cpu" | "cuda" | "tensorrt" | "openvino"
     dtype: str = "float32"  # the exported model's dtype
-    tf32: bool = False
+    tf32: bool = False  # float32 models only: a float16 model always runs with use_tf32=1
     feed: str = "numpy"  # "numpy" (host arrays) | "torch-cuda" (IO binding)
     cuda_graph: bool = False
     nhwc: bool = False  # ProviderOptions.prefer_nhwc (the CUDA provider's layout; NCHW by default)
     precision: str = "f32"  # device "openvino": "f32" | "bf16"
+
+    @property
+    def use_tf32(self) -> bool:
+        """ONNX Runtime's use_tf32 for this row. Always on for a float16 model: with
+        use_tf32=0 the cuDNN-frontend convolutions (ORT 1.20+) run float16 without tensor
+        cores (provider_options.for_model); the float16 rows of the first H200 run did."""
+        return self.tf32 or self.dtype == "float16"
+
+    @property
+    def host_io(self) -> bool:
+        """A GPU row fed numpy arrays: every call copies inputs and outputs over PCIe."""
+        return self.gpu and self.feed == "numpy"
 
     def unavailable(self, ctx: Context, case: Case) -> str | None:
         from ..runtime import Engine

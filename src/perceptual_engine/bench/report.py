@@ -46,6 +46,12 @@ def _status(r: "Row") -> str:
     return "ok"
 
 
+def label(r: "Row") -> str:
+    """A row's name in the tables: the variant, its precision tier, and "host I/O" when a
+    GPU row is fed numpy arrays (its time is mostly PCIe copies, not the GPU's work)."""
+    return f"{r.variant} ({r.precision}{', host I/O' if r.host_io else ''})"
+
+
 def _cells(r: "Row") -> list[str]:
     s = r.stats
     assert s is not None
@@ -53,11 +59,12 @@ def _cells(r: "Row") -> list[str]:
     pct = None if r.peak_fraction is None else 100 * r.peak_fraction
     unit = "pairs/s" if r.unit == "pairs/s" else "img/s"
     return [
-        f"{r.variant} ({r.precision})", r.workload, str(r.size), str(r.batch),
+        label(r), r.workload, str(r.size), str(r.batch),
         _ms(s.p50), _ms(s.p90), _ms(s.p99), f"{s.throughput:.3g} {unit}",
         _ratio(r.speedup), _num(r.max_rel_err, ".1e")
         + ("" if r.grad_rel_err is None else f"; grad.x {_num(r.grad_rel_err, '.1e')}"),
-        "—" if pct is None else (f"{pct:.1f}%" if pct < 10 else f"{pct:.0f}%"),
+        "—" if pct is None else (f"{pct:.1f}%" if pct < 10 else f"{pct:.0f}%")
+        + (f" ({r.tflops:.3g} TFLOP/s)" if r.tflops is not None else ""),
         _num(r.cold_start_s, ".2f"),
         _num(mem.host_peak_mb if mem else None, ".0f"),
         _num(mem.gpu_mb if mem else None, ".0f") if mem and mem.gpu_source != "n/a" else "n/a",
@@ -117,9 +124,12 @@ def to_markdown(result: "BenchResult") -> str:
         lines.append("- Ceiling (measured matrix product): " + "; ".join(
             f"{p.device} {p.precision} {p.tflops:.3g} TFLOP/s ({p.library}, {p.n}², best {p.ms:.1f} ms)"
             for p in result.peaks.values()) + ", the better of a measurement at the start and "
-            "at the end of the run. % of peak = achieved conv+Gram TFLOP/s over the ceiling of "
-            "the variant's precision; tuned convolution kernels can beat a library's GEMM, so it "
-            "can pass 100%.")
+            "at the end of the run. % of peak = achieved conv+Gram TFLOP/s (in brackets) over the "
+            "ceiling of the variant's precision; tuned convolution kernels can beat a library's "
+            "GEMM, so it can pass 100%.")
+    if any(r.host_io for r in result.rows):
+        lines.append("- host I/O: a GPU row fed numpy arrays; its time includes copying the inputs "
+                     "to the GPU and the outputs back, every call.")
     if env.get("command"):
         lines.append(f"- Command: `{env['command']}`")
     load = (env.get("load_average_at_start"), env.get("load_average_at_end"))

@@ -1,10 +1,13 @@
 """The PyTorch variants: eager float32 (the reference), float16/bfloat16 weights with
-channels_last, bfloat16 autocast, torch.compile, and y outside autograd (train).
+channels_last, bfloat16 autocast, torch.compile (of the float32 reference and of the
+float16 channels_last model), float16 channels_last with cuDNN autotuning
+(``torch.backends.cudnn.benchmark``), and y outside autograd (train).
 
 On the gradient workloads (train, stylize-step) they are autograd (bench/training.py):
 the baseline is the usual snippet (one pass over cat([x, y])), the others keep y out
-of autograd; fp16/bf16 are AMP (autocast, float32 weights, channels_last);
-torch-compile compiles the forward, autograd differentiates it.
+of autograd; fp16/bf16 are AMP (autocast, float32 weights, channels_last, the loss
+terms in float32 outside autocast); torch-compile compiles the forward, autograd
+differentiates it.
 """
 from __future__ import annotations
 
@@ -25,8 +28,12 @@ class TorchRunner(Runner):
         self.device = torch.device(ctx.device)
         self.runs_on = self.device.type
         self.memory_torch_cuda = self.runs_on == "cuda"
-        self.dtype = {"fp16-cl": torch.float16, "bf16-cl": torch.bfloat16,
-                      "bf16-autocast": torch.bfloat16}.get(mode)
+        self.dtype = {"fp16-cl": torch.float16, "bf16-cl": torch.bfloat16, "bf16-autocast": torch.bfloat16,
+                      "compile-fp16-cl": torch.float16, "fp16-cl-autotune": torch.float16}.get(mode)
+        self.compiled = mode in ("compile", "compile-fp16-cl")
+        # cuDNN times its algorithms per shape (torch.backends.cudnn.benchmark), on from
+        # build() to close(): the autotuning ONNX Runtime no longer does (ORT 1.20+).
+        self.autotune = mode == "fp16-cl-autotune"
         # autocast: float32 weights, bf16 math where autocast puts it (convs, matmuls)
         self.autocast = mode == "bf16-autocast"
         fmt = torch.channels_last if self.dtype is not None else torch.contiguous_format
@@ -42,6 +49,9 @@ class TorchRunner(Runner):
     def build(self) -> None:
         import torch
 
+        if self.autotune:
+            self._benchmark = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = True
         model = torch_model(self.case, self.ctx.weights(self.case.spec)).to(self.device)
         if self.case.workload.grad:
             self._build_grad(model)
@@ -55,7 +65,7 @@ class TorchRunner(Runner):
                 model.set_style_target(torch.from_numpy(self.case.target).to(self.device))
         self.model = model
         self.fn: Callable[[dict[str, Any]], Any] = lambda feeds: torch_call(self.case, model, feeds)
-        if self.mode == "compile":
+        if self.compiled:
             # A cold start compiles from scratch: Inductor's on-disk caches from an
             # earlier run would otherwise turn it into a cache load. Restored in close().
             self._cache_cfg = _cache_config()
@@ -75,8 +85,9 @@ class TorchRunner(Runner):
         self.model = model
         targets = (training.cached_targets(self.case, model, self.device)
                    if self.case.workload.name == "stylize-step" else None)
-        terms = training.terms_fn(self.case, model, snippet=self.mode == "fp32", targets=targets)
-        if self.mode == "compile":  # as in build(): close() restores the setting
+        terms = training.terms_fn(self.case, model, snippet=self.mode == "fp32", targets=targets,
+                                  amp=self.dtype)
+        if self.compiled:  # as in build(): close() restores the setting
             self._cache_cfg = _cache_config()
             self._caches = self._cache_cfg.force_disable_caches
             self._cache_cfg.force_disable_caches = True
@@ -93,7 +104,11 @@ class TorchRunner(Runner):
             return self.fn(self.sets[i])
 
     def close(self) -> None:
-        if self.mode == "compile":
+        if hasattr(self, "_benchmark"):
+            import torch
+
+            torch.backends.cudnn.benchmark = self._benchmark
+        if self.compiled:
             import torch
 
             torch._dynamo.reset()  # drop the compiled graphs of this shape
@@ -144,7 +159,8 @@ def _compiled_core(case: Case, model: Any) -> Any:
 
 @dataclass(frozen=True)
 class TorchVariant(Variant):
-    # "fp32" | "fp16-cl" | "bf16-cl" | "compile" | "nograd-y" (train: y outside autograd)
+    # "fp32" | "fp16-cl" | "bf16-cl" | "bf16-autocast" | "compile" | "compile-fp16-cl" |
+    # "fp16-cl-autotune" | "nograd-y" (train: y outside autograd)
     mode: str = "fp32"
 
     def unavailable(self, ctx: Context, case: Case) -> str | None:
@@ -153,7 +169,7 @@ class TorchVariant(Variant):
             return why
         if self.mode == "nograd-y" and case.workload.name != "train":
             return "train workload only (the others have no y in autograd)"
-        if self.mode == "compile":
+        if self.mode.startswith("compile"):
             if ctx.quick:
                 return ("skipped in --quick: torch.compile spends tens of seconds to minutes "
                         "compiling each shape; run without --quick")

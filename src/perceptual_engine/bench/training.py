@@ -9,6 +9,11 @@
   content image's features, the style image's Grams), value and gradient.
 
 Every variant returns the terms and ``grad.x`` = ∂(Σ_n total_n)/∂x, (N, 3, H, W).
+
+AMP (float16/bfloat16) is written as a careful training loop writes it: the network runs
+under autocast, the loss terms (the Grams' products included) in float32 outside it.
+Under autocast the Gram's bmm would run in half precision, and every style term came out
+wrong (relative error 1.0: the first H200 run's torch-fp16-cl train row).
 """
 from __future__ import annotations
 
@@ -36,15 +41,18 @@ def cached_targets(case: Any, model: Any, device: Any) -> tuple[dict[str, Any], 
                 {k: v.float() for k, v in losses.style_grams(fs, loss).items()})
 
 
-def terms_fn(case: Any, model: Any, snippet: bool, targets: tuple | None = None) -> Terms:
+def terms_fn(case: Any, model: Any, snippet: bool, targets: tuple | None = None, amp: Any = None) -> Terms:
     """``f(x, y) -> terms`` for the case; "total" is differentiable with respect to x.
 
     snippet: the baseline's one pass over cat([x, y]) (train only); otherwise y's
     features are computed under no_grad and only x's pass is recorded.
+    amp: None, torch.float16 or torch.bfloat16: the network's convolutions under autocast
+    in that dtype; the features are cast to float32 and the terms computed outside it.
     """
     import torch
 
-    feats, loss = model.features, model.loss
+    loss = model.loss
+    feats = _Autocast(model.features, amp) if amp is not None else model.features
     if case.workload.name == "stylize-step":
         content, grams = targets  # type: ignore[misc]
 
@@ -69,15 +77,31 @@ def terms_fn(case: Any, model: Any, snippet: bool, targets: tuple | None = None)
     return split
 
 
+class _Autocast:
+    """``features.extract`` under autocast, its taps returned in float32: the network in
+    half precision, what the loss sees (and the Grams it builds) in float32."""
+
+    def __init__(self, features: Any, dtype: Any) -> None:
+        self.features, self.dtype = features, dtype
+
+    def extract(self, x: Any) -> dict[str, Any]:
+        import torch
+
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            taps = self.features.extract(x)
+        return {k: v.float() for k, v in taps.items()}
+
+
 def value_and_grad(f: Terms, feeds: Mapping[str, Any], *, amp: Any = None) -> dict[str, Any]:
     """Run ``f`` on the feeds with x as a fresh leaf, backpropagate Σ total, return the
-    detached terms and ``grad.x``. amp: None, torch.float16 or torch.bfloat16 (autocast)."""
+    detached terms and ``grad.x``. amp: the dtype ``f`` autocasts its network to (terms_fn's
+    ``amp``): float16 scales the loss by FP16_LOSS_SCALE before the backward. ``f`` itself
+    decides what runs under autocast; nothing here does."""
     import torch
 
     x = feeds["x"].detach().requires_grad_(True)
     scale = FP16_LOSS_SCALE if amp is torch.float16 else 1.0
-    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        out = f(x, feeds.get("y"))
+    out = f(x, feeds.get("y"))
     (out["total"].sum() * scale).backward()
     result = {k: v.detach() for k, v in out.items()}
     grad = x.grad

@@ -8,7 +8,8 @@ hot calls. Every runner takes the same input sets.
 
 CPU peers at the bf16 limit: ``torch-bf16-autocast`` (float32 weights, channels_last,
 ``torch.autocast("cpu", dtype=torch.bfloat16)`` around the call, Grams included, as a
-user writes it) and ``openvino-f32``/``openvino-bf16`` (the Engine on device="openvino").
+user writes it; on the gradient workloads the loss terms in float32, as every AMP row) and
+``openvino-f32``/``openvino-bf16`` (the Engine on device="openvino").
 
 The parts: variant_base.py (Context, Runner, Variant), tiers.py (precision tiers, the
 tolerances of the parity check, TF32 switches), torch_variants.py (PyTorch, autograd on
@@ -39,18 +40,22 @@ REGISTRY: dict[str, Variant] = {v.name: v for v in (
     TorchVariant("torch-bf16-cl", "PyTorch eager, bfloat16 weights, channels_last", True, "bf16-cl"),
     TorchVariant("torch-compile", "torch.compile of the reference (default mode, static shapes)",
                  False, "compile"),
+    TorchVariant("torch-compile-fp16-cl", "torch.compile of the float16 channels_last model "
+                 "(train: AMP, terms in float32)", True, "compile-fp16-cl"),
+    TorchVariant("torch-fp16-cl-autotune", "torch-fp16-cl with torch.backends.cudnn.benchmark "
+                 "(cuDNN times its algorithms per shape)", True, "fp16-cl-autotune"),
     TorchVariant("torch-nograd-y", "PyTorch eager float32, y under no_grad (train only)", False,
                  "nograd-y"),
     TorchVariant("torch-bf16-autocast", "PyTorch eager, float32 weights, channels_last, "
-                 "torch.autocast bfloat16 (Grams too)", False, "bf16-autocast"),
+                 "torch.autocast bfloat16 (Grams too; train: terms in float32)", False, "bf16-autocast"),
     OrtVariant("ort-cpu", "ONNX Runtime, CPU execution provider", False, "cpu"),
     OrtVariant("openvino-f32", "the Engine on OpenVINO CPU, f32", False, "openvino"),
     OrtVariant("openvino-bf16", "the Engine on OpenVINO CPU, bf16 (INFERENCE_PRECISION_HINT)",
                False, "openvino", precision="bf16"),
-    OrtVariant("ort-cuda-fp32", "ONNX Runtime CUDA, float32, TF32 off, numpy in/out", True, "cuda"),
-    OrtVariant("ort-cuda-tf32", "ONNX Runtime CUDA, float32 with TF32, numpy in/out", True, "cuda",
+    OrtVariant("ort-cuda-fp32", "ONNX Runtime CUDA, float32, TF32 off, host I/O (numpy in/out)", True, "cuda"),
+    OrtVariant("ort-cuda-tf32", "ONNX Runtime CUDA, float32 with TF32, host I/O (numpy in/out)", True, "cuda",
                tf32=True),
-    OrtVariant("ort-cuda-fp16", "ONNX Runtime CUDA, model exported as float16", True, "cuda",
+    OrtVariant("ort-cuda-fp16", "ONNX Runtime CUDA, float16 model, host I/O (numpy in/out)", True, "cuda",
                dtype="float16"),
     OrtVariant("ort-cuda-iobinding", "ONNX Runtime CUDA, float32, CUDA torch tensors via IO binding",
                True, "cuda", feed="torch-cuda"),
@@ -65,8 +70,8 @@ REGISTRY: dict[str, Variant] = {v.name: v for v in (
                True, "cuda", dtype="float16", feed="torch-cuda", nhwc=True),
     OrtVariant("ort-cuda-fp16-graph", "ONNX Runtime CUDA, float16 model, IO binding + CUDA graph",
                True, "cuda", dtype="float16", feed="torch-cuda", cuda_graph=True),
-    OrtVariant("ort-tensorrt", "ONNX Runtime TensorRT EP (TensorRT's default fp32/TF32)", True,
-               "tensorrt", tf32=True),
+    OrtVariant("ort-tensorrt", "ONNX Runtime TensorRT EP (TensorRT's default fp32/TF32), host I/O "
+               "(numpy in/out)", True, "tensorrt", tf32=True),
 )}
 
 

@@ -44,6 +44,9 @@ class Engine:
         "f32". OpenVINO's outputs are checked against ONNX Runtime fp32 once per model,
         within the precision's tier; a model outside it raises PrecisionError.
     options: ProviderOptions for CUDA/TensorRT (tf32, fixed shapes, caches, ...).
+        ``engine.options`` holds what the providers really get, ``engine.requested_options``
+        what was passed; ``engine.option_notes`` says why they differ (a float16 model
+        keeps its tensor cores: ``tf32=False`` is not applied to it, docs/gpu.md).
     check_range: refuse host inputs outside the model's input range (see README).
     max_pixels: refuse a call whose N·H·W exceeds it, before any work.
     cpu_arena: ONNX Runtime's CPU memory arena. Default: on for fixed shapes
@@ -78,6 +81,10 @@ class Engine:
         # Metadata first, from a CPU-free read of the header: the spec names the inputs.
         self.info = read_info(self.path)
         self.inputs = self.info.input_names
+        self.requested_options = options or P.ProviderOptions()
+        self.option_notes: tuple[str, ...] = ()
+        if device != "openvino":  # what ONNX Runtime's providers get for this model's dtype
+            self.options, self.option_notes = P.for_model(self.options, self.info.dtype)
         # The main session never captures CUDA graphs: numpy calls, other shapes and
         # set_style_target run here; the TorchBinder keeps a separate session for the
         # one captured shape (ONNX Runtime replays a captured graph on every later run
@@ -148,8 +155,9 @@ class Engine:
         return self.backend.on_gpu
 
     def describe(self) -> str:
-        """What runs this model, in words (backend, version, precision or providers)."""
-        return self.backend.describe()
+        """What runs this model, in words (backend, version, precision or providers), and
+        any option that was not applied as asked (``option_notes``)."""
+        return "; ".join((self.backend.describe(), *self.option_notes))
 
     @property
     def spec(self):
@@ -206,7 +214,10 @@ class Engine:
     def features(self, x: Any) -> dict[str, Any]:
         """{layer: (N, C, H_l, W_l) float32} for x (N, 3, H, W) float32 in the input range.
 
-        numpy in -> numpy out; CUDA torch tensors in -> CUDA torch tensors out.
+        numpy in -> numpy out; CUDA torch tensors in -> CUDA torch tensors out. CUDA
+        results alias buffers the Engine reuses for a later call only once nothing holds
+        them any more (not the dict, a view, a numpy array or an autograd save): a result
+        you keep is never overwritten (docs/gpu.md, "IO binding").
         """
         if self.info.graph != "features":
             raise ModelError(f"{self.path!r} is a {self.info.graph} graph; features() needs a model exported "

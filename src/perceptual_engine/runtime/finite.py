@@ -47,8 +47,17 @@ def _scatter(v: Any, keep: list[int], n: int) -> Any:
 
 
 def _check_finite(out: Mapping[str, Any]) -> None:
+    """NonFiniteError if a sample's total is NaN/Inf. On CUDA, IO binding (iobinding.py)
+    has ONNX Runtime copy ``total`` to the host within its run (``host_total``): the check
+    reads that, and never copies from the device or synchronizes the host itself."""
     total = out["total"]
-    arr = total if isinstance(total, np.ndarray) else total.detach().float().cpu().numpy()
+    host = getattr(out, "host_total", None)
+    if host is not None:
+        arr = host
+    elif isinstance(total, np.ndarray):
+        arr = total
+    else:
+        arr = total.detach().float().cpu().numpy()
     if not np.isfinite(arr).all():
         bad = np.flatnonzero(~np.isfinite(arr)).tolist()
         raise NonFiniteError(f"the distance of sample(s) {bad} is not finite; the inputs hold NaN/Inf "

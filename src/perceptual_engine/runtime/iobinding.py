@@ -27,6 +27,24 @@ global mode, and keeps the captured graph per thread, so:
 A new target drops the capture (``reset``), and the next call captures again (a
 capture is keyed by the target it bound, so a call holding the old target never
 replays the new one's).
+
+Reuse (the ordinary session): each (input shape, outputs, target) keeps up to
+``SLOTS_PER_SHAPE`` slots, each one IOBinding with its output buffers bound once;
+an input is bound again only when its pointer changes. The tensors a call returns
+are aliases of its slot's buffers (``detach()``), and a slot is taken again only
+once nothing outside it holds its storage any more (the caller dropped the results,
+and every view, numpy array or autograd save of them): results handed out are never
+overwritten by a later call. While they are held, the next call takes another slot,
+or new buffers beyond the pool. A captured CUDA graph writes into fixed buffers, so
+its replays return clones.
+
+Host synchronizations of a distance call on ONNX Runtime's own stream: one before the
+run (torch's stream, so the inputs are written) and ONNX Runtime's own at its end.
+``total`` is bound to pinned host memory: ONNX Runtime copies it there inside the run,
+so the NaN/Inf check reads it on the host with no copy or synchronization of its own
+(``Outputs.host_total``), and the CUDA ``total`` the caller gets is filled from it
+asynchronously. On torch's stream (``share_torch_stream``) the run itself synchronizes
+nothing; ``total`` stays on the device and the check copies it (one wait).
 """
 from __future__ import annotations
 
@@ -45,6 +63,45 @@ from ..errors import InputError
 # captures on the next run and replays the capture to produce that run's outputs
 # (cuda_execution_provider.cc: min_num_runs_before_cuda_graph_capture_ = 1).
 CAPTURE_RUNS = 2
+
+# Slots (bindings with their output buffers) kept per input shape, and shapes kept.
+SLOTS_PER_SHAPE = 2
+SHAPES_KEPT = 2
+
+
+def _use_count(t: Any) -> int | None:
+    """How many tensors share ``t``'s storage (torch's own count; None where this torch
+    does not expose it: then no buffer is ever reused)."""
+    import torch
+
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return None if count is None else int(count(t.untyped_storage()._cdata))
+
+
+class Outputs(dict):
+    """A call's outputs by name; ``host_total`` holds the ``total`` ONNX Runtime already
+    copied to the host (numpy), for the NaN/Inf check (finite.py), or None."""
+
+    host_total: Any = None
+
+
+class Slot:
+    """One IOBinding with its output buffers (bound once) and the inputs' pointers."""
+
+    def __init__(self, binding: Any, outs: dict[str, Any], host_total: Any) -> None:
+        self.binding, self.outs, self.host_total = binding, outs, host_total
+        self.bound: dict[str, tuple[int, tuple[int, ...]]] = {}  # input name: (pointer, shape)
+        self.busy = False
+        self.copied: Any = None  # CUDA event after the last host -> device copy of total
+        # What the use count of an unshared buffer reads (the pool's own reference).
+        self.free_counts = {k: _use_count(t) for k, t in outs.items()}
+
+    def free(self) -> bool:
+        """Nothing outside the slot holds any of its buffers (results, views, numpy, autograd)."""
+        if self.busy:
+            return False
+        counts = {k: _use_count(t) for k, t in self.outs.items()}
+        return None not in counts.values() and counts == self.free_counts
 
 
 class Gate:
@@ -138,6 +195,8 @@ class TorchBinder:
         self._static: dict[str, Any] | None = None  # the captured shape's session and buffers
         self._worker: concurrent.futures.ThreadPoolExecutor | None = None
         self._no_sync = None  # RunOptions without the end-of-run host sync, made once
+        self._slots: dict[tuple, list[Slot]] = {}  # by (shape, names, target), most recent last
+        self._slots_lock = threading.Lock()
 
     @staticmethod
     def accepts(feeds: dict[str, Any]) -> bool:
@@ -158,6 +217,51 @@ class TorchBinder:
         shapes = output_shapes(self.engine, n, h, w)
         return {k: torch.empty(shapes[k], device=like.device, dtype=torch.float32) for k in names}
 
+    def _slot(self, feeds: dict[str, Any], extra: Mapping[str, Any], names: tuple[str, ...],
+              shared: bool) -> Slot:
+        """A free slot for this call's shape (marked busy), or a new one. ``shared``: the run
+        is on torch's stream, where nothing waits for it, so total stays on the device."""
+        import torch
+
+        key = (tuple(feeds["x"].shape), names, tuple(id(v) for v in extra.values()), shared)
+        with self._slots_lock:
+            slots = self._slots.pop(key, [])
+            self._slots[key] = slots  # most recently used last
+            while len(self._slots) > SHAPES_KEPT:
+                self._slots.pop(next(iter(self._slots)))
+            for slot in slots:
+                if slot.free():
+                    slot.busy = True
+                    return slot
+        outs = self._alloc(feeds["x"], names)
+        host_total = None
+        if "total" in outs and not shared:  # ORT copies it to the host within the run (finite check)
+            host_total = torch.empty(outs["total"].shape, dtype=torch.float32,
+                                     pin_memory=torch.cuda.is_available())
+        binding = self.session.io_binding()
+        for name, value in extra.items():  # OrtValues already on the device (cached targets)
+            binding.bind_ortvalue_input(name, value)
+        for name, t in outs.items():
+            if name == "total" and host_total is not None:
+                binding.bind_output(name, "cpu", 0, np.float32, tuple(host_total.shape), host_total.data_ptr())
+            else:
+                binding.bind_output(name, "cuda", t.device.index or 0, np.float32, tuple(t.shape), t.data_ptr())
+        slot = Slot(binding, outs, host_total)
+        slot.busy = True
+        with self._slots_lock:
+            slots = self._slots.get(key)
+            if slots is not None and len(slots) < SLOTS_PER_SHAPE:
+                slots.append(slot)
+        return slot
+
+    @staticmethod
+    def _bind_inputs(slot: Slot, feeds: dict[str, Any]) -> None:
+        for name, t in feeds.items():
+            where = (t.data_ptr(), tuple(t.shape))
+            if slot.bound.get(name) != where:
+                slot.binding.bind_input(name, "cuda", t.device.index or 0, np.float32, where[1], where[0])
+                slot.bound[name] = where
+
     def _check_device(self, feeds: dict[str, Any]) -> None:
         for name, t in feeds.items():
             if (t.device.index or 0) != self.device_id:
@@ -167,9 +271,12 @@ class TorchBinder:
                     f"create the Engine with ProviderOptions(device_id={t.device.index or 0}).")
 
     def reset(self) -> None:
-        """Forget the captured graph (its session and buffers); the next call captures again."""
+        """Forget the captured graph (its session and buffers) and the slots, which bound the
+        old target; the next call captures again."""
         with self._graph_lock:
             self._static = None
+        with self._slots_lock:
+            self._slots.clear()
 
     def _on_shared_stream(self, device: Any) -> bool:
         """Whether the caller's current torch stream is the one the session runs on."""
@@ -192,20 +299,39 @@ class TorchBinder:
                     return {k: v.clone() for k, v in self._static["out"].items()}
                 if self._static["key"] == key:
                     return self._replay(self._static, feeds)
-        outs = self._alloc(feeds["x"], names)
-        binding = self.session.io_binding()
-        self._bind(binding, feeds, outs, extra)
         device = feeds["x"].device
-        with GATE.shared():
-            if self._on_shared_stream(device):
-                # Same stream: ordered with torch's work on the device; no host wait.
-                if self._no_sync is None:
-                    self._no_sync = _run_options(True)
-                self.session.run_with_iobinding(binding, self._no_sync)
-            else:
-                torch.cuda.current_stream(device).synchronize()  # inputs written before ORT reads
-                self.session.run_with_iobinding(binding)  # ends with ORT's stream synchronized
-        return outs
+        shared = self._on_shared_stream(device)
+        slot = self._slot(feeds, extra, names, shared)
+        try:
+            self._bind_inputs(slot, feeds)
+            with GATE.shared():
+                if shared:
+                    # Same stream: ordered with torch's work on the device; no host wait.
+                    if self._no_sync is None:
+                        self._no_sync = _run_options(True)
+                    self.session.run_with_iobinding(slot.binding, self._no_sync)
+                else:
+                    torch.cuda.current_stream(device).synchronize()  # inputs written before ORT reads
+                    self.session.run_with_iobinding(slot.binding)  # ends with ORT's stream synchronized
+            out = Outputs((k, v.detach()) for k, v in slot.outs.items())  # aliases: see free()
+            if slot.host_total is not None:  # ORT's stream, synchronized at the end of its run
+                out.host_total = slot.host_total.numpy().copy()
+                # Pinned host -> device without a host wait; ordered before the next run by the
+                # synchronization before it, and after the slot's previous copy even when that
+                # was queued on another thread's stream.
+                total = slot.outs["total"]
+                if total.is_cuda:
+                    stream = torch.cuda.current_stream(device)
+                    if slot.copied is not None:
+                        stream.wait_event(slot.copied)
+                    total.copy_(slot.host_total, non_blocking=True)
+                    slot.copied = torch.cuda.Event()
+                    slot.copied.record(stream)
+                else:
+                    total.copy_(slot.host_total)
+            return out
+        finally:
+            slot.busy = False
 
     def _on_worker(self, fn: Any, *args: Any) -> Any:
         """Run ``fn`` on the binder's graph thread (ORT keeps captured graphs per thread)."""

@@ -154,9 +154,11 @@ class EnginePerceptualLoss(nn.Module):
 
 def stylize_options(device: str) -> ProviderOptions | None:
     """Options for an image optimization, which runs one shape for hundreds of steps:
-    fixed shapes (cuDNN's exhaustive search pays off), and on an explicit CUDA device
-    a CUDA graph of the step. None (the defaults) elsewhere: the CPU ignores them,
-    and TensorRT takes a CUDA graph only when it runs every node."""
+    fixed shapes (cuDNN's EXHAUSTIVE choice, made once, and the CPU arena), and on an
+    explicit CUDA device a CUDA graph of the step. A float16 model keeps its tensor cores
+    whatever ``tf32`` says (the Engine applies ``provider_options.for_model``). None (the
+    defaults) elsewhere: the CPU ignores them, and TensorRT takes a CUDA graph only when it
+    runs every node."""
     if device != "cuda":
         return None
     return ProviderOptions(fixed_shapes=True, cuda_graph=True)

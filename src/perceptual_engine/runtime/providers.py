@@ -17,16 +17,16 @@ from .gpu_libs import (CUDA_WHEELS, TENSORRT_LIBS, cuda_libraries, cuda_wheels,
                        missing_cuda_libraries, ort_cuda_major, preload_cuda, tensorrt_lib_dirs,
                        tensorrt_loadable)
 from .profiles import ProfileInput, ProfileInputs, ShapeRange, profile_inputs
-from .provider_options import (HEURISTIC_WORKSPACE, MAX_WORKSPACE, ProviderOptions, cuda_options,
-                               default_cache_dir, mem_limit_bytes, tensorrt_options, torch_stream,
-                               with_torch_stream, workspace_bytes)
+from .provider_options import (CONV_WORKSPACE, DEFAULTS, ProviderOptions, cuda_options,
+                               default_cache_dir, for_model, mem_limit_bytes, tensorrt_options,
+                               torch_stream, with_torch_stream, workspace_bytes)
 
 __all__ = [
     "DEVICES", "PROVIDER", "plan", "cuda_gpu_count", "available_providers",
     # profiles.py
     "ProfileInput", "ProfileInputs", "profile_inputs", "ShapeRange",
     # provider_options.py
-    "ProviderOptions", "HEURISTIC_WORKSPACE", "MAX_WORKSPACE", "mem_limit_bytes",
+    "ProviderOptions", "DEFAULTS", "CONV_WORKSPACE", "for_model", "mem_limit_bytes",
     "workspace_bytes", "cuda_options", "tensorrt_options", "default_cache_dir",
     "torch_stream", "with_torch_stream",
     # gpu_libs.py
