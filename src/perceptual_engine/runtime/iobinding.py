@@ -208,14 +208,20 @@ class TorchBinder:
         for name, t in feeds.items():
             binding.bind_input(name, "cuda", t.device.index or 0, np.float32, tuple(t.shape), t.data_ptr())
         for name, t in outs.items():
-            binding.bind_output(name, "cuda", t.device.index or 0, np.float32, tuple(t.shape), t.data_ptr())
+            binding.bind_output(name, "cuda", t.device.index or 0, self._np_out, tuple(t.shape), t.data_ptr())
+
+    @property
+    def _np_out(self) -> Any:
+        """The outputs' numpy dtype: float32, or float16 for a --fp16-outputs features graph."""
+        return np.float16 if getattr(self.engine.info, "output_dtype", None) == "float16" else np.float32
 
     def _alloc(self, like, names: tuple[str, ...]) -> dict[str, Any]:
         import torch
 
         n, _, h, w = like.shape
         shapes = output_shapes(self.engine, n, h, w)
-        return {k: torch.empty(shapes[k], device=like.device, dtype=torch.float32) for k in names}
+        dtype = torch.float16 if self._np_out is np.float16 else torch.float32
+        return {k: torch.empty(shapes[k], device=like.device, dtype=dtype) for k in names}
 
     def _slot(self, feeds: dict[str, Any], extra: Mapping[str, Any], names: tuple[str, ...],
               shared: bool) -> Slot:
@@ -245,7 +251,7 @@ class TorchBinder:
             if name == "total" and host_total is not None:
                 binding.bind_output(name, "cpu", 0, np.float32, tuple(host_total.shape), host_total.data_ptr())
             else:
-                binding.bind_output(name, "cuda", t.device.index or 0, np.float32, tuple(t.shape), t.data_ptr())
+                binding.bind_output(name, "cuda", t.device.index or 0, self._np_out, tuple(t.shape), t.data_ptr())
         slot = Slot(binding, outs, host_total)
         slot.busy = True
         with self._slots_lock:
