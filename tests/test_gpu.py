@@ -279,3 +279,31 @@ def test_iobinding_recycles_dropped_results_and_keeps_held_ones(models):
     c = eng.distance(x2, y2)
     assert c["total"].data_ptr() == ptr  # dropped: its buffers are reused
     assert all(_rel(c[k], want[k]) <= 1e-6 for k in want)
+
+
+def test_static_shape_and_fp16_outputs_on_the_gpu(tmp_path, reference):
+    """A static-shape float16 distance model in its tier at its shape (and refusing
+    another), and a --fp16-outputs features model returning float16 CUDA tensors that
+    match the numpy path."""
+    from perceptual_engine import PerceptualError
+
+    static = str(tmp_path / "static16.onnx")
+    export_onnx(SPEC, static, graph="distance", loss=LOSS, dtype="float16", static_shape=(3, 97, 131))
+    eng = Engine(static, device="cuda")
+    x, y = _pair()
+    with torch.no_grad():
+        ref = reference(x, y)
+    got = eng.distance(x, y)
+    for name, value in got.items():
+        assert _rel(value, ref[name]) <= 1e-2, (name, _rel(value, ref[name]))
+    with pytest.raises(PerceptualError, match="static_shape"):
+        eng.distance(x[:2], y[:2])
+    feats = str(tmp_path / "feat16.onnx")
+    export_onnx(SPEC, feats, graph="features", dtype="float16", fp16_outputs=True)
+    eng = Engine(feats, device="cuda")
+    on_gpu = eng.features(x)
+    on_host = eng.features(x.cpu().numpy())
+    for name, value in on_gpu.items():
+        assert value.dtype == torch.float16 and value.is_cuda
+        assert on_host[name].dtype == np.float16
+        assert _rel(value.float(), torch.from_numpy(on_host[name].astype(np.float32))) <= 1e-2, name
