@@ -92,9 +92,16 @@ def gram_fast(f: torch.Tensor, norm: str = "chw") -> torch.Tensor:
 
 
 def half_difference(f: torch.Tensor, n) -> torch.Tensor:
-    """f[:n] − f[n:] of a joined (2n, ...) batch, as (n, rest), in f's dtype: a
-    (1, 2) × (2, n·rest) product, so neither half is copied out first (an exported
-    Slice copies)."""
+    """f[:n] − f[n:] of a joined (2n, ...) batch, as (n, rest), in f's dtype.
+
+    float16: a (1, 2) × (2, n·rest) product, so neither half is copied out first (an
+    exported Slice copies); float16 inputs are exact on tensor cores and the product
+    accumulates in float32, so the difference is float16's rounding of the exact one.
+    float32: a plain subtraction of the halves, exact on every backend (a float32
+    MatMul may run in TF32 on a GPU, which would round both halves to 10 bits first).
+    """
+    if f.dtype != torch.float16:
+        return (f[:n] - f[n:]).reshape(n, -1)
     sign = torch.tensor([[1.0, -1.0]], dtype=f.dtype, device=f.device)
     return (sign @ f.reshape(2, -1)).reshape(n, -1)
 
