@@ -134,6 +134,27 @@ def test_bf16_is_the_auto_choice_on_forward_graphs_and_stays_in_its_tier(distanc
     assert "OPTIMIZATION_CAPABILITIES" in engine.describe() and "bf16" in engine.describe()
 
 
+@needs_bf16
+def test_bf16_near_duplicates_are_recomputed_within_the_tier(distance_model):
+    """Near-duplicate pairs (noise of 1e-3 and 1e-2 of the range), where bf16 alone was
+    10x and 13% off: their totals are recomputed in f32 and within the bf16 tier; an
+    unrelated pair in the same call stays bf16."""
+    path = distance_model[0]
+    engine, cpu = Engine(path, device="openvino", precision="bf16"), Engine(path, device="cpu")
+    assert engine.backend.near_total > 0
+    rng = np.random.default_rng(27)
+    y = rng.uniform(0, 1, (3, 3, 45, 43)).astype(np.float32)
+    x = y + rng.uniform(-1, 1, y.shape).astype(np.float32) * np.array([1e-3, 1e-2, 0], np.float32)[:, None, None, None]
+    x[2] = rng.uniform(0, 1, y[2].shape)  # unrelated
+    x = np.clip(x, 0, 1)
+    before = engine.backend.recomputed
+    got, want = engine.distance(x, y), cpu.distance(x, y)
+    assert engine.backend.recomputed - before == 2
+    for name in want:
+        assert accuracy.error("total", got[name][:2], want[name][:2]) <= accuracy.TIERS["bf16"].total, name
+    assert 0 < abs(got["total"][2] - want["total"][2]) / want["total"][2] <= accuracy.TIERS["bf16"].total
+
+
 def test_a_model_outside_its_tier_is_refused_and_the_check_is_cached(distance_model, monkeypatch):
     path = distance_model[0]
     Engine(path, device="openvino", precision="f32")  # checked once here (or earlier), cached

@@ -82,5 +82,6 @@ def _openvino_backend(path: str, info: ModelInfo, precision: str, threads: int |
 
     backend = OpenVinoBackend(path, precision, grad=bool(getattr(info, "grad", False)), threads=threads)
     check_names(backend.output_names, backend.input_names)
-    backend.accuracy = accuracy.verify(path, info, backend.precision, backend.version, backend.run)
+    backend.accuracy = accuracy.verify(path, info, backend.precision, backend.version, backend.run,
+                                       backend.calibrate)
     return backend
