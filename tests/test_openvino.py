@@ -171,6 +171,27 @@ def test_a_model_outside_its_tier_is_refused_and_the_check_is_cached(distance_mo
     assert calls == [1]
 
 
+def test_the_check_is_redone_for_a_file_rewritten_in_place(distance_model, tmp_path, monkeypatch):
+    """Same path, inode, size and mtime (set back), new ctime: checked again."""
+    import os
+    import shutil
+    import time
+
+    path = str(tmp_path / "d.onnx")
+    shutil.copyfile(distance_model[0], path)
+    Engine(path, device="openvino", precision="f32")
+    calls = []
+    real = accuracy.check_inputs
+    monkeypatch.setattr(accuracy, "check_inputs", lambda *a: calls.append(1) or real(*a))
+    st, data = os.stat(path), open(path, "rb").read()
+    time.sleep(0.05)
+    with open(path, "r+b") as fh:
+        fh.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    Engine(path, device="openvino", precision="f32")
+    assert calls == [1]
+
+
 def test_accuracy_errors_are_defined_per_kind():
     want = np.array([[1.0, -2.0], [4.0, 0.5]], np.float32)
     got = want + np.array([[0.1, 0.0], [0.0, 0.0]], np.float32)
