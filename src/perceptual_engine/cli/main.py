@@ -22,7 +22,7 @@ from .export import cmd_export
 from .options import (add_device_options, add_head_options,
                       add_memory_options, add_spec_options, positive_int, spec_from_args)
 from .. import kinds
-from ..errors import (ConfigError, LinearWeightsError, PerceptualError,
+from ..errors import (ConfigError, DistsWeightsError, LinearWeightsError, PerceptualError,
                       WeightsError)
 
 
@@ -210,12 +210,16 @@ def cli_wording(text: str) -> str:
 
 
 def weights_hint(exc: BaseException) -> str:
-    """The flag that fixes a weights error: LPIPS heads come from --lpips-weights, the
-    VGG trunk (of every graph, LPIPS included) from --weights."""
+    """The flag that fixes a weights error: LPIPS heads come from --lpips-weights, DISTS'
+    alpha/beta from --dists-weights, the VGG trunk (of every graph) from --weights."""
     if isinstance(exc, LinearWeightsError):
         return (" On the command line: --lpips-weights PATH (a .pth with keys "
                 "lin0..lin4.model.1.weight), or leave --lpips-weights out for the lpips "
                 "package's v0.1 weights (pip install lpips).")
+    if isinstance(exc, DistsWeightsError):
+        return (" On the command line: --dists-weights PATH (a .pt with keys alpha and beta), "
+                "or leave --dists-weights out for the DISTS_pytorch package's weights.pt "
+                "(pip install DISTS_pytorch).")
     if isinstance(exc, WeightsError):
         return " On the command line: --weights PATH (.pth/.safetensors) or --weights random."
     return ""
