@@ -210,3 +210,29 @@ def test_target_swap_under_4_threads_never_leaves_no_target(tmp_path, graph):
     assert not errors, errors[:3]
     assert seen
     assert all(any(abs(v - e) <= 1e-5 * abs(e) for e in expected) for v in seen)
+
+
+def test_file_lock_leaves_no_file_and_keeps_one_holder(tmp_path):
+    """The lock file is removed on release; threads (separate open files, as processes
+    have) racing on it, the removal included, never hold it two at a time."""
+    from perceptual_engine._io import file_lock
+
+    path = str(tmp_path / ".out.npy.lock")
+    inside, overlaps, entries = [0], [], [0]
+
+    def work():
+        for _ in range(40):
+            with file_lock(path):
+                inside[0] += 1
+                overlaps.append(inside[0] > 1)
+                time.sleep(0.0005)
+                entries[0] += 1
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert entries[0] == 160 and not any(overlaps)
+    assert os.listdir(tmp_path) == []
