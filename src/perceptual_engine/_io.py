@@ -32,23 +32,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.makedirs(folder, exist_ok=True)
     # Not mkstemp: its 0600 mode would survive the rename, and a model saved for a
     # service running as another user must be readable by it (the umask decides).
-    while True:
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
-    os.close(fd)
+    # The file is created inside the try: a signal (Ctrl-C, SIGTERM) that lands just after
+    # its creation removes it too.
+    tmp: str | None = None
     try:
+        while True:
+            tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                break
+            except FileExistsError:  # another's file: never ours to remove
+                tmp = None
+        os.close(fd)
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(folder)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
 
 

@@ -53,9 +53,13 @@ class EmbeddingStore:
             self.folder = tempfile.mkdtemp(prefix="pe-embeddings-", dir=spill_dir)
             # Removed when the store is collected, even if close() is never called.
             self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
-            for i, (t, d) in enumerate(self.dims.items()):
-                path = os.path.join(self.folder, f"term{i}.bin")
-                self._data[t] = np.memmap(path, dtype=dtype, mode="w+", shape=(max(self.n, 1), d))
+            try:
+                for i, (t, d) in enumerate(self.dims.items()):
+                    path = os.path.join(self.folder, f"term{i}.bin")
+                    self._data[t] = np.memmap(path, dtype=dtype, mode="w+", shape=(max(self.n, 1), d))
+            except BaseException:  # a full disk, Ctrl-C or SIGTERM here: no caller holds us to close
+                self.close()
+                raise
         else:
             self._data = {t: np.zeros((self.n, d), dtype=dtype) for t, d in self.dims.items()}
 
