@@ -155,3 +155,31 @@ def test_nearest_and_dedup(capsys, folder, model):
     assert out.splitlines()[1:] == [f"1,a.png,d.png,{float(out.splitlines()[1].split(',')[3])!r}",
                                     f"1,d.png,a.png,{float(out.splitlines()[2].split(',')[3])!r}"]
     assert "1 group(s)" in err
+
+
+@pytest.mark.parametrize("command", ["matrix", "nearest", "dedup", "distance"])
+def test_a_model_of_the_wrong_kind_is_a_usage_error_naming_the_commands_kinds(capsys, folder, command,
+                                                                              features_model, tmp_path):
+    args = {"matrix": ["matrix", folder, "--summary"], "nearest": ["nearest", folder / "a.png", folder],
+            "dedup": ["dedup", folder, "--threshold", "0.1"],
+            "distance": ["distance", folder / "a.png", folder / "b.png"]}[command]
+    code, _, err = _run(capsys, *args, "--model", features_model[0])
+    assert code == 2 and err.count("\n") == 1, err
+    accepted = "distance|lpips|dists" if command == "distance" else "distance|lpips"
+    assert f"{command} needs a model exported with `perceptual-engine export --graph {accepted}`" in err
+
+
+def test_matrix_on_openvino_runs_f32_embeddings(capsys, folder, model, tmp_path):
+    pytest.importorskip("openvino")
+    names = sorted(os.listdir(folder))
+    ref = Engine(model, "cpu").matrix(load_images([folder / n for n in names]))
+    code = main(["matrix", str(folder), "--model", model, "-o", str(tmp_path / "m.npy"), "--device", "openvino"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "OpenVINO CPU f32" in err and "runs the embeddings in f32" in err
+    np.testing.assert_allclose(np.load(tmp_path / "m.npy"), ref["total"], rtol=1e-4, atol=1e-9)
+    code = main(["nearest", str(folder / "a.png"), str(folder), "--model", model, "--device", "openvino",
+                 "--precision", "bf16"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--precision bf16 is not accepted by matrix, nearest and dedup" in err
+    assert "Use --device openvino" not in err

@@ -32,7 +32,7 @@ ROW_FORMATS = ("table", "csv", "json")
 def register(sub: Any, say: Callable[[str], None], fmt: Any) -> None:
     """Add the three commands to the CLI's subparsers."""
     from ..images import SIZE_POLICIES
-    from ..runtime.providers import DEVICES
+    from ..runtime import DEVICES
 
     specs = (
         ("matrix", "all-pairs distance matrix of one or two image folders",
@@ -127,6 +127,8 @@ def run(command: str, args: argparse.Namespace, say: Callable[[str], None]) -> i
         raise ConfigError("matrix needs -o OUT.npy|.csv|.parquet, --summary, or both.")
     if args.ray_address and not args.ray:
         raise ConfigError("--ray-address goes with --ray.")
+    _embedding_precision(args, say)
+    args.model_kinds = {"command": command, "kind_filter": {"matrix": True}}  # for --model's check
     out_format = None
     with contextlib.ExitStack() as stack:
         if command == "matrix" and args.output:
@@ -144,6 +146,20 @@ def run(command: str, args: argparse.Namespace, say: Callable[[str], None]) -> i
                                   f"({exc.holder or 'another process'}); wait for it or give "
                                   "another -o.") from None
         return _run(command, args, out_format, say)
+
+
+def _embedding_precision(args: argparse.Namespace, say: Callable[[str], None]) -> None:
+    """Embeddings run in f32 on every device: in bf16 their rounding is as large as a
+    near-duplicate's distance (docs/matrix.md), so bf16 is refused, and auto is f32."""
+    if args.precision == "bf16":
+        raise ConfigError("--precision bf16 is not accepted by matrix, nearest and dedup: bf16 "
+                          "embeddings are off by as much as a near-duplicate's distance, which no "
+                          "recompute from the stored embeddings can undo. Accepted: --precision f32 "
+                          "or auto (both f32; --device openvino runs OpenVINO f32).")
+    if args.device == "openvino" and args.precision == "auto":
+        say("--device openvino runs the embeddings in f32 (bf16 would put near-duplicates outside "
+            "its accuracy tier)")
+    args.precision = "f32"
 
 
 def _run(command: str, args: argparse.Namespace, out_format: str | None,
