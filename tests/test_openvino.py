@@ -155,6 +155,24 @@ def test_bf16_near_duplicates_are_recomputed_within_the_tier(distance_model):
     assert 0 < abs(got["total"][2] - want["total"][2]) / want["total"][2] <= accuracy.TIERS["bf16"].total
 
 
+@needs_bf16
+def test_auto_runs_f32_where_bf16_fails_the_tier_and_says_why(style_model):
+    """A style graph's Grams in bf16 are tens of percent off on unrelated pairs: "auto" must
+    not pick what its own check refuses; it runs f32 and says why (``precision_note``)."""
+    path = style_model[0]
+    with pytest.raises(PrecisionError, match="bf16 is outside its accuracy tier"):
+        Engine(path, device="openvino", precision="bf16")
+    engine = Engine(path, device="openvino")
+    assert engine.providers == ["OpenVINO CPU f32"]
+    assert "precision auto runs f32" in engine.precision_note and "style." in engine.precision_note
+    style = _img((1, 3, 40, 44), 5)
+    x = _img((2, 3, 40, 44), 6)
+    cpu = Engine(path, device="cpu")
+    for e in (engine, cpu):
+        e.set_style_target(style)
+    np.testing.assert_allclose(engine.distance(x)["total"], cpu.distance(x)["total"], rtol=1e-4)
+
+
 def test_a_model_outside_its_tier_is_refused_and_the_check_is_cached(distance_model, monkeypatch):
     path = distance_model[0]
     Engine(path, device="openvino", precision="f32")  # checked once here (or earlier), cached

@@ -43,7 +43,10 @@ def add_device_options(p: argparse.ArgumentParser, devices: tuple[str, ...]) -> 
 
 
 def say_device(device: str, engine: Any, say: Callable[[str], None]) -> None:
-    """Print what --device auto chose (and that OpenVINO is there to be asked for)."""
+    """Print what --device auto chose (and that OpenVINO is there to be asked for), and
+    why --precision auto ran f32 on OpenVINO where it did."""
+    if getattr(engine, "precision_note", ""):
+        say(engine.precision_note)
     if device != "auto":
         return
     import importlib.util

@@ -129,10 +129,20 @@ class OpenVinoBackend:
         # Copies: the request's output buffers are overwritten by its next call.
         return {name: np.array(res[ports[name]], dtype=np.float32, copy=True) for name in names}
 
+    def run_exact(self, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+        """``run`` in f32 whatever the precision: for cached targets (Grams, content features),
+        which every later call is compared with."""
+        if self.precision == "f32":
+            return self.run(feeds, names)
+        out = {}
+        n = len(next(iter(feeds.values())))
+        self._recompute(feeds, out, np.arange(n), names)
+        return out
+
     def _recompute(self, feeds: Mapping[str, np.ndarray], out: dict[str, np.ndarray],
-                   rows: np.ndarray) -> None:
-        """Overwrite ``rows`` of every output with an f32 run of those samples (x and y
-        are per sample; cached targets are fed whole)."""
+                   rows: np.ndarray, names: Sequence[str] | None = None) -> None:
+        """Overwrite ``rows`` of every output in ``out`` (or set ``names``) with an f32 run of
+        those samples (x and y are per sample; cached targets are fed whole)."""
         with self._f32_lock:
             if self._f32 is None:
                 compiled = self._core.compile_model(self._core.read_model(self._path), "CPU",
@@ -144,7 +154,10 @@ class OpenVinoBackend:
         if req is None:
             req = local.request = compiled.create_infer_request()
         sub = {k: (v[rows] if k in ("x", "y") else v) for k, v in feeds.items()}
-        exact = self._infer(req, ports, sub, list(out))
+        exact = self._infer(req, ports, sub, list(out) if names is None else list(names))
+        if names is not None:
+            out.update(exact)
+            return
         for name, values in exact.items():
             out[name][rows] = values
         self.recomputed += int(rows.size)
