@@ -184,9 +184,22 @@ def test_a_model_outside_its_tier_is_refused_and_the_check_is_cached(distance_mo
     monkeypatch.setitem(accuracy.TIERS, "f32", accuracy.Tier(taps=0.0, total=0.0, terms=0.0, grad=0.0))
     monkeypatch.setattr(accuracy, "_cache", {})
     with pytest.raises(PrecisionError, match=r"OpenVINO f32 is outside its accuracy tier on .* "
-                                             r"against ONNX Runtime fp32: .*precision='f32'"):
+                                             r"against ONNX Runtime fp32: .*precision='f32'") as info:
         Engine(path, device="openvino", precision="f32")
     assert calls == [1]
+    from perceptual_engine.cli.main import cli_wording
+
+    worded = cli_wording(str(info.value))  # the flag once, not "--precision f32 (--precision f32)"
+    assert worded.count("--precision f32") == 1 and "(--precision" not in worded
+
+
+def test_threads_must_be_positive(distance_model):
+    for device in ("openvino", "cpu"):
+        for bad in (-1, 0, 1.5):
+            with pytest.raises(ConfigError, match=r"threads=.* is not accepted; accepted: None .* or an "
+                                                  r"integer >= 1") as info:
+                Engine(distance_model[0], device=device, threads=bad)
+            assert "\n" not in str(info.value)
 
 
 def test_the_check_is_redone_for_a_file_rewritten_in_place(distance_model, tmp_path, monkeypatch):

@@ -22,8 +22,8 @@ import numpy as np
 
 from .. import kinds
 from ..errors import ConfigError
-from .options import (add_device_options, add_head_options, add_spec_options, memory_budget,
-                      positive_int)
+from .options import (add_device_options, add_head_options, add_spec_options, distance_threshold,
+                      memory_budget, positive_int)
 
 MATRIX_FORMATS = {".npy": "npy", ".csv": "csv", ".parquet": "parquet"}
 ROW_FORMATS = ("table", "csv", "json")
@@ -62,11 +62,13 @@ def register(sub: Any, say: Callable[[str], None], fmt: Any) -> None:
             p.add_argument("a", metavar="QUERY", help="image folder or file")
             p.add_argument("b", metavar="GALLERY", help="image folder or file")
             p.add_argument("--k", type=positive_int, default=5, help="matches per query (default: 5)")
-            p.add_argument("--threshold", type=float, metavar="T", help="only matches with distance <= T")
+            p.add_argument("--threshold", type=distance_threshold, metavar="T",
+                           help="only matches with distance <= T (a finite number >= 0)")
         else:
             p.add_argument("a", metavar="DIR", help="image folder")
-            p.add_argument("--threshold", type=float, metavar="T", required=True,
-                           help="images whose total distance is <= T are duplicates")
+            p.add_argument("--threshold", type=distance_threshold, metavar="T", required=True,
+                           help="images whose total distance is <= T are duplicates (a finite "
+                                "number >= 0)")
         if name != "matrix":
             p.add_argument("--format", choices=ROW_FORMATS, default="table", help="default: table")
         p.add_argument("--model", metavar="ONNX", help="an exported lpips or distance model; without "
@@ -138,6 +140,13 @@ def run(command: str, args: argparse.Namespace, say: Callable[[str], None]) -> i
                                   f"{', '.join(MATRIX_FORMATS)}.")
             out_format = MATRIX_FORMATS[ext]
             check_output_path(args.output, "-o")
+            from ..datasets.results import sidecar_path
+
+            side = sidecar_path(args.output)
+            if os.path.isdir(side) or (os.path.exists(side) and not os.access(side, os.W_OK)):
+                raise ConfigError(f"-o {args.output!r}: its sidecar {side!r} (the rows' and columns' "
+                                  f"names) is {'a folder' if os.path.isdir(side) else 'not writable'}; "
+                                  "remove it or give another -o.")
             try:  # held from before any work to the rename: one writer per file
                 stack.enter_context(file_lock(lock_path(args.output), wait=False,
                                               note=f"perceptual-engine (pid {os.getpid()})"))

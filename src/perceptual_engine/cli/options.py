@@ -57,6 +57,21 @@ def say_device(device: str, engine: Any, say: Callable[[str], None]) -> None:
     say(f"--device auto runs {engine.providers[0]}{'' if engine.on_gpu else ' (fp32)'}{hint}")
 
 
+def distance_threshold(text: str) -> float:
+    """A distance threshold: a finite number >= 0 (NaN, Inf or a negative one would match
+    nothing or everything, silently)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a distance >= 0, e.g. 0.01") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not accepted; accepted: a finite distance >= 0, "
+                                         "e.g. 0.01")
+    return value
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -69,6 +69,9 @@ class Engine:
                  cpu_arena: bool | None = None, memory_budget: Any = None,
                  precision: str = "auto") -> None:
         self.path = os.fspath(path)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ConfigError(f"threads={threads!r} is not accepted; accepted: None (the backend's "
+                              "default, every core) or an integer >= 1.")
         self.options = options or P.ProviderOptions()
         if device != "cpu":  # run on torch's stream when torch already uses CUDA (iobinding.py)
             self.options = P.with_torch_stream(self.options)

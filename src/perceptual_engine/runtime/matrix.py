@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .. import kinds, memory as _memory
-from ..errors import DeviceError, InputError, MemoryBudgetError, ModelError
+from ..errors import ConfigError, DeviceError, InputError, MemoryBudgetError, ModelError
 from ..validate import check_tensor
 from .embed import embed_taps, lpips_weights, tap_tensors, term_dims, x_branch
 from .embstore import EmbeddingStore
@@ -340,6 +340,12 @@ def matrix(engine: Any, x: Any, y: Any = None, *, batch_size: int = DEFAULT_BATC
            store_dtype: str = "float32", spill: bool | None = None, spill_dir: str | None = None,
            block: int | None = None, stats: dict | None = None) -> dict[str, np.ndarray]:
     """Engine.matrix: see its docstring."""
+    for name, value, none_ok in (("batch_size", batch_size, False), ("block", block, True)):
+        if value is None and none_ok:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ConfigError(f"{name}={value!r} is not accepted; accepted: an integer >= 1"
+                              f"{' or None (sized under the memory budget)' if none_ok else ''}.")
     emb = Embedder.of(engine)
     x = _host_images(x, "x")
     y = None if y is None else _host_images(y, "y")

@@ -196,7 +196,7 @@ def verify(path: str, info: Any, precision: str, version: str,
         refusal = PrecisionError(
             f"OpenVINO {precision} is outside its accuracy tier on {path!r} against ONNX Runtime fp32: "
             f"{shown}. The model is refused rather than run with wrong numbers; use precision='f32' "
-            "(--precision f32) or device='cpu'. Tiers: docs/openvino.md.", errors)
+            "or device='cpu'. Tiers: docs/openvino.md.", errors)
         with _lock:
             _cache[key] = (errors, refusal)
         raise refusal
