@@ -249,15 +249,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if code not in (130, 143):  # a command that reported its interrupt has said so
             check_interrupted()  # a Ctrl-C that was swallowed after the last progress line
         return interrupt_status() if code == 130 else code  # e.g. bench's 130 after SIGTERM
+    except Exception:
+        # A signal that lands inside a C extension's start-up (onnxruntime's import) comes
+        # out as that extension's error ("ImportError: initialization failed"), raised from
+        # our KeyboardInterrupt: it is the interrupt, already cleaned up on its way here.
+        if not INTERRUPTED[0]:
+            raise
+        _say_interrupted()
+        return interrupt_status()
     except KeyboardInterrupt:
-        try:
-            print(f"{PROG}: {interrupt_word()}", file=sys.stderr)
-        except KeyboardInterrupt:  # a second Ctrl-C while saying so
-            pass
+        _say_interrupted()
         return interrupt_status()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _say_interrupted() -> None:
+    try:
+        print(f"{PROG}: {interrupt_word()}", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C while saying so
+        pass
 
 
 def _catch_signals() -> dict[int, object]:
