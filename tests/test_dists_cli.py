@@ -49,6 +49,9 @@ def test_good_file_loads_and_hashes(tmp_path):
     (lambda s: s.pop("beta"), "exactly the keys 'alpha' and 'beta'"),
     (lambda s: s.__setitem__("gamma", torch.ones(1)), "exactly the keys 'alpha' and 'beta'"),
     (lambda s: s.__setitem__("alpha", torch.ones(1, 1475, 1, 1, dtype=torch.int64)), "float tensor"),
+    # Each finite and >= 0, but their sum (the normalizer the graph computes) overflows float32.
+    (lambda s: s.update(alpha=torch.full((1, 1475, 1, 1), 3e38), beta=torch.full((1, 1475, 1, 1), 3e38)),
+     r"sum to 8.85e\+41, beyond float32"),
 ])
 def test_bad_weights(tmp_path, edit, match):
     state = _good()
@@ -192,3 +195,20 @@ def test_demo_dists_column(dists_models, distance_model, tmp_path, monkeypatch):
     values = [float(ln.split()[-2]) for ln in lines]  # DISTS, then LPIPS ("-": skipped)
     assert len(values) == 9 and all(np.isfinite(values)) and min(values) > 0
     assert values[:3] == sorted(values[:3])  # more blur, larger DISTS
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04truncated"])
+@pytest.mark.parametrize("command", ["export", "distance"])
+def test_empty_or_truncated_dists_weights_are_one_line_naming_the_flag(tmp_path, monkeypatch, capsys,
+                                                                       content, command):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.pt").write_bytes(content)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.full((33, 33, 3), 128, np.uint8)).save(tmp_path / name)
+    argv = ([command, "--graph", "dists", "--weights", "random", "--dists-weights", "w.pt"]
+            + (["-o", "m.onnx"] if command == "export" else ["a.png", "b.png", "--cache-dir", "c"]))
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "w.pt" in err and "Traceback" not in err
+    assert "--dists-weights PATH" in err and "--weights PATH" not in err
+    assert ("empty" in err) == (content == b"")

@@ -68,6 +68,14 @@ def test_non_finite(tmp_path, bad):
     _refused(tmp_path, state, r"NaN or Inf")
 
 
+def test_weights_whose_head_sum_overflows(tmp_path):
+    """Each weight finite and >= 0, yet the head's channel sum overflows float32: every
+    total would be Inf. The derived bound is checked, not only each weight."""
+    state = _good()
+    state["lin2.model.1.weight"][0, 5] = 3e38
+    _refused(tmp_path, state, r"reach 3e\+38: the head's sum .* overflows float32")
+
+
 class _Exploit:
     def __reduce__(self):
         return (os.system, ("touch pwned-by-lpips-weights",))

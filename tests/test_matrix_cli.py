@@ -155,3 +155,72 @@ def test_nearest_and_dedup(capsys, folder, model):
     assert out.splitlines()[1:] == [f"1,a.png,d.png,{float(out.splitlines()[1].split(',')[3])!r}",
                                     f"1,d.png,a.png,{float(out.splitlines()[2].split(',')[3])!r}"]
     assert "1 group(s)" in err
+
+
+@pytest.mark.parametrize("command", ["matrix", "nearest", "dedup", "distance"])
+def test_a_model_of_the_wrong_kind_is_a_usage_error_naming_the_commands_kinds(capsys, folder, command,
+                                                                              features_model, tmp_path):
+    args = {"matrix": ["matrix", folder, "--summary"], "nearest": ["nearest", folder / "a.png", folder],
+            "dedup": ["dedup", folder, "--threshold", "0.1"],
+            "distance": ["distance", folder / "a.png", folder / "b.png"]}[command]
+    code, _, err = _run(capsys, *args, "--model", features_model[0])
+    assert code == 2 and err.count("\n") == 1, err
+    accepted = "distance|lpips|dists" if command == "distance" else "distance|lpips"
+    assert f"{command} needs a model exported with `perceptual-engine export --graph {accepted}`" in err
+
+
+def test_matrix_on_openvino_runs_f32_embeddings(capsys, folder, model, tmp_path):
+    pytest.importorskip("openvino")
+    names = sorted(os.listdir(folder))
+    ref = Engine(model, "cpu").matrix(load_images([folder / n for n in names]))
+    code = main(["matrix", str(folder), "--model", model, "-o", str(tmp_path / "m.npy"), "--device", "openvino"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "OpenVINO CPU f32" in err and "runs the embeddings in f32" in err
+    np.testing.assert_allclose(np.load(tmp_path / "m.npy"), ref["total"], rtol=1e-4, atol=1e-9)
+    code = main(["nearest", str(folder / "a.png"), str(folder), "--model", model, "--device", "openvino",
+                 "--precision", "bf16"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--precision bf16 is not accepted by matrix, nearest and dedup" in err
+    assert "Use --device openvino" not in err
+
+
+@pytest.mark.parametrize("value", ["nan", "-0.1", "inf"])
+def test_threshold_must_be_a_finite_distance(capsys, folder, model, value):
+    for argv in (["dedup", folder, "--threshold", value], ["nearest", folder / "a.png", folder, "--threshold", value]):
+        code, out, err = _run(capsys, *argv, "--model", model)
+        assert code == 2 and "accepted: a finite distance >= 0" in err and out == ""
+
+
+def test_a_sidecar_that_cannot_be_written_refuses_before_the_matrix_is_touched(capsys, folder, model, tmp_path):
+    out = tmp_path / "m.npy"
+    out.write_bytes(b"old")
+    (tmp_path / "m.npy.meta.json").mkdir()
+    code, _, err = _run(capsys, "matrix", folder, "--model", model, "-o", out)
+    assert code == 2 and "its sidecar" in err and "is a folder" in err and "Errno" not in err
+    assert out.read_bytes() == b"old"
+
+
+def test_matrix_and_distance_word_an_unreadable_file_alike(capsys, folder, model, tmp_path):
+    import shutil
+
+    root = tmp_path / "set"
+    shutil.copytree(folder, root)
+    (root / "zz.png").write_bytes(b"not an image at all")
+    code, _, err = _run(capsys, "matrix", root, "--model", model, "--summary")
+    said = [line for line in err.splitlines() if "zz.png" in line]
+    assert code == 1 and len(said) == 1
+    code, _, err2 = _run(capsys, "distance", root / "zz.png", root / "a.png", "--model", model)
+    assert code == 1
+    why = f"'{root / 'zz.png'}' is not an image Pillow can identify"
+    assert why in said[0] and why in err2
+
+
+def test_engine_matrix_refuses_zero_block_and_batch(model):
+    from perceptual_engine.errors import ConfigError
+
+    engine = Engine(model, "cpu")
+    x = np.random.default_rng(0).uniform(0, 1, (2, 3, H, W)).astype(np.float32)
+    for kw in ({"block": 0}, {"batch_size": 0}, {"batch_size": -3}):
+        with pytest.raises(ConfigError, match=f"{next(iter(kw))}=.* is not accepted; accepted: an integer >= 1"):
+            engine.matrix(x, **kw)

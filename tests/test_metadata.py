@@ -406,3 +406,36 @@ def test_non_finite_weights_through_the_cli(tmp_path, capsys):
 
 def test_every_error_here_is_a_perceptual_error():
     assert issubclass(ModelError, PerceptualError) and issubclass(WeightsError, PerceptualError)
+
+
+def test_a_model_rewritten_in_place_with_mtime_restored_is_checked_again(features_model, tmp_path):
+    """The per-process cache of verified graph digests keys files by identity: a model whose
+    weights are changed in place, same size, mtime set back, must fail its digest."""
+    import os
+    import shutil
+    import time
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from perceptual_engine.errors import ModelError
+    from perceptual_engine.runtime import read_info
+
+    path = str(tmp_path / "m.onnx")
+    shutil.copyfile(features_model[0], path)
+    read_info(path)  # verified and remembered
+    model = onnx.load(path)
+    init = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    values = numpy_helper.to_array(init).copy()
+    values.flat[0] += 1.0
+    init.raw_data = values.tobytes()
+    data = model.SerializeToString()
+    st = os.stat(path)
+    assert len(data) == st.st_size
+    time.sleep(0.05)
+    with open(path, "r+b") as fh:
+        fh.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ModelError, match="do not match the graph_sha256"):
+        read_info(path)

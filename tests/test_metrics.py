@@ -103,12 +103,37 @@ def test_perceptual_mean_and_merged_state(distance_model):
             totals.append(ref(x, y)["total"])
     want = float(torch.cat(totals).double().mean())
     assert abs(float(one.compute()) - want) <= 1e-4 * abs(want)
-    assert set(one._reductions) == {"score_sum", "count"}
+    assert set(one._reductions) == {"perceptual_sum", "perceptual_count", "perceptual_model"}
     a.merge_state(b)
     assert abs(float(a.compute()) - float(one.compute())) <= 1e-6 * abs(want)
     c = one.clone()  # a deep copy reopens its engine on first use
     c.update(*data[0])
     assert int(c.count) == int(one.count) + 2
+
+
+def test_collection_never_merges_different_metrics(distance_model, vgg_graphs, lpips_models, dists_models):
+    """In a real MetricCollection (compute groups on), a first batch of identical pairs
+    gives every metric equal-looking sums (0) and counts: LPIPS, DISTS and two Perceptual
+    metrics on different models must still each report their own value."""
+    from torchmetrics import MetricCollection
+
+    def make():
+        return {"lpips": M.LPIPS(lpips_models["fp32"][0]), "dists": M.DISTS(dists_models["fp32"][0]),
+                "perc": M.Perceptual(distance_model[0]), "perc2": M.Perceptual(vgg_graphs["distance-grad"])}
+
+    g = torch.Generator().manual_seed(27)
+    same = torch.rand(2, 3, 36, 38, generator=g)
+    x, y = (torch.rand(2, 3, 36, 38, generator=g) for _ in "xy")
+    coll, alone = MetricCollection(make()), make()
+    coll.update(same, same.clone())
+    coll.update(x, y)
+    got = coll.compute()
+    for name, metric in alone.items():
+        metric.update(x, y)
+        want = float(metric.compute()) * 2 / 4  # the identical pairs add 0 to the sum, 2 to the count
+        assert abs(float(got[name]) - want) <= 1e-5 * abs(want), (name, float(got[name]), want)
+    assert len({round(float(v), 6) for v in got.values()}) == 4
+    assert all(len(group) == 1 for group in coll.compute_groups.values()), coll.compute_groups
 
 
 def test_metric_refuses_wrong_model_and_options(distance_model, lpips_models):

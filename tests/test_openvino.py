@@ -134,6 +134,45 @@ def test_bf16_is_the_auto_choice_on_forward_graphs_and_stays_in_its_tier(distanc
     assert "OPTIMIZATION_CAPABILITIES" in engine.describe() and "bf16" in engine.describe()
 
 
+@needs_bf16
+def test_bf16_near_duplicates_are_recomputed_within_the_tier(distance_model):
+    """Near-duplicate pairs (noise of 1e-3 and 1e-2 of the range), where bf16 alone was
+    10x and 13% off: their totals are recomputed in f32 and within the bf16 tier; an
+    unrelated pair in the same call stays bf16."""
+    path = distance_model[0]
+    engine, cpu = Engine(path, device="openvino", precision="bf16"), Engine(path, device="cpu")
+    assert engine.backend.near_total > 0
+    rng = np.random.default_rng(27)
+    y = rng.uniform(0, 1, (3, 3, 45, 43)).astype(np.float32)
+    x = y + rng.uniform(-1, 1, y.shape).astype(np.float32) * np.array([1e-3, 1e-2, 0], np.float32)[:, None, None, None]
+    x[2] = rng.uniform(0, 1, y[2].shape)  # unrelated
+    x = np.clip(x, 0, 1)
+    before = engine.backend.recomputed
+    got, want = engine.distance(x, y), cpu.distance(x, y)
+    assert engine.backend.recomputed - before == 2
+    for name in want:
+        assert accuracy.error("total", got[name][:2], want[name][:2]) <= accuracy.TIERS["bf16"].total, name
+    assert 0 < abs(got["total"][2] - want["total"][2]) / want["total"][2] <= accuracy.TIERS["bf16"].total
+
+
+@needs_bf16
+def test_auto_runs_f32_where_bf16_fails_the_tier_and_says_why(style_model):
+    """A style graph's Grams in bf16 are tens of percent off on unrelated pairs: "auto" must
+    not pick what its own check refuses; it runs f32 and says why (``precision_note``)."""
+    path = style_model[0]
+    with pytest.raises(PrecisionError, match="bf16 is outside its accuracy tier"):
+        Engine(path, device="openvino", precision="bf16")
+    engine = Engine(path, device="openvino")
+    assert engine.providers == ["OpenVINO CPU f32"]
+    assert "precision auto runs f32" in engine.precision_note and "style." in engine.precision_note
+    style = _img((1, 3, 40, 44), 5)
+    x = _img((2, 3, 40, 44), 6)
+    cpu = Engine(path, device="cpu")
+    for e in (engine, cpu):
+        e.set_style_target(style)
+    np.testing.assert_allclose(engine.distance(x)["total"], cpu.distance(x)["total"], rtol=1e-4)
+
+
 def test_a_model_outside_its_tier_is_refused_and_the_check_is_cached(distance_model, monkeypatch):
     path = distance_model[0]
     Engine(path, device="openvino", precision="f32")  # checked once here (or earlier), cached
@@ -145,8 +184,42 @@ def test_a_model_outside_its_tier_is_refused_and_the_check_is_cached(distance_mo
     monkeypatch.setitem(accuracy.TIERS, "f32", accuracy.Tier(taps=0.0, total=0.0, terms=0.0, grad=0.0))
     monkeypatch.setattr(accuracy, "_cache", {})
     with pytest.raises(PrecisionError, match=r"OpenVINO f32 is outside its accuracy tier on .* "
-                                             r"against ONNX Runtime fp32: .*precision='f32'"):
+                                             r"against ONNX Runtime fp32: .*precision='f32'") as info:
         Engine(path, device="openvino", precision="f32")
+    assert calls == [1]
+    from perceptual_engine.cli.main import cli_wording
+
+    worded = cli_wording(str(info.value))  # the flag once, not "--precision f32 (--precision f32)"
+    assert worded.count("--precision f32") == 1 and "(--precision" not in worded
+
+
+def test_threads_must_be_positive(distance_model):
+    for device in ("openvino", "cpu"):
+        for bad in (-1, 0, 1.5):
+            with pytest.raises(ConfigError, match=r"threads=.* is not accepted; accepted: None .* or an "
+                                                  r"integer >= 1") as info:
+                Engine(distance_model[0], device=device, threads=bad)
+            assert "\n" not in str(info.value)
+
+
+def test_the_check_is_redone_for_a_file_rewritten_in_place(distance_model, tmp_path, monkeypatch):
+    """Same path, inode, size and mtime (set back), new ctime: checked again."""
+    import os
+    import shutil
+    import time
+
+    path = str(tmp_path / "d.onnx")
+    shutil.copyfile(distance_model[0], path)
+    Engine(path, device="openvino", precision="f32")
+    calls = []
+    real = accuracy.check_inputs
+    monkeypatch.setattr(accuracy, "check_inputs", lambda *a: calls.append(1) or real(*a))
+    st, data = os.stat(path), open(path, "rb").read()
+    time.sleep(0.05)
+    with open(path, "r+b") as fh:
+        fh.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    Engine(path, device="openvino", precision="f32")
     assert calls == [1]
 
 

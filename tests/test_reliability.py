@@ -210,3 +210,79 @@ def test_target_swap_under_4_threads_never_leaves_no_target(tmp_path, graph):
     assert not errors, errors[:3]
     assert seen
     assert all(any(abs(v - e) <= 1e-5 * abs(e) for e in expected) for v in seen)
+
+
+def test_file_lock_leaves_no_file_and_keeps_one_holder(tmp_path):
+    """The lock file is removed on release; threads (separate open files, as processes
+    have) racing on it, the removal included, never hold it two at a time."""
+    from perceptual_engine._io import file_lock
+
+    path = str(tmp_path / ".out.npy.lock")
+    inside, overlaps, entries = [0], [], [0]
+
+    def work():
+        for _ in range(40):
+            with file_lock(path):
+                inside[0] += 1
+                overlaps.append(inside[0] > 1)
+                time.sleep(0.0005)
+                entries[0] += 1
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert entries[0] == 160 and not any(overlaps)
+    assert os.listdir(tmp_path) == []
+
+
+def _terminate_when(cmd, ready, timeout=120.0):
+    """Start the command line ``cmd``, send SIGTERM once ``ready()`` is true, return
+    (exit status, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "perceptual_engine.cli", *map(str, cmd)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "never reached the point to terminate it at"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("command", ["matrix", "export"])
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, distance_model, command):
+    """SIGTERM in the middle of the work: exit 143, one line, and nothing left behind:
+    no spilled embeddings, no half-written export, no lock, no output."""
+    from PIL import Image
+
+    out = tmp_path / "out"
+    out.mkdir()
+    if command == "matrix":
+        images, spill = tmp_path / "images", tmp_path / "spill"
+        images.mkdir()
+        spill.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(150):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), np.uint8)).save(images / f"{i:03d}.png")
+        cmd = ["matrix", images, "--model", distance_model, "-o", out / "m.npy", "--spill-dir", spill,
+               "--memory-budget", "24M", "--batch-size", "2"]
+        ready = lambda: any(spill.iterdir())  # noqa: E731  (the spill folder's first moment)
+    else:
+        spill = None
+        cmd = ["export", "--weights", "random", "--layers", "relu1_2", "-o", out / "m.onnx"]
+        ready = lambda: any(p.name.endswith(".tmp") for p in out.iterdir())  # noqa: E731
+    code, err = _terminate_when(cmd, ready)
+    assert code == 143, err
+    assert err.strip().splitlines()[-1].startswith("perceptual-engine: terminated (SIGTERM)"), err
+    assert "Traceback" not in err
+    assert list(out.iterdir()) == []
+    if spill is not None:
+        assert list(spill.iterdir()) == [], err

@@ -32,23 +32,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.makedirs(folder, exist_ok=True)
     # Not mkstemp: its 0600 mode would survive the rename, and a model saved for a
     # service running as another user must be readable by it (the umask decides).
-    while True:
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
-    os.close(fd)
+    # The file is created inside the try: a signal (Ctrl-C, SIGTERM) that lands just after
+    # its creation removes it too.
+    tmp: str | None = None
     try:
+        while True:
+            tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                break
+            except FileExistsError:  # another's file: never ours to remove
+                tmp = None
+        os.close(fd)
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(folder)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
 
 
@@ -92,25 +96,46 @@ def file_lock(path: str, *, wait: bool = True, note: str = "") -> Iterator[None]
 
     wait: block until the lock is free; False raises LockBusy at once instead.
     note: written into the lock file while held (who holds it), for LockBusy's message.
-    The lock file is left in place: deleting it could let two processes lock two
-    different files of the same name. The kernel drops the lock if the process dies.
+    The lock file is removed on release, still under the lock, so no ``.lock`` is left
+    beside the user's files. One writer is kept: a process that locked a file which was
+    removed meanwhile (its inode is no longer the one at ``path``) tries again on the
+    new one. The kernel drops the lock if the process dies (the file then stays, and
+    the next holder removes it).
     """
     import fcntl
 
-    with open(path, "a+b") as fh:
+    while True:
+        fh = open(path, "a+b")
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            fh.seek(0)
-            raise LockBusy(path, fh.read(200).decode("utf-8", "replace").strip()) from None
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                fh.seek(0)
+                raise LockBusy(path, fh.read(200).decode("utf-8", "replace").strip()) from None
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(fh.fileno()).st_ino:  # removed by its last holder: again
+                fh.close()
+                continue
+        except BaseException:
+            fh.close()
+            raise
+        break
+    try:
+        if note:
+            fh.truncate(0)
+            fh.write(note.encode())
+            fh.flush()
+        yield
+    finally:
         try:
-            if note:
-                fh.truncate(0)
-                fh.write(note.encode())
-                fh.flush()
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            os.unlink(path)  # under the lock: a waiter on this inode will see it gone
+        except OSError:
+            pass
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import pickle
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 from . import backward
-from .errors import ConfigError, WeightsError
+from .errors import ConfigError, DistsWeightsError
 from .outputs import dists_output_names
 from .reference import TorchFeatures
 from .spec import FeatureSpec
@@ -123,7 +122,7 @@ def default_weights_path() -> str:
         if os.path.isfile(path):
             return path
     what = "is not installed" if not folders else f"has no weights.pt in {folders}"
-    raise WeightsError(f"the DISTS alpha/beta weights were not found: the DISTS_pytorch package {what}. "
+    raise DistsWeightsError(f"the DISTS alpha/beta weights were not found: the DISTS_pytorch package {what}. "
                        f"Fix: {INSTALL_HINT}.")
 
 
@@ -133,21 +132,10 @@ def load_weights(path: str | os.PathLike | None = None) -> DistsWeights:
     A torch pickle loaded with ``weights_only=True`` (no code runs) onto the CPU, with
     exactly the keys ``alpha`` and ``beta``, each (1, 1475, 1, 1), finite and >= 0.
     """
+    from .weights import read_torch_file
+
     path = default_weights_path() if path is None else os.fspath(path)
-    if not os.path.isfile(path):
-        what = "a folder" if os.path.isdir(path) else "missing"
-        raise WeightsError(f"DISTS weights file {path!r} is {what}; give the path of a .pt file "
-                           "such as DISTS_pytorch/weights.pt.")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise WeightsError(
-            f"DISTS weights file {path!r} was refused: it holds Python objects beyond tensors, "
-            "which could execute code when loaded. Accepted: a dict {'alpha': tensor, 'beta': tensor}; "
-            "re-save it with torch.save({'alpha': a, 'beta': b}, path).") from exc
-    except Exception as exc:
-        raise WeightsError(f"DISTS weights file {path!r} could not be read ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:200]}); re-save it with torch.save.") from exc
+    raw = read_torch_file(path, "DISTS weights file", DistsWeightsError, formats=".pt")
     return check_weights(raw, path)
 
 
@@ -156,24 +144,45 @@ def check_weights(raw: object, source: str) -> DistsWeights:
     shape = (1, sum(CHANNELS), 1, 1)
     if not isinstance(raw, Mapping) or set(map(str, raw)) != {"alpha", "beta"}:
         got = sorted(map(str, raw))[:6] if isinstance(raw, Mapping) else type(raw).__name__
-        raise WeightsError(f"DISTS weights {source!r} hold {got}; accepted: a dict with exactly the keys "
+        raise DistsWeightsError(f"DISTS weights {source!r} hold {got}; accepted: a dict with exactly the keys "
                            "'alpha' and 'beta'. Use DISTS_pytorch's weights.pt or a file saved the same way.")
     from .weights import checked_head_tensor
 
     out, h = {}, hashlib.sha256()
     for key in ("alpha", "beta"):
         t = checked_head_tensor(
-            raw[key], what="DISTS", key=key, source=source, shape=shape, error=WeightsError,
+            raw[key], what="DISTS", key=key, source=source, shape=shape, error=DistsWeightsError,
             shape_hint="(3 + 64 + 128 + 256 + 512 + 512 channels of VGG16).",
             file_fix="use DISTS_pytorch's weights.pt.",
             negative_fix="As trained, alpha and beta are >= 0: use DISTS_pytorch's weights.pt.",
             digest=h)
         out[key] = t
-    if float(out["alpha"].sum() + out["beta"].sum()) <= 0:
-        raise WeightsError(f"DISTS weights {source!r} are all zero; the score divides by their sum. "
-                           "Use DISTS_pytorch's weights.pt.")
-    return DistsWeights(out["alpha"], out["beta"],
-                        os.path.abspath(source) if os.path.exists(source) else source, h.hexdigest())
+    w = DistsWeights(out["alpha"], out["beta"],
+                     os.path.abspath(source) if os.path.exists(source) else source, h.hexdigest())
+    check_derived(w)
+    return w
+
+
+def check_derived(w: DistsWeights) -> None:
+    """What the graph derives from α and β, as it computes it (float32): their sum, and α
+    and β divided by it, finite, the sum > 0. Values each finite and >= 0 can still sum
+    to infinity (two of 3e38), which would make every score 0."""
+    total = w.alpha.sum() + w.beta.sum()
+    exact = float(w.alpha.double().sum() + w.beta.double().sum())
+    fix = ("The score divides them by their sum, so any common factor gives the same score: "
+           "re-save them divided by it, torch.save({'alpha': a / s, 'beta': b / s}, path) with "
+           "s = float(a.double().sum() + b.double().sum()), or use DISTS_pytorch's weights.pt.")
+    if exact <= 0:
+        raise DistsWeightsError(f"DISTS weights {w.source!r} are all zero; the score divides by their "
+                                "sum. Use DISTS_pytorch's weights.pt.")
+    if not torch.isfinite(total):
+        raise DistsWeightsError(f"DISTS weights {w.source!r} sum to {exact:.3g}, beyond float32 (3.4e38), "
+                                f"where the graph computes that sum; accepted: alpha and beta whose sum is "
+                                f"finite in float32. {fix}")
+    a, b = w.split()
+    if not all(torch.isfinite(t).all() for t in (*a, *b)):
+        raise DistsWeightsError(f"DISTS weights {w.source!r} divided by their sum ({exact:.3g}) are not "
+                                f"finite in float32; accepted: a sum of normal float32 size. {fix}")
 
 
 def resolve_weights(value: "DistsWeights | str | os.PathLike | None") -> DistsWeights:

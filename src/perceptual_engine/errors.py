@@ -69,6 +69,10 @@ class LinearWeightsError(WeightsError):
     """LPIPS linear weights (the 1x1 heads, not the VGG trunk) could not be read or checked."""
 
 
+class DistsWeightsError(WeightsError):
+    """DISTS alpha/beta (the head, not the VGG trunk) could not be read or checked."""
+
+
 class ModelError(PerceptualError):
     """An ONNX file is missing, corrupt, foreign or inconsistent with its metadata."""
 

@@ -66,46 +66,65 @@ def load_images(paths: Iterable[str | os.PathLike], *,
 
 def decode(path: str | os.PathLike, *, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read one image as (3, H, W) float32 in [0, 1] (``load_image`` without the batch axis)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     path = os.fspath(path)
+    check_file(path)
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise over_budget(path, w, h, max_pixels)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_array(img, path)
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError,
+            Image.DecompressionBombError) as exc:  # Pillow's plugins report broken data with any of these
+        raise read_error(path, exc) from exc
+
+
+def check_file(path: str) -> None:
+    """ImageError if ``path`` is a folder, missing or empty (before Pillow is asked)."""
     if os.path.isdir(path):
         raise ImageError(f"{path!r} is a folder; give the path of an image file.")
     if not os.path.exists(path):
         raise ImageError(f"{path!r} does not exist; give the path of an image file.")
     if os.path.getsize(path) == 0:
         raise ImageError(f"{path!r} is empty (0 bytes); re-export or re-download it.")
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            if max_pixels is not None and w * h > max_pixels:
-                raise ImageError(
-                    f"{path!r} is {w}x{h} = {w * h} pixels, over the budget of {max_pixels} "
-                    "(refused before decoding: it could be a decompression bomb). Downscale it, "
-                    "or raise the budget (max_pixels= / --max-pixels)."
-                )
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_array(img, path)
-    except ImageError:
-        raise
-    except UnidentifiedImageError as exc:
+
+
+def over_budget(path: str, w: int, h: int, max_pixels: int) -> ImageError:
+    return ImageError(
+        f"{path!r} is {w}x{h} = {w * h} pixels, over the budget of {max_pixels} "
+        "(refused before decoding: it could be a decompression bomb). Downscale it, "
+        "or raise the budget (max_pixels= / --max-pixels).")
+
+
+def read_error(path: str, exc: BaseException) -> ImageError:
+    """The one wording of a file Pillow could not read, for every command (``distance``'s
+    rows, ``matrix``'s unreadable files)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(exc, ImageError):
+        return exc
+    if isinstance(exc, UnidentifiedImageError):
         kind = _signature(path)
         if kind:  # the header says image, the data does not parse: damaged, not foreign
-            raise ImageError(f"{path!r} starts like a {kind} file but is corrupt (Pillow cannot "
-                             "parse it: a bad checksum or a damaged header); re-export or "
-                             "re-download it.") from exc
-        raise ImageError(f"{path!r} is not an image Pillow can identify; accepted: PNG, JPEG, "
-                         "TIFF, BMP, GIF, WebP and the other formats Pillow reads.") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{path!r} was refused as a decompression bomb ({exc}).") from exc
-    except MemoryError as exc:
-        raise ImageError(f"{path!r} does not fit in memory; downscale it.") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
-        # Pillow's plugins report broken data with any of these.
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ImageError(f"{path!r} is truncated or corrupt ({reason}); re-export or "
-                         "re-download it.") from exc
+            return ImageError(f"{path!r} starts like a {kind} file but is corrupt (Pillow cannot "
+                              "parse it: a bad checksum or a damaged header); re-export or "
+                              "re-download it.")
+        return ImageError(f"{path!r} is not an image Pillow can identify; accepted: PNG, JPEG, "
+                          "TIFF, BMP, GIF, WebP and the other formats Pillow reads.")
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageError(f"{path!r} was refused as a decompression bomb ({exc}).")
+    if isinstance(exc, MemoryError):
+        return ImageError(f"{path!r} does not fit in memory; downscale it.")
+    if isinstance(exc, PermissionError):
+        return ImageError(f"{path!r} cannot be opened (permission denied); make it readable.")
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ImageError(f"{path!r} is truncated or corrupt ({reason}); re-export or re-download it.")
 
 
 _SIGNATURES = (

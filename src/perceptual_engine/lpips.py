@@ -161,6 +161,16 @@ def check_linear_weights(raw: object, source: str) -> LinearWeights:
             negative_fix="lpips clamps them in training: clamp them (w.clamp_(min=0)) or use "
                          "the package's file.", digest=h)
         out.append(t)
+    # What the head derives from them: per tap Σ_c w_c·d_c with d_c = (n_x − n_y)² summing to
+    # at most 4 over c (unit vectors), then the taps' sum, all in float32. Each weight finite
+    # can still overflow that bound (weights near 3.4e38), which would make totals Inf.
+    bound = 4 * sum(t.max() for t in out)
+    if not torch.isfinite(bound):
+        big = max(float(t.double().max()) for t in out)
+        raise LinearWeightsError(
+            f"LPIPS weights {source!r} reach {big:.3g}: the head's sum over channels and taps (up to 4 "
+            "times the sum of each tap's largest weight) overflows float32; accepted: weights whose "
+            "bound is finite (as trained they are below 1). Use the lpips package's weights/v0.1/vgg.pth.")
     return LinearWeights(tuple(out), os.path.abspath(source) if os.path.exists(source) else source,
                          h.hexdigest())
 

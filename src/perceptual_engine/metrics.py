@@ -6,6 +6,12 @@ GPU, zero copy). The state is a sum of per-sample scores and a count, both reduc
 with ``dist_reduce_fx="sum"``, so DDP synchronises them as torchmetrics does its own.
 ``compute()`` is their mean (``reduction="mean"``) or sum (``"sum"``).
 
+A ``MetricCollection`` merges metrics whose states look equal after the first update
+(compute groups). Each class names its states after itself (``lpips_sum``,
+``lpips_count``, ...) and holds a third state, ``<name>_model``: the SHA-256 of its
+model's sealed metadata (graph digest included). Two metrics are merged only if they
+compute the same thing from the same model.
+
     from perceptual_engine.metrics import LPIPS
     metric = LPIPS(normalize=True)            # images in [0, 1]
     for x, y in loader:
@@ -43,6 +49,7 @@ class _EngineMetric(Metric):
     higher_is_better = False
     full_state_update = False
     graph = ""  # the graph kind a model must have
+    state_prefix = ""  # the names of this class's states: <prefix>_sum, _count, _model
 
     def __init__(self, model: str | os.PathLike | None, reduction: str, *, dtype: str = "float32",
                  cache_dir: str | None = None, **kwargs: Any) -> None:
@@ -53,11 +60,18 @@ class _EngineMetric(Metric):
         self.reduction = reduction
         self.model_path = os.fspath(model) if model is not None else self._build(dtype, cache_dir)
         self._engines: dict[str, Any] = {}
-        self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        if self.info.graph != self.graph:
-            raise ModelError(f"{self.model_path!r} is a {self.info.graph} graph; {type(self).__name__} "
+        info = self.info
+        if info.graph != self.graph:
+            raise ModelError(f"{self.model_path!r} is a {info.graph} graph; {type(self).__name__} "
                              f"needs one exported with graph={self.graph!r}.")
+        # Names of this class only, and the model's identity as a state: torchmetrics'
+        # compute groups merge metrics whose states have equal names and values, so
+        # different metrics (or one metric on two models) must never look alike.
+        p = self.state_prefix
+        self._sum, self._count = f"{p}_sum", f"{p}_count"
+        self.add_state(self._sum, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(self._count, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state(f"{p}_model", default=model_identity(info), dist_reduce_fx="max")
 
     # -- the model ----------------------------------------------------------------
     def _build(self, dtype: str, cache_dir: str | None) -> str:
@@ -116,14 +130,36 @@ class _EngineMetric(Metric):
             return torch.from_numpy(out)
         return engine.distance(x, y)["total"]
 
+    @property
+    def score_sum(self) -> torch.Tensor:
+        """The sum of per-sample scores so far (float64)."""
+        return getattr(self, self._sum)
+
+    @property
+    def count(self) -> torch.Tensor:
+        """The number of samples so far."""
+        return getattr(self, self._count)
+
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:  # type: ignore[override]
         s = self.scores(x, y)
-        self.score_sum += s.to(self.score_sum.device, torch.float64).sum()
-        self.count += s.shape[0]
+        total = self.score_sum
+        setattr(self, self._sum, total + s.to(total.device, torch.float64).sum())
+        setattr(self, self._count, self.count + s.shape[0])
 
     def compute(self) -> torch.Tensor:
         total = self.score_sum.to(torch.float32)
         return total / self.count if self.reduction == "mean" else total
+
+
+def model_identity(info: Any) -> torch.Tensor:
+    """(32,) uint8: SHA-256 of a model's sealed metadata, which binds its claims (graph
+    kind, spec, input range, head weights) to its graph digest. No two differing bytes
+    are ``allclose``, so compute groups never merge metrics on different models."""
+    import hashlib
+    import json
+
+    text = json.dumps(sorted(info.to_props().items()), separators=(",", ":"))
+    return torch.frombuffer(bytearray(hashlib.sha256(text.encode()).digest()), dtype=torch.uint8).clone()
 
 
 class LPIPS(_EngineMetric):
@@ -135,7 +171,7 @@ class LPIPS(_EngineMetric):
         (the VGG16 trunk: "imagenet", "random" or a file) and ``lpips_weights``.
     """
 
-    graph = "lpips"
+    graph = state_prefix = "lpips"
 
     def __init__(self, model: str | os.PathLike | None = None, *, normalize: bool = False,
                  reduction: str = "mean", weights: str = "imagenet", lpips_weights: Any = None,
@@ -162,7 +198,7 @@ class DISTS(_EngineMetric):
         cache from ``weights`` (the VGG16 trunk) and ``dists_weights`` (alpha/beta).
     """
 
-    graph = "dists"
+    graph = state_prefix = "dists"
 
     def __init__(self, model: str | os.PathLike | None = None, *, reduction: str = "mean",
                  weights: str = "imagenet", dists_weights: Any = None, dtype: str = "float32",
@@ -183,7 +219,7 @@ class Perceptual(_EngineMetric):
         content terms of weight 1 on every layer) to export one into the cache.
     """
 
-    graph = "distance"
+    graph, state_prefix = "distance", "perceptual"
 
     def __init__(self, model: str | os.PathLike | None = None, *, spec: Any = None, loss: Any = None,
                  reduction: str = "mean", dtype: str = "float32", cache_dir: str | None = None,

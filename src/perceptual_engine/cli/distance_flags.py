@@ -73,6 +73,12 @@ class ModelRequest:
     spatial: bool = False
     dtype: str = "float32"
     dists_weights: str | None = None
+    command: str = "distance"  # for messages
+    kind_filter: Any = None  # the kinds the command runs (kinds.names(**kind_filter)); None: compares
+
+    def __post_init__(self) -> None:
+        if self.kind_filter is None:
+            object.__setattr__(self, "kind_filter", {"compares": True})
 
     def extra(self) -> dict[str, Any]:
         """The model cache's arguments for this graph's head (its weights; LPIPS' spatial map)."""
@@ -93,7 +99,8 @@ def model_request(args: argparse.Namespace) -> ModelRequest:
         if given:
             raise ConfigError(f"--model reads the spec from the model; drop {', '.join(given)}, "
                               "or drop --model to export one from the flags.")
-        return ModelRequest(model=args.model, graph=args.graph or "", spatial=spatial)
+        return ModelRequest(model=args.model, graph=args.graph or "", spatial=spatial,
+                            **getattr(args, "model_kinds", {}))
     graph = args.graph or "distance"
     head = head_kwargs(args, graph, spatial, "--spatial-dir")
     if kinds.get(graph).head:
@@ -114,11 +121,14 @@ def check_model(req: ModelRequest, info: Any) -> None:
                           f"{info.graph} model (its metadata says so); drop --graph (the model "
                           f"says what it computes), or give a model exported with --graph "
                           f"{req.graph}.")
-    if not kinds.get(info.graph).compares:
-        raise ModelError(f"{name!r} is a {info.graph} graph; distance needs a model exported "
-                         f"with `perceptual-engine export --graph {'|'.join(kinds.names(compares=True))}`.")
+    # The kinds this command runs: matrix, nearest and dedup set ``kind_filter`` (matrix=True).
+    command, where = getattr(req, "command", "distance"), getattr(req, "kind_filter", {"compares": True})
+    accepted = kinds.names(**where)
+    if info.graph not in accepted:  # the wrong file for the command: a usage error (exit 2)
+        raise ConfigError(f"{name!r} is a {info.graph} graph; {command} needs a model exported "
+                          f"with `perceptual-engine export --graph {'|'.join(accepted)}`.")
     if req.spatial and not getattr(info, "spatial", False):
-        raise ModelError(f"{name!r} has no spatial output; --spatial-dir needs an LPIPS model "
+        raise ConfigError(f"{name!r} has no spatial output; --spatial-dir needs an LPIPS model "
                          "exported with --spatial (or drop --model to export one).")
 
 

@@ -2,7 +2,8 @@
 
 Exit status: 0 success; 1 when some pair failed or the library raised an error
 (one line on stderr, no traceback); 2 for usage and configuration errors;
-130 when interrupted. ``--traceback`` shows the full error (for bug reports).
+130 when interrupted (SIGINT), 143 when terminated (SIGTERM), either after the same
+clean-up. ``--traceback`` shows the full error (for bug reports).
 """
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ import threading
 import warnings
 from typing import Sequence
 
-from .common import INTERRUPTED, PROG, check_interrupted, say as _say
+from .common import INTERRUPTED, PROG, RECEIVED, check_interrupted, interrupt_status, interrupt_word, say as _say
 from .distance import _check_distance_args, cmd_distance
 from .export import cmd_export, static_shape_arg
 from .options import (add_device_options, add_head_options,
                       add_memory_options, add_spec_options, positive_int, spec_from_args)
 from .. import kinds
-from ..errors import (ConfigError, LinearWeightsError, PerceptualError,
+from ..errors import (ConfigError, DistsWeightsError, LinearWeightsError, PerceptualError,
                       WeightsError)
 
 
@@ -217,12 +218,16 @@ def cli_wording(text: str) -> str:
 
 
 def weights_hint(exc: BaseException) -> str:
-    """The flag that fixes a weights error: LPIPS heads come from --lpips-weights, the
-    VGG trunk (of every graph, LPIPS included) from --weights."""
+    """The flag that fixes a weights error: LPIPS heads come from --lpips-weights, DISTS'
+    alpha/beta from --dists-weights, the VGG trunk (of every graph) from --weights."""
     if isinstance(exc, LinearWeightsError):
         return (" On the command line: --lpips-weights PATH (a .pth with keys "
                 "lin0..lin4.model.1.weight), or leave --lpips-weights out for the lpips "
                 "package's v0.1 weights (pip install lpips).")
+    if isinstance(exc, DistsWeightsError):
+        return (" On the command line: --dists-weights PATH (a .pt with keys alpha and beta), "
+                "or leave --dists-weights out for the DISTS_pytorch package's weights.pt "
+                "(pip install DISTS_pytorch).")
     if isinstance(exc, WeightsError):
         return " On the command line: --weights PATH (.pth/.safetensors) or --weights random."
     return ""
@@ -237,44 +242,62 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status.
 
-    Ctrl-C anywhere (start-up, an export, a model build, a run) ends with one line
-    and exit status 130; what was already written stays (exports and cache entries
-    are atomic, result files keep their rows).
+    Ctrl-C (SIGINT) or SIGTERM anywhere (start-up, an export, a model build, a run) ends
+    with one line and exit status 130 (143 for SIGTERM); what was already written stays
+    (exports and cache entries are atomic, result files keep their rows) and what was
+    temporary (a half-written export, spilled embeddings, lock files) is removed. Both
+    signals take the same path: the handler raises KeyboardInterrupt.
     """
     INTERRUPTED[0] = False
-    previous = _catch_sigint()
+    RECEIVED[0] = None
+    previous = _catch_signals()
     try:
         code = _main(argv)
         if code not in (130, 143):  # a command that reported its interrupt has said so
             check_interrupted()  # a Ctrl-C that was swallowed after the last progress line
-        return code
+        return interrupt_status() if code == 130 else code  # e.g. bench's 130 after SIGTERM
+    except Exception:
+        # A signal that lands inside a C extension's start-up (onnxruntime's import) comes
+        # out as that extension's error ("ImportError: initialization failed"), raised from
+        # our KeyboardInterrupt: it is the interrupt, already cleaned up on its way here.
+        if not INTERRUPTED[0]:
+            raise
+        _say_interrupted()
+        return interrupt_status()
     except KeyboardInterrupt:
-        try:
-            print(f"{PROG}: interrupted", file=sys.stderr)
-        except KeyboardInterrupt:  # a second Ctrl-C while saying so
-            pass
-        return 130
+        _say_interrupted()
+        return interrupt_status()
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _catch_sigint():
-    """Python's own SIGINT behaviour (raise KeyboardInterrupt), which also records the
-    interrupt (common.INTERRUPTED); the previous handler, or None where it was not
-    Python's default or this is not the main thread."""
+def _say_interrupted() -> None:
+    try:
+        print(f"{PROG}: {interrupt_word()}", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C while saying so
+        pass
+
+
+def _catch_signals() -> dict[int, object]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt (Python's own SIGINT behaviour) and
+    record which came (common.INTERRUPTED, common.RECEIVED). Installed only in the main
+    thread, and only over the default handlers (a SIGTERM ignored by whoever started us,
+    or a handler of an embedding program, is kept). Returns the handlers replaced."""
     if threading.current_thread() is not threading.main_thread():
-        return None
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is not signal.default_int_handler:
-        return None
+        return {}
+    replaced: dict[int, object] = {}
 
     def handler(signum, frame):
         INTERRUPTED[0] = True
+        RECEIVED[0] = RECEIVED[0] or signum
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, handler)
-    return previous
+    for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        previous = signal.getsignal(sig)
+        if previous is default:
+            replaced[sig] = signal.signal(sig, handler)
+    return replaced
 
 
 def run() -> None:
@@ -290,8 +313,14 @@ def run() -> None:
         code = main()
     except KeyboardInterrupt:
         code = 130
-    if code in (130, 143):  # interrupted (SIGINT) or terminated (SIGTERM, stylize)
+    if code in (130, 143):  # interrupted (SIGINT) or terminated (SIGTERM)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C changes nothing
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # os._exit skips the interpreter's shutdown: collect what the interrupted frames
+        # left in reference cycles, so their finalizers (spill folders) run first.
+        import gc
+
+        gc.collect()
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

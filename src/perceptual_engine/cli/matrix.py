@@ -22,8 +22,8 @@ import numpy as np
 
 from .. import kinds
 from ..errors import ConfigError
-from .options import (add_device_options, add_head_options, add_spec_options, memory_budget,
-                      positive_int)
+from .options import (add_device_options, add_head_options, add_spec_options, distance_threshold,
+                      memory_budget, positive_int)
 
 MATRIX_FORMATS = {".npy": "npy", ".csv": "csv", ".parquet": "parquet"}
 ROW_FORMATS = ("table", "csv", "json")
@@ -32,7 +32,7 @@ ROW_FORMATS = ("table", "csv", "json")
 def register(sub: Any, say: Callable[[str], None], fmt: Any) -> None:
     """Add the three commands to the CLI's subparsers."""
     from ..images import SIZE_POLICIES
-    from ..runtime.providers import DEVICES
+    from ..runtime import DEVICES
 
     specs = (
         ("matrix", "all-pairs distance matrix of one or two image folders",
@@ -62,11 +62,13 @@ def register(sub: Any, say: Callable[[str], None], fmt: Any) -> None:
             p.add_argument("a", metavar="QUERY", help="image folder or file")
             p.add_argument("b", metavar="GALLERY", help="image folder or file")
             p.add_argument("--k", type=positive_int, default=5, help="matches per query (default: 5)")
-            p.add_argument("--threshold", type=float, metavar="T", help="only matches with distance <= T")
+            p.add_argument("--threshold", type=distance_threshold, metavar="T",
+                           help="only matches with distance <= T (a finite number >= 0)")
         else:
             p.add_argument("a", metavar="DIR", help="image folder")
-            p.add_argument("--threshold", type=float, metavar="T", required=True,
-                           help="images whose total distance is <= T are duplicates")
+            p.add_argument("--threshold", type=distance_threshold, metavar="T", required=True,
+                           help="images whose total distance is <= T are duplicates (a finite "
+                                "number >= 0)")
         if name != "matrix":
             p.add_argument("--format", choices=ROW_FORMATS, default="table", help="default: table")
         p.add_argument("--model", metavar="ONNX", help="an exported lpips or distance model; without "
@@ -127,6 +129,8 @@ def run(command: str, args: argparse.Namespace, say: Callable[[str], None]) -> i
         raise ConfigError("matrix needs -o OUT.npy|.csv|.parquet, --summary, or both.")
     if args.ray_address and not args.ray:
         raise ConfigError("--ray-address goes with --ray.")
+    _embedding_precision(args, say)
+    args.model_kinds = {"command": command, "kind_filter": {"matrix": True}}  # for --model's check
     out_format = None
     with contextlib.ExitStack() as stack:
         if command == "matrix" and args.output:
@@ -136,6 +140,13 @@ def run(command: str, args: argparse.Namespace, say: Callable[[str], None]) -> i
                                   f"{', '.join(MATRIX_FORMATS)}.")
             out_format = MATRIX_FORMATS[ext]
             check_output_path(args.output, "-o")
+            from ..datasets.results import sidecar_path
+
+            side = sidecar_path(args.output)
+            if os.path.isdir(side) or (os.path.exists(side) and not os.access(side, os.W_OK)):
+                raise ConfigError(f"-o {args.output!r}: its sidecar {side!r} (the rows' and columns' "
+                                  f"names) is {'a folder' if os.path.isdir(side) else 'not writable'}; "
+                                  "remove it or give another -o.")
             try:  # held from before any work to the rename: one writer per file
                 stack.enter_context(file_lock(lock_path(args.output), wait=False,
                                               note=f"perceptual-engine (pid {os.getpid()})"))
@@ -144,6 +155,20 @@ def run(command: str, args: argparse.Namespace, say: Callable[[str], None]) -> i
                                   f"({exc.holder or 'another process'}); wait for it or give "
                                   "another -o.") from None
         return _run(command, args, out_format, say)
+
+
+def _embedding_precision(args: argparse.Namespace, say: Callable[[str], None]) -> None:
+    """Embeddings run in f32 on every device: in bf16 their rounding is as large as a
+    near-duplicate's distance (docs/matrix.md), so bf16 is refused, and auto is f32."""
+    if args.precision == "bf16":
+        raise ConfigError("--precision bf16 is not accepted by matrix, nearest and dedup: bf16 "
+                          "embeddings are off by as much as a near-duplicate's distance, which no "
+                          "recompute from the stored embeddings can undo. Accepted: --precision f32 "
+                          "or auto (both f32; --device openvino runs OpenVINO f32).")
+    if args.device == "openvino" and args.precision == "auto":
+        say("--device openvino runs the embeddings in f32 (bf16 would put near-duplicates outside "
+            "its accuracy tier)")
+    args.precision = "f32"
 
 
 def _run(command: str, args: argparse.Namespace, out_format: str | None,

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .._io import atomic_path, atomic_write_bytes
+from .._io import atomic_path
 from ..errors import ConfigError
 from .matrix import _Bar, print_rows, summary
 
@@ -46,8 +46,13 @@ def write_matrix(args, engine, emb, sets, stores, p, fmt, say: Callable[[str], N
                   "terms": list(mats), "errors": errors, "summary": stat,
                   "model": model_identity(engine.info),
                   "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        _write(args.output, fmt, mats, args.term, rows, cols, ex, ey)
-        atomic_write_bytes(sidecar_path(args.output), json.dumps(record, indent=1).encode())
+        # The sidecar (the rows' and columns' names) is written first, beside its place, and
+        # renamed only after the matrix is: a failure leaves the old pair, never a matrix
+        # without its names.
+        with atomic_path(sidecar_path(args.output)) as side:
+            with open(side, "wb") as fh:
+                fh.write(json.dumps(record, indent=1).encode())
+            _write(args.output, fmt, mats, args.term, rows, cols, ex, ey)
         say(f"wrote {args.output} ({fmt}; rows and columns as listed in "
             f"{os.path.basename(sidecar_path(args.output))})")
     if args.summary:

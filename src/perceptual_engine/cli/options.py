@@ -43,7 +43,10 @@ def add_device_options(p: argparse.ArgumentParser, devices: tuple[str, ...]) -> 
 
 
 def say_device(device: str, engine: Any, say: Callable[[str], None]) -> None:
-    """Print what --device auto chose (and that OpenVINO is there to be asked for)."""
+    """Print what --device auto chose (and that OpenVINO is there to be asked for), and
+    why --precision auto ran f32 on OpenVINO where it did."""
+    if getattr(engine, "precision_note", ""):
+        say(engine.precision_note)
     if device != "auto":
         return
     import importlib.util
@@ -52,6 +55,21 @@ def say_device(device: str, engine: Any, say: Callable[[str], None]) -> None:
     if not engine.on_gpu and importlib.util.find_spec("openvino") is not None:
         hint = "; OpenVINO is installed: --device openvino runs bf16 where the CPU has it"
     say(f"--device auto runs {engine.providers[0]}{'' if engine.on_gpu else ' (fp32)'}{hint}")
+
+
+def distance_threshold(text: str) -> float:
+    """A distance threshold: a finite number >= 0 (NaN, Inf or a negative one would match
+    nothing or everything, silently)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a distance >= 0, e.g. 0.01") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not accepted; accepted: a finite distance >= 0, "
+                                         "e.g. 0.01")
+    return value
 
 
 def positive_int(text: str) -> int:

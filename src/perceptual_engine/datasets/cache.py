@@ -37,8 +37,9 @@ def model_key(spec: FeatureSpec, loss: LossConfig | None, dtype: str = "float32"
               grad: bool = False) -> str:
     """Hash of everything the model's numbers depend on.
 
-    A weights file enters by its size and modification time too, so replacing the
-    file re-exports instead of reusing numbers from the old one. A learned head's
+    A weights file enters by its size, modification time and status-change time
+    (ctime, which no one can set back) too, so replacing or rewriting the file
+    re-exports instead of reusing numbers from the old one. A learned head's
     weights (``head``: LPIPS' LinearWeights, DISTS' DistsWeights) enter by their SHA-256,
     and LPIPS' ``spatial``.
     """
@@ -55,7 +56,9 @@ def model_key(spec: FeatureSpec, loss: LossConfig | None, dtype: str = "float32"
         material["grad"] = True
     if spec.weights not in ("imagenet", "random") and os.path.isfile(spec.weights):
         st = os.stat(spec.weights)
-        material["weights_file"] = [os.path.abspath(spec.weights), st.st_size, st.st_mtime_ns]
+        # ctime: a rewrite in place with the same size and its mtime set back changes it.
+        material["weights_file"] = [os.path.abspath(spec.weights), st.st_size, st.st_mtime_ns,
+                                    st.st_ctime_ns]
     return json_digest(material)
 
 

@@ -49,17 +49,20 @@ class ImageSet:
     def _size(self, i: int) -> tuple[int, int] | None:
         from PIL import Image
 
-        try:
-            with Image.open(self.paths[i]) as im:
+        from ..images import check_file, over_budget, read_error
+
+        path = self.paths[i]
+        try:  # worded as distance words the same file (images.read_error)
+            check_file(path)
+            with Image.open(path) as im:
                 w, h = im.size
                 if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF rotations by 90 degrees
                     h, w = w, h
         except Exception as exc:
-            self.errors[i] = f"cannot read {self.paths[i]}: {type(exc).__name__}: {str(exc)[:200]}"
+            self.errors[i] = str(read_error(path, exc))
             return None
         if self.max_pixels and h * w > self.max_pixels:
-            self.errors[i] = (f"{self.paths[i]} has {h}x{w} pixels, over --max-pixels "
-                              f"{self.max_pixels}")
+            self.errors[i] = str(over_budget(path, w, h, self.max_pixels))
             return None
         return (h, w)
 

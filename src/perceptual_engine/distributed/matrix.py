@@ -53,7 +53,9 @@ class EmbedActor:
 
                 ref = ray.get(ref)
             model = local_model_copy(ref, sha)
-        self.engine = Engine(model, device, threads=threads)
+        # Embeddings run in f32 (runtime/matrix.py): no bf16 check for an OpenVINO engine.
+        self.engine = Engine(model, device, threads=threads,
+                             **({"precision": "f32"} if device == "openvino" else {}))
         self.embed = Embedder.of(self.engine)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ At export, ``seal`` records two SHA-256 digests in ``metadata_props``:
 ``read_model`` parses a file, validates its metadata (metadata.py) and recomputes
 both. The metadata digest costs microseconds and is checked on every load; the
 graph digest hashes every weight byte, so it is computed once per file identity
-(real path, device, inode, size, mtime) in this process. A mismatch is a
+(real path, device, inode, size, mtime, ctime) in this process. A mismatch is a
 ModelError: the file was edited or damaged after export.
 
 This detects edits and corruption, not forgery: anyone can recompute both digests
@@ -112,7 +112,8 @@ def read_model(path: str) -> ModelInfo:
                              "once. The file was edited after export: re-export the model.")
         props[p.key] = p.value
     info = ModelInfo.from_props(props, path)
-    identity = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    # ctime too: a rewrite in place with size and mtime restored still changes it.
+    identity = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     check(model, props, path, identity)
     return info
 

@@ -14,6 +14,7 @@ in and out, so only the blocks being multiplied occupy memory.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 import weakref
@@ -50,12 +51,29 @@ class EmbeddingStore:
             if spill_dir is not None and not os.path.isdir(spill_dir):
                 raise ConfigError(f"spill folder {spill_dir!r} does not exist; create it or give "
                                   "another one.")
-            self.folder = tempfile.mkdtemp(prefix="pe-embeddings-", dir=spill_dir)
-            # Removed when the store is collected, even if close() is never called.
-            self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
-            for i, (t, d) in enumerate(self.dims.items()):
-                path = os.path.join(self.folder, f"term{i}.bin")
-                self._data[t] = np.memmap(path, dtype=dtype, mode="w+", shape=(max(self.n, 1), d))
+            folder = None
+            try:
+                # Not mkdtemp: its name is known to us only once it returns, and a signal
+                # that lands just after the mkdir would leave the folder nobody removes.
+                while True:
+                    folder = os.path.join(spill_dir or tempfile.gettempdir(),
+                                          f"pe-embeddings-{secrets.token_hex(6)}")
+                    try:
+                        os.mkdir(folder, 0o700)
+                        break
+                    except FileExistsError:  # another's: never ours to remove
+                        folder = None
+                # Removed when the store is collected, even if close() is never called.
+                self._cleanup = weakref.finalize(self, shutil.rmtree, folder, True)
+                self.folder = folder
+                for i, (t, d) in enumerate(self.dims.items()):
+                    path = os.path.join(folder, f"term{i}.bin")
+                    self._data[t] = np.memmap(path, dtype=dtype, mode="w+", shape=(max(self.n, 1), d))
+            except BaseException:  # a full disk, Ctrl-C or SIGTERM here: no caller holds us to close
+                self._data = {}
+                if folder is not None:
+                    shutil.rmtree(folder, True)
+                raise
         else:
             self._data = {t: np.zeros((self.n, d), dtype=dtype) for t, d in self.dims.items()}
 

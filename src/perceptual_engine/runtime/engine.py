@@ -40,7 +40,8 @@ class Engine:
         docs/openvino.md). An explicit device that cannot be used raises DeviceError;
         never a silent CPU run. ``providers`` says what really runs.
     precision: "auto", "f32" or "bf16", for device="openvino" ("auto": bf16 where the
-        CPU reports BF16, f32 for gradient graphs); ONNX Runtime devices take "auto" or
+        CPU reports BF16 and the model passes the bf16 check, else f32, with the reason in
+        ``precision_note``; f32 for gradient graphs); ONNX Runtime devices take "auto" or
         "f32". OpenVINO's outputs are checked against ONNX Runtime fp32 once per model,
         within the precision's tier; a model outside it raises PrecisionError.
     options: ProviderOptions for CUDA/TensorRT (tf32, fixed shapes, caches, ...).
@@ -71,6 +72,9 @@ class Engine:
                  cpu_arena: bool | None = None, memory_budget: Any = None,
                  precision: str = "auto") -> None:
         self.path = os.fspath(path)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ConfigError(f"threads={threads!r} is not accepted; accepted: None (the backend's "
+                              "default, every core) or an integer >= 1.")
         self.options = options or P.ProviderOptions()
         if device != "cpu":  # run on torch's stream when torch already uses CUDA (iobinding.py)
             self.options = P.with_torch_stream(self.options)
@@ -108,6 +112,8 @@ class Engine:
                 raise DeviceError(_ort.why_not(device, None, got=self.backend.providers))
             self._check_outputs()
         self.providers: list[str] = list(self.backend.providers)
+        # Why precision "auto" ran f32 where bf16 was asked of the CPU (OpenVINO), else "".
+        self.precision_note: str = getattr(self.backend, "precision_note", "")
         self._binder = TorchBinder(self) if self.on_gpu else None
         self._target: T.Target | None = None  # cached targets, on the session's device; swapped whole
         self.memory_budget = memory_budget
@@ -313,7 +319,8 @@ class Engine:
 
     def _target_context(self) -> "T.Context":
         return T.Context(path=self.path, info=self.info, inputs=self.inputs, check=self._check,
-                         run=self.backend.run, keep=self.backend.keep, on_gpu=self.on_gpu)
+                         run=getattr(self.backend, "run_exact", self.backend.run),  # targets in f32
+                         keep=self.backend.keep, on_gpu=self.on_gpu)
 
     def _swap(self, target: T.Target) -> None:
         self._target = target

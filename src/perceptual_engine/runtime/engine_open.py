@@ -89,7 +89,23 @@ def _openvino_backend(path: str, info: ModelInfo, precision: str, threads: int |
     from .backends import accuracy
     from .backends.openvino import OpenVinoBackend
 
+    from ..errors import PrecisionError
+
     backend = OpenVinoBackend(path, precision, grad=bool(getattr(info, "grad", False)), threads=threads)
     check_names(backend.output_names, backend.input_names)
-    backend.accuracy = accuracy.verify(path, info, backend.precision, backend.version, backend.run)
+    backend.precision_note = ""
+    try:
+        backend.accuracy = accuracy.verify(path, info, backend.precision, backend.version, backend.run,
+                                           backend.calibrate)
+    except PrecisionError as exc:
+        if precision != "auto" or backend.precision == "f32":
+            raise
+        # "auto" picks what passes: f32 where bf16 is outside its tier on this model.
+        worst = sorted(exc.errors.items(), key=lambda kv: -kv[1])[:2]
+        note = (f"precision auto runs f32 on {os.path.basename(path)}: bf16 is outside its accuracy "
+                f"tier there ({', '.join(f'{n} {e:.2g}' for n, e in worst)})")
+        backend = OpenVinoBackend(path, "f32", grad=bool(getattr(info, "grad", False)), threads=threads)
+        check_names(backend.output_names, backend.input_names)
+        backend.accuracy = accuracy.verify(path, info, "f32", backend.version, backend.run, backend.calibrate)
+        backend.precision_note = note
     return backend

@@ -19,6 +19,7 @@ blocks sized to the budget. Results are float32.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -26,7 +27,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .. import kinds, memory as _memory
-from ..errors import DeviceError, InputError, MemoryBudgetError, ModelError
+from ..errors import ConfigError, DeviceError, InputError, MemoryBudgetError, ModelError
 from ..validate import check_tensor
 from .embed import embed_taps, lpips_weights, tap_tensors, term_dims, x_branch
 from .embstore import EmbeddingStore
@@ -68,11 +69,15 @@ class Embedder:
         names, concat = tap_tensors(model.graph, info.spec.arch, self.taps, path)
         branch = x_branch(model, names, concat)
         self._layers, self._outputs = list(names), list(names.values())
+        if getattr(engine, "device", None) == "openvino":
+            self.session = _OpenVinoBranch(branch)
+            return
         # The x branch runs where the engine's own ONNX Runtime session runs, with its options.
         session = getattr(engine, "session", None)
         if not hasattr(session, "get_providers"):
-            raise DeviceError(f"distance matrices run the model's x branch on ONNX Runtime; {engine!r} "
-                              "has no ONNX Runtime session. Open the model with device='cpu' or 'cuda'.")
+            raise DeviceError(f"distance matrices run the model's x branch on ONNX Runtime or OpenVINO; "
+                              f"{engine!r} has neither. Open the model with device='cpu', 'cuda' or "
+                              "'openvino'.")
         providers = session.get_providers()
         opts = session.get_provider_options()
         self.session = ort.InferenceSession(branch.SerializeToString(),
@@ -95,6 +100,38 @@ class Embedder:
         """{term: (n, D_t) float32} for images x (n, 3, H, W) float32."""
         outs = self.session.run(self._outputs, {"x": np.ascontiguousarray(x, dtype=np.float32)})
         return embed_taps(dict(zip(self._layers, outs)), self.terms, self.lin, self.gram)
+
+
+class _OpenVinoBranch:
+    """The x branch compiled by OpenVINO for the CPU, always in f32: bf16's rounding follows
+    the features, so in embeddings it is as large as a near-duplicate's distance, which no
+    recompute from stored embeddings can undo (docs/matrix.md). ``run`` as ONNX Runtime's."""
+
+    def __init__(self, branch: Any) -> None:
+        import os
+        import tempfile
+
+        from .backends.openvino import import_openvino
+
+        ov = import_openvino()
+        core = ov.Core()
+        fd, tmp = tempfile.mkstemp(suffix=".onnx", prefix="pe-branch-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(branch.SerializeToString())
+            model = core.read_model(tmp)
+            self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        finally:
+            os.unlink(tmp)
+        self._ports = {n: p for p in self.compiled.outputs for n in p.get_names()}
+        self._local = threading.local()
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        req = getattr(self._local, "request", None)
+        if req is None:
+            req = self._local.request = self.compiled.create_infer_request()
+        res = req.infer(feeds)
+        return [np.array(res[self._ports[n]], dtype=np.float32, copy=True) for n in names]
 
 
 def _checked_model(path: str) -> Any:
@@ -303,6 +340,12 @@ def matrix(engine: Any, x: Any, y: Any = None, *, batch_size: int = DEFAULT_BATC
            store_dtype: str = "float32", spill: bool | None = None, spill_dir: str | None = None,
            block: int | None = None, stats: dict | None = None) -> dict[str, np.ndarray]:
     """Engine.matrix: see its docstring."""
+    for name, value, none_ok in (("batch_size", batch_size, False), ("block", block, True)):
+        if value is None and none_ok:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ConfigError(f"{name}={value!r} is not accepted; accepted: an integer >= 1"
+                              f"{' or None (sized under the memory budget)' if none_ok else ''}.")
     emb = Embedder.of(engine)
     x = _host_images(x, "x")
     y = None if y is None else _host_images(y, "y")

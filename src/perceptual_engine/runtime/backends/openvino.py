@@ -6,6 +6,10 @@ The ``openvino`` package is the ``[openvino]`` extra, imported only here. Precis
 "auto": bf16 where the CPU has it, except for gradient graphs, which get f32 (bf16 put
 grad.x outside its tier, docs/openvino.md). The numbers are checked against ONNX
 Runtime's fp32 once per model (accuracy.py) before the backend is handed out.
+
+bf16 near small distances: the check calibrates ``near_total``; every sample whose bf16
+``total`` is below it (near-duplicates, where bf16's rounding is as large as the distance)
+is recomputed by an f32 compilation of the same model, made on first need.
 """
 from __future__ import annotations
 
@@ -75,6 +79,11 @@ class OpenVinoBackend:
                                   "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+        self._core, self._path, self._config = core, path, config
+        self.near_total = 0.0  # bf16: totals below it are recomputed in f32 (set by the check)
+        self.recomputed = 0  # samples recomputed in f32 so far
+        self._f32: Any = None
+        self._f32_lock = threading.Lock()
         try:
             model = core.read_model(path)
         except Exception as exc:
@@ -99,11 +108,59 @@ class OpenVinoBackend:
             req = self._local.request = self.compiled.create_infer_request()
         return req
 
+    def calibrate(self, near_total: float) -> None:
+        """Recompute in f32 the samples whose bf16 ``total`` is below ``near_total``."""
+        self.near_total = float(near_total)
+
     def run(self, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
-        req = self._request()
+        near = self.near_total > 0 and "total" in self._ports
+        want = list(names) + (["total"] if near and "total" not in names else [])
+        out = self._infer(self._request(), self._ports, feeds, want)
+        if near:
+            small = np.nonzero(~(out["total"] >= self.near_total))[0]  # NaN too
+            if small.size:
+                self._recompute(feeds, out, small)
+        return {name: out[name] for name in names}
+
+    @staticmethod
+    def _infer(req: Any, ports: Mapping[str, Any], feeds: Mapping[str, np.ndarray],
+               names: Sequence[str]) -> dict[str, np.ndarray]:
         res = req.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
         # Copies: the request's output buffers are overwritten by its next call.
-        return {name: np.array(res[self._ports[name]], dtype=np.float32, copy=True) for name in names}
+        return {name: np.array(res[ports[name]], dtype=np.float32, copy=True) for name in names}
+
+    def run_exact(self, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+        """``run`` in f32 whatever the precision: for cached targets (Grams, content features),
+        which every later call is compared with."""
+        if self.precision == "f32":
+            return self.run(feeds, names)
+        out = {}
+        n = len(next(iter(feeds.values())))
+        self._recompute(feeds, out, np.arange(n), names)
+        return out
+
+    def _recompute(self, feeds: Mapping[str, np.ndarray], out: dict[str, np.ndarray],
+                   rows: np.ndarray, names: Sequence[str] | None = None) -> None:
+        """Overwrite ``rows`` of every output in ``out`` (or set ``names``) with an f32 run of
+        those samples (x and y are per sample; cached targets are fed whole)."""
+        with self._f32_lock:
+            if self._f32 is None:
+                compiled = self._core.compile_model(self._core.read_model(self._path), "CPU",
+                                                    {**self._config, "INFERENCE_PRECISION_HINT": "f32"})
+                ports = {n: p for p in compiled.outputs for n in p.get_names()}
+                self._f32 = (compiled, ports, threading.local())
+        compiled, ports, local = self._f32
+        req = getattr(local, "request", None)
+        if req is None:
+            req = local.request = compiled.create_infer_request()
+        sub = {k: (v[rows] if k in ("x", "y") else v) for k, v in feeds.items()}
+        exact = self._infer(req, ports, sub, list(out) if names is None else list(names))
+        if names is not None:
+            out.update(exact)
+            return
+        for name, values in exact.items():
+            out[name][rows] = values
+        self.recomputed += int(rows.size)
 
     def keep(self, array: np.ndarray) -> Any:
         return np.array(array, copy=True)  # host memory is the device's
