@@ -129,6 +129,8 @@ def test_key_depends_on_everything_that_changes_the_numbers(tmp_path):
         cache.model_key(SPEC, LossConfig(content={"relu2_2": 0.5}, style={"relu1_2": 1.0})),
         cache.model_key(SPEC, LossConfig(content={"relu2_2": 1.0, "relu1_2": 1.0})),
         cache.model_key(SPEC, LossConfig(content={"relu1_2": 1.0, "relu2_2": 1.0})),  # order
+        cache.model_key(SPEC, LOSS, static_shape=(8, 224, 224)),
+        cache.model_key(SPEC, LOSS, static_shape=(8, 224, 256)),
     ]
     assert len({base, *others}) == len(others) + 1
     weights = tmp_path / "w.pth"
@@ -138,6 +140,18 @@ def test_key_depends_on_everything_that_changes_the_numbers(tmp_path):
     before = cache.model_key(spec, loss)
     os.utime(weights, ns=(1, 1))
     assert cache.model_key(spec, loss) != before  # a replaced weights file is re-exported
+
+
+def test_static_shape_entries_are_their_own(built):
+    """A static-shape request does not reuse the dynamic entry: its own key, and an entry
+    whose static shape differs is not intact for it."""
+    entry, _ = built
+    assert cache.check_entry(entry.path, entry.key, SPEC, LOSS, "float32")[0] is not None
+    key = cache.model_key(SPEC, LOSS, static_shape=(2, 33, 35))
+    record, why = cache.check_entry(entry.path, key, SPEC, LOSS, "float32", static_shape=(2, 33, 35))
+    assert record is None and why == "sidecar is for another model"
+    record, why = cache.check_entry(entry.path, entry.key, SPEC, LOSS, "float32", static_shape=(2, 33, 35))
+    assert record is None and "static shape" in why
 
 
 def test_concurrent_builders_export_once(tmp_path, built, monkeypatch):

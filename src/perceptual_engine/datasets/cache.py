@@ -34,14 +34,14 @@ class CachedModel:
 
 def model_key(spec: FeatureSpec, loss: LossConfig | None, dtype: str = "float32",
               graph: str = "distance", head: Any = None, spatial: bool = False,
-              grad: bool = False) -> str:
+              grad: bool = False, static_shape: tuple[int, int, int] | None = None) -> str:
     """Hash of everything the model's numbers depend on.
 
     A weights file enters by its size, modification time and status-change time
     (ctime, which no one can set back) too, so replacing or rewriting the file
     re-exports instead of reusing numbers from the old one. A learned head's
     weights (``head``: LPIPS' LinearWeights, DISTS' DistsWeights) enter by their SHA-256,
-    and LPIPS' ``spatial``.
+    and LPIPS' ``spatial``; a static-shape export by its shape.
     """
     # Term order is output order: keep it (a dict would be hashed sorted).
     terms = None if loss is None else {"content": list(loss.content.items()),
@@ -54,6 +54,8 @@ def model_key(spec: FeatureSpec, loss: LossConfig | None, dtype: str = "float32"
                                **({"spatial": bool(spatial)} if kind.spatial else {})}
     if grad:  # only when set, so the keys of models without a gradient stay as they were
         material["grad"] = True
+    if static_shape is not None:  # the same: only when set
+        material["static_shape"] = [int(v) for v in static_shape]
     if spec.weights not in ("imagenet", "random") and os.path.isfile(spec.weights):
         st = os.stat(spec.weights)
         # ctime: a rewrite in place with the same size and its mtime set back changes it.
@@ -72,7 +74,8 @@ def _sidecar(path: str) -> str:
 
 def check_entry(path: str, key: str, spec: FeatureSpec, loss: LossConfig | None,
                 dtype: str, graph: str = "distance", head: Any = None,
-                spatial: bool = False, grad: bool = False) -> tuple[dict[str, Any] | None, str]:
+                spatial: bool = False, grad: bool = False,
+                static_shape: tuple[int, int, int] | None = None) -> tuple[dict[str, Any] | None, str]:
     """(sidecar record, "") if the entry at ``path`` is intact, else (None, why not)."""
     if not os.path.isfile(path):
         return None, "not built yet"
@@ -93,6 +96,8 @@ def check_entry(path: str, key: str, spec: FeatureSpec, loss: LossConfig | None,
     built_spec = loss.used_spec(spec) if loss is not None else spec
     if (info.graph, info.dtype, info.spec, info.loss, info.grad) != (graph, dtype, built_spec, loss, grad):
         return None, "model metadata differs from the requested spec"
+    if info.static_shape != (tuple(static_shape) if static_shape is not None else None):
+        return None, "model's static shape differs from the requested one"
     kind = kinds.get(graph)
     if kind.head is not None:
         recorded = (getattr(info, kind.head) or {}).get("weights_sha256")
@@ -106,7 +111,8 @@ def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "fl
                  graph: str = "distance", folder: str | None = None, name: str | None = None,
                  rebuild: bool = False, weights: Any = None, grad: bool = False,
                  say: Callable[[str], None] | None = None, lpips_weights: Any = None,
-                 spatial: bool = False, dists_weights: Any = None) -> CachedModel:
+                 spatial: bool = False, dists_weights: Any = None,
+                 static_shape: tuple[int, int, int] | None = None) -> CachedModel:
     """The path of a verified model for (spec, loss, dtype, graph), exporting it if needed.
 
     folder: where entries live (default: ``<default_cache_dir()>/models``).
@@ -118,19 +124,22 @@ def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "fl
         are loaded here (default: the lpips package's file) and keyed by their hash.
     dists_weights: graph "dists" only: alpha/beta (default: the DISTS_pytorch wheel's),
         loaded here and keyed by their hash.
+    static_shape: (batch, height, width) for a static-shape export (export_onnx's); part
+        of the key, so each shape has its own entry.
     """
     say = say or (lambda msg: None)
     kind = kinds.get(graph)
     given = {"lpips_weights": lpips_weights, "dists_weights": dists_weights}
     head = kind.module()
     head_weights = head.resolve_weights(given[kind.weights_option]) if head is not None else None
-    key = model_key(spec, loss, dtype, graph, head_weights, spatial, grad)
+    key = model_key(spec, loss, dtype, graph, head_weights, spatial, grad, static_shape)
     folder = folder or models_dir()
     path = os.path.join(folder, f"{name or key}.onnx")
     os.makedirs(folder, exist_ok=True)
     with file_lock(os.path.join(folder, f"{name or key}.lock")):
         # Checked under the lock: another process may have just built it.
-        record, why = check_entry(path, key, spec, loss, dtype, graph, head_weights, spatial, grad)
+        record, why = check_entry(path, key, spec, loss, dtype, graph, head_weights, spatial, grad,
+                                  static_shape)
         if record is not None and not rebuild:
             return CachedModel(path, key, built=False, errors=record.get("errors", {}))
         if rebuild:
@@ -141,7 +150,8 @@ def ensure_model(spec: FeatureSpec, loss: LossConfig | None, *, dtype: str = "fl
         extra = {} if head is None else {kind.weights_option: head_weights}
         extra.update({"spatial": spatial} if kind.spatial else {})
         result = export_onnx(spec, path, graph=graph, loss=loss, dtype=dtype, weights=weights,
-                             progress=say, **extra, **({"grad": True} if grad else {}))
+                             progress=say, **extra, **({"grad": True} if grad else {}),
+                             **({"static_shape": tuple(static_shape)} if static_shape is not None else {}))
         errors = {k: {"max_abs": e.max_abs, "max_rel": e.max_rel} for k, e in result.errors.items()}
         record = {"key": key, "sha256": sha256_file(path), "spec": spec.to_dict(),
                   "loss": loss.to_dict() if loss else None, "graph": graph, "grad": grad, "dtype": dtype, "version": __version__,
