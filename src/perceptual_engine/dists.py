@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 from . import backward
+from . import layers as _layers
 from .errors import ConfigError, WeightsError
 from .outputs import dists_output_names
-from .reference import TorchFeatures
+from .reference import L2Pool, TorchFeatures
 from .spec import FeatureSpec
 from .validate import check_pair
 from .weights import Weights
@@ -253,6 +254,110 @@ def dists_and_grad(features: TorchFeatures, x: torch.Tensor, fy: Mapping[str, to
     return out, vjp({k: g * scale for k, g in grads.items()}) / scale + g_input
 
 
+# -- the forward head on x and y as one batch -----------------------------------------
+# The forward graph runs x and y as one batch with each x_n next to its y_n, (N·2, C, h, w),
+# and takes every statistic of both from that batch: no tap is cut into x and y halves
+# (ONNX Runtime's Slice copies), and only reduced (N·2, C) statistics are split. A float16
+# map stays float16 up to its reductions; only their (N·2, C) results are cast to float32.
+
+def joined_stages(features: TorchFeatures, x: torch.Tensor,
+                  y: torch.Tensor) -> dict[str, tuple[torch.Tensor, float]]:
+    """{stage: (z, k)}: z the stage's maps of x_1, y_1, x_2, y_2, ... (N·2, C, h, w) times k.
+
+    The image stage is float32 with k = 1. A float16 network's taps are multiplied by
+    ``L2Pool.scale`` (1/16): the L2 pooling after a tap pools that same scaled map."""
+    n = x.shape[0]
+    xy = torch.cat([x, y], dim=1).reshape(n * 2, x.shape[1], x.shape[2], x.shape[3])
+    out = {"input": (xy, 1.0)}
+    body, taps = features.body, features._taps
+    h = features.normalize(xy)
+    if h.dtype != body[0].weight.dtype:
+        h = h.to(body[0].weight.dtype)
+    scaled = None  # the last tap times k, when an L2Pool follows it
+    for i, mod in enumerate(body):
+        h = mod(h) if scaled is None else mod.pool_prescaled(scaled)
+        scaled = None
+        if i in taps:
+            k = L2Pool.scale(h.dtype)
+            after = body[i + 1] if i + 1 < len(body) else None
+            if isinstance(after, L2Pool):
+                scaled = after.prescale(h)
+            out[taps[i]] = (scaled if scaled is not None else h if k == 1.0 else h * k, k)
+    return out
+
+
+def _stage_statistics(z: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """Of one stage's joined maps z (N·2, C, h, w): the means μ (N·2, C, 1, 1) float32,
+    and over h, w the roots of Σ (z − μ)² (N·2, C) and of Σ ((zx − μx) − (zy − μy))²
+    (N, C), in z's dtype.
+
+    float16: the mean over w first, then over h in float32. ONNX Runtime's CUDA mean
+    accumulates in float32 but stores the sum in its float16 output before dividing:
+    a row's sum fits where the sum over h·w may not. The roots are ReduceL2s, which
+    cuDNN accumulates in float32 and whose results stay far inside float16's range
+    (squares of float16 maps are not). Each pair's difference is one MatMul of
+    (1, −1) with its two maps: no copy of either half."""
+    if z.dtype == torch.float16:
+        mu = z.mean(dim=3, keepdim=True).float().mean(dim=2, keepdim=True)
+    else:
+        mu = z.mean(dim=(2, 3), keepdim=True)
+    c = z - mu.to(z.dtype)
+    pairs = c.reshape(n, 2, -1)  # (N, 2, C·h·w): x_n's maps, then y_n's
+    d = torch.matmul(pairs.new_tensor([[1.0, -1.0]]), pairs).reshape(n, c.shape[1], -1)
+    return mu, torch.linalg.vector_norm(c, dim=(2, 3)), torch.linalg.vector_norm(d, dim=2)
+
+
+def _cat_float32(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenated on axis 1 as float32, with one Cast per run of float16 parts."""
+    runs: list[list[torch.Tensor]] = []
+    for p in parts:
+        if runs and runs[-1][0].dtype == p.dtype:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return torch.cat([torch.cat(r, dim=1).float() for r in runs], dim=1)
+
+
+_DOWNSAMPLE = (1,) + tuple(_layers.resolve(ARCH, n).downsample for n in LAYERS)  # per stage
+
+
+def stage_areas(x: torch.Tensor) -> torch.Tensor:
+    """h·w of each stage's maps for images x, (6,) float32: the image's, then each tap's,
+    whose sides are ⌈side / 2^p⌉ after p L2 poolings (3×3, stride 2, padding 1). In
+    float32 from x's sides: no integer arithmetic on shapes (export/shapes.py)."""
+    per = torch.tensor([1.0 / d for d in _DOWNSAMPLE])
+    one = x.new_ones((), dtype=torch.float32)
+    rows = torch.ceil(one * torch.sym_float(x.shape[2]) * per)
+    return rows * torch.ceil(one * torch.sym_float(x.shape[3]) * per)
+
+
+def joined_head(stages_: Mapping[str, tuple[torch.Tensor, float]], x: torch.Tensor,
+                w: DistsWeights) -> dict[str, torch.Tensor]:
+    """``head``'s terms from ``joined_stages`` (x: the images, for N and the sides).
+
+    All stages' statistics are concatenated over channels (1475) and the ratios taken
+    once. With a stage's maps scaled by k (k and h·w cancel elsewhere):
+    1 − t = (μx − μy)² / (μx² + μy² + c1·k²) and
+    1 − s = Σ (dx − dy)² / (Σ (x − μx)² + Σ (y − μy)² + c2·k²·h·w), as in ``_terms``."""
+    n = x.shape[0]
+    stats = [_stage_statistics(stages_[s][0], n) for s in STAGES]
+    mu = torch.cat([m for m, _, _ in stats], dim=1).reshape(n, 2, -1)  # (N, 2, 1475)
+    root = _cat_float32([r for _, r, _ in stats]).reshape(n, 2, -1)
+    droot = _cat_float32([d for _, _, d in stats])  # (N, 1475)
+    k2 = torch.cat([torch.full((c,), stages_[s][1] ** 2) for s, c in zip(STAGES, CHANNELS)])
+    index = torch.cat([torch.full((c,), i) for i, c in enumerate(CHANNELS)])
+    area = stage_areas(x).index_select(0, index)
+    mx, my = mu[:, 0], mu[:, 1]
+    dt = (mx - my) ** 2 / ((mu * mu).sum(dim=1) + C1 * k2)
+    ds = droot ** 2 / ((root * root).sum(dim=1) + C2 * k2 * area)
+    total = w.alpha.sum() + w.beta.sum()
+    weighted = torch.cat([dt, ds], dim=1) * (torch.cat([w.alpha, w.beta], dim=1).flatten(1) / total)
+    names = [f"texture.{s}" for s in STAGES] + [f"structure.{s}" for s in STAGES]
+    out = {k: part.sum(dim=1) for k, part in zip(names, weighted.split(list(CHANNELS) * 2, dim=1))}
+    out["total"] = weighted.sum(dim=1)
+    return out
+
+
 # -- the graph the exporter traces, and the reference --------------------------------
 
 class DistsGraph(nn.Module):
@@ -265,8 +370,7 @@ class DistsGraph(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self.grad:
-            fx, fy = self.features.extract_pair(x, y)
-            return tuple(head(stages(x, fx), stages(y, fy), self.w).values())
+            return tuple(joined_head(joined_stages(self.features, x, y), x, self.w).values())
         fy = stages(y, self.features.extract(y))
         out, gx = dists_and_grad(self.features, x, fy, self.w)
         return tuple(out.values()) + (gx,)

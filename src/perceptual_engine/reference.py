@@ -57,11 +57,19 @@ def l2_filter() -> torch.Tensor:
 class L2Pool(nn.Module):
     """sqrt(conv2d(x², g, stride 2, padding 1, per channel) + 1e-12) (DISTS' L2 pooling).
 
-    Computed in float32 whatever the network's dtype (x² of activations in the
-    hundreds overflows float16), then cast back.
+    float32 (and float64): exactly that, x² as one Pow. float16: in float16, on x/16
+    (``prescale``), so a square stays finite for |x| < 4096 (x² itself overflows above
+    256): 16·sqrt(conv((x/16)², g)), then + 1e-6 (√1e-12, which float16 cannot add under
+    the square root). A sum of squares that is not zero is at least 2⁻²⁴, so its root
+    times 16 is at least 2⁻⁸ and the 1e-6 rounds away: only an all-zero window changes,
+    to 1e-6 as in float32, so the VJP's 1/y stays finite. What float16 loses: squares
+    of |x| < 2⁻⁸ round to zero or a few subnormal bits (absolute error under 2⁻⁸).
+    ``prescale`` and ``pool_prescaled`` are the two halves of ``forward``, apart so that
+    DISTS' statistics can reuse x/16 (dists.py).
     """
 
     EPS = 1e-12
+    HALF_SCALE = 2.0 ** -4
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -71,10 +79,28 @@ class L2Pool(nn.Module):
         # sqrt(0) then puts inf into the VJP's 1/y. It leaves 1-D constants alone.
         self.register_buffer("eps", torch.full((1,), self.EPS, dtype=torch.float32), persistent=False)
 
+    @classmethod
+    def scale(cls, dtype: torch.dtype) -> float:
+        """The factor ``prescale`` multiplies by in ``dtype``: 1/16 for float16, else 1."""
+        return cls.HALF_SCALE if dtype == torch.float16 else 1.0
+
+    def prescale(self, x: torch.Tensor) -> torch.Tensor:
+        """x times ``scale(x.dtype)`` (x itself outside float16)."""
+        k = self.scale(x.dtype)
+        return x if k == 1.0 else x * k
+
+    def pool_prescaled(self, u: torch.Tensor) -> torch.Tensor:
+        """The pooled x from u = ``prescale(x)``, in u's dtype."""
+        k = self.scale(u.dtype)
+        s = torch.nn.functional.conv2d(u ** 2, self.filter.to(u.dtype), stride=2, padding=1,
+                                       groups=u.shape[1])
+        if k == 1.0:
+            return torch.sqrt(s + self.eps.to(u.dtype))
+        # 1e-6 as a 1-element constant too (see eps); float16 holds it as 1.013e-6.
+        return torch.sqrt(s) * (1.0 / k) + s.new_full((1,), self.EPS ** 0.5)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = x.float()
-        s = torch.nn.functional.conv2d(f * f, self.filter.float(), stride=2, padding=1, groups=f.shape[1])
-        return torch.sqrt(s + self.eps.float()).to(x.dtype)
+        return self.pool_prescaled(self.prescale(x))
 
 
 def build_layers(spec: FeatureSpec, weights: Weights) -> nn.Sequential:
