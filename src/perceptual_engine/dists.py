@@ -260,29 +260,51 @@ def dists_and_grad(features: TorchFeatures, x: torch.Tensor, fy: Mapping[str, to
 # (ONNX Runtime's Slice copies), and only reduced (N·2, C) statistics are split. A float16
 # map stays float16 up to its reductions; only their (N·2, C) results are cast to float32.
 
-def joined_stages(features: TorchFeatures, x: torch.Tensor,
-                  y: torch.Tensor) -> dict[str, tuple[torch.Tensor, float]]:
+def tap_convs(features: TorchFeatures) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{index: (weight, bias)} of each convolution whose ReLU is a tap, times
+    ``L2Pool.scale``: empty for float32. ReLU(k·a) = k·ReLU(a) for k > 0, so the tap
+    comes out of its ReLU already scaled, with no pass over it for the scaling; k is a
+    power of two, so the products are exact but where they fall below float16's normal
+    range (weights under 2⁻¹⁰, whose absolute rounding error stays under 2⁻²⁵·16)."""
+    body = features.body
+    k = L2Pool.scale(body[0].weight.dtype)
+    if k == 1.0:
+        return {}
+    return {i - 1: (body[i - 1].weight * k, body[i - 1].bias * k) for i in features._taps}
+
+
+def joined_stages(features: TorchFeatures, x: torch.Tensor, y: torch.Tensor,
+                  convs: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  ) -> dict[str, tuple[torch.Tensor, float]]:
     """{stage: (z, k)}: z the stage's maps of x_1, y_1, x_2, y_2, ... (N·2, C, h, w) times k.
 
     The image stage is float32 with k = 1. A float16 network's taps are multiplied by
-    ``L2Pool.scale`` (1/16): the L2 pooling after a tap pools that same scaled map."""
+    ``L2Pool.scale`` (1/16), and the L2 pooling after a tap pools that scaled map.
+    convs: ``tap_convs(features)`` (as buffers of the traced module), which scale the
+    taps inside their convolutions; without it, a Mul scales each tap."""
     n = x.shape[0]
     xy = torch.cat([x, y], dim=1).reshape(n * 2, x.shape[1], x.shape[2], x.shape[3])
     out = {"input": (xy, 1.0)}
-    body, taps = features.body, features._taps
+    body, taps, convs = features.body, features._taps, convs or {}
     h = features.normalize(xy)
     if h.dtype != body[0].weight.dtype:
         h = h.to(body[0].weight.dtype)
     scaled = None  # the last tap times k, when an L2Pool follows it
     for i, mod in enumerate(body):
-        h = mod(h) if scaled is None else mod.pool_prescaled(scaled)
+        if scaled is not None:
+            h = mod.pool_prescaled(scaled)
+        elif i in convs:
+            h = torch.nn.functional.conv2d(h, *convs[i], padding=mod.padding)
+        else:
+            h = mod(h)
         scaled = None
         if i in taps:
             k = L2Pool.scale(h.dtype)
             after = body[i + 1] if i + 1 < len(body) else None
+            z = h if k == 1.0 or i - 1 in convs else h * k
             if isinstance(after, L2Pool):
-                scaled = after.prescale(h)
-            out[taps[i]] = (scaled if scaled is not None else h if k == 1.0 else h * k, k)
+                scaled = z
+            out[taps[i]] = (z, k)
     return out
 
 
@@ -367,10 +389,17 @@ class DistsGraph(nn.Module):
     def __init__(self, features: TorchFeatures, w: DistsWeights, grad: bool = False) -> None:
         super().__init__()
         self.features, self.w, self.grad = features, w, grad
+        scaled = {} if grad else tap_convs(features)
+        for i, (weight, bias) in scaled.items():
+            self.register_buffer(f"tap_conv{i}_weight", weight, persistent=False)
+            self.register_buffer(f"tap_conv{i}_bias", bias, persistent=False)
+        self._tap_convs = tuple(scaled)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self.grad:
-            return tuple(joined_head(joined_stages(self.features, x, y), x, self.w).values())
+            convs = {i: (getattr(self, f"tap_conv{i}_weight"), getattr(self, f"tap_conv{i}_bias"))
+                     for i in self._tap_convs}
+            return tuple(joined_head(joined_stages(self.features, x, y, convs), x, self.w).values())
         fy = stages(y, self.features.extract(y))
         out, gx = dists_and_grad(self.features, x, fy, self.w)
         return tuple(out.values()) + (gx,)
