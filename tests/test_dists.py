@@ -248,7 +248,7 @@ def test_onnx_float16_error(dists_models, dists_pkg, rel_err):
 
 def test_onnx_float16_glue_traffic(dists_models):
     """The float16 forward graph at batch 8 (x and y each), 224², as scripts/graph_traffic.py
-    measures it: 2.86 GB outside convolutions, products and pools (8.39 GB when every tap
+    measures it: 2.67 GB outside convolutions, products and pools (8.39 GB when every tap
     was sliced into x and y halves and cast to float32), no Slice, and no Cast of a
     feature map: only the image and reduced statistics are cast."""
     import importlib.util
@@ -261,7 +261,7 @@ def test_onnx_float16_glue_traffic(dists_models):
     spec.loader.exec_module(traffic)
     got = traffic.measure(dists_models["fp16"], batch=8, size=224)
     assert got["unknown_shapes"] == 0
-    assert got["glue_bytes"] <= 3.0e9, got["by_op"]
+    assert got["glue_bytes"] <= 2.8e9, got["by_op"]
     assert "Slice" not in got["by_op"], got["by_op"]
     assert got["by_op"].get("Cast", 0) <= 0.03e9, got["by_op"]  # the image's Cast: 0.014 GB
 

@@ -260,17 +260,28 @@ def dists_and_grad(features: TorchFeatures, x: torch.Tensor, fy: Mapping[str, to
 # (ONNX Runtime's Slice copies), and only reduced (N·2, C) statistics are split. A float16
 # map stays float16 up to its reductions; only their (N·2, C) results are cast to float32.
 
-def tap_convs(features: TorchFeatures) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """{index: (weight, bias)} of each convolution whose ReLU is a tap, times
-    ``L2Pool.scale``: empty for float32. ReLU(k·a) = k·ReLU(a) for k > 0, so the tap
-    comes out of its ReLU already scaled, with no pass over it for the scaling; k is a
-    power of two, so the products are exact but where they fall below float16's normal
-    range (weights under 2⁻¹⁰, whose absolute rounding error stays under 2⁻²⁵·16)."""
+def scaled_convs(features: TorchFeatures) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{index: (weight, bias)} of the convolutions around float16 taps, rescaled so that
+    no pass over a map does the scaling by k = ``L2Pool.scale`` (1/16); empty for float32:
+
+    - each tap's convolution, weight and bias times k: ReLU(k·a) = k·ReLU(a) for k > 0,
+      so the tap leaves its ReLU scaled. k is a power of two: the products are exact but
+      below float16's normal range (weights under 2⁻¹⁰, rounded by at most 2⁻²⁵·16);
+    - the convolution after each L2 pooling, weight divided by k (exact): it takes the
+      pooled root k·y as it comes (``L2Pool.root_prescaled``), without the ×1/k and the
+      1e-6 that only a VJP's 1/y needs (a zero window then gives 0 for 1e-6)."""
     body = features.body
     k = L2Pool.scale(body[0].weight.dtype)
     if k == 1.0:
         return {}
-    return {i - 1: (body[i - 1].weight * k, body[i - 1].bias * k) for i in features._taps}
+    out = {}
+    for i in features._taps:
+        out[i - 1] = (body[i - 1].weight * k, body[i - 1].bias * k)
+        if i + 2 < len(body) and isinstance(body[i + 1], L2Pool):
+            out[i + 2] = (body[i + 2].weight * (1.0 / k), body[i + 2].bias)
+    if len(out) != len(features._taps) * 2 - 1:  # VGG16: no convolution is both
+        raise ValueError("a convolution both follows an L2 pooling and precedes a tap")
+    return out
 
 
 def joined_stages(features: TorchFeatures, x: torch.Tensor, y: torch.Tensor,
@@ -280,8 +291,9 @@ def joined_stages(features: TorchFeatures, x: torch.Tensor, y: torch.Tensor,
 
     The image stage is float32 with k = 1. A float16 network's taps are multiplied by
     ``L2Pool.scale`` (1/16), and the L2 pooling after a tap pools that scaled map.
-    convs: ``tap_convs(features)`` (as buffers of the traced module), which scale the
-    taps inside their convolutions; without it, a Mul scales each tap."""
+    convs: ``scaled_convs(features)`` (as buffers of the traced module), which do the
+    scaling inside the convolutions; without it, a Mul scales each tap and each L2
+    pooling unscales its result."""
     n = x.shape[0]
     xy = torch.cat([x, y], dim=1).reshape(n * 2, x.shape[1], x.shape[2], x.shape[3])
     out = {"input": (xy, 1.0)}
@@ -292,7 +304,7 @@ def joined_stages(features: TorchFeatures, x: torch.Tensor, y: torch.Tensor,
     scaled = None  # the last tap times k, when an L2Pool follows it
     for i, mod in enumerate(body):
         if scaled is not None:
-            h = mod.pool_prescaled(scaled)
+            h = mod.root_prescaled(scaled) if i + 1 in convs else mod.pool_prescaled(scaled)
         elif i in convs:
             h = torch.nn.functional.conv2d(h, *convs[i], padding=mod.padding)
         else:
@@ -389,16 +401,16 @@ class DistsGraph(nn.Module):
     def __init__(self, features: TorchFeatures, w: DistsWeights, grad: bool = False) -> None:
         super().__init__()
         self.features, self.w, self.grad = features, w, grad
-        scaled = {} if grad else tap_convs(features)
+        scaled = {} if grad else scaled_convs(features)
         for i, (weight, bias) in scaled.items():
-            self.register_buffer(f"tap_conv{i}_weight", weight, persistent=False)
-            self.register_buffer(f"tap_conv{i}_bias", bias, persistent=False)
-        self._tap_convs = tuple(scaled)
+            self.register_buffer(f"scaled_conv{i}_weight", weight, persistent=False)
+            self.register_buffer(f"scaled_conv{i}_bias", bias, persistent=False)
+        self._scaled_convs = tuple(scaled)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self.grad:
-            convs = {i: (getattr(self, f"tap_conv{i}_weight"), getattr(self, f"tap_conv{i}_bias"))
-                     for i in self._tap_convs}
+            convs = {i: (getattr(self, f"scaled_conv{i}_weight"), getattr(self, f"scaled_conv{i}_bias"))
+                     for i in self._scaled_convs}
             return tuple(joined_head(joined_stages(self.features, x, y, convs), x, self.w).values())
         fy = stages(y, self.features.extract(y))
         out, gx = dists_and_grad(self.features, x, fy, self.w)

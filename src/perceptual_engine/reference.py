@@ -89,15 +89,23 @@ class L2Pool(nn.Module):
         k = self.scale(x.dtype)
         return x if k == 1.0 else x * k
 
+    def root_prescaled(self, u: torch.Tensor) -> torch.Tensor:
+        """sqrt(conv(u², g, ...)) in u's dtype, without the 1e-6: k times the pooled x for
+        u = ``prescale(x)`` where x has no all-zero window."""
+        s = torch.nn.functional.conv2d(u ** 2, self.filter.to(u.dtype), stride=2, padding=1,
+                                       groups=u.shape[1])
+        return torch.sqrt(s)
+
     def pool_prescaled(self, u: torch.Tensor) -> torch.Tensor:
         """The pooled x from u = ``prescale(x)``, in u's dtype."""
         k = self.scale(u.dtype)
-        s = torch.nn.functional.conv2d(u ** 2, self.filter.to(u.dtype), stride=2, padding=1,
-                                       groups=u.shape[1])
         if k == 1.0:
+            s = torch.nn.functional.conv2d(u ** 2, self.filter.to(u.dtype), stride=2, padding=1,
+                                           groups=u.shape[1])
             return torch.sqrt(s + self.eps.to(u.dtype))
         # 1e-6 as a 1-element constant too (see eps); float16 holds it as 1.013e-6.
-        return torch.sqrt(s) * (1.0 / k) + s.new_full((1,), self.EPS ** 0.5)
+        root = self.root_prescaled(u)
+        return root * (1.0 / k) + root.new_full((1,), self.EPS ** 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool_prescaled(self.prescale(x))
