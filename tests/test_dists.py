@@ -234,7 +234,7 @@ def test_engine_perceptual_loss_on_dists(dists_models, dists_pkg, rel_err):
 
 
 def test_onnx_float16_error(dists_models, dists_pkg, rel_err):
-    """float16 trunk, float32 L2 pooling and statistics, against DISTS_pytorch in float32
+    """float16 trunk, L2 pooling and reductions (float32 ratios), against DISTS_pytorch in float32
     with the file's alpha/beta (the command line's --dists-weights)."""
     engine = Engine(dists_models["fp16"], "cpu")
     assert engine.info.dtype == "float16" and engine.info.dists == dists_pkg["alt"].metadata()

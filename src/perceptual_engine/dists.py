@@ -14,8 +14,10 @@ relu5_3. Per stage s and channel c, over space, with c1 = c2 = 1e-6::
     total         = Σ_s texture.<s> + structure.<s>   = 1 − Σ (α t + β s)
 
 α, β (1475 channels each) divided by (Σα + Σβ), so the terms sum to DISTS_pytorch's
-score. Statistics and ratios are float32 whatever the network's precision.
-No sqrt is taken of a variance, so the VJP is finite on constant images (σ = 0).
+score. Ratios are float32 whatever the network's precision; the forward graph of a
+float16 network takes its statistics from float16 maps by reductions that accumulate in
+float32 (``joined_head``). No sqrt is taken of a variance, so the VJP is finite on
+constant images (σ = 0).
 
 α and β come from the installed DISTS_pytorch wheel's ``weights.pt`` (found without
 importing it: it imports torchvision and downloads VGG16) or a file the caller names.
