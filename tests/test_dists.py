@@ -51,18 +51,22 @@ def test_reference_matches_dists_pytorch(dists_pkg, rel_err, shape):
 def test_joined_statistics_match_the_per_image_head(dists_pkg, rel_err):
     """The forward graph's head (x and y as one interleaved batch, sums over h·w from
     ``stage_areas``) against ``head`` on separate x and y, on odd sides, for a random
-    and a near-identical pair."""
+    and a near-identical pair. The joined head centres each map before the pair's
+    difference, so a term of a near-identical pair (1e-9) carries float32 rounding of
+    the maps (measured up to 1.1e-5 relative); the totals agree to 3e-7."""
     ours = D.TorchDISTS(D.default_spec(dists_pkg["weights"]), dists_pkg["w"])
     x = images((2, 3, 35, 43), 10)
-    for y in (images((2, 3, 35, 43), 11), (x + 1e-3 * torch.randn(x.shape)).clamp(0, 1)):
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(12))
+    for y in (images((2, 3, 35, 43), 11), (x + 1e-3 * noise).clamp(0, 1)):
         with torch.no_grad():
             joined = D.joined_stages(ours.features, x, y)
             got = D.joined_head(joined, x, ours.w)
             want = ours.terms(x, y)
         assert [z.shape[2] * z.shape[3] for z, _ in joined.values()] == D.stage_areas(x).tolist()
         assert list(got) == list(want)
+        assert rel_err(got["total"].numpy(), want["total"].numpy()) <= 1e-5
         for name in want:
-            assert rel_err(got[name].numpy(), want[name].numpy()) <= 1e-5, name
+            assert rel_err(got[name].numpy(), want[name].numpy()) <= 1e-4, name
 
 
 def test_l2_pool_matches_dists_pytorch():
@@ -248,9 +252,9 @@ def test_onnx_float16_error(dists_models, dists_pkg, rel_err):
 
 def test_onnx_float16_glue_traffic(dists_models):
     """The float16 forward graph at batch 8 (x and y each), 224², as scripts/graph_traffic.py
-    measures it: 2.67 GB outside convolutions, products and pools (8.39 GB when every tap
-    was sliced into x and y halves and cast to float32), no Slice, and no Cast of a
-    feature map: only the image and reduced statistics are cast."""
+    measures it: 2.69 GB outside convolutions, products and pools (8.39 GB when every tap
+    was sliced into x and y halves and cast to float32). No Slice; one Split, of the image
+    (0.019 GB); no Cast of a feature map: only the image and reduced statistics are cast."""
     import importlib.util
     import os
 
@@ -262,7 +266,7 @@ def test_onnx_float16_glue_traffic(dists_models):
     got = traffic.measure(dists_models["fp16"], batch=8, size=224)
     assert got["unknown_shapes"] == 0
     assert got["glue_bytes"] <= 2.8e9, got["by_op"]
-    assert "Slice" not in got["by_op"], got["by_op"]
+    assert "Slice" not in got["by_op"] and got["by_op"].get("Split", 0) <= 0.03e9, got["by_op"]
     assert got["by_op"].get("Cast", 0) <= 0.03e9, got["by_op"]  # the image's Cast: 0.014 GB
 
 

@@ -322,7 +322,7 @@ def joined_stages(features: TorchFeatures, x: torch.Tensor, y: torch.Tensor,
     return out
 
 
-def _stage_statistics(z: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+def _stage_statistics(z: torch.Tensor, n: int, matmul: bool = True) -> tuple[torch.Tensor, ...]:
     """Of one stage's joined maps z (N·2, C, h, w): the means μ (N·2, C, 1, 1) float32,
     and over h, w the roots of Σ (z − μ)² (N·2, C) and of Σ ((zx − μx) − (zy − μy))²
     (N, C), in z's dtype.
@@ -332,14 +332,20 @@ def _stage_statistics(z: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
     a row's sum fits where the sum over h·w may not. The roots are ReduceL2s, which
     cuDNN accumulates in float32 and whose results stay far inside float16's range
     (squares of float16 maps are not). Each pair's difference is one MatMul of
-    (1, −1) with its two maps: no copy of either half."""
+    (1, −1) with its two maps: no copy of either half. ``matmul=False``: a Sub of the
+    two halves instead (for the small image stage, float32, exact even where a float32
+    MatMul runs in TF32, which rounds both maps to 10 bits before subtracting)."""
     if z.dtype == torch.float16:
         mu = z.mean(dim=3, keepdim=True).float().mean(dim=2, keepdim=True)
     else:
         mu = z.mean(dim=(2, 3), keepdim=True)
     c = z - mu.to(z.dtype)
     pairs = c.reshape(n, 2, -1)  # (N, 2, C·h·w): x_n's maps, then y_n's
-    d = torch.matmul(pairs.new_tensor([[1.0, -1.0]]), pairs).reshape(n, c.shape[1], -1)
+    if matmul:
+        d = torch.matmul(pairs.new_tensor([[1.0, -1.0]]), pairs).reshape(n, c.shape[1], -1)
+    else:
+        cx, cy = pairs.chunk(2, dim=1)
+        d = (cx - cy).reshape(n, c.shape[1], -1)
     return mu, torch.linalg.vector_norm(c, dim=(2, 3)), torch.linalg.vector_norm(d, dim=2)
 
 
@@ -376,7 +382,7 @@ def joined_head(stages_: Mapping[str, tuple[torch.Tensor, float]], x: torch.Tens
     1 − t = (μx − μy)² / (μx² + μy² + c1·k²) and
     1 − s = Σ (dx − dy)² / (Σ (x − μx)² + Σ (y − μy)² + c2·k²·h·w), as in ``_terms``."""
     n = x.shape[0]
-    stats = [_stage_statistics(stages_[s][0], n) for s in STAGES]
+    stats = [_stage_statistics(stages_[s][0], n, matmul=s != "input") for s in STAGES]
     mu = torch.cat([m for m, _, _ in stats], dim=1).reshape(n, 2, -1)  # (N, 2, 1475)
     root = _cat_float32([r for _, r, _ in stats]).reshape(n, 2, -1)
     droot = _cat_float32([d for _, _, d in stats])  # (N, 1475)
