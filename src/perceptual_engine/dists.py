@@ -271,7 +271,7 @@ def scaled_convs(features: TorchFeatures) -> dict[int, tuple[torch.Tensor, torch
       below float16's normal range (weights under 2⁻¹⁰, rounded by at most 2⁻²⁵·16);
     - the convolution after each L2 pooling, weight divided by k (exact): it takes the
       pooled root k·y as it comes (``L2Pool.root_prescaled``), without the ×1/k and the
-      1e-6 that only a VJP's 1/y needs (a zero window then gives 0 for 1e-6)."""
+      floor that only a VJP's 1/y needs (an all-zero window gives 0, not 1e-6)."""
     body = features.body
     k = L2Pool.scale(body[0].weight.dtype)
     if k == 1.0:

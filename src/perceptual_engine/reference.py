@@ -59,17 +59,18 @@ class L2Pool(nn.Module):
 
     float32 (and float64): exactly that, x² as one Pow. float16: in float16, on x/16
     (``prescale``), so a square stays finite for |x| < 4096 (x² itself overflows above
-    256): 16·sqrt(conv((x/16)², g)), then + 1e-6 (√1e-12, which float16 cannot add under
-    the square root). A sum of squares that is not zero is at least 2⁻²⁴, so its root
-    times 16 is at least 2⁻⁸ and the 1e-6 rounds away: only an all-zero window changes,
-    to 1e-6 as in float32, so the VJP's 1/y stays finite. What float16 loses: squares
-    of |x| < 2⁻⁸ round to zero or a few subnormal bits (absolute error under 2⁻⁸).
+    256): 16·sqrt(max(conv((x/16)², g), 2⁻²⁴)). Squares of |x| < 2⁻⁸ round to zero or a
+    few subnormal bits, so the result is only good to about 2⁻⁸ absolute; the floor at
+    the smallest float16 value (a result of at least 2⁻⁸, where float32 gives 1e-6 for an
+    all-zero window) keeps the VJP's x·g/y bounded where the squares underflow (with y
+    at 1e-6 there it was off by a factor of 80 on a VGG16 with activations near 1).
     ``prescale`` and ``pool_prescaled`` are the two halves of ``forward``, apart so that
     DISTS' statistics can reuse x/16 (dists.py).
     """
 
     EPS = 1e-12
     HALF_SCALE = 2.0 ** -4
+    HALF_FLOOR = 2.0 ** -24  # the smallest positive float16
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -89,23 +90,21 @@ class L2Pool(nn.Module):
         k = self.scale(x.dtype)
         return x if k == 1.0 else x * k
 
+    def _sums(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(u ** 2, self.filter.to(u.dtype), stride=2, padding=1,
+                                          groups=u.shape[1])
+
     def root_prescaled(self, u: torch.Tensor) -> torch.Tensor:
-        """sqrt(conv(u², g, ...)) in u's dtype, without the 1e-6: k times the pooled x for
-        u = ``prescale(x)`` where x has no all-zero window."""
-        s = torch.nn.functional.conv2d(u ** 2, self.filter.to(u.dtype), stride=2, padding=1,
-                                       groups=u.shape[1])
-        return torch.sqrt(s)
+        """sqrt(conv(u², g, ...)) in u's dtype, with no eps or floor: k times the pooled x
+        for u = ``prescale(x)``, but where a window is all zero (0 there)."""
+        return torch.sqrt(self._sums(u))
 
     def pool_prescaled(self, u: torch.Tensor) -> torch.Tensor:
         """The pooled x from u = ``prescale(x)``, in u's dtype."""
         k = self.scale(u.dtype)
         if k == 1.0:
-            s = torch.nn.functional.conv2d(u ** 2, self.filter.to(u.dtype), stride=2, padding=1,
-                                           groups=u.shape[1])
-            return torch.sqrt(s + self.eps.to(u.dtype))
-        # 1e-6 as a 1-element constant too (see eps); float16 holds it as 1.013e-6.
-        root = self.root_prescaled(u)
-        return root * (1.0 / k) + root.new_full((1,), self.EPS ** 0.5)
+            return torch.sqrt(self._sums(u) + self.eps.to(u.dtype))
+        return torch.sqrt(torch.clamp_min(self._sums(u), self.HALF_FLOOR)) * (1.0 / k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool_prescaled(self.prescale(x))
