@@ -159,15 +159,22 @@ def _symbolic():
 
 
 def _without_weights(model):
-    """A copy whose large initializers keep their dims but no data (shape inference
-    only needs the dims; 40-550 MB of weights need not be copied around)."""
+    """A copy whose large weights keep their dims but no data (shape inference only
+    needs their dims; 40-550 MB of weights need not be copied around). Weights are the
+    initializers that only convolutions and products read: ORT's symbolic inference
+    reads the value of every input of an Add, Mul, Sub or Div, so a large constant
+    that one of those reads (a per-channel factor, say) keeps its data."""
     import onnx
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    readers: dict[str, set[str]] = collections.defaultdict(set)
+    for node in out.graph.node:
+        for name in node.input:
+            readers[name].add(node.op_type)
     for init in out.graph.initializer:
-        if init.raw_data and len(init.raw_data) > 4096:
-            init.ClearField("raw_data")  # shape inference only reads small constants' values
+        if init.raw_data and len(init.raw_data) > 4096 and readers[init.name] <= WORK_OPS:
+            init.ClearField("raw_data")
     return out
 
 

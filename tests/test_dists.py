@@ -48,6 +48,27 @@ def test_reference_matches_dists_pytorch(dists_pkg, rel_err, shape):
     assert float(same.abs().max()) <= 1e-6  # DISTS(x, x) = 0
 
 
+def test_joined_statistics_match_the_per_image_head(dists_pkg, rel_err):
+    """The forward graph's head (x and y as one interleaved batch, sums over h·w from
+    ``stage_areas``) against ``head`` on separate x and y, on odd sides, for a random
+    and a near-identical pair. The joined head centres each map before the pair's
+    difference, so a term of a near-identical pair (1e-9) carries float32 rounding of
+    the maps (measured up to 1.1e-5 relative); the totals agree to 3e-7."""
+    ours = D.TorchDISTS(D.default_spec(dists_pkg["weights"]), dists_pkg["w"])
+    x = images((2, 3, 35, 43), 10)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(12))
+    for y in (images((2, 3, 35, 43), 11), (x + 1e-3 * noise).clamp(0, 1)):
+        with torch.no_grad():
+            joined = D.joined_stages(ours.features, x, y)
+            got = D.joined_head(joined, x, ours.w)
+            want = ours.terms(x, y)
+        assert [z.shape[2] * z.shape[3] for z, _ in joined.values()] == D.stage_areas(x).tolist()
+        assert list(got) == list(want)
+        assert rel_err(got["total"].numpy(), want["total"].numpy()) <= 1e-5
+        for name in want:
+            assert rel_err(got[name].numpy(), want[name].numpy()) <= 1e-4, name
+
+
 def test_l2_pool_matches_dists_pytorch():
     from DISTS_pytorch.DISTS_pt import L2pooling
 
@@ -56,6 +77,19 @@ def test_l2_pool_matches_dists_pytorch():
     got = L2Pool(5)(x)
     assert got.shape == want.shape == (2, 5, 7, 4)  # ceil(h / 2)
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_l2_pool_float16_keeps_squares_finite():
+    """float16 pools x/16 (x² overflows float16 above 256); an all-zero window gives 2⁻⁸,
+    the floor that keeps the VJP's x·g/y bounded where squares underflow."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.rand(2, 5, 13, 8, generator=g) * 1000
+    x[:, :, :4, :4] = 0  # a zero window at (0, 0)
+    want = L2Pool(5)(x)
+    got = L2Pool(5).half()(x.half())
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    assert float((got.float() - want).abs().max() / want.abs().max()) <= 2e-3  # float16 rounding
+    assert (got[:, :, 0, 0] == 2.0 ** -8).all()
 
 
 def test_loader_reads_the_wheel_file():
@@ -204,7 +238,7 @@ def test_engine_perceptual_loss_on_dists(dists_models, dists_pkg, rel_err):
 
 
 def test_onnx_float16_error(dists_models, dists_pkg, rel_err):
-    """float16 trunk, float32 L2 pooling and statistics, against DISTS_pytorch in float32
+    """float16 trunk, L2 pooling and reductions (float32 ratios), against DISTS_pytorch in float32
     with the file's alpha/beta (the command line's --dists-weights)."""
     engine = Engine(dists_models["fp16"], "cpu")
     assert engine.info.dtype == "float16" and engine.info.dists == dists_pkg["alt"].metadata()
@@ -214,6 +248,26 @@ def test_onnx_float16_error(dists_models, dists_pkg, rel_err):
         want = dists_pkg["alt_model"](x, y).reshape(-1).numpy()
     assert np.isfinite(got).all()
     assert rel_err(got, want) <= 2e-3  # measured below 1e-4 (docs/dists.md)
+
+
+def test_onnx_float16_glue_traffic(dists_models):
+    """The float16 forward graph at batch 8 (x and y each), 224², as scripts/graph_traffic.py
+    measures it: 2.69 GB outside convolutions, products and pools (8.39 GB when every tap
+    was sliced into x and y halves and cast to float32). No Slice; one Split, of the image
+    (0.019 GB); no Cast of a feature map: only the image and reduced statistics are cast."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                        "graph_traffic.py")
+    spec = importlib.util.spec_from_file_location("graph_traffic", path)
+    traffic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(traffic)
+    got = traffic.measure(dists_models["fp16"], batch=8, size=224)
+    assert got["unknown_shapes"] == 0
+    assert got["glue_bytes"] <= 2.8e9, got["by_op"]
+    assert "Slice" not in got["by_op"] and got["by_op"].get("Split", 0) <= 0.03e9, got["by_op"]
+    assert got["by_op"].get("Cast", 0) <= 0.03e9, got["by_op"]  # the image's Cast: 0.014 GB
 
 
 # -- benchmark workloads -------------------------------------------------------------------

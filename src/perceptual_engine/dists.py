@@ -14,8 +14,10 @@ relu5_3. Per stage s and channel c, over space, with c1 = c2 = 1e-6::
     total         = Σ_s texture.<s> + structure.<s>   = 1 − Σ (α t + β s)
 
 α, β (1475 channels each) divided by (Σα + Σβ), so the terms sum to DISTS_pytorch's
-score. Statistics and ratios are float32 whatever the network's precision.
-No sqrt is taken of a variance, so the VJP is finite on constant images (σ = 0).
+score. Ratios are float32 whatever the network's precision; the forward graph of a
+float16 network takes its statistics from float16 maps by reductions that accumulate in
+float32 (``joined_head``). No sqrt is taken of a variance, so the VJP is finite on
+constant images (σ = 0).
 
 α and β come from the installed DISTS_pytorch wheel's ``weights.pt`` (found without
 importing it: it imports torchvision and downloads VGG16) or a file the caller names.
@@ -32,9 +34,10 @@ import torch
 from torch import nn
 
 from . import backward
+from . import layers as _layers
 from .errors import ConfigError, DistsWeightsError
 from .outputs import dists_output_names
-from .reference import TorchFeatures
+from .reference import L2Pool, TorchFeatures
 from .spec import FeatureSpec
 from .validate import check_pair
 from .weights import Weights
@@ -262,6 +265,153 @@ def dists_and_grad(features: TorchFeatures, x: torch.Tensor, fy: Mapping[str, to
     return out, vjp({k: g * scale for k, g in grads.items()}) / scale + g_input
 
 
+# -- the forward head on x and y as one batch -----------------------------------------
+# The forward graph runs x and y as one batch with each x_n next to its y_n, (N·2, C, h, w),
+# and takes every statistic of both from that batch: no tap is cut into x and y halves
+# (ONNX Runtime's Slice copies), and only reduced (N·2, C) statistics are split. A float16
+# map stays float16 up to its reductions; only their (N·2, C) results are cast to float32.
+
+def scaled_convs(features: TorchFeatures) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{index: (weight, bias)} of the convolutions around float16 taps, rescaled so that
+    no pass over a map does the scaling by k = ``L2Pool.scale`` (1/16); empty for float32:
+
+    - each tap's convolution, weight and bias times k: ReLU(k·a) = k·ReLU(a) for k > 0,
+      so the tap leaves its ReLU scaled. k is a power of two: the products are exact but
+      below float16's normal range (weights under 2⁻¹⁰, rounded by at most 2⁻²⁵·16);
+    - the convolution after each L2 pooling, weight divided by k (exact): it takes the
+      pooled root k·y as it comes (``L2Pool.root_prescaled``), without the ×1/k and the
+      floor that only a VJP's 1/y needs (an all-zero window gives 0, not 1e-6)."""
+    body = features.body
+    k = L2Pool.scale(body[0].weight.dtype)
+    if k == 1.0:
+        return {}
+    out = {}
+    for i in features._taps:
+        out[i - 1] = (body[i - 1].weight * k, body[i - 1].bias * k)
+        if i + 2 < len(body) and isinstance(body[i + 1], L2Pool):
+            out[i + 2] = (body[i + 2].weight * (1.0 / k), body[i + 2].bias)
+    if len(out) != len(features._taps) * 2 - 1:  # VGG16: no convolution is both
+        raise ValueError("a convolution both follows an L2 pooling and precedes a tap")
+    return out
+
+
+def joined_stages(features: TorchFeatures, x: torch.Tensor, y: torch.Tensor,
+                  convs: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  ) -> dict[str, tuple[torch.Tensor, float]]:
+    """{stage: (z, k)}: z the stage's maps of x_1, y_1, x_2, y_2, ... (N·2, C, h, w) times k.
+
+    The image stage is float32 with k = 1. A float16 network's taps are multiplied by
+    ``L2Pool.scale`` (1/16), and the L2 pooling after a tap pools that scaled map.
+    convs: ``scaled_convs(features)`` (as buffers of the traced module), which do the
+    scaling inside the convolutions; without it, a Mul scales each tap and each L2
+    pooling unscales its result."""
+    n = x.shape[0]
+    xy = torch.cat([x, y], dim=1).reshape(n * 2, x.shape[1], x.shape[2], x.shape[3])
+    out = {"input": (xy, 1.0)}
+    body, taps, convs = features.body, features._taps, convs or {}
+    h = features.normalize(xy)
+    if h.dtype != body[0].weight.dtype:
+        h = h.to(body[0].weight.dtype)
+    scaled = None  # the last tap times k, when an L2Pool follows it
+    for i, mod in enumerate(body):
+        if scaled is not None:
+            h = mod.root_prescaled(scaled) if i + 1 in convs else mod.pool_prescaled(scaled)
+        elif i in convs:
+            h = torch.nn.functional.conv2d(h, *convs[i], padding=mod.padding)
+        else:
+            h = mod(h)
+        scaled = None
+        if i in taps:
+            k = L2Pool.scale(h.dtype)
+            after = body[i + 1] if i + 1 < len(body) else None
+            z = h if k == 1.0 or i - 1 in convs else h * k
+            if isinstance(after, L2Pool):
+                scaled = z
+            out[taps[i]] = (z, k)
+    return out
+
+
+def _stage_statistics(z: torch.Tensor, n: int, matmul: bool = True) -> tuple[torch.Tensor, ...]:
+    """Of one stage's joined maps z (N·2, C, h, w): the means μ (N·2, C, 1, 1) float32,
+    and over h, w the roots of Σ (z − μ)² (N·2, C) and of Σ ((zx − μx) − (zy − μy))²
+    (N, C), in z's dtype.
+
+    float16: the mean over w first, then over h in float32. ONNX Runtime's CUDA mean
+    accumulates in float32 but stores the sum in its float16 output before dividing:
+    a row's sum fits where the sum over h·w may not. The roots are ReduceL2s, which
+    cuDNN accumulates in float32 and whose results stay far inside float16's range
+    (squares of float16 maps are not). Each pair's difference is one MatMul of
+    (1, −1) with its two maps: no copy of either half. ``matmul=False``: a Sub of the
+    two halves instead (for the small image stage, float32, exact even where a float32
+    MatMul runs in TF32, which rounds both maps to 10 bits before subtracting)."""
+    if z.dtype == torch.float16:
+        mu = z.mean(dim=3, keepdim=True).float().mean(dim=2, keepdim=True)
+    else:
+        mu = z.mean(dim=(2, 3), keepdim=True)
+    c = z - mu.to(z.dtype)
+    pairs = c.reshape(n, 2, -1)  # (N, 2, C·h·w): x_n's maps, then y_n's
+    if matmul:
+        d = torch.matmul(pairs.new_tensor([[1.0, -1.0]]), pairs).reshape(n, c.shape[1], -1)
+    else:
+        cx, cy = pairs.chunk(2, dim=1)
+        d = (cx - cy).reshape(n, c.shape[1], -1)
+    return mu, torch.linalg.vector_norm(c, dim=(2, 3)), torch.linalg.vector_norm(d, dim=2)
+
+
+def _cat_float32(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenated on axis 1 as float32, with one Cast per run of float16 parts."""
+    runs: list[list[torch.Tensor]] = []
+    for p in parts:
+        if runs and runs[-1][0].dtype == p.dtype:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return torch.cat([torch.cat(r, dim=1).float() for r in runs], dim=1)
+
+
+_DOWNSAMPLE = (1,) + tuple(_layers.resolve(ARCH, n).downsample for n in LAYERS)  # per stage
+
+
+def stage_areas(x: torch.Tensor) -> torch.Tensor:
+    """h·w of each stage's maps for images x, (6,) float32: the image's, then each tap's,
+    whose sides are ⌈side / 2^p⌉ after p L2 poolings (3×3, stride 2, padding 1). In
+    float32 from x's sides: no integer arithmetic on shapes (export/shapes.py)."""
+    per = torch.tensor([1.0 / d for d in _DOWNSAMPLE])
+    one = x.new_ones((), dtype=torch.float32)
+    rows = torch.ceil(one * torch.sym_float(x.shape[2]) * per)
+    return rows * torch.ceil(one * torch.sym_float(x.shape[3]) * per)
+
+
+def joined_head(stages_: Mapping[str, tuple[torch.Tensor, float]], x: torch.Tensor,
+                w: DistsWeights) -> dict[str, torch.Tensor]:
+    """``head``'s terms from ``joined_stages`` (x: the images, for N and the sides).
+
+    All stages' statistics are concatenated over channels (1475) and the ratios taken
+    once. With a stage's maps scaled by k (k and h·w cancel elsewhere):
+    1 − t = (μx − μy)² / (μx² + μy² + c1·k²) and
+    1 − s = Σ (dx − dy)² / (Σ (x − μx)² + Σ (y − μy)² + c2·k²·h·w), as in ``_terms``."""
+    n = x.shape[0]
+    # The product form only where its inputs are float16 (exact on tensor cores); float32
+    # maps are subtracted, exact even where a float32 MatMul would run in TF32.
+    stats = [_stage_statistics(stages_[s][0], n, matmul=s != "input" and stages_[s][0].dtype == torch.float16)
+             for s in STAGES]
+    mu = torch.cat([m for m, _, _ in stats], dim=1).reshape(n, 2, -1)  # (N, 2, 1475)
+    root = _cat_float32([r for _, r, _ in stats]).reshape(n, 2, -1)
+    droot = _cat_float32([d for _, _, d in stats])  # (N, 1475)
+    k2 = torch.cat([torch.full((c,), stages_[s][1] ** 2) for s, c in zip(STAGES, CHANNELS)])
+    index = torch.cat([torch.full((c,), i) for i, c in enumerate(CHANNELS)])
+    area = stage_areas(x).index_select(0, index)
+    mx, my = mu[:, 0], mu[:, 1]
+    dt = (mx - my) ** 2 / ((mu * mu).sum(dim=1) + C1 * k2)
+    ds = droot ** 2 / ((root * root).sum(dim=1) + C2 * k2 * area)
+    total = w.alpha.sum() + w.beta.sum()
+    weighted = torch.cat([dt, ds], dim=1) * (torch.cat([w.alpha, w.beta], dim=1).flatten(1) / total)
+    names = [f"texture.{s}" for s in STAGES] + [f"structure.{s}" for s in STAGES]
+    out = {k: part.sum(dim=1) for k, part in zip(names, weighted.split(list(CHANNELS) * 2, dim=1))}
+    out["total"] = weighted.sum(dim=1)
+    return out
+
+
 # -- the graph the exporter traces, and the reference --------------------------------
 
 class DistsGraph(nn.Module):
@@ -271,11 +421,17 @@ class DistsGraph(nn.Module):
     def __init__(self, features: TorchFeatures, w: DistsWeights, grad: bool = False) -> None:
         super().__init__()
         self.features, self.w, self.grad = features, w, grad
+        scaled = {} if grad else scaled_convs(features)
+        for i, (weight, bias) in scaled.items():
+            self.register_buffer(f"scaled_conv{i}_weight", weight, persistent=False)
+            self.register_buffer(f"scaled_conv{i}_bias", bias, persistent=False)
+        self._scaled_convs = tuple(scaled)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self.grad:
-            fx, fy = self.features.extract_pair(x, y)
-            return tuple(head(stages(x, fx), stages(y, fy), self.w).values())
+            convs = {i: (getattr(self, f"scaled_conv{i}_weight"), getattr(self, f"scaled_conv{i}_bias"))
+                     for i in self._scaled_convs}
+            return tuple(joined_head(joined_stages(self.features, x, y, convs), x, self.w).values())
         fy = stages(y, self.features.extract(y))
         out, gx = dists_and_grad(self.features, x, fy, self.w)
         return tuple(out.values()) + (gx,)

@@ -242,10 +242,12 @@ def head_pair(f: Mapping[str, torch.Tensor], n, lin: LinearWeights,
     for name, w in zip(LAYERS, lin.weights):
         t = f[name]
         d = _losses.half_difference(_normalized(t), n).reshape(n, t.shape[1], t.shape[2], t.shape[3])
-        m = F.conv2d(torch.square(d), w.to(t.dtype))
-        out[f"lpips.{name}"] = m.mean(dim=(1, 2, 3)).float()
+        # The one-channel map is cast before its mean: a float16 mean may hold the sum
+        # over h·w in float16 before dividing.
+        m = F.conv2d(torch.square(d), w.to(t.dtype)).float()
+        out[f"lpips.{name}"] = m.mean(dim=(1, 2, 3))
         if size is not None:
-            up = upsample(m.float(), size)
+            up = upsample(m, size)
             spatial = up if spatial is None else spatial + up
     total = out[f"lpips.{LAYERS[0]}"]
     for name in LAYERS[1:]:

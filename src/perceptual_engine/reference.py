@@ -57,11 +57,20 @@ def l2_filter() -> torch.Tensor:
 class L2Pool(nn.Module):
     """sqrt(conv2d(x², g, stride 2, padding 1, per channel) + 1e-12) (DISTS' L2 pooling).
 
-    Computed in float32 whatever the network's dtype (x² of activations in the
-    hundreds overflows float16), then cast back.
+    float32 (and float64): exactly that, x² as one Pow. float16: in float16, on x/16
+    (``prescale``), so a square stays finite for |x| < 4096 (x² itself overflows above
+    256): 16·sqrt(max(conv((x/16)², g), 2⁻²⁴)). Squares of |x| < 2⁻⁸ round to zero or a
+    few subnormal bits, so the result is only good to about 2⁻⁸ absolute; the floor at
+    the smallest float16 value (a result of at least 2⁻⁸, where float32 gives 1e-6 for an
+    all-zero window) keeps the VJP's x·g/y bounded where the squares underflow (with y
+    at 1e-6 there it was off by a factor of 80 on a VGG16 with activations near 1).
+    ``prescale`` and ``pool_prescaled`` are the two halves of ``forward``, apart so that
+    DISTS' statistics can reuse x/16 (dists.py).
     """
 
     EPS = 1e-12
+    HALF_SCALE = 2.0 ** -4
+    HALF_FLOOR = 2.0 ** -24  # the smallest positive float16
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -71,10 +80,34 @@ class L2Pool(nn.Module):
         # sqrt(0) then puts inf into the VJP's 1/y. It leaves 1-D constants alone.
         self.register_buffer("eps", torch.full((1,), self.EPS, dtype=torch.float32), persistent=False)
 
+    @classmethod
+    def scale(cls, dtype: torch.dtype) -> float:
+        """The factor ``prescale`` multiplies by in ``dtype``: 1/16 for float16, else 1."""
+        return cls.HALF_SCALE if dtype == torch.float16 else 1.0
+
+    def prescale(self, x: torch.Tensor) -> torch.Tensor:
+        """x times ``scale(x.dtype)`` (x itself outside float16)."""
+        k = self.scale(x.dtype)
+        return x if k == 1.0 else x * k
+
+    def _sums(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(u ** 2, self.filter.to(u.dtype), stride=2, padding=1,
+                                          groups=u.shape[1])
+
+    def root_prescaled(self, u: torch.Tensor) -> torch.Tensor:
+        """sqrt(conv(u², g, ...)) in u's dtype, with no eps or floor: k times the pooled x
+        for u = ``prescale(x)``, but where a window is all zero (0 there)."""
+        return torch.sqrt(self._sums(u))
+
+    def pool_prescaled(self, u: torch.Tensor) -> torch.Tensor:
+        """The pooled x from u = ``prescale(x)``, in u's dtype."""
+        k = self.scale(u.dtype)
+        if k == 1.0:
+            return torch.sqrt(self._sums(u) + self.eps.to(u.dtype))
+        return torch.sqrt(torch.clamp_min(self._sums(u), self.HALF_FLOOR)) * (1.0 / k)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = x.float()
-        s = torch.nn.functional.conv2d(f * f, self.filter.float(), stride=2, padding=1, groups=f.shape[1])
-        return torch.sqrt(s + self.eps.float()).to(x.dtype)
+        return self.pool_prescaled(self.prescale(x))
 
 
 def build_layers(spec: FeatureSpec, weights: Weights) -> nn.Sequential:
