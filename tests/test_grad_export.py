@@ -86,6 +86,33 @@ def test_float16_grad_within_tolerance_and_not_flushed(grad_models, tv_features,
     assert not ((got == 0) & (ref != 0)).any()
 
 
+# Comparisons, and the reductions of a per-call loss scale, over full-size tensors.
+_COMPARE = {"Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Equal"}
+
+
+def test_float16_gradient_graph_is_lean(grad_models):
+    # The backward's glue in the network's dtype: no float32 Cast feeding a comparison (a
+    # float16 ``a > b`` exports as two Casts and a float32 Greater), no Abs or ReduceMax
+    # over a feature map (the loss scale comes from the Grams and terms), and every
+    # backward convolution's flipped weight an initializer, not a Transpose/Slice of one.
+    import onnx
+
+    model = onnx.load(grad_models["half"][0])
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {i.name for i in g.initializer}
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*g.input, *g.value_info, *g.output)}
+    for node in g.node:
+        if node.op_type in _COMPARE:
+            src = [producer.get(i) for i in node.input]
+            assert not any(p is not None and p.op_type == "Cast" for p in src), node.name
+        if node.op_type in ("Abs", "ReduceMax"):
+            assert ranks.get(node.input[0], 0) < 4, (node.op_type, node.name)
+    convs = [n for n in g.node if n.op_type == "Conv"]
+    assert len(convs) == 2 * 3  # three forward convolutions (relu2_1), three backward
+    assert all(n.input[1] in inits for n in convs), [n.input[1] for n in convs if n.input[1] not in inits]
+
+
 def test_float16_eager_loss_scale_keeps_small_gradients(tv_weights_file, make_images):
     # Real half arithmetic (eager torch): a content gradient of order 1e-8 per feature
     # element would flush to zero in float16 without the loss scale.
