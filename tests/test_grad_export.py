@@ -129,6 +129,30 @@ def test_float16_eager_loss_scale_keeps_small_gradients(tv_weights_file, make_im
     assert not ((g16 == 0) & (g32 != 0)).any()
 
 
+@pytest.mark.parametrize("gain", [1.0, 8.0])
+def test_float16_loss_scale_follows_the_activations(tv_weights_file, make_images, gain):
+    # Style terms grow with the cube of the features, so no one constant scale fits both
+    # networks: conv weights x8 put relu2_1 512 times higher, its style gradient ~1e8
+    # times. The float16 backward (real half arithmetic, eager) stays within the float16
+    # tolerance of float32 and flushes nothing, for both.
+    spec = FeatureSpec(layers=("relu1_2", "relu2_1"), weights=tv_weights_file("vgg19"))
+    loss = LossConfig(style={"relu1_2": 1.0, "relu2_1": 1.0}, gram="hw")
+    full, half = TorchFeatures(spec), TorchFeatures(spec)
+    for net in (full, half):
+        for mod in net.body:
+            if isinstance(mod, torch.nn.Conv2d):
+                mod.weight.mul_(gain)
+                mod.bias.mul_(gain)
+    half.body.half()
+    x, y = (torch.from_numpy(make_images((2, 3, 29, 27), seed=s)) for s in (5, 6))
+    style = losses.style_grams(full.extract(y), loss)
+    _, _, g32 = backward.loss_and_grad(full, loss, x, style=style)
+    _, _, g16 = backward.loss_and_grad(half, loss, x, style=style)
+    # 1% forgiven: the float16 forward's ReLU and max decisions differ from float32's.
+    gradref.assert_grad_close(g16.numpy(), g32.numpy().astype(np.float64), F16_TOL, forgive=gradref.F16_FORGIVE)
+    assert not ((g16 == 0) & (g32 != 0)).any()
+
+
 # -- EnginePerceptualLoss -------------------------------------------------------------------
 def _train(loss_fn, target, steps=4):
     torch.manual_seed(0)

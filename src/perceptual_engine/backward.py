@@ -188,13 +188,13 @@ def style_vjp(fx: Tensor, target_gram: Tensor, norm: str, seed: Tensor) -> Tenso
     """style = mean over i, j of (G − T)², G = F Fᵀ / n: seed_n · 4 / (C² n) · (G − T) F,
     reshaped to fx's shape, in fx's dtype.
 
-    G is ``losses.gram`` (the forward's, shared in the exported graph). Every factor goes
+    G is ``losses.gram_fast`` (the forward's, shared in the exported graph). Every factor goes
     into the (N, C, C) matrix K = (G − T) · seed · 4 / (C² n), float32, cast to
     fx's dtype; the one full-size op is the product K F, whose float16 inputs a GPU
     accumulates in float32. No float32 copy of the feature.
     """
     c = fx.shape[1]
-    k = (losses.gram(fx, norm) - target_gram) * (seed.float().view(-1, 1, 1) * (4.0 / (c * c)))
+    k = (losses.gram_fast(fx, norm) - target_gram) * (seed.float().view(-1, 1, 1) * (4.0 / (c * c)))
     if norm == "chw":
         k = k / (c * _area(fx))
     elif norm == "hw":
@@ -380,7 +380,7 @@ def seed_scale(fx: Mapping[str, Tensor], loss: LossConfig, seed: Tensor, terms: 
             raise ValueError("style terms need a style target")
         f = fx[name]
         c, area = f.shape[1], _area(f)
-        g = losses.gram(f, loss.gram)
+        g = losses.gram_fast(f, loss.gram)
         n = {"chw": c * area, "hw": area, "none": torch.ones_like(area)}[loss.gram]
         rows = (g - style[name]).abs().sum(2).amax(1)  # max_i Σ_j |G − T|_ij, (N,)
         mean_square = torch.diagonal(g, dim1=1, dim2=2).amax(1) * n / area
@@ -402,7 +402,7 @@ def loss_and_grad(features, loss: LossConfig, x: Tensor, *,
     ``seed_scale`` (folded into the seeds), unscaled in float32 at the input.
     """
     feats, vjp = features_and_vjp(features, x)
-    terms = losses.distance_terms(feats, content, loss, style_target=style)
+    terms = losses.distance_terms(feats, content, loss, style_target=style, fast=True)
     if seed is None:
         seed = torch.ones_like(terms["total"])
     if features.body[0].weight.dtype == torch.float32:
