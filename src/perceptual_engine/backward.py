@@ -112,11 +112,14 @@ def max_pool_vjp(g: Tensor, inp: Tensor, out: Tensor) -> Tensor:
     with Casts of both sides to float32.
     """
     n, c, ho, wo = out.shape
-    grid = out[:1, :1, :, None, :, None].expand(-1, -1, -1, 2, -1, 2).flatten(4, 5).flatten(2, 3)
-    win = inp[:, :, : grid.shape[2], : grid.shape[3]].reshape(n, c, ho, 2, wo, 2)  # (1, 1, 2·Ho, 2·Wo)
     ranks = torch.tensor(_RANKS, dtype=inp.dtype, device=inp.device).view(1, 1, 1, 2, 1, 2)
-    code = torch.where((win - out[:, :, :, None, :, None]).bool(), 0, ranks)
-    first = F.max_pool2d(code.flatten(4, 5).flatten(2, 3), 2, 2)
+    # The ranks tiled over the windows, (1, 1, 2·Ho, 2·Wo), made before the crop: exported,
+    # the crop's ends are read from its shape (no 2·Ho computed, export/shapes.py).
+    tiles = (ranks + torch.zeros_like(out[:1, :1, :, None, :, None])).flatten(4, 5).flatten(2, 3)
+    win = inp[:, :, : tiles.shape[2], : tiles.shape[3]].reshape(n, c, ho, 2, wo, 2)
+    diff = (win - out[:, :, :, None, :, None]).flatten(4, 5).flatten(2, 3)
+    code = torch.where(diff.bool(), 0, tiles)
+    first = F.max_pool2d(code, 2, 2)
     first, g = F.pad(first, (0, 1, 0, 1)), F.pad(g, (0, 1, 0, 1))  # rank 0 there: no gradient
     back = torch.where((ranks - first[:, :, :, None, :, None]).bool(), 0, g[:, :, :, None, :, None])
     return _unpool(back, inp)
@@ -153,15 +156,10 @@ def variance_vjp(g: Tensor, a: Tensor) -> Tensor:
     return (2.0 * g.float() / _area(a))[:, :, None, None] * (a - a.mean(dim=(2, 3), keepdim=True))
 
 
-def _side(t: Tensor, dim: int) -> Tensor:
-    """t's size along ``dim`` as a float32 scalar: a Shape slice cast to float when
-    exported (no int64 arithmetic, no pass over t)."""
-    return torch.scalar_tensor(t.shape[dim], dtype=torch.float32, device=t.device)
-
-
 def _area(a: Tensor) -> Tensor:
-    """h·w of an (N, C, h, w) map as a float32 scalar, one axis at a time (no int64 product)."""
-    return _side(a, 2) * _side(a, 3)
+    """h·w of an (N, C, h, w) map as a float32 scalar, one axis at a time (no int64 product;
+    ``losses.axis_size``, shared with the Grams' in an exported graph)."""
+    return losses.axis_size(a, 2) * losses.axis_size(a, 3)
 
 
 def ratio_vjp(g: Tensor, num: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
