@@ -388,11 +388,33 @@ def seed_scale(fx: Mapping[str, Tensor], loss: LossConfig, seed: Tensor, terms: 
     return torch.exp2(-1.0 - torch.floor(torch.log2(peak)))
 
 
+def _terms(fx: Mapping[str, Tensor], loss: LossConfig, content: Mapping[str, Tensor] | None,
+           style: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+    """``losses.distance_terms(fx, content, loss, style_target=style, fast=True)``, with
+    each content difference taken in the features' dtype as ``content_vjp`` takes it (one
+    difference for the term and its gradient in the exported graph, as ``losses.pair_terms``)
+    and summed in float32 (a sum of squares), instead of two float32 copies and a float32
+    difference of the whole feature."""
+    out: dict[str, Tensor] = {}
+    for name in loss.content:
+        if content is None:
+            raise ValueError("content terms need a content target")
+        f = fx[name]
+        d = (f - content[name].to(f.dtype)).float()
+        out[f"content.{name}"] = (d * d).sum(dim=(1, 2, 3)) / (f.shape[1] * _area(f))
+    for name in loss.style:
+        if style is None:
+            raise ValueError("style terms need a style target")
+        out[f"style.{name}"] = losses.style_term(losses.gram_fast(fx[name], loss.gram), style[name])
+    out["total"] = losses.weighted_total(out, loss)
+    return out
+
+
 def loss_and_grad(features, loss: LossConfig, x: Tensor, *,
                   content: Mapping[str, Tensor] | None = None,
                   style: Mapping[str, Tensor] | None = None,
                   seed: Tensor | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
-    """x's features, the terms of ``losses.distance_terms`` for x against the targets,
+    """x's features, the terms of ``losses.distance_terms`` for x against the targets (``_terms``),
     and ∂(Σ_n seed_n · total_n)/∂x (N, 3, H, W) float32 (seed defaults to ones).
 
     content: target features {layer: (N or 1, C, H, W)}; style: target Grams
@@ -400,7 +422,7 @@ def loss_and_grad(features, loss: LossConfig, x: Tensor, *,
     ``seed_scale`` (folded into the seeds), unscaled in float32 at the input.
     """
     feats, vjp = features_and_vjp(features, x)
-    terms = losses.distance_terms(feats, content, loss, style_target=style, fast=True)
+    terms = _terms(feats, loss, content, style)
     if seed is None:
         seed = torch.ones_like(terms["total"])
     if features.body[0].weight.dtype == torch.float32:
