@@ -28,14 +28,12 @@ from them leave float16's range; the input gradient is unscaled in float32.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import layers as _layers
 from . import losses
 from .reference import L2Pool
 from .spec import LossConfig
