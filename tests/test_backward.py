@@ -56,6 +56,23 @@ def test_max_pool_ties_do_not_double_count():
     assert (got[:, :, 10, :] == 0).all() and (got[:, :, :, 8] == 0).all()  # floored away
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_max_pool_vjp_every_tie_pattern_on_odd_sides(dtype):
+    # 16 windows holding the 16 patterns of 0/1 values (every set of tied maxima, the
+    # 4-way ties of 0 and of 1 included), on 9×9 sides: the last row and column, in no
+    # window, hold the largest value and must get nothing. Exactly nn.MaxPool2d's gradient.
+    x = torch.full((1, 1, 9, 9), 5.0)
+    for m in range(16):
+        r, c = 2 * (m // 4), 2 * (m % 4)
+        x[0, 0, r:r + 2, c:c + 2] = torch.tensor([(m >> k) & 1 for k in range(4)], dtype=torch.float32).view(2, 2)
+    g = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(4))
+    want = _autograd_vjp(torch.nn.MaxPool2d(2, 2), x, g)
+    xd, gd = x.to(dtype), g.to(dtype)
+    got = backward.max_pool_vjp(gd, xd, F.max_pool2d(xd, 2, 2))
+    assert got.dtype == dtype
+    assert torch.equal(got.float(), want.to(dtype).float())
+
+
 def test_conv_and_normalize_vjps():
     gen = torch.Generator().manual_seed(1)
     conv = torch.nn.Conv2d(5, 7, 3, padding=1)

@@ -8,15 +8,23 @@ traced into ONNX like any other torch code by the exporter.
 Each ``*_vjp(g, ...)`` maps the gradient ``g`` of a scalar L with respect to an
 op's output to the gradient with respect to its input. Weights get no gradient.
 
-Max pooling: the gradient goes to the window's first maximum in scan order
-((0,0), (0,1), (1,0), (1,1)), found by an equality mask against the pooled
-output, so tied maxima never double-count and the winner is the one PyTorch's
-CPU kernel picks. Rows and columns that the floor of an odd side drops get zero,
-as in every pooling VJP here.
+The exported gradient graphs are memory-bound glue around the convolutions, so the
+network's backward runs in the network's dtype with as few full-size passes as it can:
+a ReLU is one Where on its output, a max pool's gradient goes through one code
+tensor and a MaxPool of it (``max_pool_vjp``), the flipped convolution weights are
+constants of the graph, and the seed gradients of the loss terms are made in the
+network's dtype with every scalar factor (the loss scale included) folded into their
+small coefficients (``content_vjp``, ``style_vjp``).
 
-float16 networks: the seed gradients (float32) are scaled per sample by a power
-of two that brings their largest magnitude into [1, 2) before the cast to half,
-so small gradients do not flush to zero; the input gradient is unscaled in float32.
+Max pooling: the gradient goes to the window's first maximum in scan order
+((0,0), (0,1), (1,0), (1,1)), the one PyTorch's kernels pick, so tied maxima never
+double-count. Rows and columns that the floor of an odd side drops get zero, as in
+every pooling VJP here.
+
+float16 networks: the seed gradients are scaled by a per-sample power of two
+estimated from the loss terms and the Grams (``seed_scale``: scalar work only, no
+reduction over the gradients), so that neither they nor the gradients backpropagated
+from them leave float16's range; the input gradient is unscaled in float32.
 """
 from __future__ import annotations
 
@@ -39,16 +47,18 @@ def normalize_vjp(g: Tensor, scale: Tensor) -> Tensor:
     return g * scale
 
 
-def conv_vjp(g: Tensor, conv: nn.Conv2d) -> Tensor:
+def conv_vjp(g: Tensor, conv: nn.Conv2d, flipped: Tensor | None = None) -> Tensor:
     """3×3 conv, stride 1, padding 1: an ordinary Conv of g with the weights transposed
     in/out and flipped 3×3, padding 1 (equal to ConvTranspose with the same weights).
 
     Why not ConvTranspose: ONNX Runtime's CPU Conv is faster than its ConvTranspose for
     these shapes (docs/openvino.md), and OpenVINO's CPU plugin gave a wrong ConvTranspose
     where its weight tensor is also a forward Conv's weight of square shape (C_in = C_out);
-    the flipped copy is a constant of its own, folded at export.
+    the flipped copy is a constant of its own. ``flipped``: that copy, precomputed
+    (``features_and_vjp`` passes a constant, so the exported graph holds an initializer
+    rather than a Transpose and Slice of the forward weight on every call).
     """
-    return F.conv2d(g, flipped_weight(conv.weight), padding=conv.padding)
+    return F.conv2d(g, flipped if flipped is not None else flipped_weight(conv.weight), padding=conv.padding)
 
 
 def flipped_weight(w: Tensor) -> Tensor:
@@ -57,45 +67,60 @@ def flipped_weight(w: Tensor) -> Tensor:
 
 
 def relu_vjp(g: Tensor, out: Tensor) -> Tensor:
-    """max(x, 0), from its output: g where out > 0, else 0."""
-    return g * (out > 0).to(g.dtype)
+    """max(x, 0), from its output: g where out > 0, else 0, in g's dtype.
+
+    out >= 0, so out > 0 is out != 0: a Cast to bool and a Where. (A comparison of
+    float16 tensors exports with Casts of both sides to float32.)"""
+    return torch.where(out.bool(), g, 0)
 
 
 # No integer arithmetic on sizes below (no 2·Ho, no H − 2·Ho): exported, such sizes
 # become int64 Mul/Sub nodes that the CUDA provider computed wrong (export/shapes.py).
 # Constant slices and the sizes of existing tensors give the same crops and pads.
 def _unpool(g: Tensor, like: Tensor) -> Tensor:
-    # (N, C, Ho, 2, Wo, 2) -> (N, C, 2·Ho, 2·Wo), zero-padded to like's H, W (floored rows/cols):
-    # one zero row and column always, then cut to like's sides (2·Ho <= H <= 2·Ho + 1).
+    # (N, C, Ho', 2, Wo', 2) -> (N, C, 2·Ho', 2·Wo'), cut to like's H, W. Ho' = Ho + 1 (g
+    # padded with one zero row and column at the pooled size): 2·Ho <= H <= 2·Ho + 1, so
+    # the grid covers a floored odd side, and the cut keeps H rows whatever the parity.
     g = g.flatten(4, 5).flatten(2, 3)
-    return F.pad(g, (0, 1, 0, 1))[:, :, : like.shape[2], : like.shape[3]]
-
-
-def _windows(t: Tensor, out: Tensor) -> Tensor:
-    # The 2×2 windows of t that produced out: (N, C, Ho, 2, Wo, 2). Rows 0:-1:2 and 1::2
-    # are the windows' first and second rows whether the side is even or odd (a floored
-    # odd side's last row is in neither).
-    rows = [t[:, :, 0:-1:2], t[:, :, 1::2]]
-    quads = [[r[:, :, :, 0:-1:2], r[:, :, :, 1::2]] for r in rows]
-    return torch.stack([torch.stack(q, -1) for q in quads], 3)
+    return g[:, :, : like.shape[2], : like.shape[3]]
 
 
 def avg_pool_vjp(g: Tensor, inp: Tensor) -> Tensor:
     """2×2 average pool, stride 2: g/4 to each of the window's four inputs."""
-    quarter = (g * 0.25)[:, :, :, None, :, None]
+    quarter = F.pad(g * 0.25, (0, 1, 0, 1))[:, :, :, None, :, None]
     return _unpool(quarter.expand(-1, -1, -1, 2, -1, 2), inp)
 
 
+# Rank of each position of a 2×2 window in scan order, the first highest (max_pool_vjp).
+_RANKS = ((4.0, 3.0), (2.0, 1.0))
+
+
 def max_pool_vjp(g: Tensor, inp: Tensor, out: Tensor) -> Tensor:
-    """2×2 max pool, stride 2: g to the window's first maximum (see the module docstring)."""
-    eq = _windows(inp, out) == out[:, :, :, None, :, None]
-    e00, e01 = eq[:, :, :, 0, :, 0], eq[:, :, :, 0, :, 1]
-    e10, e11 = eq[:, :, :, 1, :, 0], eq[:, :, :, 1, :, 1]
-    f01 = e01 & ~e00
-    f10 = e10 & ~(e00 | e01)
-    f11 = e11 & ~(e00 | e01 | e10)
-    first = torch.stack([torch.stack([e00, f01], -1), torch.stack([f10, f11], -1)], 3)
-    return _unpool(g[:, :, :, None, :, None] * first.to(g.dtype), inp)
+    """2×2 max pool, stride 2: g to the window's first maximum in scan order.
+
+    Each window position holding the maximum gets its rank (4, 3, 2, 1 in scan order),
+    the others 0; a 2×2 MaxPool of these codes is the rank of the first maximum, and
+    the gradient goes where a position's rank equals it. Two full-size passes (the
+    code, the gradient) in the input's dtype, no index arithmetic, exactly PyTorch's
+    tie rule (the strictly-greater scan of its kernels keeps the first maximum).
+
+    Equality is tested as a difference of zero (a Cast of a − b to bool is a != b):
+    the difference of two distinct float16 numbers is a nonzero multiple of 2^-24,
+    so this is exact, and it stays in the input's dtype where ``==`` would export
+    with Casts of both sides to float32.
+    """
+    n, c, ho, wo = out.shape
+    ranks = torch.tensor(_RANKS, dtype=inp.dtype, device=inp.device).view(1, 1, 1, 2, 1, 2)
+    # The ranks tiled over the windows, (1, 1, 2·Ho, 2·Wo), made before the crop: exported,
+    # the crop's ends are read from its shape (no 2·Ho computed, export/shapes.py).
+    tiles = (ranks + torch.zeros_like(out[:1, :1, :, None, :, None])).flatten(4, 5).flatten(2, 3)
+    win = inp[:, :, : tiles.shape[2], : tiles.shape[3]].reshape(n, c, ho, 2, wo, 2)
+    diff = (win - out[:, :, :, None, :, None]).flatten(4, 5).flatten(2, 3)
+    code = torch.where(diff.bool(), 0, tiles)
+    first = F.max_pool2d(code, 2, 2)
+    first, g = F.pad(first, (0, 1, 0, 1)), F.pad(g, (0, 1, 0, 1))  # rank 0 there: no gradient
+    back = torch.where((ranks - first[:, :, :, None, :, None]).bool(), 0, g[:, :, :, None, :, None])
+    return _unpool(back, inp)
 
 
 def l2_pool_vjp(g: Tensor, inp: Tensor, out: Tensor, filt: Tensor) -> Tensor:
@@ -130,7 +155,8 @@ def variance_vjp(g: Tensor, a: Tensor) -> Tensor:
 
 
 def _area(a: Tensor) -> Tensor:
-    """h·w of an (N, C, h, w) map as a float32 scalar, one axis at a time (no int64 product)."""
+    """h·w of an (N, C, h, w) map as a float32 scalar, one axis at a time (no int64 product;
+    ``losses.axis_size``, shared with the Grams' in an exported graph)."""
     return losses.axis_size(a, 2) * losses.axis_size(a, 3)
 
 
@@ -141,30 +167,44 @@ def ratio_vjp(g: Tensor, num: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def content_vjp(fx: Tensor, target: Tensor, seed: Tensor) -> Tensor:
-    """content = mean over c, h, w of (fx − target)²: seed_n · 2 (fx − target) / (C·H·W), float32."""
-    d = fx.float() - target.float()
-    # Divided axis by axis: a C·H·W count would overflow a float16 build (inf -> 0).
-    scaled = d * (2.0 * seed.view(-1, 1, 1, 1) / losses.axis_size(d, 1))
-    return scaled / losses.axis_size(d, 2) / losses.axis_size(d, 3)
+    """content = mean over c, h, w of (fx − target)²: seed_n · 2 (fx − target) / (C·H·W),
+    in fx's dtype.
+
+    One difference and one product over the feature: the per-sample factor (seed and
+    count, float32; a float16 caller's seed carries the loss scale) is cast to fx's
+    dtype first. With ``seed_scale`` it is at most 2^4, so float16 holds it to its
+    relative precision; the difference of two float16 features is exact or rounded to
+    its own relative precision.
+    """
+    coef = seed.float() * (2.0 / fx.shape[1]) / _area(fx)
+    return (fx - target.to(fx.dtype)) * coef.to(fx.dtype).view(-1, 1, 1, 1)
 
 
 def style_vjp(fx: Tensor, target_gram: Tensor, norm: str, seed: Tensor) -> Tensor:
-    """style = mean over i, j of (G − T)², G = (F/√n)(F/√n)ᵀ:
-    seed_n · 4 / C² · (G − T)(F/√n) / √n, reshaped to fx's shape, float32."""
-    flat = losses.scaled_flat(fx, norm)  # (N, C, HW)
-    diff = torch.bmm(flat, flat.transpose(1, 2)) - target_gram
+    """style = mean over i, j of (G − T)², G = F Fᵀ / n: seed_n · 4 / (C² n) · (G − T) F,
+    reshaped to fx's shape, in fx's dtype.
+
+    G is ``losses.gram_fast`` (the forward's, shared in the exported graph). Every factor goes
+    into the (N, C, C) matrix K = (G − T) · seed · 4 / (C² n), float32, cast to
+    fx's dtype; the one full-size op is the product K F, whose float16 inputs a GPU
+    accumulates in float32. No float32 copy of the feature.
+    """
     c = fx.shape[1]
-    d = torch.bmm(diff, flat) * (seed.view(-1, 1, 1) * (4.0 / (c * c)))
-    factor = losses.gram_factor(fx, norm)
-    if factor is not None:
-        d = d * factor
-    return d.view(fx.shape)
+    k = (losses.gram_fast(fx, norm) - target_gram) * (seed.float().view(-1, 1, 1) * (4.0 / (c * c)))
+    if norm == "chw":
+        k = k / (c * _area(fx))
+    elif norm == "hw":
+        k = k / _area(fx)
+    elif norm != "none":
+        raise ValueError(f"unknown gram norm {norm!r}")
+    return torch.bmm(k.to(fx.dtype), fx.flatten(2)).view(fx.shape)
 
 
 def terms_vjp(fx: Mapping[str, Tensor], loss: LossConfig, seed: Tensor, *,
               content: Mapping[str, Tensor] | None = None,
               style: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-    """{layer: ∂L/∂F_l} float32 for L = Σ_n seed_n · total_n (losses.weighted_total).
+    """{layer: ∂L/∂F_l} in the features' dtype for L = Σ_n seed_n · total_n
+    (losses.weighted_total).
 
     content: target features per content layer ((N or 1, C, H, W), broadcast);
     style: target Grams per style layer ((N or 1, C, C)). Targets get no gradient.
@@ -187,9 +227,11 @@ def features_and_vjp(features, x: Tensor) -> tuple[dict[str, Tensor], Callable[[
     """The tapped features of x (as ``features.extract(x)``) and their VJP.
 
     features: a ``TorchFeatures``; x: (N, 3, H, W) float32.
-    Returns ``(feats, vjp)``: ``vjp({layer: ∂L/∂F_layer})`` (any subset of the spec's
-    layers, any float dtype) is ∂L/∂x, (N, 3, H, W) float32. The gradients are cast
-    to the network's dtype; a float16 caller scales them first (see ``loss_and_grad``).
+    Returns ``(feats, vjp)``: ``vjp({layer: ∂L/∂F_layer}, scale=1.0)`` (any subset of
+    the spec's layers, any float dtype) is ∂L/∂x / scale, (N, 3, H, W) float32. The
+    gradients are cast to the network's dtype; a float16 caller scales them first (see
+    ``loss_and_grad``) and passes that scale (a float or per sample (N,)), which is
+    undone in float32 at the end, folded into the normalization's factor.
     """
     body = features.body
     dtype = body[0].weight.dtype
@@ -207,13 +249,14 @@ def features_and_vjp(features, x: Tensor) -> tuple[dict[str, Tensor], Callable[[
     feats = {name: found[name] for name in features.spec.layers}
     index = {name: i for i, name in taps.items()}
 
-    def vjp(grads: Mapping[str, Tensor]) -> Tensor:
+    def vjp(grads: Mapping[str, Tensor], scale: float | Tensor = 1.0) -> Tensor:
         unknown = [k for k in grads if k not in index]
         if unknown:
             raise ValueError(f"no tapped layer named {unknown}; tapped: {list(index)}")
         if not grads:
             return torch.zeros_like(x, dtype=torch.float32)
         g = None
+        fused = False  # body[i]'s ReLU VJP was folded into the max pool above it
         for i in range(max(index[k] for k in grads), -1, -1):
             name = taps.get(i)
             if name in grads:
@@ -221,15 +264,53 @@ def features_and_vjp(features, x: Tensor) -> tuple[dict[str, Tensor], Callable[[
                 g = add if g is None else g + add
             if g is None:
                 continue
-            g = _module_vjp(body[i], g, acts[i], acts[i + 1])
-        return normalize_vjp(g.float(), features.normalize.scale)
+            mod = body[i]
+            if fused:
+                fused = False
+                continue
+            if (isinstance(mod, nn.MaxPool2d) and i > 0 and isinstance(body[i - 1], nn.ReLU)
+                    and taps.get(i - 1) not in grads):
+                # The pool's input is the ReLU's output, and the pool's gradient lands only
+                # on window maxima, where that output equals the pooled value: so the ReLU's
+                # mask is out > 0 at the pooled size, applied before the pool's VJP.
+                g = max_pool_vjp(relu_vjp(g, acts[i + 1]), acts[i], acts[i + 1])
+                fused = True
+                continue
+            g = _module_vjp(mod, g, acts[i], acts[i + 1], _flipped(features, i, mod))
+        if isinstance(scale, Tensor):
+            scale = scale.float().view(-1, 1, 1, 1)
+        return normalize_vjp(g.float(), features.normalize.scale / scale)
 
     return feats, vjp
 
 
-def _module_vjp(mod: nn.Module, g: Tensor, inp: Tensor, out: Tensor) -> Tensor:
+def _flipped(features, index: int, mod: nn.Module) -> Tensor | None:
+    """The flipped weight of body[index] if it is a convolution, as a constant.
+
+    Eagerly that is a flip of the module's weight. While torch.export traces, the
+    module's weight is a placeholder, and a flip of it would be exported as a Transpose
+    and Slice of the weight (the ONNX constant folding stops at 8192 elements), so the
+    flip is made outside the trace from the weights the network was built from
+    (``weights_info``, the same tensors), and is exported as an initializer.
+    """
+    if not isinstance(mod, nn.Conv2d):
+        return None
+    w = mod.weight
+    if not torch.compiler.is_exporting():
+        return flipped_weight(w)
+    state = getattr(getattr(features, "weights_info", None), "state", None) or {}
+    real = state.get(f"features.{index}.weight")
+    if real is None or tuple(real.shape) != tuple(w.shape):
+        return flipped_weight(w)
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        return flipped_weight(real.detach()).to(w.dtype).contiguous()
+
+
+def _module_vjp(mod: nn.Module, g: Tensor, inp: Tensor, out: Tensor, flipped: Tensor | None = None) -> Tensor:
     if isinstance(mod, nn.Conv2d):
-        return conv_vjp(g, mod)
+        return conv_vjp(g, mod, flipped)
     if isinstance(mod, nn.ReLU):
         return relu_vjp(g, out)
     if isinstance(mod, nn.MaxPool2d):
@@ -244,29 +325,106 @@ def _module_vjp(mod: nn.Module, g: Tensor, inp: Tensor, out: Tensor) -> Tensor:
 def loss_scale(grads: Mapping[str, Tensor]) -> Tensor:
     """Per-sample power of two (N, 1, 1, 1) that brings max |grad| into [1, 2), float32.
 
-    All-zero gradients get 2^100 (still zero after scaling, finite in float32)."""
+    All-zero gradients get 2^100 (still zero after scaling, finite in float32). The
+    heads' backward (lpips.py, dists.py) uses it; the VGG losses use ``seed_scale``."""
     peak = torch.stack([g.abs().flatten(1).amax(1) for g in grads.values()], 0).amax(0)
     peak = peak.clamp_min(2.0 ** -100)
     return torch.exp2(-torch.floor(torch.log2(peak))).view(-1, 1, 1, 1)
+
+
+# The loss scale of float16 networks (seed_scale).
+PEAK = 8.0  # the largest |feature| (or feature difference) assumed per root mean square
+_FLOOR = 2.0 ** -8  # the smallest root mean square the estimates use (keeps the scale finite)
+
+
+def seed_scale(fx: Mapping[str, Tensor], loss: LossConfig, seed: Tensor, terms: Mapping[str, Tensor], *,
+               style: Mapping[str, Tensor] | None = None) -> Tensor:
+    """Per-sample power of two (N,) float32 that float16 networks scale their seed
+    gradients by: it brings an estimate of the largest seed gradient to 2^-1.
+
+    Estimated from what the forward already has, never from a pass over the gradients
+    or the features: the content terms (mean of Δ², so RMS Δ) and the Grams (the
+    diagonal is each channel's mean square, G − T gives the style gradient's matrix).
+    For each term, the largest |∂L/∂F| is about
+      content: 2 |w seed| · PEAK · RMS(Δ) / (C h w);
+      style:   4 |w seed| / (C² n) · max_i Σ_j |G − T|_ij · PEAK · RMS(F) (n the Gram's norm),
+    with PEAK = 8 for the largest element against the root mean square.
+
+    Why this rather than one constant: the style gradient grows with the cube of the
+    features' magnitude, which is a property of the weights and of the image. Measured
+    on VGG19 to relu4_4 (random weights with features ~2 and weights x1.6 with features
+    ~300), the largest style seed gradient for the same loss spans 2^26, more than a
+    float16 scale can hold once the backward's gain (up to 2^8) is added. Against
+    float16's range (largest finite 65504 ~ 2^16, smallest subnormal 2^-24): on those
+    two networks and torchvision's initialization, at 64² and 224², every Gram norm,
+    content and style alone and together, the largest seed gradient landed in
+    2^-5.3..2^-0.1 (scales from 2^-21 to 2^39) and the largest gradient anywhere in the
+    backward at or below 2^4. A feature 2^8 peakier than PEAK still leaves 2^4 of
+    headroom, and small gradients keep ~18 powers of two above the subnormal floor.
+    The scalar work is on (N,) and (N, C, C) tensors: no full-size pass.
+    Zero terms (x = y) give the largest scale the floors allow; the coefficients stay
+    finite in float16 (content: <= 2^4, style: (G − T) · scale <= 2^-1 / (PEAK · 2^-8)).
+    """
+    est = []
+    seed = seed.float().abs()
+    for name, w in loss.content.items():
+        f = fx[name]
+        rms = terms[f"content.{name}"].float().clamp_min(0.0).sqrt().clamp_min(_FLOOR)
+        est.append(seed * (abs(w) * 2.0 * PEAK / f.shape[1]) * rms / _area(f))
+    for name, w in loss.style.items():
+        if style is None:
+            raise ValueError("style terms need a style target")
+        f = fx[name]
+        c, area = f.shape[1], _area(f)
+        g = losses.gram_fast(f, loss.gram)
+        n = {"chw": c * area, "hw": area, "none": torch.ones_like(area)}[loss.gram]
+        rows = (g - style[name]).abs().sum(2).amax(1)  # max_i Σ_j |G − T|_ij, (N,)
+        mean_square = torch.diagonal(g, dim1=1, dim2=2).amax(1) * n / area
+        rms = mean_square.clamp_min(0.0).sqrt().clamp_min(_FLOOR)
+        est.append(seed * (abs(w) * 4.0 * PEAK / (c * c)) * rows * rms / n)
+    peak = torch.stack(est, 0).amax(0).clamp(2.0 ** -100, 2.0 ** 100)
+    return torch.exp2(-1.0 - torch.floor(torch.log2(peak)))
+
+
+def _terms(fx: Mapping[str, Tensor], loss: LossConfig, content: Mapping[str, Tensor] | None,
+           style: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+    """``losses.distance_terms(fx, content, loss, style_target=style, fast=True)``, with
+    each content difference taken in the features' dtype as ``content_vjp`` takes it (one
+    difference for the term and its gradient in the exported graph, as ``losses.pair_terms``)
+    and summed in float32 (a sum of squares), instead of two float32 copies and a float32
+    difference of the whole feature."""
+    out: dict[str, Tensor] = {}
+    for name in loss.content:
+        if content is None:
+            raise ValueError("content terms need a content target")
+        f = fx[name]
+        d = (f - content[name].to(f.dtype)).float()
+        out[f"content.{name}"] = (d * d).sum(dim=(1, 2, 3)) / (f.shape[1] * _area(f))
+    for name in loss.style:
+        if style is None:
+            raise ValueError("style terms need a style target")
+        out[f"style.{name}"] = losses.style_term(losses.gram_fast(fx[name], loss.gram), style[name])
+    out["total"] = losses.weighted_total(out, loss)
+    return out
 
 
 def loss_and_grad(features, loss: LossConfig, x: Tensor, *,
                   content: Mapping[str, Tensor] | None = None,
                   style: Mapping[str, Tensor] | None = None,
                   seed: Tensor | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
-    """x's features, the terms of ``losses.distance_terms`` for x against the targets,
+    """x's features, the terms of ``losses.distance_terms`` for x against the targets (``_terms``),
     and ∂(Σ_n seed_n · total_n)/∂x (N, 3, H, W) float32 (seed defaults to ones).
 
     content: target features {layer: (N or 1, C, H, W)}; style: target Grams
-    {layer: (N or 1, C, C)}. float16 networks backpropagate a loss-scaled seed.
+    {layer: (N or 1, C, C)}. float16 networks backpropagate seed gradients scaled by
+    ``seed_scale`` (folded into the seeds), unscaled in float32 at the input.
     """
     feats, vjp = features_and_vjp(features, x)
-    terms = losses.distance_terms(feats, content, loss, style_target=style)
+    terms = _terms(feats, loss, content, style)
     if seed is None:
         seed = torch.ones_like(terms["total"])
-    grads = terms_vjp(feats, loss, seed, content=content, style=style)
     if features.body[0].weight.dtype == torch.float32:
-        return feats, terms, vjp(grads)
-    scale = loss_scale(grads)
-    scaled = {k: g * scale.view((-1,) + (1,) * (g.dim() - 1)) for k, g in grads.items()}
-    return feats, terms, vjp(scaled) / scale
+        return feats, terms, vjp(terms_vjp(feats, loss, seed, content=content, style=style))
+    scale = seed_scale(feats, loss, seed, terms, style=style)
+    grads = terms_vjp(feats, loss, seed * scale, content=content, style=style)
+    return feats, terms, vjp(grads, scale)

@@ -53,7 +53,7 @@ class DistanceGraph(nn.Module):
             return tuple(losses.pair_terms(f, x.shape[0], self.loss).values())
         fy = self.features.extract(y)
         _, terms, gx = backward.loss_and_grad(self.features, self.loss, x, content=fy,
-                                           style=losses.style_grams(fy, self.loss))
+                                           style=losses.style_grams(fy, self.loss, fast=True))
         return tuple(terms.values()) + (gx,)
 
 
@@ -86,9 +86,9 @@ class TargetGraph(nn.Module):
             terms = losses.distance_terms(fx, content, self.loss, style_target=style, fast=True)
         out = tuple(terms.values()) + ((gx,) if gx is not None else ())
         out += tuple(fx[n].float() for n in self.loss.content)
-        # The gradient graph's own Grams (backward.loss_and_grad) are float32's: the same
+        # gram_fast, as the gradient graph's own Grams (backward.loss_and_grad): the same
         # function here lets the exporter share them instead of computing both.
-        return out + tuple(losses.style_grams(fx, self.loss, fast=not self.grad).values())
+        return out + tuple(losses.style_grams(fx, self.loss, fast=True).values())
 
 
 class StyleGraph(nn.Module):
