@@ -198,19 +198,21 @@ def head(fx: Mapping[str, torch.Tensor], fy: Mapping[str, torch.Tensor], lin: Li
          *, size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """``lpips.<l>`` (N,) per tap and ``total`` (N,); with ``size`` = (H, W) also
     ``spatial`` (N, 1, H, W). All float32."""
-    out: dict[str, torch.Tensor] = {}
-    spatial = None
-    for name, w in zip(LAYERS, lin.weights):
-        m = tap_map(fx[name], fy[name], w)
-        out[f"lpips.{name}"] = m.mean(dim=(1, 2, 3))
-        if size is not None:
-            up = upsample(m, size)
-            spatial = up if spatial is None else spatial + up
+    return _outputs({name: tap_map(fx[name], fy[name], w) for name, w in zip(LAYERS, lin.weights)}, size)
+
+
+def _outputs(maps: Mapping[str, torch.Tensor], size: tuple[int, int] | None) -> dict[str, torch.Tensor]:
+    """The head's outputs from each tap's per-pixel map (N, 1, h, w) float32: the maps'
+    means, their sum ``total`` and, with ``size``, the upsampled maps' sum ``spatial``."""
+    out = {f"lpips.{name}": maps[name].mean(dim=(1, 2, 3)) for name in LAYERS}
     total = out[f"lpips.{LAYERS[0]}"]
     for name in LAYERS[1:]:
         total = total + out[f"lpips.{name}"]
     out["total"] = total
-    if spatial is not None:
+    if size is not None:
+        spatial = upsample(maps[LAYERS[0]], size)
+        for name in LAYERS[1:]:
+            spatial = spatial + upsample(maps[name], size)
         out["spatial"] = spatial
     return out
 
@@ -237,25 +239,14 @@ def head_pair(f: Mapping[str, torch.Tensor], n, lin: LinearWeights,
     exported graph computes it: each tap normalized once for both halves, the halves'
     difference without copying them out (``losses.half_difference``), Σ_c w_c d_c² as
     a 1×1 convolution. In the network's dtype up to the per-tap means (float32 out)."""
-    out: dict[str, torch.Tensor] = {}
-    spatial = None
+    maps = {}
     for name, w in zip(LAYERS, lin.weights):
         t = f[name]
         d = _losses.half_difference(_normalized(t), n).reshape(n, t.shape[1], t.shape[2], t.shape[3])
         # The one-channel map is cast before its mean: a float16 mean may hold the sum
         # over h·w in float16 before dividing.
-        m = F.conv2d(torch.square(d), w.to(t.dtype)).float()
-        out[f"lpips.{name}"] = m.mean(dim=(1, 2, 3))
-        if size is not None:
-            up = upsample(m, size)
-            spatial = up if spatial is None else spatial + up
-    total = out[f"lpips.{LAYERS[0]}"]
-    for name in LAYERS[1:]:
-        total = total + out[f"lpips.{name}"]
-    out["total"] = total
-    if spatial is not None:
-        out["spatial"] = spatial
-    return out
+        maps[name] = F.conv2d(torch.square(d), w.to(t.dtype)).float()
+    return _outputs(maps, size)
 
 
 # -- its vector-Jacobian product -------------------------------------------------------
