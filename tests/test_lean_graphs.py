@@ -77,29 +77,37 @@ def test_lpips_head_pair_matches_the_head():
 
 
 def test_sums_of_squares_become_reduce_sum_square():
-    """ReduceSum(Mul(a, a)) -> ReduceSumSquare(a); a product of two tensors, or a square
-    with another use, is left alone; the rewritten graph computes the same."""
+    """ReduceSum(Mul(a, a)) -> ReduceSumSquare(a) over channels (axis 1 of a 4-D tensor,
+    kept) or on a float16 input's cast; a long float32 sum is left alone (ONNX Runtime's
+    CPU ReduceSumSquare adds one value at a time), and so are a product of two tensors and
+    a square with another use. The rewritten graph computes the same."""
     import onnx_ir as ir
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     from perceptual_engine.export import optimizer
 
-    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
-    nodes = [helper.make_node("Mul", ["a", "a"], ["sq"]), helper.make_node("ReduceSum", ["sq", "axes"], ["s"]),
-             helper.make_node("Mul", ["a", "b"], ["ab"]), helper.make_node("ReduceSum", ["ab", "axes"], ["t"]),
-             helper.make_node("Mul", ["b", "b"], ["bb"]), helper.make_node("ReduceSum", ["bb", "axes"], ["u"])]
-    vi = lambda n, s: helper.make_tensor_value_info(n, TensorProto.FLOAT, s)  # noqa: E731
-    graph = helper.make_graph(nodes, "g", [vi("a", [2, 3]), vi("b", [2, 3])],
-                              [vi("s", None), vi("t", None), vi("u", None), vi("bb", None)], [axes])
+    inits = [helper.make_tensor("c", TensorProto.INT64, [1], [1]), helper.make_tensor("hw", TensorProto.INT64, [2], [2, 3])]
+    nodes = [helper.make_node("Mul", ["a", "a"], ["sq"]), helper.make_node("ReduceSum", ["sq", "c"], ["s"]),  # yes
+             helper.make_node("Mul", ["a", "a"], ["sq2"]), helper.make_node("ReduceSum", ["sq2", "hw"], ["s2"]),  # long
+             helper.make_node("Cast", ["h"], ["h32"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["h32", "h32"], ["hh"]), helper.make_node("ReduceSum", ["hh", "hw"], ["s3"]),  # yes
+             helper.make_node("Mul", ["a", "b"], ["ab"]), helper.make_node("ReduceSum", ["ab", "c"], ["t"]),
+             helper.make_node("Mul", ["b", "b"], ["bb"]), helper.make_node("ReduceSum", ["bb", "c"], ["u"])]
+    vi = lambda n, s, t=TensorProto.FLOAT: helper.make_tensor_value_info(n, t, s)  # noqa: E731
+    graph = helper.make_graph(nodes, "g", [vi("a", [2, 3, 4, 5]), vi("b", [2, 3, 4, 5]), vi("h", [2, 3, 4, 5], TensorProto.FLOAT16)],
+                              [vi("s", None), vi("s2", None), vi("s3", None), vi("t", None), vi("u", None),
+                               vi("bb", None)], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
     model = ir.serde.deserialize_model(proto)
-    assert optimizer.sums_of_squares(model.graph) == 1
+    assert optimizer.sums_of_squares(model.graph) == 2
     out = ir.serde.serialize_model(model)
     ops = [n.op_type for n in out.graph.node]
-    assert ops.count("ReduceSumSquare") == 1 and ops.count("Mul") == 2, ops
-    a, b = np.random.default_rng(0).normal(size=(2, 2, 3)).astype(np.float32)
-    run = lambda p: ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"a": a, "b": b})  # noqa: E731
+    assert ops.count("ReduceSumSquare") == 2 and ops.count("Mul") == 3, ops
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 2, 3, 4, 5)).astype(np.float32)
+    feeds = {"a": a, "b": b, "h": a.astype(np.float16)}
+    run = lambda p: ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)  # noqa: E731
     for x, y in zip(run(out), run(proto)):
         np.testing.assert_allclose(x, y, rtol=1e-6)
 

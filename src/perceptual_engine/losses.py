@@ -112,7 +112,13 @@ def pair_terms(f: Mapping[str, torch.Tensor], n, loss: LossConfig) -> dict[str, 
     style from the joined batch's Grams (``gram_fast``), split only as (n, C, C)."""
     out: dict[str, torch.Tensor] = {}
     for name in loss.content:
-        d = half_difference(f[name], n).float()
+        d = half_difference(f[name], n)
+        if d.dtype == torch.float32:
+            # A mean of squares: ONNX Runtime's CPU ReduceSum/ReduceMean sum in blocks, its
+            # ReduceSumSquare one value at a time (1e-3 off over a 224² tap, beyond float32's tier).
+            out[f"content.{name}"] = (d * d).mean(dim=1)
+            continue
+        d = d.float()  # float16: the sum of squares (ReduceSumSquare) is well inside its tier
         out[f"content.{name}"] = (d * d).sum(dim=1) / (
             axis_size(f[name], 1) * axis_size(f[name], 2) * axis_size(f[name], 3))
     for name in loss.style:
