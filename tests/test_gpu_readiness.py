@@ -366,6 +366,24 @@ def test_iobinding_reuses_one_binding_and_its_outputs_once_results_are_dropped(f
     assert [c[1] for c in binding.calls if c[0] == "in"] == ["x", "y", "x", "y"]
 
 
+def test_iobinding_reuses_buffers_only_on_the_stream_that_used_them(fake_cuda, monkeypatch):
+    """A result dropped on one stream may still be read by work queued there: a call from
+    another stream gets its own buffers, and the first stream reuses its own."""
+    eng = FakeEngine(ProviderOptions(), session=WritingSession())
+    eng.output_names = ("content.relu1_2", "total")
+    binder, feeds = IOB.TorchBinder(eng), _feeds()
+    first = binder.run(feeds, {}, eng.output_names)
+    ptr = first["content.relu1_2"].data_ptr()
+    del first
+    other = FakeStream(0x20)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: other)
+    second = binder.run(feeds, {}, eng.output_names)
+    assert second["content.relu1_2"].data_ptr() != ptr
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: fake_cuda)
+    third = binder.run(feeds, {}, eng.output_names)
+    assert third["content.relu1_2"].data_ptr() == ptr
+
+
 @pytest.mark.parametrize("hold", ["dict", "view", "numpy"])
 def test_iobinding_never_overwrites_results_the_caller_still_holds(fake_cuda, hold):
     eng = FakeEngine(ProviderOptions(), session=WritingSession())

@@ -380,7 +380,7 @@ def stage_areas(x: torch.Tensor) -> torch.Tensor:
     """h·w of each stage's maps for images x, (6,) float32: the image's, then each tap's,
     whose sides are ⌈side / 2^p⌉ after p L2 poolings (3×3, stride 2, padding 1). In
     float32 from x's sides: no integer arithmetic on shapes (export/shapes.py)."""
-    per = torch.tensor([1.0 / d for d in _DOWNSAMPLE])
+    per = torch.tensor([1.0 / d for d in _DOWNSAMPLE], device=x.device)
     one = x.new_ones((), dtype=torch.float32)
     rows = torch.ceil(one * torch.sym_float(x.shape[2]) * per)
     return rows * torch.ceil(one * torch.sym_float(x.shape[3]) * per)
@@ -402,14 +402,15 @@ def joined_head(stages_: Mapping[str, tuple[torch.Tensor, float]], x: torch.Tens
     mu = torch.cat([m for m, _, _ in stats], dim=1).reshape(n, 2, -1)  # (N, 2, 1475)
     root = _cat_float32([r for _, r, _ in stats]).reshape(n, 2, -1)
     droot = _cat_float32([d for _, _, d in stats])  # (N, 1475)
-    k2 = torch.cat([torch.full((c,), stages_[s][1] ** 2) for s, c in zip(STAGES, CHANNELS)])
-    index = torch.cat([torch.full((c,), i) for i, c in enumerate(CHANNELS)])
+    k2 = torch.cat([torch.full((c,), stages_[s][1] ** 2, device=x.device) for s, c in zip(STAGES, CHANNELS)])
+    index = torch.cat([torch.full((c,), i, device=x.device) for i, c in enumerate(CHANNELS)])
     area = stage_areas(x).index_select(0, index)
     mx, my = mu[:, 0], mu[:, 1]
     dt = (mx - my) ** 2 / ((mu * mu).sum(dim=1) + C1 * k2)
     ds = droot ** 2 / ((root * root).sum(dim=1) + C2 * k2 * area)
-    total = w.alpha.sum() + w.beta.sum()
-    weighted = torch.cat([dt, ds], dim=1) * (torch.cat([w.alpha, w.beta], dim=1).flatten(1) / total)
+    alpha, beta = w.alpha.to(x.device), w.beta.to(x.device)
+    total = alpha.sum() + beta.sum()
+    weighted = torch.cat([dt, ds], dim=1) * (torch.cat([alpha, beta], dim=1).flatten(1) / total)
     names = [f"texture.{s}" for s in STAGES] + [f"structure.{s}" for s in STAGES]
     out = {k: part.sum(dim=1) for k, part in zip(names, weighted.split(list(CHANNELS) * 2, dim=1))}
     out["total"] = weighted.sum(dim=1)

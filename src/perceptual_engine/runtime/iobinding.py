@@ -93,6 +93,7 @@ class Slot:
         self.bound: dict[str, tuple[int, tuple[int, ...]]] = {}  # input name: (pointer, shape)
         self.busy = False
         self.copied: Any = None  # CUDA event after the last host -> device copy of total
+        self.extra: dict[str, Any] = {}  # the cached target's OrtValues it binds (see _slot)
         # What the use count of an unshared buffer reads (the pool's own reference).
         self.free_counts = {k: _use_count(t) for k, t in outs.items()}
 
@@ -229,7 +230,11 @@ class TorchBinder:
         is on torch's stream, where nothing waits for it, so total stays on the device."""
         import torch
 
-        key = (tuple(feeds["x"].shape), names, tuple(id(v) for v in extra.values()), shared)
+        # The caller's stream is part of the key: a slot freed by its caller may still be read
+        # by work queued on that caller's stream, which only a run on that stream (after its
+        # synchronization, or in its order) is sure to follow, as torch's allocator does.
+        stream = int(torch.cuda.current_stream(feeds["x"].device).cuda_stream)
+        key = (tuple(feeds["x"].shape), names, tuple(id(v) for v in extra.values()), shared, stream)
         with self._slots_lock:
             slots = self._slots.pop(key, [])
             self._slots[key] = slots  # most recently used last
@@ -253,6 +258,7 @@ class TorchBinder:
             else:
                 binding.bind_output(name, "cuda", t.device.index or 0, self._np_out, tuple(t.shape), t.data_ptr())
         slot = Slot(binding, outs, host_total)
+        slot.extra = dict(extra)  # held, so the ids in the key cannot be reused by a new target's
         slot.busy = True
         with self._slots_lock:
             slots = self._slots.get(key)
