@@ -179,8 +179,7 @@ def check_linear_weights(raw: object, source: str) -> LinearWeights:
 
 def normalize_channels(f: torch.Tensor) -> torch.Tensor:
     """f / (‖f‖₂ over channels + 1e-10), in float32: (N, C, h, w) -> (N, C, h, w)."""
-    f = f.float()
-    return f / (torch.sqrt((f * f).sum(dim=1, keepdim=True)) + EPS)
+    return _normalized(f.float())
 
 
 def tap_map(fx: torch.Tensor, fy: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
