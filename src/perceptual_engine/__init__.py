@@ -12,6 +12,8 @@ command line's start-up do not pay for torch and ONNX until they are needed.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -43,6 +45,40 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from .runtime import Engine
     from .runtime.loss import EnginePerceptualLoss
     from .spec import FeatureSpec, LossConfig
+
+
+# Modules that moved into a subpackage, old path -> new: ``import perceptual_engine.savepaths``
+# keeps working and gives the very module ``perceptual_engine.optimize.savepaths`` is.
+_MOVED = {
+    "savepaths": "optimize.savepaths",
+    "optimize_config": "optimize.config",
+    "optimize_guard": "optimize.guard",
+    "optimize_images": "optimize.images",
+    "optimize_loop": "optimize.loop",
+    "memory_estimate": "memory.estimate",
+    "memory_oom": "memory.oom",
+}
+
+
+class _MovedFinder:
+    """Finds an old module path of ``_MOVED`` and loads it as the module at its new path
+    (a meta path finder and its loader; importlib.abc is not imported: it costs 20 ms)."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        prefix, _, rest = fullname.partition(".")
+        if prefix != __name__ or rest not in _MOVED:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec: Any) -> Any:
+        return importlib.import_module(f"{__name__}.{_MOVED[spec.name.partition('.')[2]]}")
+
+    def exec_module(self, module: Any) -> None:
+        pass  # already executed under its new name
+
+
+if not any(isinstance(f, _MovedFinder) for f in sys.meta_path):
+    sys.meta_path.append(_MovedFinder())
 
 
 def __getattr__(name: str) -> Any:

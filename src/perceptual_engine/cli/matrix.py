@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import kinds
 from ..errors import ConfigError
+from .matrix_out import _Bar
 from .options import (add_device_options, add_head_options, add_spec_options, distance_threshold,
                       memory_budget, positive_int)
 
@@ -99,24 +100,6 @@ def register(sub: Any, say: Callable[[str], None], fmt: Any) -> None:
         add_spec_options(p)
         add_head_options(p, spatial_flag=False, matrix=True)
         p.set_defaults(func=lambda a, _n=name: run(_n, a, say), spatial_dir=None)
-
-
-class _Bar:
-    """Progress on stderr, drawn only on a terminal."""
-
-    def __init__(self, total: int, unit: str) -> None:
-        from ..datasets.runner import Progress
-
-        self.bar = Progress(total, sys.stderr, enabled=sys.stderr.isatty())
-        self.unit = unit
-        self.bar._draw = self._draw  # the same bar, counting images or entries
-
-    def _draw(self, now: float) -> None:
-        b = self.bar
-        frac = b.done / b.total if b.total else 1.0
-        b.stream.write(f"\r[{'#' * int(24 * frac):.<24}] {b.done}/{b.total} {self.unit} "
-                       f"{100 * frac:3.0f}% ")
-        b.stream.flush()
 
 
 def run(command: str, args: argparse.Namespace, say: Callable[[str], None]) -> int:
@@ -245,34 +228,3 @@ def _embed(args, engine, emb, sets, loader, p, say) -> list:
     finally:
         bar.bar.close()
     return stores
-
-
-def summary(total: np.ndarray, symmetric: bool) -> dict[str, Any]:
-    """mean, median, min, max of the pairwise totals (i < j for a symmetric matrix), NaN skipped."""
-    vals = total[np.triu_indices(total.shape[0], 1)] if symmetric else total.ravel()
-    vals = vals[np.isfinite(vals)].astype(np.float64)
-    if vals.size == 0:
-        return {"pairs": 0}
-    return {"pairs": int(vals.size), "mean": float(vals.mean()), "median": float(np.median(vals)),
-            "min": float(vals.min()), "max": float(vals.max())}
-
-
-def print_rows(columns: list[str], rows: list[list[Any]], fmt: str) -> None:
-    import csv
-
-    out = sys.stdout
-    if fmt == "json":
-        json.dump([dict(zip(columns, r)) for r in rows], out, indent=1)
-        out.write("\n")
-    elif fmt == "csv":
-        w = csv.writer(out, lineterminator="\n")
-        w.writerow(columns)
-        w.writerows([["" if v is None else v for v in r] for r in rows])
-    else:
-        cells = [[("-" if v is None else format(v, ".6g") if isinstance(v, float) else str(v))
-                  for v in r] for r in rows]
-        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-        out.write("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip() + "\n")
-        for r in cells:
-            out.write("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + "\n")
-    out.flush()

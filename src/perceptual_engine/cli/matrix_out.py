@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -11,7 +12,6 @@ import numpy as np
 
 from .._io import atomic_path
 from ..errors import ConfigError
-from .matrix import _Bar, print_rows, summary
 
 
 def _device(engine: Any) -> str:
@@ -169,3 +169,52 @@ def dedup(args, engine, emb, sets, stores, p, say: Callable[[str], None]) -> Non
     extra = sum(len(m) - 1 for m in groups.values() if len(m) > 1)
     say(f"{g} group(s) of near-duplicates at --threshold {args.threshold:g}; {extra} image(s) "
         "beyond one per group")
+
+
+class _Bar:
+    """Progress on stderr, drawn only on a terminal."""
+
+    def __init__(self, total: int, unit: str) -> None:
+        from ..datasets.runner import Progress
+
+        self.bar = Progress(total, sys.stderr, enabled=sys.stderr.isatty())
+        self.unit = unit
+        self.bar._draw = self._draw  # the same bar, counting images or entries
+
+    def _draw(self, now: float) -> None:
+        b = self.bar
+        frac = b.done / b.total if b.total else 1.0
+        b.stream.write(f"\r[{'#' * int(24 * frac):.<24}] {b.done}/{b.total} {self.unit} "
+                       f"{100 * frac:3.0f}% ")
+        b.stream.flush()
+
+
+def summary(total: np.ndarray, symmetric: bool) -> dict[str, Any]:
+    """mean, median, min, max of the pairwise totals (i < j for a symmetric matrix), NaN skipped."""
+    vals = total[np.triu_indices(total.shape[0], 1)] if symmetric else total.ravel()
+    vals = vals[np.isfinite(vals)].astype(np.float64)
+    if vals.size == 0:
+        return {"pairs": 0}
+    return {"pairs": int(vals.size), "mean": float(vals.mean()), "median": float(np.median(vals)),
+            "min": float(vals.min()), "max": float(vals.max())}
+
+
+def print_rows(columns: list[str], rows: list[list[Any]], fmt: str) -> None:
+    import csv
+
+    out = sys.stdout
+    if fmt == "json":
+        json.dump([dict(zip(columns, r)) for r in rows], out, indent=1)
+        out.write("\n")
+    elif fmt == "csv":
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(columns)
+        w.writerows([["" if v is None else v for v in r] for r in rows])
+    else:
+        cells = [[("-" if v is None else format(v, ".6g") if isinstance(v, float) else str(v))
+                  for v in r] for r in rows]
+        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+        out.write("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip() + "\n")
+        for r in cells:
+            out.write("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + "\n")
+    out.flush()

@@ -115,7 +115,7 @@ def _finite_float(text: str) -> float:
 
 def _check_output(args: argparse.Namespace) -> None:
     """Every file -o may name, before the model is exported or step 1 runs."""
-    from ..savepaths import check_save_path
+    from ..optimize.savepaths import check_save_path
 
     final = range(args.steps + 1)  # the last image carries the steps done (--stop-below: fewer)
     check_save_path(args.output, steps=final, inputs=(args.content_image, args.style_image),
@@ -248,7 +248,7 @@ class _Signals:
 def main(args: argparse.Namespace, say) -> int:
     from ..images import save_image
     from ..optimize import stylize
-    from ..savepaths import expand
+    from ..optimize.savepaths import expand
 
     spec, loss = _spec_and_loss(args)
     _check_output(args)

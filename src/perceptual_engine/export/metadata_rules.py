@@ -2,15 +2,26 @@
 its loss, grad and learned head must be) and the weights source the spec implies."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 from .. import kinds
 from ..errors import ConfigError
-from ..spec import _short
+from ..spec import FeatureSpec, LossConfig, _short
 from .metadata_fields import ALWAYS_WRITTEN, PREFIX, Invalid
 
-if TYPE_CHECKING:
-    from .metadata import ModelInfo
+
+class ModelInfo(Protocol):
+    """What the rules read of a ``metadata.ModelInfo`` (which imports this module, so
+    the rules name its attributes here rather than import it)."""
+
+    spec: FeatureSpec
+    loss: LossConfig | None
+    graph: str
+    dtype: str
+    weights_source: str
+    grad: bool
+    static_shape: tuple[int, int, int] | None
+    output_dtype: str | None  # a head's field (``info.lpips``) is read by name: getattr
 
 # -- checks across keys ------------------------------------------------------------------
 

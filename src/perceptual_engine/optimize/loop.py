@@ -1,6 +1,6 @@
 """The optimization loop: descend a differentiable loss over the pixels of an image
 with Adam or L-BFGS, clamped to the input range, stopping after ``steps``, below
-``stop_below`` or when asked, saving every ``save_every`` steps; optimize_guard.py
+``stop_below`` or when asked, saving every ``save_every`` steps; guard.py
 ends a run that cannot succeed."""
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import ConfigError
-from .optimize_config import DEFAULT_LR, STALL_STEPS, Progress, StylizeResult, check_options
-from .optimize_guard import Guard as _Guard
-from .spec import INPUT_RANGES
+from ..errors import ConfigError
+from .config import DEFAULT_LR, STALL_STEPS, Progress, StylizeResult, check_options
+from .guard import Guard as _Guard
+from ..spec import INPUT_RANGES
 
 
 def optimize_image(loss_module: Any, x0: Any, *, steps: int = 300, optimizer: str = "adam",
@@ -52,7 +52,7 @@ def optimize_image(loss_module: Any, x0: Any, *, steps: int = 300, optimizer: st
     """
     import torch
 
-    from .images import save_image
+    from ..images import save_image
     from .savepaths import check_save_path
 
     check_options(steps, optimizer, lr, "content", stop_below, save_every, save_path)

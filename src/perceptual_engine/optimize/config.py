@@ -27,8 +27,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import ConfigError
-from .spec import FeatureSpec, LossConfig
+from ..errors import ConfigError
+from ..spec import FeatureSpec, LossConfig
 
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 CONTENT_LAYER = "relu4_2"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import OutOfMemoryError
+from ..errors import OutOfMemoryError
 
 if TYPE_CHECKING:
-    from .memory_estimate import MemoryEstimate
+    from .estimate import MemoryEstimate
 
 _OOM_PATTERNS = ("bad_alloc", "failed to allocate memory", "out of memory",
                  "cudaerrormemoryallocation", "cuda_error_out_of_memory", "cannot allocate memory")

@@ -8,8 +8,8 @@ so a call that cannot fit is refused with the figures and the fix instead of
 dying in the allocator. The model and its constants were measured on ONNX
 Runtime's CPU provider; see docs/memory.md for the measurements.
 
-The parts: memory_estimate.py (``estimate``, its constants, ``MemoryEstimate``,
-``format_bytes``, ``suggest_side``), memory_oom.py (allocation failures ->
+The parts: estimate.py (``estimate``, its constants, ``MemoryEstimate``,
+``format_bytes``, ``suggest_side``), oom.py (allocation failures ->
 OutOfMemoryError). Their names are re-exported here, the path callers use
 (``memory.estimate``, ``memory.TAP``). The budget, the reading of available memory and
 ``MemoryGuard`` are here: the guard reads ``available_memory`` through this module.
@@ -21,18 +21,18 @@ import re
 import threading
 import time
 
-from .errors import ConfigError, MemoryBudgetError
-from .memory_estimate import (ARENA, FIXED, GRAD_WORK, GRAM, IMAGES_PER_SAMPLE, MARGIN, TAP, WORK,
-                              MemoryEstimate, estimate, format_bytes, itemsize, suggest_side)
-from .memory_oom import is_out_of_memory, out_of_memory
+from ..errors import ConfigError, MemoryBudgetError
+from .estimate import (ARENA, FIXED, GRAD_WORK, GRAM, IMAGES_PER_SAMPLE, MARGIN, TAP, WORK,
+                       MemoryEstimate, estimate, format_bytes, itemsize, suggest_side)
+from .oom import is_out_of_memory, out_of_memory
 
 __all__ = [
     "DEFAULT_FRACTION", "CHECK_ABOVE", "AVAILABLE_TTL_S", "parse_budget", "available_memory",
     "MemoryGuard", "fit_batch",
-    # memory_estimate.py
+    # estimate.py
     "IMAGES_PER_SAMPLE", "WORK", "TAP", "GRAM", "GRAD_WORK", "FIXED", "MARGIN", "ARENA",
     "MemoryEstimate", "itemsize", "estimate", "format_bytes", "suggest_side",
-    # memory_oom.py
+    # oom.py
     "is_out_of_memory", "out_of_memory",
 ]
 
@@ -134,7 +134,7 @@ def available_memory(device: str = "cpu", device_id: int = 0) -> int | None:
             return room
         return avail if room is None else min(avail, room)
     try:
-        from .cuda_driver import free_memory
+        from ..cuda_driver import free_memory
 
         return free_memory(device_id)
     except Exception:  # no driver: no budget, an OOM is still translated

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
-from .spec import INPUT_RANGES
+from ..errors import ConfigError
+from ..spec import INPUT_RANGES
 
 
 def prepare_images(content: Any, style: Any, *, size: int | None = None,
@@ -22,7 +22,7 @@ def prepare_images(content: Any, style: Any, *, size: int | None = None,
         longest side; None (default) resizes it to the content image's H x W.
     Raises ConfigError when a side ends up below ``min_size`` (the deepest layer's).
     """
-    from .images import resize
+    from ..images import resize
 
     lo, hi = INPUT_RANGES[input_range]
     c, s = (_unit(v, what, lo, hi) for v, what in ((content, "content"), (style, "style")))
@@ -50,8 +50,8 @@ def _fit(hw: tuple[int, ...], longest: int) -> tuple[int, int]:
 
 def _unit(value: Any, what: str, lo: float, hi: float) -> np.ndarray:
     """A path or an array in [lo, hi] -> (3, H, W) float32 in [0, 1]."""
-    from .errors import InputError
-    from .images import decode
+    from ..errors import InputError
+    from ..images import decode
 
     if isinstance(value, (str, os.PathLike)):
         return decode(value)

@@ -11,10 +11,10 @@ which are clamped to the input range afterwards.
 ``forward(x)["total"]`` is differentiable with respect to x after ``set_target``
 (``EnginePerceptualLoss`` or ``TorchPerceptualLoss``).
 
-The parts: optimize_config.py (the defaults, after Gatys, Ecker and Bethge, the option
-checks, StylizeResult), optimize_loop.py (``optimize_image``: the loop, Adam / L-BFGS,
-stopping, saves), optimize_guard.py (what ends a run that cannot succeed),
-optimize_images.py (``prepare_images``). Their names are re-exported here
+The parts: config.py (the defaults, after Gatys, Ecker and Bethge, the option
+checks, StylizeResult), loop.py (``optimize_image``: the loop, Adam / L-BFGS,
+stopping, saves), guard.py (what ends a run that cannot succeed),
+images.py (``prepare_images``). Their names are re-exported here
 (``optimize.CONTENT_LAYER``, ``optimize.optimize_image``).
 """
 from __future__ import annotations
@@ -24,23 +24,23 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import ConfigError
-from .optimize_config import (CONTENT_LAYER, DEFAULT_GRAM, DEFAULT_LR, DEFAULT_POOLING,
+from ..errors import ConfigError
+from .config import (CONTENT_LAYER, DEFAULT_GRAM, DEFAULT_LR, DEFAULT_POOLING,
                               DEFAULT_STYLE_WEIGHT, GATYS_LAYERS, INITS, OPTIMIZERS, STALL_STEPS,
                               STYLE_LAYERS, Progress, StylizeResult, check_options, default_loss,
                               gatys_spec)
-from .optimize_images import prepare_images
-from .optimize_loop import optimize_image
-from .spec import INPUT_RANGES, FeatureSpec, LossConfig
+from .images import prepare_images
+from .loop import optimize_image
+from ..spec import INPUT_RANGES, FeatureSpec, LossConfig
 
 __all__ = [
     "stylize", "check_model",
-    # optimize_config.py
+    # config.py
     "STYLE_LAYERS", "CONTENT_LAYER", "GATYS_LAYERS", "DEFAULT_STYLE_WEIGHT", "DEFAULT_POOLING",
     "DEFAULT_GRAM", "STALL_STEPS", "OPTIMIZERS", "INITS", "DEFAULT_LR", "Progress",
     "gatys_spec", "default_loss", "StylizeResult",
-    "optimize_image",  # optimize_loop.py
-    "prepare_images",  # optimize_images.py
+    "optimize_image",  # loop.py
+    "prepare_images",  # images.py
 ]
 
 
@@ -98,7 +98,7 @@ def stylize(content: Any, style: Any, *, spec: FeatureSpec | None = None,
     path = os.fspath(model) if model is not None else _cached_model(spec, loss, dtype, cache_dir, say)
     module = _engine_loss(path, device, precision)
     module.set_target(content=c, style=s)
-    from .runtime.loss import on_engine_device
+    from ..runtime.loss import on_engine_device
     if init == "content":
         x0 = c.copy()
     else:
@@ -117,7 +117,7 @@ def check_model(model: str | os.PathLike, *, command: bool = False) -> Any:
     """The ModelInfo of ``model`` if it is a target graph with its gradient (what the loop
     runs); else ConfigError with the export that makes one. ``command``: word it for the
     ``stylize`` command (its flags) instead of the API."""
-    from .runtime import read_info
+    from ..runtime import read_info
 
     path = os.fspath(model)
     info = read_info(path)
@@ -136,7 +136,7 @@ def check_model(model: str | os.PathLike, *, command: bool = False) -> Any:
 
 def _cached_model(spec: FeatureSpec, loss: LossConfig | None, dtype: str,
                   cache_dir: str | None, say: Callable[[str], None]) -> str:
-    from .datasets.cache import ensure_model, models_dir
+    from ..datasets.cache import ensure_model, models_dir
 
     entry = ensure_model(spec, loss, dtype=dtype, graph="target", grad=True,
                          folder=models_dir(cache_dir), say=say)
@@ -144,7 +144,7 @@ def _cached_model(spec: FeatureSpec, loss: LossConfig | None, dtype: str,
 
 
 def _engine_loss(path: str, device: str, precision: str = "auto") -> Any:
-    from .runtime.loss import EnginePerceptualLoss, stylize_options
+    from ..runtime.loss import EnginePerceptualLoss, stylize_options
 
     # check_range off: L-BFGS's line search evaluates trial points beyond the range
     # before the step is clamped; that is intended, not a caller's mistake.

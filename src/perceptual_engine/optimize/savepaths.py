@@ -21,7 +21,7 @@ import re
 import string
 from typing import Any, Iterable
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # What a formatted {step} may look like: digits, signs, padding, hex letters; never a
 # path separator or a control character.
@@ -76,8 +76,8 @@ def check_save_path(path: str | os.PathLike, *, steps: Iterable[int], inputs: It
     images (paths; anything else is skipped), which no destination may be unless
     ``overwrite_input``. ``what`` and ``overwrite_flag`` name the argument and the
     override in messages (the command line passes its flags). Raises ConfigError."""
-    from ._io import check_destination
-    from .images import WRITABLE_EXAMPLES, writable_format
+    from .._io import check_destination
+    from ..images import WRITABLE_EXAMPLES, writable_format
 
     text = check_template(path, what)
     first = expand(text, 0)

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from . import kinds, layers as _layers
-from .errors import ConfigError
+from .. import kinds, layers as _layers
+from ..errors import ConfigError
 
 # Images through the network per sample, by graph kind (kinds.py): a pair graph runs
 # x and y as one batch of 2N.

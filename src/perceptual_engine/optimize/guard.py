@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from .errors import NonFiniteError, OptimizationError
+from ..errors import NonFiniteError, OptimizationError
 
 # Pixels this far outside the input range can only be a line search's trial point.
 _OUTSIDE = 1e-3
