@@ -268,12 +268,13 @@ class TorchPerceptualLoss(_AlwaysEval):
 
 
 class TorchLPIPS(nn.Module):
-    """LPIPS (lpips v0.1, VGG16) on the reference network: ``forward(x, y) ->
-    {"lpips.<l>": (N,), "total": (N,)[, "spatial": (N, 1, H, W)]}``, float32.
+    """LPIPS (lpips v0.1; VGG16, AlexNet or SqueezeNet 1.1) on the reference network:
+    ``forward(x, y) -> {"lpips.<l>": (N,), "total": (N,)[, "spatial": (N, 1, H, W)]}``, float32.
 
-    spec: VGG16 at ``perceptual_engine.lpips.LAYERS`` (see ``lpips.default_spec``); its
+    spec: a net's trunk at its taps (see ``lpips.default_spec(weights, net=...)``); its
         input range is the images' ("-1,1" as lpips, "0,1" as its normalize=True).
-    lpips_weights: LinearWeights, a .pth path, or None for the lpips package's file.
+    lpips_weights: LinearWeights of the spec's net, a .pth path, or None for the lpips
+        package's file of that net.
     spatial: also return the per-pixel map, as lpips' spatial=True.
     Differentiable by autograd (NaN where a feature vector is exactly zero, as lpips).
     """
@@ -283,8 +284,7 @@ class TorchLPIPS(nn.Module):
         super().__init__()
         _lpips.check_spec(spec)
         self.spec, self.spatial = spec, spatial
-        lin = (lpips_weights if isinstance(lpips_weights, _lpips.LinearWeights)
-               else _lpips.load_linear_weights(lpips_weights))
+        lin = _lpips.resolve_weights(lpips_weights, spec)
         self._lin = lin
         for i, w in enumerate(lin.weights):  # buffers: .to(device) moves them with the network
             self.register_buffer(f"lin{i}", w.clone(), persistent=False)

@@ -18,7 +18,7 @@ from typing import Mapping
 import torch
 
 from . import layers as _layers, trunks as _trunks
-from .errors import WeightsError, first_line
+from .errors import WeightsError, WrongTrunkError, first_line
 from .spec import FeatureSpec
 
 # torchvision's published checkpoints (the IMAGENET1K_V1 weights), one per trunk.
@@ -183,21 +183,19 @@ def _check(spec: FeatureSpec, raw: Mapping[str, object], source: str) -> dict[st
             bad.append(f"{key} has shape {tuple(t.shape)}, {spec.arch} needs {shape}")
             continue
         state[key] = t.detach().to(torch.float32).contiguous()
-    fits = ""
-    if missing or bad:
-        other = [t for t in fitting_trunks(raw) if t != spec.arch]
-        if other:
-            fits = (f" The file fits {' and '.join(other)}: use arch {other[0]!r} (--arch {other[0]}), "
-                    f"or a {spec.arch} checkpoint.")
+    # A file that fits another registered trunk whole: the arch is what to change (exit 2).
+    other = [t for t in fitting_trunks(raw) if t != spec.arch] if missing or bad else []
+    error, fits = (WrongTrunkError, f" The file is a torchvision {' or '.join(other)} state dict: use arch "
+                   f"{other[0]!r} with it, or a checkpoint of {spec.arch}.") if other else (WeightsError, "")
     if missing:
         shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
-        raise WeightsError(
+        raise error(
             f"weights {source!r} lack {len(missing)} key(s) {spec.arch} needs up to "
             f"{spec.deepest}: {shown}. Accepted: a torchvision {spec.arch} state dict "
             f"(keys 'features.N.weight'); check the arch or the file.{fits}"
         )
     if bad:
-        raise WeightsError(
+        raise error(
             f"weights {source!r} do not fit {spec.arch}: {'; '.join(bad[:4])}. "
             f"Check that the file is a {spec.arch} checkpoint (not vgg16 vs vgg19) in float.{fits}"
         )

@@ -93,7 +93,8 @@ def model_request(args: argparse.Namespace) -> ModelRequest:
     """What the model flags ask for; ConfigError for combinations that cannot hold."""
     spatial = args.spatial_dir is not None
     if args.model:
-        heads = tuple(k.weights_option for k in kinds.KINDS.values() if k.head)
+        heads = tuple(k.weights_option for k in kinds.KINDS.values() if k.head) \
+            + tuple(f.dest for k in kinds.KINDS.values() for f in k.flags)
         given = [_flag(f) for f in SPEC_FLAGS + heads
                  if getattr(args, f, None) is not None]
         if given:
