@@ -197,8 +197,8 @@ def check_linear_weights(raw: object, source: str, *, net: str = _nets.DEFAULT) 
         other = [n for n in _fitting_nets(raw) if n != net]
         if other:
             raise WrongNetError(
-                f"LPIPS weights {source!r} are the {other[0]!r} net's ({_trunks.get(NETS[other[0]].arch).label}), "
-                f"not {net!r}'s ({label}); use net {other[0]!r} (--lpips-net {other[0]}), or the "
+                f"LPIPS weights {source!r} are for net {other[0]!r} ({_trunks.get(NETS[other[0]].arch).label}), "
+                f"not net {net!r} ({label}); use net {other[0]!r} (--lpips-net {other[0]}), or the "
                 f"lpips package's {NETS[net].weights_file}.")
     if not isinstance(raw, Mapping):
         raise LinearWeightsError(f"LPIPS weights {source!r} hold a {type(raw).__name__}, not a state dict; "

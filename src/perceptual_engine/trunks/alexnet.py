@@ -34,4 +34,4 @@ def build(info, pooling: str = "max"):
 
 ALEXNET = Trunk("alexnet", "AlexNet", table(), ("relu1", "relu2", "relu3", "relu4", "relu5"),
                 "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", "alexnet",
-                grad=False, index_hint="index 1 is relu1")
+                index_hint="index 1 is relu1")

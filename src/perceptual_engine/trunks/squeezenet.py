@@ -37,4 +37,4 @@ def build(info, pooling: str = "max"):
 SQUEEZENET1_1 = Trunk("squeezenet1_1", "SqueezeNet 1.1", table(),
                       ("relu1", "fire3", "fire5", "fire6", "fire7", "fire8", "fire9"),
                       "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth", "squeezenet",
-                      grad=False, index_hint="index 4 is fire3")
+                      index_hint="index 4 is fire3")
