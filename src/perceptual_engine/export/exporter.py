@@ -342,7 +342,7 @@ def _target_shapes(spec: FeatureSpec, loss: LossConfig | None, graph: str, size:
     if graph == "target":
         for n in loss.content:
             info = resolve(spec.arch, n)
-            shapes.append((info.channels, size // info.downsample, (size + 2) // info.downsample))
+            shapes.append((info.channels, info.size(size), info.size(size + 2)))
     return shapes + [(resolve(spec.arch, n).channels,) * 2 for n in loss.style]
 
 
