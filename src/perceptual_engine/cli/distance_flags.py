@@ -33,6 +33,7 @@ FLAGS: dict[str, dict[str, str]] = {
     "a": _BOTH, "b": _BOTH, "pairs": _BOTH,
     "model": _BOTH, "graph": _BOTH, "spatial_dir": _BOTH, "lpips_weights": _BOTH,
     "dists_weights": _BOTH,
+    **{f.dest: _BOTH for k in kinds.KINDS.values() for f in k.flags},  # --lpips-net
     "cache_dir": _BOTH, "device": _BOTH, "precision": _BOTH, "batch_size": _BOTH, "size_policy": _BOTH,
     "output": _BOTH, "resume": _BOTH, "format": _BOTH, "max_pixels": _BOTH,
     "memory_budget": _BOTH, "max_side": _BOTH,
