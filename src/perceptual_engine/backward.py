@@ -19,7 +19,15 @@ small coefficients (``content_vjp``, ``style_vjp``).
 Max pooling: the gradient goes to the window's first maximum in scan order
 ((0,0), (0,1), (1,0), (1,1)), the one PyTorch's kernels pick, so tied maxima never
 double-count. Rows and columns that the floor of an odd side drops get zero, as in
-every pooling VJP here.
+every pooling VJP here. Overlapping windows (AlexNet's and SqueezeNet's 3×3, stride 2)
+and ceil_mode windows over the edge take the same rank codes one window offset at a
+time, summed where windows overlap (``window_max_pool_vjp``): elementwise ops, Slices
+and Pads, no indices and no scatter.
+
+Convolutions: stride 1 is a Conv with flipped weights; a strided one (AlexNet's and
+SqueezeNet's first) a ConvTranspose, padded and cut to the input's size (``conv_vjp``).
+torchvision's SqueezeNet Fire modules are differentiated whole (``fire_vjp``), with the
+squeeze activation that ``features_and_vjp``'s forward keeps.
 
 float16 networks: the seed gradients are scaled by a per-sample power of two
 estimated from the loss terms and the Grams (``seed_scale``: scalar work only, no
@@ -382,7 +390,10 @@ def terms_vjp(fx: Mapping[str, Tensor], loss: LossConfig, seed: Tensor, *,
 def features_and_vjp(features, x: Tensor) -> tuple[dict[str, Tensor], Callable[[Mapping[str, Tensor]], Tensor]]:
     """The tapped features of x (as ``features.extract(x)``) and their VJP.
 
-    features: a ``TorchFeatures``; x: (N, 3, H, W) float32.
+    features: a ``TorchFeatures``; x: (N, 3, H, W) float32. body's modules: Conv2d, ReLU
+    (torchvision's in-place ones too, after a Conv: a Conv's VJP reads only its input's
+    size), MaxPool2d, AvgPool2d, L2Pool and torchvision's Fire; while exporting, the
+    backward weights are read from ``weights_info.state`` (``_flipped``).
     Returns ``(feats, vjp)``: ``vjp({layer: ∂L/∂F_layer}, scale=1.0)`` (any subset of
     the spec's layers, any float dtype) is ∂L/∂x / scale, (N, 3, H, W) float32. The
     gradients are cast to the network's dtype; a float16 caller scales them first (see
