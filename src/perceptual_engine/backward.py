@@ -36,6 +36,7 @@ from them leave float16's range; the input gradient is unscaled in float32.
 """
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Callable, Mapping
 
@@ -204,17 +205,17 @@ def window_max_pool_vjp(g: Tensor, inp: Tensor, out: Tensor, kernel: tuple[int, 
 
     max_pool_vjp's rank codes, one window offset (a, b) at a time: offset (a, b) of every
     window is the strided slice inp[a::s, b::s] cut to the pooled size; it gets its rank
-    (k² for (0, 0) down to 1 in scan order) where it equals the window's maximum, else
-    0; the largest of the k² codes (Max) is the first maximum's rank; offset (a, b)
+    (k² for (0, 0) down to 1 in scan order) where it equals the window's maximum (the Max
+    of the k² slices), else 0; the largest code is the first maximum's rank; offset (a, b)
     passes g where its rank is that. Its share lands on rows s·i + a: the offsets with
     a ≡ p (mod s) sum on row p of each stride, a // s windows down (a Pad), and the
     s×s interleave of those sums is cut to inp's size (rows the floor drops get zero).
     A window hanging over the edge reads −inf there (a Pad of inp by s − 1, ceil_mode
     only), which never wins: every window starts inside inp, so its (0, 0) is real.
 
-    Cost, 3×3 stride 2: per offset a strided Slice, Sub, Cast and Where for the code and
-    a Sub, Cast and Where for g, all at the pooled size (about a quarter of inp's), then
-    8 Max, 5 Adds and the interleave: some 150 ONNX nodes. On ONNX Runtime's CPU
+    Cost, 3×3 stride 2: per offset a strided Slice, a Max, Sub, Cast, Where and Max for
+    the code and a Sub, Cast and Where for g, all at the pooled size (about a quarter of
+    inp's), then 5 Adds and the interleave: some 170 ONNX nodes. On ONNX Runtime's CPU
     provider (one thread, a (1, 64, 111, 111) input, float32) it took about twice a
     64 -> 64 3×3 Conv at that size, and less than the 2×2 path on the same input. No
     indices and no scatter (MaxPool's Indices and ScatterElements' add did match on ONNX
@@ -227,11 +228,12 @@ def window_max_pool_vjp(g: Tensor, inp: Tensor, out: Tensor, kernel: tuple[int, 
     offsets = [(a, b) for a in range(kh) for b in range(kw)]
     ranks = {ab: torch.tensor(float(kh * kw - k), dtype=inp.dtype, device=inp.device)
              for k, ab in enumerate(offsets)}
-    first = None
-    for a, b in offsets:
-        win = x[:, :, a::sh, b::sw][:, :, :ho, :wo]
-        code = torch.where((win - out).bool(), 0, ranks[a, b])
-        first = code if first is None else torch.maximum(first, code)
+    wins = {(a, b): x[:, :, a::sh, b::sw][:, :, :ho, :wo] for a, b in offsets}
+    # The windows' maximum from the same slices, not out: ONNX Runtime's CPU provider runs a
+    # float16 MaxPool in float32 and hands a float32 Sub its unrounded output, which then
+    # matched none of the float16 window values (all gradients were lost).
+    peak = functools.reduce(torch.maximum, wins.values())
+    first = functools.reduce(torch.maximum, [torch.where((wins[ab] - peak).bool(), 0, ranks[ab]) for ab in offsets])
     # Each share padded to Ho + (k − 1) // s + 1 windows: the shift, and one more for the
     # rows that the floor drops (as _unpool).
     mh, mw = (kh - 1) // sh + 1, (kw - 1) // sw + 1
