@@ -19,7 +19,15 @@ small coefficients (``content_vjp``, ``style_vjp``).
 Max pooling: the gradient goes to the window's first maximum in scan order
 ((0,0), (0,1), (1,0), (1,1)), the one PyTorch's kernels pick, so tied maxima never
 double-count. Rows and columns that the floor of an odd side drops get zero, as in
-every pooling VJP here.
+every pooling VJP here. Overlapping windows (AlexNet's and SqueezeNet's 3×3, stride 2)
+and ceil_mode windows over the edge take the same rank codes one window offset at a
+time, summed where windows overlap (``window_max_pool_vjp``): elementwise ops, Slices
+and Pads, no indices and no scatter.
+
+Convolutions: stride 1 is a Conv with flipped weights; a strided one (AlexNet's and
+SqueezeNet's first) a ConvTranspose, padded and cut to the input's size (``conv_vjp``).
+torchvision's SqueezeNet Fire modules are differentiated whole (``fire_vjp``), with the
+squeeze activation that ``features_and_vjp``'s forward keeps.
 
 float16 networks: the seed gradients are scaled by a per-sample power of two
 estimated from the loss terms and the Grams (``seed_scale``: scalar work only, no
@@ -28,6 +36,7 @@ from them leave float16's range; the input gradient is unscaled in float32.
 """
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Callable, Mapping
 
@@ -196,19 +205,22 @@ def window_max_pool_vjp(g: Tensor, inp: Tensor, out: Tensor, kernel: tuple[int, 
 
     max_pool_vjp's rank codes, one window offset (a, b) at a time: offset (a, b) of every
     window is the strided slice inp[a::s, b::s] cut to the pooled size; it gets its rank
-    (k² for (0, 0) down to 1 in scan order) where it equals the window's maximum, else
-    0; the largest of the k² codes (Max) is the first maximum's rank; offset (a, b)
+    (k² for (0, 0) down to 1 in scan order) where it equals the window's maximum (the Max
+    of the k² slices), else 0; the largest code is the first maximum's rank; offset (a, b)
     passes g where its rank is that. Its share lands on rows s·i + a: the offsets with
     a ≡ p (mod s) sum on row p of each stride, a // s windows down (a Pad), and the
     s×s interleave of those sums is cut to inp's size (rows the floor drops get zero).
     A window hanging over the edge reads −inf there (a Pad of inp by s − 1, ceil_mode
     only), which never wins: every window starts inside inp, so its (0, 0) is real.
 
-    Cost, 3×3 stride 2: per offset a strided Slice, Sub, Cast and Where for the code and
-    a Sub, Cast and Where for g, all at the pooled size (about a quarter of inp's), then
-    8 Max, 5 Adds and the interleave: roughly 15 passes over inp's size, where the 2×2
-    path makes 2. No indices and no scatter, so no runtime's MaxPool index or tie rule
-    and no atomics are involved; everything stays in inp's dtype.
+    Cost, 3×3 stride 2: per offset a strided Slice, a Max, Sub, Cast, Where and Max for
+    the code and a Sub, Cast and Where for g, all at the pooled size (about a quarter of
+    inp's), then 5 Adds and the interleave: some 170 ONNX nodes. On ONNX Runtime's CPU
+    provider (one thread, a (1, 64, 111, 111) input, float32) it took about twice a
+    64 -> 64 3×3 Conv at that size, and less than the 2×2 path on the same input. No
+    indices and no scatter (MaxPool's Indices and ScatterElements' add did match on ONNX
+    Runtime's and OpenVINO's CPUs): no runtime's index or tie rule, no atomics, nothing
+    outside inp's dtype.
     """
     (kh, kw), (sh, sw) = kernel, stride
     x = F.pad(inp, (0, sw - 1, 0, sh - 1), value=float("-inf")) if ceil_mode else inp
@@ -216,11 +228,12 @@ def window_max_pool_vjp(g: Tensor, inp: Tensor, out: Tensor, kernel: tuple[int, 
     offsets = [(a, b) for a in range(kh) for b in range(kw)]
     ranks = {ab: torch.tensor(float(kh * kw - k), dtype=inp.dtype, device=inp.device)
              for k, ab in enumerate(offsets)}
-    first = None
-    for a, b in offsets:
-        win = x[:, :, a::sh, b::sw][:, :, :ho, :wo]
-        code = torch.where((win - out).bool(), 0, ranks[a, b])
-        first = code if first is None else torch.maximum(first, code)
+    wins = {(a, b): x[:, :, a::sh, b::sw][:, :, :ho, :wo] for a, b in offsets}
+    # The windows' maximum from the same slices, not out: ONNX Runtime's CPU provider runs a
+    # float16 MaxPool in float32 and hands a float32 Sub its unrounded output, which then
+    # matched none of the float16 window values (all gradients were lost).
+    peak = functools.reduce(torch.maximum, wins.values())
+    first = functools.reduce(torch.maximum, [torch.where((wins[ab] - peak).bool(), 0, ranks[ab]) for ab in offsets])
     # Each share padded to Ho + (k − 1) // s + 1 windows: the shift, and one more for the
     # rows that the floor drops (as _unpool).
     mh, mw = (kh - 1) // sh + 1, (kw - 1) // sw + 1
@@ -382,7 +395,10 @@ def terms_vjp(fx: Mapping[str, Tensor], loss: LossConfig, seed: Tensor, *,
 def features_and_vjp(features, x: Tensor) -> tuple[dict[str, Tensor], Callable[[Mapping[str, Tensor]], Tensor]]:
     """The tapped features of x (as ``features.extract(x)``) and their VJP.
 
-    features: a ``TorchFeatures``; x: (N, 3, H, W) float32.
+    features: a ``TorchFeatures``; x: (N, 3, H, W) float32. body's modules: Conv2d, ReLU
+    (torchvision's in-place ones too, after a Conv: a Conv's VJP reads only its input's
+    size), MaxPool2d, AvgPool2d, L2Pool and torchvision's Fire; while exporting, the
+    backward weights are read from ``weights_info.state`` (``_flipped``).
     Returns ``(feats, vjp)``: ``vjp({layer: ∂L/∂F_layer}, scale=1.0)`` (any subset of
     the spec's layers, any float dtype) is ∂L/∂x / scale, (N, 3, H, W) float32. The
     gradients are cast to the network's dtype; a float16 caller scales them first (see
