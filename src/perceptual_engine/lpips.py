@@ -97,8 +97,10 @@ def spec_from_flags(flags: object) -> FeatureSpec:
     seed = getattr(flags, "seed", None)
     chosen = getattr(flags, "lpips_net", None)
     arch = getattr(flags, "arch", None)
-    net = _nets.get(chosen) if chosen is not None else (_nets.for_arch(arch) if arch else None) \
-        or _nets.get(_nets.DEFAULT)
+    if chosen is not None:
+        net = _nets.get(chosen)
+    else:  # --arch alone picks its net (check_spec refuses an arch that has none)
+        net = (_nets.for_arch(arch) if arch else None) or _nets.get(_nets.DEFAULT)
     if chosen is not None and arch is not None and arch != net.arch:
         raise ConfigError(f"--lpips-net {net.name} runs arch {net.arch}, not --arch {arch}; drop --arch "
                           f"(or pick the net of {arch}).")
