@@ -439,3 +439,39 @@ def vgg_graphs(tmp_path_factory, features_model, distance_model, style_model):
         out[name] = str(d / f"{name}.onnx")
         export_onnx(SHAPES_SPEC, out[name], graph=graph, loss=SHAPES_LOSS, grad=True)
     return out
+
+
+# -- LPIPS on AlexNet and SqueezeNet 1.1: the lpips package's own nets, random trunks ---------
+
+
+def lpips_net_state(pkg) -> dict[str, torch.Tensor]:
+    """Any lpips net's trunk as a torchvision-format state dict: its slices keep
+    torchvision's module indices ("slice2.3.squeeze.weight" is features.3.squeeze.weight)."""
+    return {f"features.{name.split('.', 2)[1]}.{name.split('.', 2)[2]}": p.detach().clone()
+            for name, p in pkg.net.named_parameters()}
+
+
+@pytest.fixture(scope="session")
+def lpips_trunks(model_dir, tmp_path_factory):
+    """{net: {"model": lpips.LPIPS(net=net, pnet_rand=True), "weights": its trunk as a
+    torchvision-format .pth, "path": our float32 LPIPS export of it (spatial map, inputs
+    in [-1, 1]), "spec": its spec}} for net "alex" and "squeeze": one export each."""
+    import warnings
+
+    from perceptual_engine import lpips as L
+
+    lpips = pytest.importorskip("lpips")
+    folder = tmp_path_factory.mktemp("lpips_trunks")
+    out = {}
+    for seed, net in enumerate(("alex", "squeeze"), start=31):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            torch.manual_seed(seed)
+            warnings.simplefilter("ignore")  # torchvision's deprecation of pretrained=
+            model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False).eval()
+        weights = folder / f"{net}.pth"
+        torch.save(lpips_net_state(model), weights)
+        spec = L.default_spec(str(weights), net=net, input_range="-1,1")
+        path = model_dir / f"lpips_{net}.onnx"
+        export_onnx(spec, path, graph="lpips", spatial=True)
+        out[net] = {"model": model, "weights": str(weights), "path": str(path), "spec": spec}
+    return out

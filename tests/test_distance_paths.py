@@ -145,7 +145,8 @@ def _scenarios(images, lin_weights, cache, distance_model, budget, dists_file=No
         # and --spatial-dir and compute VGG19 content terms instead.
         "lpips": ([images["a"], images["b"], "--graph", "lpips", "--weights", "random",
                    "--seed", "4", "--input-range=-1,1", "--lpips-weights", lin_weights,
-                   "--arch", "vgg16", "--cache-dir", cache, "--format", "json"], ".jsonl", True),
+                   "--arch", "vgg16", "--lpips-net", "vgg", "--cache-dir", cache, "--format", "json"],
+                  ".jsonl", True),
         # A distance model from the spec flags, every spec flag away from its default.
         "spec": (["--pairs", images["pairs"], "--arch", "vgg16", "--layers",
                   "relu1_1,relu1_2,relu2_1", "--weights", "random", "--seed", "5", "--pooling",

@@ -268,7 +268,7 @@ def test_imagenet_download_failure(monkeypatch):
     assert isinstance(exc.value, PerceptualError)
     assert "vgg19-dcbb9e9d.pth" in msg and "ConnectionError" in msg
     assert "weights='random'" in msg
-    assert "weights='path/to/vgg.pth'" in msg and "local" in msg
+    assert "weights='path/to/vgg19.pth'" in msg and "local" in msg
     assert isinstance(exc.value.__cause__, ConnectionError)
 
 

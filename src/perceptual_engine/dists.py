@@ -188,7 +188,9 @@ def check_derived(w: DistsWeights) -> None:
                                 f"finite in float32; accepted: a sum of normal float32 size. {fix}")
 
 
-def resolve_weights(value: "DistsWeights | str | os.PathLike | None") -> DistsWeights:
+def resolve_weights(value: "DistsWeights | str | os.PathLike | None", spec: FeatureSpec | None = None) -> DistsWeights:
+    """DistsWeights as given, or read from a path (None: DISTS_pytorch's file); ``spec``
+    is accepted for the heads' common signature (DISTS has one trunk)."""
     return value if isinstance(value, DistsWeights) else load_weights(value)
 
 

@@ -73,6 +73,15 @@ class DistsWeightsError(WeightsError):
     """DISTS alpha/beta (the head, not the VGG trunk) could not be read or checked."""
 
 
+class WrongTrunkError(WeightsError, ConfigError):
+    """A weights file that fits another registered trunk than the spec's: the arch (or
+    the LPIPS net) asked for is the thing to change, so it is also a ConfigError."""
+
+
+class WrongNetError(LinearWeightsError, ConfigError):
+    """LPIPS linear weights of another net (alex, squeeze, vgg) than the spec's."""
+
+
 class ModelError(PerceptualError):
     """An ONNX file is missing, corrupt, foreign or inconsistent with its metadata."""
 

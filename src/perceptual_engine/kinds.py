@@ -16,8 +16,25 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
 
+from . import lpips_nets as _lpips_nets, trunks as _trunks
 from .errors import ConfigError
 from .outputs import dists_output_names, lpips_output_names
+
+
+@dataclass(frozen=True)
+class HeadFlag:
+    """A choice option of a learned head (``--lpips-net``): a keyword of its
+    ``spec_from_flags`` flags, offered by every command that takes the kind and
+    refused with any other graph."""
+
+    dest: str
+    choices: tuple[str, ...]
+    default: str
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.dest.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -29,8 +46,8 @@ class GraphKind:
     compares: a distance of two images: ``Engine.distance``, ``distance`` (local and
         ``--ray``), metrics.
     matrix: all-pairs matrices and nearest neighbours (``Engine.matrix``, ``matrix``).
-    head: the module of a learned head on VGG16 (weights file, metadata field of that
-        name, torch reference, ``--<head>-weights``), or None.
+    head: the module of a learned head (weights file, metadata field of that name, torch
+        reference, ``--<head>-weights``), or None.
     label: how reports name it.
     tap_factor: copies held per tapped layer in the memory bound (docs/memory.md).
     tensorrt_fp32: Triton's TensorRT stays FP32 for it (a float16 head loses its
@@ -38,6 +55,7 @@ class GraphKind:
     head_outputs: a head's output names, in order, from (taps, spatial); None: the
         loss's (LossConfig.output_names).
     spatial: it can also output the per-pixel map ``spatial`` (``--spatial``).
+    flags: the head's own choice options (``--lpips-net``), read by its ``spec_from_flags``.
     fp16_grad: a float16 export may carry ``grad.x`` (the heads' float16 backward is
         not within the verified gradient tolerance: docs/lpips.md, docs/dists.md).
     """
@@ -55,6 +73,7 @@ class GraphKind:
     spatial: bool = False
     fp16_grad: bool = True
     weights_help: str | None = None  # the --<head>-weights flag's help
+    flags: tuple[HeadFlag, ...] = ()  # the head's other options (``--lpips-net``)
 
     def module(self) -> ModuleType | None:
         """The head's module (lpips.py, dists.py): ``check_spec``, ``default_spec``,
@@ -84,8 +103,12 @@ KINDS: dict[str, GraphKind] = {k.name: k for k in (
     GraphKind("lpips", images=2, grad=True, compares=True, matrix=True, head="lpips",
               label="LPIPS", tap_factor=2.0, tensorrt_fp32=True, head_outputs=lpips_output_names,
               spatial=True, fp16_grad=False,
-              weights_help="LPIPS linear weights (.pth, keys lin0..lin4.model.1.weight) (default: "
-                           "weights/v0.1/vgg.pth of the installed lpips package)"),
+              weights_help="LPIPS linear weights (.pth, keys lin0..lin<K-1>.model.1.weight, one per "
+                           "tap) (default: weights/v0.1/<net>.pth of the installed lpips package)",
+              flags=(HeadFlag("lpips_net", tuple(_lpips_nets.NETS), _lpips_nets.DEFAULT,
+                              "the LPIPS trunk, as lpips' net=: " + ", ".join(
+                                  f"{n.name} ({_trunks.get(n.arch).label})" for n in _lpips_nets.NETS.values())
+                              + f" (default: {_lpips_nets.DEFAULT})"),)),
     GraphKind("dists", images=2, grad=True, compares=True, matrix=False, head="dists",
               label="DISTS", tap_factor=2.0, head_outputs=lambda taps, spatial: dists_output_names(taps),
               fp16_grad=False,

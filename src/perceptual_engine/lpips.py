@@ -1,4 +1,7 @@
-"""The LPIPS head (Zhang et al. 2018, the ``lpips`` package v0.1, VGG16): formulas, weights.
+"""The LPIPS head (Zhang et al. 2018, the ``lpips`` package v0.1): formulas, weights.
+
+Three trunks, as the lpips package's ``net``: "vgg" (VGG16, the default here), "alex"
+(AlexNet) and "squeeze" (SqueezeNet 1.1), each at the package's taps (lpips_nets.py).
 
 Per tap l with features f (N, C, h, w) of x and y::
 
@@ -11,7 +14,7 @@ Per tap l with features f (N, C, h, w) of x and y::
 The head is computed in float32 whatever the network's precision: Σ_c f² of VGG
 activations in the hundreds overflows float16 (max 65504).
 
-The linear weights ``w_l`` come from the lpips package's ``weights/v0.1/vgg.pth`` (found
+The linear weights ``w_l`` come from the lpips package's ``weights/v0.1/<net>.pth`` (found
 without importing lpips, which imports torchvision models and more) or from a file the
 caller names. This module imports neither lpips nor anything optional.
 """
@@ -27,13 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import layers as _layers, losses as _losses
-from .errors import ConfigError, LinearWeightsError
+from . import losses as _losses, lpips_nets as _nets, trunks as _trunks
+from .errors import ConfigError, LinearWeightsError, WrongNetError
+from .lpips_nets import NETS, LpipsNet
 from .outputs import lpips_output_names
 from .spec import FeatureSpec
 
-LAYERS: tuple[str, ...] = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
-ARCH = "vgg16"
+LAYERS: tuple[str, ...] = _nets.NETS["vgg"].layers  # the default net's taps (VGG16)
+ARCH = _nets.NETS["vgg"].arch
 EPS = 1e-10  # lpips.normalize_tensor's eps, added to the norm (not under the square root)
 INSTALL_HINT = ("pip install perceptual-engine[lpips] (the package ships the weights), or give "
                 "a file with lpips_weights=PATH / --lpips-weights PATH")
@@ -44,36 +48,63 @@ def output_names(layers: tuple[str, ...] = LAYERS, spatial: bool = False) -> tup
     return lpips_output_names(layers, spatial)
 
 
+def net_of(spec: FeatureSpec) -> LpipsNet:
+    """The LPIPS net a spec runs (by its arch); ConfigError if its arch is none of them."""
+    net = _nets.for_arch(spec.arch)
+    if net is None:
+        nets = sorted(NETS.values(), key=lambda n: n.name != _nets.DEFAULT)  # the default first
+        accepted = [f"{n.arch!r} with layers {','.join(n.layers)} (net {n.name!r})" for n in nets]
+        raise ConfigError(f"LPIPS needs arch {', '.join(accepted[:-1])} or {accepted[-1]}; got arch "
+                          f"{spec.arch!r}. Use lpips.default_spec(weights, net=...) (on the command line: "
+                          "--lpips-net NET and no --arch).")
+    return net
+
+
 def check_spec(spec: FeatureSpec) -> None:
-    """LPIPS is defined on VGG16 at its five taps, in order; anything else is refused."""
+    """LPIPS is defined on its nets' trunks at their taps, in order, with max pooling;
+    anything else is refused."""
+    net = net_of(spec)
     if spec.pooling != "max":
-        raise ConfigError(f"LPIPS runs VGG16 with max pooling, as trained; got pooling {spec.pooling!r}. "
-                          "Drop pooling='avg' (--pooling avg).")
-    if spec.arch != ARCH or tuple(spec.layers) != LAYERS:
+        raise ConfigError(f"LPIPS runs {spec.arch} with max pooling, as trained; got pooling {spec.pooling!r}. "
+                          f"Drop pooling={spec.pooling!r} (--pooling {spec.pooling}).")
+    if tuple(spec.layers) != net.layers:
         raise ConfigError(
-            f"LPIPS needs arch 'vgg16' with layers {','.join(LAYERS)}; got arch {spec.arch!r} with "
-            f"layers {','.join(spec.layers)}. Use FeatureSpec(arch='vgg16', layers=perceptual_engine."
-            "lpips.LAYERS, ...) (on the command line: --arch vgg16 and no --layers)."
+            f"LPIPS needs arch {net.arch!r} with layers {','.join(net.layers)}; got arch {spec.arch!r} with "
+            f"layers {','.join(spec.layers)}. Use lpips.default_spec(weights, net={net.name!r}) (on the "
+            f"command line: --lpips-net {net.name} and no --layers)."
         )
 
 
-def default_spec(weights: str = "imagenet", *, input_range: str = "0,1", seed: int = 0) -> FeatureSpec:
-    """The spec of LPIPS: VGG16, the five taps; ``input_range`` "-1,1" is lpips' default,
-    "0,1" its ``normalize=True``."""
-    return FeatureSpec(arch=ARCH, layers=LAYERS, weights=weights, seed=seed, input_range=input_range)
+def default_spec(weights: str = "imagenet", *, net: str = _nets.DEFAULT, input_range: str = "0,1",
+                 seed: int = 0) -> FeatureSpec:
+    """The spec of LPIPS on ``net`` ("vgg": VGG16, "alex": AlexNet, "squeeze": SqueezeNet
+    1.1) at its taps; ``weights`` are the trunk's ("imagenet", "random" or a file);
+    ``input_range`` "-1,1" is lpips' default, "0,1" its ``normalize=True``."""
+    n = _nets.get(net)
+    return FeatureSpec(arch=n.arch, layers=n.layers, weights=weights, seed=seed, input_range=input_range)
 
 
 def spec_from_flags(flags: object) -> FeatureSpec:
     """The spec of an LPIPS graph from the command line's spec flags (an object with
     ``arch``, ``layers``, ``weights``, ``seed``, ``input_range``, ``pooling``, ``content``,
-    ``style``, ``gram``; None where not given): VGG16 at its five taps unless --arch or
-    --layers say otherwise (then a ConfigError says what to change)."""
+    ``style``, ``gram``, ``lpips_net``; None where not given): the net's trunk (--lpips-net,
+    default vgg: VGG16) at its taps unless --arch or --layers say otherwise (then a
+    ConfigError says what to change)."""
     given = [f"--{n}" for n in ("content", "style", "gram") if getattr(flags, n, None) is not None]
     if given:
         raise ConfigError(f"{', '.join(given)} describe a content/style loss; LPIPS has its own "
                           "head (channel-normalized differences, learned weights). Drop them.")
     seed = getattr(flags, "seed", None)
-    spec = FeatureSpec(arch=getattr(flags, "arch", None) or ARCH, layers=getattr(flags, "layers", None) or LAYERS,
+    chosen = getattr(flags, "lpips_net", None)
+    arch = getattr(flags, "arch", None)
+    if chosen is not None:
+        net = _nets.get(chosen)
+    else:  # --arch alone picks its net (check_spec refuses an arch that has none)
+        net = (_nets.for_arch(arch) if arch else None) or _nets.get(_nets.DEFAULT)
+    if chosen is not None and arch is not None and arch != net.arch:
+        raise ConfigError(f"--lpips-net {net.name} runs arch {net.arch}, not --arch {arch}; drop --arch "
+                          f"(or pick the net of {arch}).")
+    spec = FeatureSpec(arch=arch or net.arch, layers=getattr(flags, "layers", None) or net.layers,
                        weights=getattr(flags, "weights", None) or "imagenet", seed=0 if seed is None else seed,
                        input_range=getattr(flags, "input_range", None) or "0,1",
                        pooling=getattr(flags, "pooling", None) or "max")
@@ -85,60 +116,92 @@ def spec_from_flags(flags: object) -> FeatureSpec:
 
 @dataclass(frozen=True)
 class LinearWeights:
-    """The five taps' 1x1 weights, each (1, C, 1, 1) float32, non-negative, finite."""
+    """The taps' 1x1 weights, each (1, C, 1, 1) float32, non-negative, finite (five
+    for vgg and alex, seven for squeeze)."""
 
     weights: tuple[torch.Tensor, ...]
     source: str  # the file read
     sha256: str  # of the tensors (keys and float32 bytes), not of the pickle
+    net: str = _nets.DEFAULT  # lpips' net: "vgg", "alex" or "squeeze"
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The taps the weights are for, in order."""
+        return NETS[self.net].layers
 
     def metadata(self, spatial: bool = False) -> dict[str, object]:
         """The model metadata's ``lpips`` field."""
-        return {"weights_source": self.source, "weights_sha256": self.sha256, "spatial": bool(spatial)}
+        return {"weights_source": self.source, "weights_sha256": self.sha256, "spatial": bool(spatial),
+                "net": self.net}
 
 
-def resolve_weights(value: "LinearWeights | str | os.PathLike | None") -> LinearWeights:
-    """LinearWeights as given, or read from a path (None: the lpips package's file)."""
-    return value if isinstance(value, LinearWeights) else load_linear_weights(value)
+def resolve_weights(value: "LinearWeights | str | os.PathLike | None", spec: FeatureSpec | None = None) -> LinearWeights:
+    """LinearWeights as given, or read from a path (None: the lpips package's file), for
+    the net of ``spec`` (None: vgg). LinearWeights of another net are refused."""
+    net = net_of(spec).name if spec is not None else _nets.DEFAULT
+    lin = value if isinstance(value, LinearWeights) else load_linear_weights(value, net=net)
+    if lin.net != net:
+        raise ConfigError(f"the LPIPS linear weights {lin.source!r} are for net {lin.net!r}, but the spec "
+                          f"runs net {net!r} ({spec.arch if spec is not None else ARCH}); give the "
+                          f"{net} weights (or lpips_weights=None for the lpips package's).")
+    return lin
 
 
-def _keys() -> dict[str, tuple[int, ...]]:
-    return {f"lin{i}.model.1.weight": (1, _layers.resolve(ARCH, n).channels, 1, 1)
-            for i, n in enumerate(LAYERS)}
+def _keys(net: str = _nets.DEFAULT) -> dict[str, tuple[int, ...]]:
+    return {f"lin{i}.model.1.weight": (1, c, 1, 1) for i, c in enumerate(NETS[net].channels())}
 
 
-def default_weights_path() -> str:
-    """``lpips/weights/v0.1/vgg.pth`` of the installed lpips package (not imported)."""
+def default_weights_path(net: str = _nets.DEFAULT) -> str:
+    """``lpips/weights/v0.1/<net>.pth`` of the installed lpips package (not imported)."""
     try:
         found = importlib.util.find_spec("lpips")
     except (ImportError, ValueError):
         found = None
     folders = list(found.submodule_search_locations or []) if found is not None else []
+    rel = NETS[net].weights_file
     for folder in folders:
-        path = os.path.join(folder, "weights", "v0.1", "vgg.pth")
+        path = os.path.join(folder, *rel.split("/"))
         if os.path.isfile(path):
             return path
-    what = "is not installed" if not folders else f"has no weights/v0.1/vgg.pth in {folders}"
+    what = "is not installed" if not folders else f"has no {rel} in {folders}"
     raise LinearWeightsError(f"the LPIPS linear weights were not found: the lpips package {what}. "
                        f"Fix: {INSTALL_HINT}.")
 
 
-def load_linear_weights(path: str | os.PathLike | None = None) -> LinearWeights:
-    """Read and check LPIPS linear weights; ``path`` None means the lpips package's file.
+def load_linear_weights(path: str | os.PathLike | None = None, *, net: str = _nets.DEFAULT) -> LinearWeights:
+    """Read and check LPIPS linear weights of ``net``; ``path`` None means the lpips
+    package's file for that net.
 
     The file is a torch pickle loaded with ``weights_only=True`` (no code runs) onto
-    the CPU; keys ``lin0..lin4.model.1.weight`` with shapes (1, C, 1, 1) are required,
-    nothing else is accepted, and every value must be finite and >= 0.
+    the CPU; keys ``lin0..lin<K-1>.model.1.weight`` with shapes (1, C, 1, 1) (the net's
+    taps) are required, nothing else is accepted, and every value must be finite and >= 0.
     """
     from .weights import read_torch_file
 
-    path = default_weights_path() if path is None else os.fspath(path)
+    path = default_weights_path(net) if path is None else os.fspath(path)
     raw = read_torch_file(path, "LPIPS weights file", LinearWeightsError, formats=".pth")
-    return check_linear_weights(raw, path)
+    return check_linear_weights(raw, path, net=net)
 
 
-def check_linear_weights(raw: object, source: str) -> LinearWeights:
+def _fitting_nets(raw: Mapping) -> list[str]:
+    """The nets whose keys and shapes ``raw`` holds exactly."""
+    def shape(v: object) -> tuple[int, ...] | None:
+        return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+    return [n for n in NETS if set(raw) == set(_keys(n)) and all(shape(raw[k]) == s for k, s in _keys(n).items())]
+
+
+def check_linear_weights(raw: object, source: str, *, net: str = _nets.DEFAULT) -> LinearWeights:
     """The checks of ``load_linear_weights`` on an already loaded mapping."""
-    want = _keys()
+    want = _keys(net)
+    n_taps, label = len(want), _trunks.get(NETS[net].arch).label
+    if isinstance(raw, Mapping):
+        other = [n for n in _fitting_nets(raw) if n != net]
+        if other:
+            raise WrongNetError(
+                f"LPIPS weights {source!r} are for net {other[0]!r} ({_trunks.get(NETS[other[0]].arch).label}), "
+                f"not net {net!r} ({label}); use net {other[0]!r} (--lpips-net {other[0]}), or the "
+                f"lpips package's {NETS[net].weights_file}.")
     if not isinstance(raw, Mapping):
         raise LinearWeightsError(f"LPIPS weights {source!r} hold a {type(raw).__name__}, not a state dict; "
                            f"accepted: a dict with keys {', '.join(want)}.")
@@ -147,16 +210,16 @@ def check_linear_weights(raw: object, source: str) -> LinearWeights:
     if missing or extra:
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
                 ([f"unexpected {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}"] if extra else [])
-        raise LinearWeightsError(f"LPIPS weights {source!r} do not have the keys of lpips v0.1 VGG ({'; '.join(parts)}); "
-                           "accepted: exactly lin0..lin4.model.1.weight. Use the lpips package's "
-                           "weights/v0.1/vgg.pth or a file saved the same way.")
+        raise LinearWeightsError(f"LPIPS weights {source!r} do not have the keys of lpips v0.1 {label} ({'; '.join(parts)}); "
+                           f"accepted: exactly lin0..lin{n_taps - 1}.model.1.weight. Use the lpips package's "
+                           f"{NETS[net].weights_file} or a file saved the same way.")
     from .weights import checked_head_tensor
 
     out, h = [], hashlib.sha256()
     for key, shape in want.items():
         t = checked_head_tensor(
             raw[key], what="LPIPS", key=key, source=source, shape=shape, error=LinearWeightsError,
-            shape_hint="(VGG16). Check the file is the VGG (not alex/squeeze) version.",
+            shape_hint=f"({label}). Check the file is the {net} version.",
             file_fix="use the lpips package's file.",
             negative_fix="lpips clamps them in training: clamp them (w.clamp_(min=0)) or use "
                          "the package's file.", digest=h)
@@ -170,9 +233,9 @@ def check_linear_weights(raw: object, source: str) -> LinearWeights:
         raise LinearWeightsError(
             f"LPIPS weights {source!r} reach {big:.3g}: the head's sum over channels and taps (up to 4 "
             "times the sum of each tap's largest weight) overflows float32; accepted: weights whose "
-            "bound is finite (as trained they are below 1). Use the lpips package's weights/v0.1/vgg.pth.")
+            f"bound is finite (as trained they are below 1). Use the lpips package's {NETS[net].weights_file}.")
     return LinearWeights(tuple(out), os.path.abspath(source) if os.path.exists(source) else source,
-                         h.hexdigest())
+                         h.hexdigest(), net)
 
 
 # -- the head ------------------------------------------------------------------------
@@ -197,20 +260,21 @@ def head(fx: Mapping[str, torch.Tensor], fy: Mapping[str, torch.Tensor], lin: Li
          *, size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """``lpips.<l>`` (N,) per tap and ``total`` (N,); with ``size`` = (H, W) also
     ``spatial`` (N, 1, H, W). All float32."""
-    return _outputs({name: tap_map(fx[name], fy[name], w) for name, w in zip(LAYERS, lin.weights)}, size)
+    return _outputs({name: tap_map(fx[name], fy[name], w) for name, w in zip(lin.layers, lin.weights)}, size)
 
 
 def _outputs(maps: Mapping[str, torch.Tensor], size: tuple[int, int] | None) -> dict[str, torch.Tensor]:
     """The head's outputs from each tap's per-pixel map (N, 1, h, w) float32: the maps'
     means, their sum ``total`` and, with ``size``, the upsampled maps' sum ``spatial``."""
-    out = {f"lpips.{name}": maps[name].mean(dim=(1, 2, 3)) for name in LAYERS}
-    total = out[f"lpips.{LAYERS[0]}"]
-    for name in LAYERS[1:]:
+    layers = tuple(maps)
+    out = {f"lpips.{name}": maps[name].mean(dim=(1, 2, 3)) for name in layers}
+    total = out[f"lpips.{layers[0]}"]
+    for name in layers[1:]:
         total = total + out[f"lpips.{name}"]
     out["total"] = total
     if size is not None:
-        spatial = upsample(maps[LAYERS[0]], size)
-        for name in LAYERS[1:]:
+        spatial = upsample(maps[layers[0]], size)
+        for name in layers[1:]:
             spatial = spatial + upsample(maps[name], size)
         out["spatial"] = spatial
     return out
@@ -239,7 +303,7 @@ def head_pair(f: Mapping[str, torch.Tensor], n, lin: LinearWeights,
     difference without copying them out (``losses.half_difference``), Σ_c w_c d_c² as
     a 1×1 convolution. In the network's dtype up to the per-tap means (float32 out)."""
     maps = {}
-    for name, w in zip(LAYERS, lin.weights):
+    for name, w in zip(lin.layers, lin.weights):
         t = f[name]
         d = _losses.half_difference(_normalized(t), n).reshape(n, t.shape[1], t.shape[2], t.shape[3])
         # The one-channel map is cast before its mean: a float16 mean may hold the sum
@@ -272,7 +336,7 @@ def head_vjp(fx: Mapping[str, torch.Tensor], fy: Mapping[str, torch.Tensor], lin
     Only x's features are differentiated; y is a constant.
     """
     out = {}
-    for name, w in zip(LAYERS, lin.weights):
+    for name, w in zip(lin.layers, lin.weights):
         a, b = fx[name], fy[name]
         hw = _losses.axis_size(a, 2) * _losses.axis_size(a, 3)  # float32: no int64 product (export/shapes.py)
         d = normalize_channels(a) - normalize_channels(b)
@@ -328,4 +392,5 @@ def build(traced: nn.Module, spec: FeatureSpec, weights: object, lin: LinearWeig
     """(the module to trace, the float32 reference to verify it against) for export_onnx."""
     from .reference import TorchLPIPS  # reference.py imports this module
 
+    resolve_weights(lin, spec)  # the weights' net is the spec's
     return LpipsGraph(traced, lin, bool(spatial), grad), TorchLPIPS(spec, lin, spatial=bool(spatial), weights=weights)

@@ -163,31 +163,46 @@ def model_identity(info: Any) -> torch.Tensor:
 
 
 class LPIPS(_EngineMetric):
-    """LPIPS (VGG16, lpips v0.1), as torchmetrics' ``LearnedPerceptualImagePatchSimilarity(
-    net_type="vgg")``: images in [-1, 1], or [0, 1] with ``normalize=True``.
+    """LPIPS (lpips v0.1), as torchmetrics' ``LearnedPerceptualImagePatchSimilarity(
+    net_type=...)``: images in [-1, 1], or [0, 1] with ``normalize=True``.
 
+    net_type: "vgg" (VGG16), "alex" (AlexNet) or "squeeze" (SqueezeNet 1.1), torchmetrics'
+        argument; None: the model's net, or "vgg" when exporting (torchmetrics defaults to
+        "alex": pass net_type="alex" for its default).
     model: an LPIPS model (``export --graph lpips``); its input range must match
-        ``normalize``. Without it one is exported into the cache from ``weights``
-        (the VGG16 trunk: "imagenet", "random" or a file) and ``lpips_weights``.
+        ``normalize`` and its net ``net_type``. Without it one is exported into the cache
+        from ``weights`` (the net's trunk: "imagenet", "random" or a file) and ``lpips_weights``.
     """
 
     graph = state_prefix = "lpips"
 
-    def __init__(self, model: str | os.PathLike | None = None, *, normalize: bool = False,
-                 reduction: str = "mean", weights: str = "imagenet", lpips_weights: Any = None,
-                 dtype: str = "float32", cache_dir: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, model: str | os.PathLike | None = None, *, net_type: str | None = None,
+                 normalize: bool = False, reduction: str = "mean", weights: str = "imagenet",
+                 lpips_weights: Any = None, dtype: str = "float32", cache_dir: str | None = None,
+                 **kwargs: Any) -> None:
+        from . import lpips_nets
+
+        if net_type is not None:
+            lpips_nets.get(net_type)
         self.normalize, self._weights, self._lpips_weights = bool(normalize), weights, lpips_weights
+        self._net_type = net_type or lpips_nets.DEFAULT
         super().__init__(model, reduction, dtype=dtype, cache_dir=cache_dir, **kwargs)
         want = "0,1" if self.normalize else "-1,1"
         if self.info.spec.input_range != want:
             raise ConfigError(f"{self.model_path!r} takes images in [{self.info.spec.input_range}], but "
                               f"normalize={self.normalize} means [{want}]; pass "
                               f"normalize={not self.normalize} or a model exported for [{want}].")
+        found = lpips_nets.for_arch(self.info.spec.arch)
+        if net_type is not None and found is not None and found.name != net_type:
+            raise ConfigError(f"{self.model_path!r} is LPIPS on net {found.name!r}, not net_type={net_type!r}; "
+                              f"pass net_type={found.name!r} (or None), or a model exported with "
+                              f"--lpips-net {net_type}.")
+        self.net_type = found.name if found is not None else self._net_type
 
     def _model_request(self):
         from . import lpips as L
 
-        spec = L.default_spec(self._weights, input_range="0,1" if self.normalize else "-1,1")
+        spec = L.default_spec(self._weights, net=self._net_type, input_range="0,1" if self.normalize else "-1,1")
         return spec, None, {"graph": "lpips", "lpips_weights": self._lpips_weights}
 
 

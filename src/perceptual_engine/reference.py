@@ -14,7 +14,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from . import layers as _layers
+from . import layers as _layers, trunks as _trunks
 from . import losses
 from . import lpips as _lpips
 from .errors import InputError
@@ -33,11 +33,12 @@ class Normalize(nn.Module):
     *normalized* image, so a folded bias would be wrong at the borders.
     """
 
-    def __init__(self, input_range: str) -> None:
+    def __init__(self, input_range: str, mean: tuple[float, ...] = IMAGENET_MEAN,
+                 std: tuple[float, ...] = IMAGENET_STD) -> None:
         super().__init__()
         lo, hi = INPUT_RANGES[input_range]
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        mean = torch.tensor(mean).view(1, 3, 1, 1)
+        std = torch.tensor(std).view(1, 3, 1, 1)
         # x01 = (x - lo) / (hi - lo); out = (x01 - mean) / std = x * scale + shift
         scale = 1.0 / ((hi - lo) * std)
         self.register_buffer("scale", scale, persistent=False)
@@ -111,30 +112,21 @@ class L2Pool(nn.Module):
 
 
 def build_layers(spec: FeatureSpec, weights: Weights) -> nn.Sequential:
-    """``features`` of the arch, truncated after the deepest layer, weights loaded, frozen."""
+    """``features`` of the arch (its trunk's modules, trunks/), truncated after the
+    deepest layer, weights loaded under torchvision's keys, frozen."""
+    trunk = _trunks.get(spec.arch)
     last = _layers.resolve(spec.arch, spec.deepest).index
     mods: list[nn.Module] = []
-    for info in _layers.table(spec.arch):
-        if info.index > last:
-            break
-        if info.kind == "conv":
-            conv = nn.Conv2d(info.in_channels, info.channels, 3, padding=1)
-            conv.weight.data.copy_(weights.state[f"features.{info.index}.weight"])
-            conv.bias.data.copy_(weights.state[f"features.{info.index}.bias"])
-            mods.append(conv)
-        elif info.kind == "relu":
-            mods.append(nn.ReLU(inplace=False))
-        elif spec.pooling == "max":
-            mods.append(nn.MaxPool2d(2, 2))
-        elif spec.pooling == "l2":
-            mods.append(L2Pool(info.channels))
-        else:
-            mods.append(nn.AvgPool2d(2, 2))
+    for info in _layers.table(spec.arch)[: last + 1]:
+        mod = trunk.build(info, spec.pooling)
+        for suffix, _ in info.params:
+            mod.get_parameter(suffix).data.copy_(weights.state[f"features.{info.index}.{suffix}"])
+        mods.append(mod)
     seq = nn.Sequential(*mods).eval()
     # The pretrained weights are constants, not parameters: as buffers, a parent's
     # requires_grad_(True) or an optimizer over model.parameters() cannot unfreeze
     # them, while .half(), .to(device) and state_dict() still carry them.
-    for mod in seq:
+    for mod in seq.modules():
         if isinstance(mod, nn.Conv2d):
             for name in ("weight", "bias"):
                 value = getattr(mod, name).detach()
@@ -151,7 +143,7 @@ class _AlwaysEval(nn.Module):
 
 
 class TorchFeatures(_AlwaysEval):
-    """VGG features at named layers: ``forward(x) -> {layer: (N, C_l, H_l, W_l)}``.
+    """Trunk features at named layers: ``forward(x) -> {layer: (N, C_l, H_l, W_l)}``.
 
     x: float32 (N, 3, H, W) in the spec's input range, H, W >= ``spec.min_size``.
     Differentiable with respect to x; parameters are frozen.
@@ -161,7 +153,8 @@ class TorchFeatures(_AlwaysEval):
         super().__init__()
         self.spec = spec
         self.weights_info = weights if weights is not None else load_weights(spec)
-        self.normalize = Normalize(spec.input_range)
+        trunk = _trunks.get(spec.arch)
+        self.normalize = Normalize(spec.input_range, trunk.mean, trunk.std)
         self.body = build_layers(spec, self.weights_info)
         index_to_name = {_layers.resolve(spec.arch, n).index: n for n in spec.layers}
         self._taps = index_to_name
@@ -275,12 +268,13 @@ class TorchPerceptualLoss(_AlwaysEval):
 
 
 class TorchLPIPS(nn.Module):
-    """LPIPS (lpips v0.1, VGG16) on the reference network: ``forward(x, y) ->
-    {"lpips.<l>": (N,), "total": (N,)[, "spatial": (N, 1, H, W)]}``, float32.
+    """LPIPS (lpips v0.1; VGG16, AlexNet or SqueezeNet 1.1) on the reference network:
+    ``forward(x, y) -> {"lpips.<l>": (N,), "total": (N,)[, "spatial": (N, 1, H, W)]}``, float32.
 
-    spec: VGG16 at ``perceptual_engine.lpips.LAYERS`` (see ``lpips.default_spec``); its
+    spec: a net's trunk at its taps (see ``lpips.default_spec(weights, net=...)``); its
         input range is the images' ("-1,1" as lpips, "0,1" as its normalize=True).
-    lpips_weights: LinearWeights, a .pth path, or None for the lpips package's file.
+    lpips_weights: LinearWeights of the spec's net, a .pth path, or None for the lpips
+        package's file of that net.
     spatial: also return the per-pixel map, as lpips' spatial=True.
     Differentiable by autograd (NaN where a feature vector is exactly zero, as lpips).
     """
@@ -290,8 +284,7 @@ class TorchLPIPS(nn.Module):
         super().__init__()
         _lpips.check_spec(spec)
         self.spec, self.spatial = spec, spatial
-        lin = (lpips_weights if isinstance(lpips_weights, _lpips.LinearWeights)
-               else _lpips.load_linear_weights(lpips_weights))
+        lin = _lpips.resolve_weights(lpips_weights, spec)
         self._lin = lin
         for i, w in enumerate(lin.weights):  # buffers: .to(device) moves them with the network
             self.register_buffer(f"lin{i}", w.clone(), persistent=False)

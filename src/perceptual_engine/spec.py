@@ -16,13 +16,10 @@ from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from . import layers as _layers
+from . import layers as _layers, trunks as _trunks
 from .errors import ConfigError
 
-DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
-    "vgg19": ("relu1_2", "relu2_2", "relu3_4", "relu4_4"),
-    "vgg16": ("relu1_2", "relu2_2", "relu3_3", "relu4_3"),
-}
+DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {t.name: t.default_layers for t in _trunks.TRUNKS.values()}
 INPUT_RANGES: dict[str, tuple[float, float]] = {"0,1": (0.0, 1.0), "-1,1": (-1.0, 1.0)}
 POOLINGS = ("max", "avg", "l2")
 GRAM_NORMS = ("chw", "hw", "none")
@@ -46,7 +43,8 @@ def _choice(what: str, value: Any, accepted: tuple[str, ...], fix: str = "") -> 
 class FeatureSpec:
     """Which network, which layers and which weights to extract features with.
 
-    arch: "vgg19" | "vgg16".
+    arch: a registered trunk (``perceptual_engine.trunks``): "vgg19", "vgg16",
+        "alexnet" or "squeezenet1_1".
     layers: paper names (``relu2_2``...), in the order outputs are returned;
         None means the arch's four usual style/content layers.
     weights: "imagenet" (torchvision download), "random" (seeded by ``seed``) or
@@ -55,7 +53,7 @@ class FeatureSpec:
         ImageNet mean/std normalization inside the network.
     pooling: "max" (as trained), "avg" (Gatys et al.'s variant for style) or "l2"
         (DISTS: sqrt of a 3x3 Hanning-weighted sum of squares, stride 2, padding 1;
-        a side of h gives ceil(h / 2)).
+        a side of h gives ceil(h / 2)); "avg" and "l2" on the trunks that offer them (VGG).
     """
 
     arch: str = "vgg19"
@@ -104,6 +102,11 @@ class FeatureSpec:
                               f"({2**63 - 1}). Give a smaller seed.")
         _choice("input_range", self.input_range, tuple(INPUT_RANGES))
         _choice("pooling", self.pooling, POOLINGS)
+        offered = _trunks.get(self.arch).poolings
+        if self.pooling not in offered:
+            raise ConfigError(f"pooling {self.pooling!r} is not offered by {self.arch}; accepted: "
+                              f"{', '.join(map(repr, offered))}. Drop pooling={self.pooling!r}, or use "
+                              f"arch {' or '.join(_trunks.names(poolings=POOLINGS))}.")
 
     @property
     def deepest(self) -> str:

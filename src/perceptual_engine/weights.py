@@ -17,15 +17,12 @@ from typing import Mapping
 
 import torch
 
-from . import layers as _layers
-from .errors import WeightsError, first_line
+from . import layers as _layers, trunks as _trunks
+from .errors import WeightsError, WrongTrunkError, first_line
 from .spec import FeatureSpec
 
-# torchvision's published VGG checkpoints (the IMAGENET1K_V1 weights).
-IMAGENET_URLS = {
-    "vgg16": "https://download.pytorch.org/models/vgg16-397923af.pth",
-    "vgg19": "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth",
-}
+# torchvision's published checkpoints (the IMAGENET1K_V1 weights), one per trunk.
+IMAGENET_URLS = {t.name: t.url for t in _trunks.TRUNKS.values()}
 
 
 @dataclass(frozen=True)
@@ -36,13 +33,24 @@ class Weights:
 
 
 def _conv_keys(spec: FeatureSpec) -> list[tuple[str, tuple[int, ...]]]:
-    last = _layers.resolve(spec.arch, spec.deepest).index
-    keys = []
-    for info in _layers.table(spec.arch):
-        if info.kind == "conv" and info.index <= last:
-            keys.append((f"features.{info.index}.weight", (info.channels, info.in_channels, 3, 3)))
-            keys.append((f"features.{info.index}.bias", (info.channels,)))
-    return keys
+    return _layout(spec.arch, _layers.resolve(spec.arch, spec.deepest).index)
+
+
+def _layout(arch: str, last: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
+    """(torchvision state-dict key, shape) of the trunk's parameters up to index ``last``."""
+    return [(f"features.{info.index}.{suffix}", shape) for info in _layers.table(arch)
+            if last is None or info.index <= last for suffix, shape in info.params]
+
+
+def fitting_trunks(raw: Mapping[str, object]) -> tuple[str, ...]:
+    """The registered trunks whose whole ``features`` layout (keys and shapes) ``raw``
+    holds: what a weights file fits, for messages about a file of another trunk."""
+    def shape(key: str) -> tuple[int, ...] | None:
+        t = raw.get(key, raw.get(key[len("features."):]))
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else None
+
+    return tuple(name for name in _trunks.TRUNKS
+                 if all(shape(key) == want for key, want in _layout(name)))
 
 
 def _digest(state: Mapping[str, torch.Tensor]) -> str:
@@ -60,7 +68,7 @@ def _random_state(spec: FeatureSpec) -> dict[str, torch.Tensor]:
     state = {}
     for key, shape in _conv_keys(spec):
         if key.endswith(".weight"):
-            std = (2.0 / (shape[0] * 9)) ** 0.5
+            std = (2.0 / (shape[0] * shape[2] * shape[3])) ** 0.5
             state[key] = torch.randn(shape, generator=g) * std
         else:
             state[key] = torch.randn(shape, generator=g) * 0.01
@@ -78,7 +86,7 @@ def _download_imagenet(arch: str) -> Mapping[str, torch.Tensor]:
         raise WeightsError(
             f"could not download the ImageNet {arch} weights from {url} ({type(exc).__name__}: "
             f"{exc}). Accepted: a reachable download, the file already in {hub}, or a local "
-            "file: pass weights='path/to/vgg.pth' (or .safetensors), or weights='random' "
+            f"file: pass weights='path/to/{arch}.pth' (or .safetensors), or weights='random' "
             "for seeded random weights (not a meaningful perceptual distance)."
         ) from exc
 
@@ -152,7 +160,7 @@ def _read_file(path: str) -> Mapping[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
         raise WeightsError(
             f"weights file {path!r} holds a {type(obj).__name__}, not a state dict; save "
-            "model.state_dict() of a torchvision VGG."
+            "model.state_dict() of a torchvision model (VGG, AlexNet, SqueezeNet)."
         )
     return obj
 
@@ -175,17 +183,21 @@ def _check(spec: FeatureSpec, raw: Mapping[str, object], source: str) -> dict[st
             bad.append(f"{key} has shape {tuple(t.shape)}, {spec.arch} needs {shape}")
             continue
         state[key] = t.detach().to(torch.float32).contiguous()
+    # A file that fits another registered trunk whole: the arch is what to change (exit 2).
+    other = [t for t in fitting_trunks(raw) if t != spec.arch] if missing or bad else []
+    error, fits = (WrongTrunkError, f" The file is a torchvision {' or '.join(other)} state dict: use arch "
+                   f"{other[0]!r} with it, or a checkpoint of {spec.arch}.") if other else (WeightsError, "")
     if missing:
         shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
-        raise WeightsError(
+        raise error(
             f"weights {source!r} lack {len(missing)} key(s) {spec.arch} needs up to "
             f"{spec.deepest}: {shown}. Accepted: a torchvision {spec.arch} state dict "
-            f"(keys 'features.N.weight'); check the arch or the file."
+            f"(keys 'features.N.weight'); check the arch or the file.{fits}"
         )
     if bad:
-        raise WeightsError(
+        raise error(
             f"weights {source!r} do not fit {spec.arch}: {'; '.join(bad[:4])}. "
-            f"Check that the file is a {spec.arch} checkpoint (not vgg16 vs vgg19) in float."
+            f"Check that the file is a {spec.arch} checkpoint (not vgg16 vs vgg19) in float.{fits}"
         )
     return state
 

@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the bench options to ``parser`` (a subcommand's or a standalone one)."""
     from .variants import REGISTRY
     from .workloads import WORKLOADS
+    from ..layers import ARCHS
 
     if parser.description is None:
         parser.description = DESCRIPTION
@@ -58,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help=f"comma-separated, of {', '.join(WORKLOADS)} (default: "
                            "features,distance,style; --quick: features,distance; lpips: "
                            "LPIPS against the lpips package, VGG16, needs it installed; "
+                           "lpips-alex, lpips-squeeze: the same on AlexNet, SqueezeNet 1.1; "
                            "dists: DISTS against DISTS_pytorch; metrics: torchmetrics' LPIPS "
                            "update loop against the engine)")
     what.add_argument("--sizes", type=_list(int), default=None, metavar="LIST",
@@ -85,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--weights", default="random",
                        help="'random' (seeded, default: no download), 'imagenet' or a "
                             ".pth/.safetensors file")
-    model.add_argument("--arch", choices=("vgg19", "vgg16"), default="vgg19")
+    model.add_argument("--arch", choices=ARCHS, default="vgg19")
     model.add_argument("--layers", type=_list(str), default=None, metavar="LIST",
                        help="layer names (default: relu1_2,relu2_2,relu3_4,relu4_4 for vgg19)")
     model.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")

@@ -7,20 +7,21 @@ from typing import Any
 import torch
 
 from ..errors import WeightsError
-from ..lpips import LAYERS
+from ..lpips_nets import NETS
 
 
 class LpipsPackage(torch.nn.Module):
-    """``lpips.LPIPS(net='vgg', pretrained=True, pnet_rand=True)``: the package's shipped
-    linear weights, its trunk built without a download and then given the run's VGG16
-    weights (``Weights``), so it computes what the engine's model computes.
+    """``lpips.LPIPS(net=net, pretrained=True, pnet_rand=True)``: the package's shipped
+    linear weights, its trunk built without a download and then given the run's trunk
+    weights (``Weights`` of the net's trunk: VGG16, AlexNet or SqueezeNet 1.1), so it
+    computes what the engine's model computes.
 
     ``forward(x, y)`` with images in [-1, 1] -> {"lpips.<l>", "total"} (N,), from
     ``model(x, y, retPerLayer=True)``. Inputs are cast to the trunk's dtype, so the
     module moved to float16 takes the float32 images as a float16 user would.
     """
 
-    def __init__(self, weights: Any) -> None:
+    def __init__(self, weights: Any, net: str = "vgg") -> None:
         super().__init__()
         try:
             import lpips
@@ -29,10 +30,12 @@ class LpipsPackage(torch.nn.Module):
                                "installed: pip install perceptual-engine[lpips].") from exc
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision's deprecation of pretrained=
-            self.model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
+            self.model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False).eval()
+        self.layers = NETS[net].layers
         with torch.no_grad():
             for name, p in self.model.net.named_parameters():
-                _, index, kind = name.split(".")  # "slice2.5.weight" is features.5.weight
+                # "slice2.5.weight" is features.5.weight, "slice2.3.squeeze.weight" features.3.squeeze.weight
+                _, index, kind = name.split(".", 2)
                 p.copy_(weights.state[f"features.{index}.{kind}"])
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -40,6 +43,6 @@ class LpipsPackage(torch.nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         dtype = self.model.lin0.model[1].weight.dtype
         total, per = self.model(x.to(dtype), y.to(dtype), retPerLayer=True)
-        out = {f"lpips.{n}": p.flatten() for n, p in zip(LAYERS, per)}
+        out = {f"lpips.{n}": p.flatten() for n, p in zip(self.layers, per)}
         out["total"] = total.flatten()
         return out

@@ -97,6 +97,10 @@ def to_markdown(result: "BenchResult") -> str:
         + ("; the lpips workload runs VGG16 to relu5_3 (LPIPS taps, inputs in [-1, 1], "
            "same weights source) against the lpips package's LPIPS(net='vgg')"
            if "lpips" in cfg.workloads else "")
+        + ("; lpips-alex and lpips-squeeze run AlexNet to relu5 and SqueezeNet 1.1 to fire9 (the lpips "
+           "package's taps; random trunks when --weights is another trunk's file) against its "
+           "LPIPS(net='alex') and LPIPS(net='squeeze')"
+           if {"lpips-alex", "lpips-squeeze"} & set(cfg.workloads) else "")
         + ("; the dists workload runs VGG16 with L2 pooling to relu5_3 (inputs in [0, 1], same "
            "weights source) against DISTS_pytorch's DISTS" if "dists" in cfg.workloads else "")
         + ("; the metrics workload runs LPIPS' VGG16 (inputs in [-1, 1]) against torchmetrics' "

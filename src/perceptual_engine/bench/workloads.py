@@ -31,7 +31,8 @@ from ..errors import ConfigError
 from ..spec import FeatureSpec, LossConfig
 from .flops import gram_flops
 
-WORKLOADS = ("features", "distance", "style", "train", "stylize-step", "lpips", "dists", "metrics")
+WORKLOADS = ("features", "distance", "style", "train", "stylize-step", "lpips", "dists", "metrics",
+             "lpips-alex", "lpips-squeeze")
 
 
 @dataclass(frozen=True)
@@ -44,22 +45,30 @@ class Workload:
     description: str
     grad: bool = False  # also computes ∂total/∂x (the model is exported with grad)
     batches: tuple[int, ...] | None = None  # fixed batch sizes (None: the config's)
+    net: str | None = None  # the lpips workloads: LPIPS' net (lpips_nets.py), against LPIPS(net=...)
+
+    @property
+    def pairs(self) -> bool:
+        """It compares an (x, y) pair (distance, the LPIPS and DISTS workloads, metrics)."""
+        return self.name in ("distance", "dists", "metrics") or self.net is not None
 
     def spec_for(self, spec: FeatureSpec) -> FeatureSpec:
-        """The network the workload runs: the run's, except LPIPS (VGG16, its taps, [-1, 1])."""
+        """The network the workload runs: the run's, except LPIPS (its net's trunk and taps,
+        [-1, 1]; the metrics workload's is VGG16) and DISTS."""
         if self.name == "dists":
             from ..dists import default_spec as dists_spec
 
             return dists_spec(spec.weights, seed=spec.seed)
-        if self.name not in ("lpips", "metrics"):
+        if self.net is None and self.name != "metrics":
             return spec
         from ..lpips import default_spec
 
-        return default_spec(spec.weights, seed=spec.seed, input_range="-1,1")
+        return default_spec(spec.weights if spec.weights in ("imagenet", "random") or self.net in (None, "vgg")
+                            else "random", net=self.net or "vgg", seed=spec.seed, input_range="-1,1")
 
     def loss(self, spec: FeatureSpec) -> LossConfig | None:
         """The loss the workload computes (None for features and lpips)."""
-        if self.name in ("features", "lpips", "dists", "metrics"):
+        if self.name in ("features", "dists", "metrics") or self.net is not None:
             return None
         style = {name: 1.0 for name in spec.layers}
         if self.name == "style":
@@ -77,7 +86,7 @@ class Workload:
         conv = _layers.conv_flops(spec.arch, spec.deepest, size, size)
         loss = self.loss(spec)
         grams = gram_flops(spec.arch, loss.style, size, size) if loss else 0
-        if self.name in ("distance", "lpips", "dists", "metrics"):
+        if self.pairs:
             return 2 * (conv + grams)  # x and y both run (LPIPS' and DISTS' heads are negligible)
         if self.name == "train":
             return 3 * (conv + grams)  # x and y forward, x backward
@@ -94,7 +103,12 @@ REGISTRY: dict[str, Workload] = {
     "style": Workload("style", "images/s", "style",
                       "style distance of x to a cached target"),
     "lpips": Workload("lpips", "pairs/s", "lpips",
-                      "LPIPS (VGG16, lpips v0.1 weights) of an (x, y) pair in [-1, 1]"),
+                      "LPIPS (VGG16, lpips v0.1 weights) of an (x, y) pair in [-1, 1]", net="vgg"),
+    "lpips-alex": Workload("lpips-alex", "pairs/s", "lpips",
+                           "LPIPS (AlexNet, lpips v0.1 weights) of an (x, y) pair in [-1, 1]", net="alex"),
+    "lpips-squeeze": Workload("lpips-squeeze", "pairs/s", "lpips",
+                              "LPIPS (SqueezeNet 1.1, lpips v0.1 weights) of an (x, y) pair in [-1, 1]",
+                              net="squeeze"),
     "dists": Workload("dists", "pairs/s", "dists",
                       "DISTS (VGG16 with L2 pooling, DISTS_pytorch weights) of an (x, y) pair in [0, 1]"),
     "metrics": Workload("metrics", "pairs/s", "lpips",
@@ -145,10 +159,10 @@ def make_case(workload: Workload, spec: FeatureSpec, size: int, batch: int, *,
         raise ConfigError(f"size {size} is smaller than {spec.deepest} needs ({spec.min_size}); "
                           "give a larger --sizes or a shallower --layers.")
     rng = np.random.default_rng([seed, size, batch, WORKLOADS.index(workload.name)])
-    names = ("x", "y") if workload.name in ("distance", "lpips", "train", "dists", "metrics") else ("x",)
+    names = ("x", "y") if workload.pairs or workload.name == "train" else ("x",)
     shape = (batch, 3, size, size)
     sets = [{n: rng.random(shape, dtype=np.float32) for n in names} for _ in range(n_sets)]
-    if workload.name in ("lpips", "metrics"):  # lpips' own convention: images in [-1, 1]
+    if workload.net is not None or workload.name == "metrics":  # lpips' convention: images in [-1, 1]
         sets = [{n: 2.0 * a - 1.0 for n, a in s.items()} for s in sets]
     one = (1, 3, size, size)
     target = rng.random(one, dtype=np.float32) if workload.name in ("style", "stylize-step") else None
@@ -164,10 +178,10 @@ def torch_model(case: Case, weights: Any):
 
     if case.workload.name == "features":
         return TorchFeatures(case.spec, weights=weights)
-    if case.workload.name == "lpips":
+    if case.workload.net is not None:
         from .lpips_baseline import LpipsPackage
 
-        return LpipsPackage(weights)
+        return LpipsPackage(weights, net=case.workload.net)
     if case.workload.name == "dists":
         from .dists_baseline import DistsPackage
 
@@ -181,7 +195,7 @@ def torch_model(case: Case, weights: Any):
 
 def torch_call(case: Case, model: Any, feeds: Mapping[str, Any]) -> dict[str, Any]:
     """One call of the reference module on ``feeds`` (torch tensors)."""
-    if case.workload.name in ("distance", "lpips", "dists", "metrics"):
+    if case.workload.pairs:
         return model(feeds["x"], feeds["y"])
     return model(feeds["x"])  # features, or style against the cached target
 

@@ -5,7 +5,7 @@
 2. Distorts a bundled photograph (Gaussian blur, Gaussian noise, JPEG) at three
    increasing strengths, with a fixed seed, and prints the distances: they should
    grow with strength, and the demo says whether they do.
-   Beside them, LPIPS (VGG16, the lpips package's v0.1 weights) of the same pairs,
+   Beside them, LPIPS (VGG16, the lpips package's v0.1 weights; printed as "LPIPS (VGG16)") of the same pairs,
    from an LPIPS model exported once into the output folder (``--no-lpips`` skips it),
    and DISTS (VGG16 with L2 pooling, DISTS_pytorch's alpha/beta) likewise (``--no-dists``).
 3. Prints an ONNX Runtime vs PyTorch speed table from the benchmark package, with
@@ -27,6 +27,7 @@ from typing import IO, Callable
 
 import numpy as np
 
+from .. import lpips_nets, trunks as _trunks
 from ..datasets.cache import CachedModel, check_entry, ensure_model, model_key
 from ..errors import WeightsError
 from ..images import center_crop, decode, resize
@@ -250,6 +251,7 @@ def run_demo(spec: FeatureSpec, loss: LossConfig, *, out_dir: str = "out", photo
     run_s = time.perf_counter() - t0
 
     lp_values, lp_note = None, "skipped (--no-lpips)"
+    lp_label = lpips_nets.NETS[lpips_nets.DEFAULT].label  # "LPIPS (VGG16)"
     if lpips:
         lp_entry, lp_note = lpips_model(spec, out_dir, dtype, say, err)
         if lp_entry is not None:
@@ -258,7 +260,10 @@ def run_demo(spec: FeatureSpec, loss: LossConfig, *, out_dir: str = "out", photo
             x01 = np.ascontiguousarray(np.broadcast_to(ref, y01.shape), dtype=np.float32)
             a, b = (-1.0, 2.0) if lp.spec.input_range == "-1,1" else (0.0, 1.0)
             lp_values = lp.distance(a + b * x01, a + b * y01)["total"]
-            lp_note = f"VGG16 trunk weights {lp_note}, lpips v0.1 linear weights"
+            net = lpips_nets.for_arch(lp.spec.arch)
+            lp_label = net.label
+            lp_note = (f"{_trunks.get(net.arch).label} trunk weights {lp_note}, lpips v0.1 linear weights "
+                       f"({net.weights_file})")
     ds_values, ds_note = None, "skipped (--no-dists)"
     if dists:
         ds_entry, ds_note = dists_model(spec, out_dir, dtype, say, err)
@@ -294,7 +299,7 @@ def run_demo(spec: FeatureSpec, loss: LossConfig, *, out_dir: str = "out", photo
     out.write(f"   (content and style are the weighted sums of the {len(content)} content and "
               f"{len(style)} style terms; the model outputs each term separately)\n")
     out.write(f"   (DISTS: {ds_note})\n")
-    out.write(f"   (LPIPS: {lp_note})\n")
+    out.write(f"   ({lp_label}: {lp_note})\n")
 
     out.write("\n3. speed: ONNX Runtime vs PyTorch (perceptual_engine.bench, quick)\n")
     if bench:

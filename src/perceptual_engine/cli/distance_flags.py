@@ -33,6 +33,7 @@ FLAGS: dict[str, dict[str, str]] = {
     "a": _BOTH, "b": _BOTH, "pairs": _BOTH,
     "model": _BOTH, "graph": _BOTH, "spatial_dir": _BOTH, "lpips_weights": _BOTH,
     "dists_weights": _BOTH,
+    **{f.dest: _BOTH for k in kinds.KINDS.values() for f in k.flags},  # --lpips-net
     "cache_dir": _BOTH, "device": _BOTH, "precision": _BOTH, "batch_size": _BOTH, "size_policy": _BOTH,
     "output": _BOTH, "resume": _BOTH, "format": _BOTH, "max_pixels": _BOTH,
     "memory_budget": _BOTH, "max_side": _BOTH,
@@ -93,7 +94,8 @@ def model_request(args: argparse.Namespace) -> ModelRequest:
     """What the model flags ask for; ConfigError for combinations that cannot hold."""
     spatial = args.spatial_dir is not None
     if args.model:
-        heads = tuple(k.weights_option for k in kinds.KINDS.values() if k.head)
+        heads = tuple(k.weights_option for k in kinds.KINDS.values() if k.head) \
+            + tuple(f.dest for k in kinds.KINDS.values() for f in k.flags)
         given = [_flag(f) for f in SPEC_FLAGS + heads
                  if getattr(args, f, None) is not None]
         if given:

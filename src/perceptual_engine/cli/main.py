@@ -222,8 +222,8 @@ def weights_hint(exc: BaseException) -> str:
     alpha/beta from --dists-weights, the VGG trunk (of every graph) from --weights."""
     if isinstance(exc, LinearWeightsError):
         return (" On the command line: --lpips-weights PATH (a .pth with keys "
-                "lin0..lin4.model.1.weight), or leave --lpips-weights out for the lpips "
-                "package's v0.1 weights (pip install lpips).")
+                "lin0..lin<K-1>.model.1.weight, one per tap of --lpips-net), or leave --lpips-weights "
+                "out for the lpips package's v0.1 weights (pip install lpips).")
     if isinstance(exc, DistsWeightsError):
         return (" On the command line: --dists-weights PATH (a .pt with keys alpha and beta), "
                 "or leave --dists-weights out for the DISTS_pytorch package's weights.pt "

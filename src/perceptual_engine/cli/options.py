@@ -189,6 +189,8 @@ def add_head_options(p: argparse.ArgumentParser, *, spatial_flag: bool, **where:
             continue
         g = p.add_argument_group(f"{kind.label} (--graph {kind.name})")
         g.add_argument(kind.weights_flag, metavar="PATH", dest=kind.weights_option, help=kind.weights_help)
+        for flag in kind.flags:
+            g.add_argument(flag.flag, choices=flag.choices, dest=flag.dest, help=flag.help)
         if spatial_flag and kind.spatial:
             g.add_argument("--spatial", action="store_true",
                            help="also output the per-pixel map 'spatial' (N, 1, H, W)")
@@ -214,6 +216,10 @@ def head_kwargs(args: argparse.Namespace, graph: str, spatial: bool, spatial_fla
         if other.head and other is not kind and getattr(args, other.weights_option, None) is not None:
             raise ConfigError(f"{other.weights_flag} is an option of --graph {other.name}; add --graph "
                               f"{other.name}, or drop it.")
+        for flag in other.flags if other is not kind else ():
+            if getattr(args, flag.dest, None) is not None:
+                raise ConfigError(f"{flag.flag} is an option of --graph {other.name}; add --graph "
+                                  f"{other.name}, or drop it.")
     if spatial and not kind.spatial:
         maps = "|".join(kinds.names(spatial=True))
         raise ConfigError(f"{spatial_flag} writes LPIPS maps, one of the options of --graph {maps}; add --graph "

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import onnx
 import torch
 
-from .. import __version__, kinds
+from .. import __version__, kinds, trunks as _trunks
 from .._io import atomic_path, check_destination
 from ..errors import ConfigError, ExportError
 from ..lpips import LinearWeights
@@ -218,6 +218,12 @@ def export_onnx(
                           "drop it or export one of those.")
     if head is not None:
         head.check_spec(spec)
+    trunk = _trunks.get(spec.arch)
+    if grad and not trunk.grad:
+        raise ConfigError(f"grad=True is not available on {spec.arch} yet: the hand-written backward "
+                          f"(backward.py) has no VJPs for {trunk.label}'s modules. Export without grad "
+                          f"(the forward is verified), or use arch {' or '.join(_trunks.names(grad=True))} "
+                          "for gradients.")
     if grad and dtype == "float16" and not kind.fp16_grad:
         # Measured: the half-precision backward through VGG16 to relu5_3 (and LPIPS'
         # channel normalization) is ~0.5% off autograd at the median and ~10% at the
@@ -238,7 +244,7 @@ def export_onnx(
     start = time.perf_counter()
 
     # Before the network: a missing lpips or DISTS_pytorch package fails fast.
-    head_weights = head.resolve_weights(given[kind.weights_option]) if head is not None else None
+    head_weights = head.resolve_weights(given[kind.weights_option], spec) if head is not None else None
     head_meta = {} if head is None else {kind.head: (head_weights.metadata(bool(spatial)) if kind.spatial
                                                      else head_weights.metadata())}
     say(f"loading {spec.arch} weights ({spec.weights})")
@@ -336,7 +342,7 @@ def _target_shapes(spec: FeatureSpec, loss: LossConfig | None, graph: str, size:
     if graph == "target":
         for n in loss.content:
             info = resolve(spec.arch, n)
-            shapes.append((info.channels, size // info.downsample, (size + 2) // info.downsample))
+            shapes.append((info.channels, info.size(size), info.size(size + 2)))
     return shapes + [(resolve(spec.arch, n).channels,) * 2 for n in loss.style]
 
 

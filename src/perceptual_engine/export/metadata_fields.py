@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .. import kinds
+from .. import kinds, lpips_nets as _lpips_nets
 from ..spec import FeatureSpec, LossConfig, _short
 
 FORMAT_VERSION = 3
@@ -91,7 +91,12 @@ def _loss(raw: str) -> LossConfig | None:
 
 # A learned head's field (named after its kind): where its weights came from.
 _HEAD_TYPES = {"weights_source": (str,), "weights_sha256": (str,)}
-_HEAD_EXTRA_TYPES = {"lpips": {"spatial": (bool,)}}
+_HEAD_EXTRA_TYPES = {"lpips": {"spatial": (bool,), "net": (str,)}}
+# Keys a head's field gained later, with the value an older model means without them:
+# an LPIPS model written before AlexNet and SqueezeNet ran VGG16.
+_HEAD_DEFAULTS = {"lpips": {"net": "vgg"}}
+# Accepted values of a head's string keys.
+_HEAD_CHOICES = {"lpips": {"net": tuple(_lpips_nets.NETS)}}
 # Heads whose key every model writes (null on other kinds): LPIPS, from before DISTS.
 # A later head's key is written by its own kind only, and absent elsewhere.
 ALWAYS_WRITTEN = ("lpips",)
@@ -108,9 +113,14 @@ def _head_field(name: str) -> Callable[[str], dict[str, Any] | None]:
         d = _json(raw)
         if d is None:
             return None
+        if isinstance(d, dict):
+            d = {**_HEAD_DEFAULTS.get(name, {}), **d}
         d = _typed_object(d, name, types)
         if not _HEX64.fullmatch(d["weights_sha256"]):
             raise Invalid(f"{name}.weights_sha256 is not 64 hex digits")
+        for key, accepted in _HEAD_CHOICES.get(name, {}).items():
+            if d[key] not in accepted:
+                raise Invalid(f"{name}.{key} is {_short(d[key], 40)}, not one of {', '.join(accepted)}")
         return d
 
     return parse

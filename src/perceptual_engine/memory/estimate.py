@@ -115,7 +115,7 @@ def estimate(spec, graph: str, n: int, height: int, width: int, *, dtype: str = 
     held = 0.0  # tap copies accumulated so far, elements per image
     total_act, gram_act, worst, worst_at = 0, 0, 0.0, layers[0].name
     for info in layers:
-        e = info.channels * (height // info.downsample) * (width // info.downsample)
+        e = info.channels * info.size(height) * info.size(width)
         if info.name in tapped:
             held += tap_factor * e
         live = WORK * e + held

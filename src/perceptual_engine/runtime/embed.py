@@ -3,7 +3,8 @@
 The model file computes d(x, y); a distance matrix needs each image's embedding
 once. Rather than a second exported graph, the x branch of the user's own file is
 cut out at load: the backbone is walked from input ``x`` through its Conv / Relu /
-pool nodes (matched one by one against the layer table, so a file of another layout
+pool nodes (a SqueezeNet Fire block: squeeze Conv, Relu, two expand Conv + Relu, Concat),
+matched one by one against the layer table of the model's trunk, so a file of another layout
 is refused, not misread), the tapped tensors become the outputs, every node they do
 not depend on is dropped, and a ``Concat(x, y)`` that feeds both images as one batch
 becomes ``Identity(x)``. The file's integrity digests are checked on the very bytes
@@ -27,9 +28,9 @@ import numpy as np
 
 from .. import layers as _layers
 from ..errors import ModelError
-from ..lpips import EPS, LAYERS as LPIPS_LAYERS
+from ..lpips import EPS
 
-_BODY = {"conv": ("Conv",), "relu": ("Relu",), "pool": ("MaxPool", "AveragePool")}
+_BODY = {"conv": ("Conv",), "relu": ("Relu",), "pool": ("MaxPool", "AveragePool"), "fire": ("Conv",)}
 _BEFORE = ("Concat", "Mul", "Add", "Sub", "Div", "Cast", "Identity")  # input normalization
 
 
@@ -65,11 +66,28 @@ def tap_tensors(graph: Any, arch: str, taps: tuple[str, ...], path: str) -> tupl
             got = [n.op_type for n in nodes]
             raise _refuse(path, f"layer {want.name} should be one {'/'.join(_BODY[want.kind])} node "
                                 f"after {tensor!r}, found {got}")
-        tensor = nodes[0].output[0]
+        tensor = _fire_output(consumers, nodes[0], path, want.name) if want.kind == "fire" else nodes[0].output[0]
         if want.name in taps:
             found[want.name] = tensor
         pos += 1
     return found, concat
+
+
+def _fire_output(consumers: dict, squeeze: Any, path: str, name: str) -> str:
+    """The Concat output of a Fire block whose squeeze Conv is ``squeeze``."""
+    def only(tensor: str, op: str, count: int = 1) -> list:
+        nodes = [n for n in consumers[tensor] if n.op_type == op]
+        if len(nodes) != count:
+            raise _refuse(path, f"the Fire block {name} should feed {count} {op} node(s) from {tensor!r}, "
+                                f"found {[n.op_type for n in consumers[tensor]]}")
+        return nodes
+
+    act = only(squeeze.output[0], "Relu")[0]
+    outs = [only(conv.output[0], "Relu")[0].output[0] for conv in only(act.output[0], "Conv", 2)]
+    cat = only(outs[0], "Concat")[0]
+    if sorted(cat.input) != sorted(outs):
+        raise _refuse(path, f"the Fire block {name} does not end in one Concat of its two expand branches")
+    return cat.output[0]
 
 
 def x_branch(model: Any, outputs: dict[str, str], concat: Any) -> Any:
@@ -107,9 +125,11 @@ def x_branch(model: Any, outputs: dict[str, str], concat: Any) -> Any:
     return sub
 
 
-def lpips_weights(model: Any, recorded: str, path: str) -> tuple[np.ndarray, ...]:
-    """The five (C,) linear weights of the file's LPIPS head, checked against ``recorded``
-    (the SHA-256 of lpips.check_linear_weights, kept in the metadata).
+def lpips_weights(model: Any, recorded: str, path: str, arch: str,
+                  taps: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+    """The (C,) linear weights of the file's LPIPS head, one per tap of ``arch`` (the
+    model's spec), checked against ``recorded`` (the SHA-256 of lpips.check_linear_weights,
+    kept in the metadata).
 
     Each tap's weights are the first (1, C, 1, 1) initializer, in graph order, of a
     ``Mul`` (the gradient graph's head) or of the 1x1 ``Conv`` that sums Σ_c w_c d_c²
@@ -120,7 +140,7 @@ def lpips_weights(model: Any, recorded: str, path: str) -> tuple[np.ndarray, ...
     from onnx import TensorProto, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
-    channels = [_layers.resolve("vgg16", n).channels for n in LPIPS_LAYERS]
+    channels = [_layers.resolve(arch, n).channels for n in taps]
     seen: list[str] = []
     for node in model.graph.node:
         if node.op_type not in ("Mul", "Conv") or len(seen) == len(channels):
@@ -176,5 +196,5 @@ def term_dims(terms: dict[str, tuple[str, str]], arch: str, height: int, width: 
         if kind == "style":
             dims[term] = info.channels ** 2
         else:
-            dims[term] = info.channels * (height // info.downsample) * (width // info.downsample)
+            dims[term] = info.channels * info.size(height) * info.size(width)
     return dims

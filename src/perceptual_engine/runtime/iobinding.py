@@ -160,14 +160,14 @@ def output_shapes(engine: Any, n: int, h: int, w: int) -> dict[str, tuple[int, .
     for name in engine.output_names:
         if engine.info.graph == "features":
             info = _layers.resolve(arch, name)
-            shapes[name] = (n, info.channels, h // info.downsample, w // info.downsample)
+            shapes[name] = (n, info.channels, info.size(h), info.size(w))
         elif name == "grad.x":
             shapes[name] = (n, 3, h, w)
         elif name == "spatial":  # an LPIPS graph's per-pixel map
             shapes[name] = (n, 1, h, w)
         elif name.startswith("feature."):
             info = _layers.resolve(arch, name[len("feature."):])
-            shapes[name] = (n, info.channels, h // info.downsample, w // info.downsample)
+            shapes[name] = (n, info.channels, info.size(h), info.size(w))
         elif name.startswith("gram."):
             c = _layers.resolve(arch, name[len("gram."):]).channels
             shapes[name] = (n, c, c)

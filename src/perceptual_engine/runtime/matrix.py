@@ -56,7 +56,8 @@ class Embedder:
             self.terms = {f"lpips.{n}": ("lpips", n) for n in info.spec.layers}
             self.weights = {t: 1.0 for t in self.terms}
             head = info.lpips or {}
-            self.lin = dict(zip(info.spec.layers, lpips_weights(model, head.get("weights_sha256"), path)))
+            lin = lpips_weights(model, head.get("weights_sha256"), path, info.spec.arch, info.spec.layers)
+            self.lin = dict(zip(info.spec.layers, lin))
         else:
             loss = info.loss
             self.terms = {**{f"content.{n}": ("content", n) for n in loss.content},

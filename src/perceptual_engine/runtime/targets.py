@@ -46,8 +46,8 @@ class Target:
 
 
 def _feature_hw(engine: Any, layer: str, h: int, w: int) -> tuple[int, int]:
-    d = _layers.resolve(engine.spec.arch, layer).downsample
-    return h // d, w // d
+    info = _layers.resolve(engine.spec.arch, layer)
+    return info.size(h), info.size(w)
 
 
 def _dummy_feeds(engine: Any, h: int, w: int) -> dict[str, np.ndarray]:

@@ -127,7 +127,7 @@ def check_inputs(info: Any, reference: Callable[[Mapping[str, np.ndarray], list[
         for name in targets:
             kind, layer = name.split(".", 2)[1:]
             r = _layers.resolve(spec.arch, layer)
-            zeros[name] = np.zeros((1, r.channels, side // r.downsample, (side + 4) // r.downsample)
+            zeros[name] = np.zeros((1, r.channels, r.size(side), r.size(side + 4))
                                    if kind == "content" else (1, r.channels, r.channels), np.float32)
         wanted = [n[len("target."):].replace("content.", "feature.", 1) for n in targets]
         got = reference({"x": y[:1], **zeros}, wanted)
