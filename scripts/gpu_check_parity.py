@@ -81,7 +81,7 @@ class Parity:
 
         from perceptual_engine import lpips as L
         from perceptual_engine.export import export_onnx
-        from perceptual_engine.reference import TorchLPIPS
+        from perceptual_engine.lpips import TorchLPIPS
 
         if importlib.util.find_spec("lpips") is None:
             raise Skip("the lpips package is not installed (carry its wheel: --wheels, docs/gpu.md)")

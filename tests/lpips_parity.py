@@ -11,7 +11,7 @@ against the package's autograd in float32 and in float64.
 import os, sys, tempfile, warnings
 import numpy as np, torch, lpips
 from perceptual_engine import Engine, export_onnx, lpips as L
-from perceptual_engine.reference import TorchLPIPS
+from perceptual_engine.lpips import TorchLPIPS
 args = sys.argv[1:]
 net = "vgg"
 if args[:1] == ["--net"]:

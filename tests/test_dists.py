@@ -8,7 +8,7 @@ import torch
 from perceptual_engine import Engine
 from perceptual_engine import backward as B
 from perceptual_engine import dists as D
-from perceptual_engine.reference import L2Pool
+from perceptual_engine.trunks.modules import L2Pool
 
 pytest.importorskip("DISTS_pytorch")
 
@@ -280,7 +280,7 @@ def test_bench_workload_baselines_are_the_packages(name, rel_err):
     update. Each baseline, with the run's trunk, agrees with our reference."""
     pytest.importorskip("torchmetrics" if name == "metrics" else "DISTS_pytorch")
     from perceptual_engine.bench import workloads as W
-    from perceptual_engine.reference import TorchLPIPS
+    from perceptual_engine.lpips import TorchLPIPS
     from perceptual_engine.spec import FeatureSpec
     from perceptual_engine.weights import load_weights
 

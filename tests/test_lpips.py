@@ -7,7 +7,8 @@ import torch
 
 from perceptual_engine import Engine
 from perceptual_engine import lpips as L
-from perceptual_engine.reference import TorchFeatures, TorchLPIPS
+from perceptual_engine.lpips import TorchLPIPS
+from perceptual_engine.reference import TorchFeatures
 
 pytest.importorskip("lpips")
 

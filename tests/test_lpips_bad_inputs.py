@@ -9,7 +9,7 @@ import torch
 from perceptual_engine import FeatureSpec, PerceptualError, export_onnx
 from perceptual_engine import lpips as L
 from perceptual_engine.errors import ConfigError, WeightsError
-from perceptual_engine.reference import TorchLPIPS
+from perceptual_engine.lpips import TorchLPIPS
 
 
 def _good() -> dict[str, torch.Tensor]:

@@ -14,7 +14,8 @@ import torch
 from perceptual_engine import Engine, lpips as L
 from perceptual_engine.cli.main import main
 from perceptual_engine.errors import ConfigError, InputError, WrongNetError, WrongTrunkError
-from perceptual_engine.reference import TorchFeatures, TorchLPIPS
+from perceptual_engine.lpips import TorchLPIPS
+from perceptual_engine.reference import TorchFeatures
 from perceptual_engine.runtime import read_info
 from perceptual_engine.spec import FeatureSpec
 from perceptual_engine.weights import load_weights

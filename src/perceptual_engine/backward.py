@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import losses
-from .reference import L2Pool
+from .trunks.modules import L2Pool
 from .spec import LossConfig
 
 Tensor = torch.Tensor
@@ -522,7 +522,7 @@ def loss_scale(grads: Mapping[str, Tensor]) -> Tensor:
     """Per-sample power of two (N, 1, 1, 1) that brings max |grad| into [1, 2), float32.
 
     All-zero gradients get 2^100 (still zero after scaling, finite in float32). The
-    heads' backward (lpips.py, dists.py) uses it; the VGG losses use ``seed_scale``."""
+    heads' backward (lpips/, dists/) uses it; the VGG losses use ``seed_scale``."""
     peak = torch.stack([g.abs().flatten(1).amax(1) for g in grads.values()], 0).amax(0)
     peak = peak.clamp_min(2.0 ** -100)
     return torch.exp2(-torch.floor(torch.log2(peak))).view(-1, 1, 1, 1)

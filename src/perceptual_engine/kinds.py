@@ -5,7 +5,7 @@ the command line (local and Ray) and the docs ask this registry instead of compa
 kind strings. Torch-free and import-light (floor 0: no torch, no onnx).
 
 Adding a metric (docs/architecture.md, "Adding a metric"): its own module (spec
-defaults, weights, head, VJPs, torch reference, like lpips.py and dists.py), one
+defaults, weights, head, VJPs, torch reference, like lpips/ and dists/), one
 ``GraphKind`` line below, the exporter's builder for it, and its tests; the
 registry tests (tests/test_kinds.py) then hold every path to the new entry.
 """
@@ -16,9 +16,22 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
 
-from . import lpips_nets as _lpips_nets, trunks as _trunks
+from . import trunks as _trunks
+from .lpips import nets as _lpips_nets
 from .errors import ConfigError
 from .outputs import dists_output_names, lpips_output_names
+
+
+@dataclass(frozen=True)
+class HeadKey:
+    """A key of a learned head's metadata field besides ``weights_source`` and
+    ``weights_sha256`` (``lpips.net``): its accepted types, the value a model written
+    before the key existed means (None: the key is required), its accepted values."""
+
+    name: str
+    types: tuple[type, ...]
+    default: object = None
+    choices: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,10 +87,14 @@ class GraphKind:
     fp16_grad: bool = True
     weights_help: str | None = None  # the --<head>-weights flag's help
     flags: tuple[HeadFlag, ...] = ()  # the head's other options (``--lpips-net``)
+    head_keys: tuple[HeadKey, ...] = ()  # its metadata field's own keys (``lpips.net``)
+    head_always_written: bool = False  # every model writes the head's key (null elsewhere)
+    weights_name: str = "weights"  # what reports call the head's weights ("linear weights")
 
     def module(self) -> ModuleType | None:
-        """The head's module (lpips.py, dists.py): ``check_spec``, ``default_spec``,
-        ``resolve_weights`` and ``build``; imported on first use (it needs torch)."""
+        """The head's package (lpips/, dists/): ``check_spec``, ``default_spec``,
+        ``resolve_weights``, ``build`` (and ``matrix_terms`` where ``matrix``); imported on
+        first use (its parts need torch)."""
         return None if self.head is None else importlib.import_module(f"{__package__}.{self.head}")
 
     @property
@@ -108,12 +125,18 @@ KINDS: dict[str, GraphKind] = {k.name: k for k in (
               flags=(HeadFlag("lpips_net", tuple(_lpips_nets.NETS), _lpips_nets.DEFAULT,
                               "the LPIPS trunk, as lpips' net=: " + ", ".join(
                                   f"{n.name} ({_trunks.get(n.arch).label})" for n in _lpips_nets.NETS.values())
-                              + f" (default: {_lpips_nets.DEFAULT})"),)),
+                              + f" (default: {_lpips_nets.DEFAULT})"),),
+              # an LPIPS model written before AlexNet and SqueezeNet ran VGG16
+              head_keys=(HeadKey("spatial", (bool,)),
+                         HeadKey("net", (str,), default="vgg", choices=tuple(_lpips_nets.NETS))),
+              head_always_written=True,  # from before DISTS: every model writes "lpips" (null elsewhere)
+              weights_name="linear weights"),
     GraphKind("dists", images=2, grad=True, compares=True, matrix=False, head="dists",
               label="DISTS", tap_factor=2.0, head_outputs=lambda taps, spatial: dists_output_names(taps),
               fp16_grad=False,
               weights_help="DISTS alpha/beta (.pt, keys alpha and beta, each (1, 1475, 1, 1)) "
-                           "(default: weights.pt of the installed DISTS_pytorch package)"),
+                           "(default: weights.pt of the installed DISTS_pytorch package)",
+              weights_name="alpha/beta"),
 )}
 
 

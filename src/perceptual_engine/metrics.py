@@ -180,7 +180,7 @@ class LPIPS(_EngineMetric):
                  normalize: bool = False, reduction: str = "mean", weights: str = "imagenet",
                  lpips_weights: Any = None, dtype: str = "float32", cache_dir: str | None = None,
                  **kwargs: Any) -> None:
-        from . import lpips_nets
+        from .lpips import nets as lpips_nets
 
         if net_type is not None:
             lpips_nets.get(net_type)

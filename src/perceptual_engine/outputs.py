@@ -1,5 +1,5 @@
 """Output names of the learned heads' graphs, in order: torch-free, so that reading a
-model's metadata (export/metadata.py) and building the graphs (lpips.py, dists.py) share
+model's metadata (export/metadata.py) and building the graphs (lpips/, dists/) share
 one definition without the metadata importing torch.
 """
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The PyTorch reference: TorchFeatures and TorchPerceptualLoss.
+"""The PyTorch reference: TorchFeatures and TorchPerceptualLoss (TorchLPIPS and TorchDISTS
+live in the lpips and dists packages).
 
 The same modules are what the exporter traces, so the ONNX graphs and the
 reference share one network definition and one set of formulas (losses.py).
@@ -7,7 +8,6 @@ tapped conv output.
 """
 from __future__ import annotations
 
-import dataclasses
 
 from typing import Mapping
 
@@ -16,10 +16,10 @@ from torch import nn
 
 from . import layers as _layers, trunks as _trunks
 from . import losses
-from . import lpips as _lpips
 from .errors import InputError
 from .spec import INPUT_RANGES, FeatureSpec, LossConfig
 from .validate import check_pair, check_tensor
+from .trunks.modules import L2Pool, l2_filter  # noqa: F401  (re-exported: DISTS' pooling)
 from .weights import Weights, load_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,69 +46,6 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale + self.shift
-
-
-def l2_filter() -> torch.Tensor:
-    """DISTS' L2-pooling window: outer(h, h) / sum, h = hanning(5)[1:-1] = (0.5, 1, 0.5), (3, 3)."""
-    h = torch.tensor([0.5, 1.0, 0.5], dtype=torch.float64)
-    g = h[:, None] * h[None, :]
-    return (g / g.sum()).to(torch.float32)
-
-
-class L2Pool(nn.Module):
-    """sqrt(conv2d(x², g, stride 2, padding 1, per channel) + 1e-12) (DISTS' L2 pooling).
-
-    float32 (and float64): exactly that, x² as one Pow. float16: in float16, on x/16
-    (``prescale``), so a square stays finite for |x| < 4096 (x² itself overflows above
-    256): 16·sqrt(max(conv((x/16)², g), 2⁻²⁴)). Squares of |x| < 2⁻⁸ round to zero or a
-    few subnormal bits, so the result is only good to about 2⁻⁸ absolute; the floor at
-    the smallest float16 value (a result of at least 2⁻⁸, where float32 gives 1e-6 for an
-    all-zero window) keeps the VJP's x·g/y bounded where the squares underflow (with y
-    at 1e-6 there it was off by a factor of 80 on a VGG16 with activations near 1).
-    ``prescale`` and ``pool_prescaled`` are the two halves of ``forward``, apart so that
-    DISTS' statistics can reuse x/16 (dists.py).
-    """
-
-    EPS = 1e-12
-    HALF_SCALE = 2.0 ** -4
-    HALF_FLOOR = 2.0 ** -24  # the smallest positive float16
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.register_buffer("filter", l2_filter().expand(channels, 1, 3, 3).contiguous(), persistent=False)
-        # A 1-element tensor, not a scalar: the ONNX exporter's optimizer (onnxscript's
-        # add_0 rule, abs_tol 1e-8) drops an Add of a scalar 1e-12 as if it were 0, and
-        # sqrt(0) then puts inf into the VJP's 1/y. It leaves 1-D constants alone.
-        self.register_buffer("eps", torch.full((1,), self.EPS, dtype=torch.float32), persistent=False)
-
-    @classmethod
-    def scale(cls, dtype: torch.dtype) -> float:
-        """The factor ``prescale`` multiplies by in ``dtype``: 1/16 for float16, else 1."""
-        return cls.HALF_SCALE if dtype == torch.float16 else 1.0
-
-    def prescale(self, x: torch.Tensor) -> torch.Tensor:
-        """x times ``scale(x.dtype)`` (x itself outside float16)."""
-        k = self.scale(x.dtype)
-        return x if k == 1.0 else x * k
-
-    def _sums(self, u: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.conv2d(u ** 2, self.filter.to(u.dtype), stride=2, padding=1,
-                                          groups=u.shape[1])
-
-    def root_prescaled(self, u: torch.Tensor) -> torch.Tensor:
-        """sqrt(conv(u², g, ...)) in u's dtype, with no eps or floor: k times the pooled x
-        for u = ``prescale(x)``, but where a window is all zero (0 there)."""
-        return torch.sqrt(self._sums(u))
-
-    def pool_prescaled(self, u: torch.Tensor) -> torch.Tensor:
-        """The pooled x from u = ``prescale(x)``, in u's dtype."""
-        k = self.scale(u.dtype)
-        if k == 1.0:
-            return torch.sqrt(self._sums(u) + self.eps.to(u.dtype))
-        return torch.sqrt(torch.clamp_min(self._sums(u), self.HALF_FLOOR)) * (1.0 / k)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool_prescaled(self.prescale(x))
 
 
 def build_layers(spec: FeatureSpec, weights: Weights) -> nn.Sequential:
@@ -267,48 +204,19 @@ class TorchPerceptualLoss(_AlwaysEval):
         return self.terms(*self.features.extract_pair(x, y))
 
 
-class TorchLPIPS(nn.Module):
-    """LPIPS (lpips v0.1; VGG16, AlexNet or SqueezeNet 1.1) on the reference network:
-    ``forward(x, y) -> {"lpips.<l>": (N,), "total": (N,)[, "spatial": (N, 1, H, W)]}``, float32.
-
-    spec: a net's trunk at its taps (see ``lpips.default_spec(weights, net=...)``); its
-        input range is the images' ("-1,1" as lpips, "0,1" as its normalize=True).
-    lpips_weights: LinearWeights of the spec's net, a .pth path, or None for the lpips
-        package's file of that net.
-    spatial: also return the per-pixel map, as lpips' spatial=True.
-    Differentiable by autograd (NaN where a feature vector is exactly zero, as lpips).
-    """
-
-    def __init__(self, spec: FeatureSpec, lpips_weights: "_lpips.LinearWeights | str | None" = None,
-                 *, spatial: bool = False, weights: Weights | None = None) -> None:
-        super().__init__()
-        _lpips.check_spec(spec)
-        self.spec, self.spatial = spec, spatial
-        lin = _lpips.resolve_weights(lpips_weights, spec)
-        self._lin = lin
-        for i, w in enumerate(lin.weights):  # buffers: .to(device) moves them with the network
-            self.register_buffer(f"lin{i}", w.clone(), persistent=False)
-        self.features = TorchFeatures(spec, weights=weights)
-
-    @property
-    def lin(self) -> "_lpips.LinearWeights":
-        """The linear weights, on the module's device."""
-        weights = tuple(getattr(self, f"lin{i}") for i in range(len(self._lin.weights)))
-        return dataclasses.replace(self._lin, weights=weights)
-
-    def terms(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Without input validation (the exporter traces this)."""
-        fx, fy = self.features.extract_pair(x, y)
-        return _lpips.head(fx, fy, self.lin, size=tuple(x.shape[2:]) if self.spatial else None)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        check_pair(x, y, self.spec)
-        return self.terms(x, y)
-
-
 def raise_missing_y(no_content: bool, no_style: bool) -> None:
     what = " and ".join(w for w, miss in (("content", no_content), ("style", no_style)) if miss)
     raise InputError(
         f"y was not given and no {what} target is set. Pass y, or call "
         f"set_target({', '.join(f'{w}=image' for w in what.split(' and '))}) first."
     )
+
+
+def __getattr__(name: str) -> object:
+    """``reference.TorchLPIPS``, the name's path before it moved into the lpips package
+    (``perceptual_engine.lpips.TorchLPIPS``): still importable from here."""
+    if name == "TorchLPIPS":
+        from .lpips.reference import TorchLPIPS
+
+        return TorchLPIPS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..errors import WeightsError
-from ..lpips_nets import NETS
+from ..lpips.nets import NETS
 
 
 class LpipsPackage(torch.nn.Module):

@@ -45,7 +45,7 @@ class Workload:
     description: str
     grad: bool = False  # also computes ∂total/∂x (the model is exported with grad)
     batches: tuple[int, ...] | None = None  # fixed batch sizes (None: the config's)
-    net: str | None = None  # the lpips workloads: LPIPS' net (lpips_nets.py), against LPIPS(net=...)
+    net: str | None = None  # the lpips workloads: LPIPS' net (lpips/nets.py), against LPIPS(net=...)
 
     @property
     def pairs(self) -> bool:

@@ -27,7 +27,8 @@ from typing import IO, Callable
 
 import numpy as np
 
-from .. import lpips_nets, trunks as _trunks
+from .. import trunks as _trunks
+from ..lpips import nets as lpips_nets
 from ..datasets.cache import CachedModel, check_entry, ensure_model, model_key
 from ..errors import WeightsError
 from ..images import center_crop, decode, resize

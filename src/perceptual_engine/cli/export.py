@@ -9,10 +9,6 @@ from .. import kinds
 from ..errors import ConfigError
 from .options import head_kwargs, head_spec_from_args, spec_from_args
 
-# What a head's weights are called in the summary (default: "weights").
-HEAD_WEIGHTS = {"lpips": "linear weights", "dists": "alpha/beta"}
-
-
 def static_shape_arg(text: str) -> tuple[int, int, int]:
     """--static-shape NxHxW -> (N, H, W)."""
     parts = text.lower().split("x")
@@ -78,7 +74,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         from ..runtime import read_info
 
         head = getattr(read_info(r.path), kind.head) or {}
-        print(f"  {kind.head:<9} {HEAD_WEIGHTS.get(kind.head, 'weights')} {head.get('weights_source')}, sha256 "
+        print(f"  {kind.head:<9} {kind.weights_name} {head.get('weights_source')}, sha256 "
               f"{str(head.get('weights_sha256'))[:16]}; head in float32")
         scalars = [o for o in r.outputs if o not in ("spatial", "grad.x")]
         print(f"  outputs   {', '.join(scalars)}: float32 (N,)"

@@ -13,12 +13,9 @@ exit status is then 1. A one-image set gives a 1x1 matrix [[0]].
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 from typing import Any, Callable
 
-import numpy as np
 
 from .. import kinds
 from ..errors import ConfigError

@@ -207,7 +207,7 @@ def export_onnx(
     elif loss is not None:
         raise ConfigError("loss is only used by graph='distance', 'target' or 'style'; drop it or export one of those.")
     kind = kinds.get(graph)
-    head = kind.module()  # lpips.py or dists.py for a learned head
+    head = kind.module()  # the lpips or dists package for a learned head
     given = {"lpips_weights": lpips_weights, "dists_weights": dists_weights}
     for option, value in given.items():
         if value is not None and option != kind.weights_option:

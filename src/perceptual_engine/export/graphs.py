@@ -110,4 +110,4 @@ class StyleGraph(nn.Module):
         return tuple(terms.values()) + tuple(gx.values())
 
 
-LpipsGraph = _lpips.LpipsGraph  # defined beside its head (lpips.py); kept importable here
+LpipsGraph = _lpips.LpipsGraph  # defined beside its head (lpips/graph.py); kept importable here

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .. import kinds, lpips_nets as _lpips_nets
+from .. import kinds
 from ..spec import FeatureSpec, LossConfig, _short
 
 FORMAT_VERSION = 3
@@ -91,15 +91,14 @@ def _loss(raw: str) -> LossConfig | None:
 
 # A learned head's field (named after its kind): where its weights came from.
 _HEAD_TYPES = {"weights_source": (str,), "weights_sha256": (str,)}
-_HEAD_EXTRA_TYPES = {"lpips": {"spatial": (bool,), "net": (str,)}}
-# Keys a head's field gained later, with the value an older model means without them:
-# an LPIPS model written before AlexNet and SqueezeNet ran VGG16.
-_HEAD_DEFAULTS = {"lpips": {"net": "vgg"}}
-# Accepted values of a head's string keys.
-_HEAD_CHOICES = {"lpips": {"net": tuple(_lpips_nets.NETS)}}
-# Heads whose key every model writes (null on other kinds): LPIPS, from before DISTS.
-# A later head's key is written by its own kind only, and absent elsewhere.
-ALWAYS_WRITTEN = ("lpips",)
+# Heads whose key every model writes (null on other kinds); a later head's key is written
+# by its own kind only, and absent elsewhere (kinds.GraphKind.head_always_written).
+ALWAYS_WRITTEN = tuple(k.head for k in kinds.KINDS.values() if k.head and k.head_always_written)
+
+
+def _head_keys(name: str) -> tuple[kinds.HeadKey, ...]:
+    """The extra keys of the head called ``name`` (kinds.GraphKind.head_keys)."""
+    return next((k.head_keys for k in kinds.KINDS.values() if k.head == name), ())
 
 
 def _head_json(d: Any) -> str:
@@ -107,20 +106,23 @@ def _head_json(d: Any) -> str:
 
 
 def _head_field(name: str) -> Callable[[str], dict[str, Any] | None]:
-    types = {**_HEAD_TYPES, **_HEAD_EXTRA_TYPES.get(name, {})}
+    keys = _head_keys(name)
+    types = {**_HEAD_TYPES, **{k.name: k.types for k in keys}}
+    defaults = {k.name: k.default for k in keys if k.default is not None}
 
     def parse(raw: str) -> dict[str, Any] | None:
         d = _json(raw)
         if d is None:
             return None
         if isinstance(d, dict):
-            d = {**_HEAD_DEFAULTS.get(name, {}), **d}
+            d = {**defaults, **d}
         d = _typed_object(d, name, types)
         if not _HEX64.fullmatch(d["weights_sha256"]):
             raise Invalid(f"{name}.weights_sha256 is not 64 hex digits")
-        for key, accepted in _HEAD_CHOICES.get(name, {}).items():
-            if d[key] not in accepted:
-                raise Invalid(f"{name}.{key} is {_short(d[key], 40)}, not one of {', '.join(accepted)}")
+        for key in keys:
+            if key.choices is not None and d[key.name] not in key.choices:
+                raise Invalid(f"{name}.{key.name} is {_short(d[key.name], 40)}, not one of "
+                              f"{', '.join(key.choices)}")
         return d
 
     return parse
@@ -188,7 +190,7 @@ FIELDS: dict[str, Field] = {
     # One per learned head (kinds.py), named after it.
     **{k.head: Field(_head_field(k.head), _head_json,
                      ("null, or " if k.head in ALWAYS_WRITTEN else "") + f"for graph {k.name!r} a JSON object "
-                     "{" + ", ".join([*_HEAD_TYPES, *_HEAD_EXTRA_TYPES.get(k.head, {})]) + "}",
+                     "{" + ", ".join([*_HEAD_TYPES, *(h.name for h in k.head_keys)]) + "}",
                      optional=k.head not in ALWAYS_WRITTEN)
        for k in kinds.KINDS.values() if k.head},
     # Written only when set: a reader that does not know them refuses the model.

@@ -9,7 +9,8 @@ import torch
 
 from .. import kinds, losses
 from ..errors import ExportError
-from ..reference import TorchFeatures, TorchLPIPS
+from ..lpips.reference import TorchLPIPS
+from ..reference import TorchFeatures
 from .metadata import ModelInfo
 
 

@@ -20,15 +20,13 @@ Then term t of (x_i, y_j) is |e_t(x_i) − e_t(y_j)|², and total = Σ_t weight_
 """
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from .. import layers as _layers
 from ..errors import ModelError
-from ..lpips import EPS
 
 _BODY = {"conv": ("Conv",), "relu": ("Relu",), "pool": ("MaxPool", "AveragePool"), "fire": ("Conv",)}
 _BEFORE = ("Concat", "Mul", "Add", "Sub", "Div", "Cast", "Identity")  # input normalization
@@ -125,59 +123,18 @@ def x_branch(model: Any, outputs: dict[str, str], concat: Any) -> Any:
     return sub
 
 
-def lpips_weights(model: Any, recorded: str, path: str, arch: str,
-                  taps: tuple[str, ...]) -> tuple[np.ndarray, ...]:
-    """The (C,) linear weights of the file's LPIPS head, one per tap of ``arch`` (the
-    model's spec), checked against ``recorded`` (the SHA-256 of lpips.check_linear_weights,
-    kept in the metadata).
-
-    Each tap's weights are the first (1, C, 1, 1) initializer, in graph order, of a
-    ``Mul`` (the gradient graph's head) or of the 1x1 ``Conv`` that sums Σ_c w_c d_c²
-    (the forward graph's). A float16 model holds them rounded to float16, so their
-    float32 digest cannot be recomputed: there the integrity digest of the whole graph,
-    already checked on these bytes, is what binds them to the export.
-    """
-    from onnx import TensorProto, numpy_helper
-
-    inits = {i.name: i for i in model.graph.initializer}
-    channels = [_layers.resolve(arch, n).channels for n in taps]
-    seen: list[str] = []
-    for node in model.graph.node:
-        if node.op_type not in ("Mul", "Conv") or len(seen) == len(channels):
-            continue
-        names = node.input[1:2] if node.op_type == "Conv" else node.input
-        for name in names:
-            init = inits.get(name)
-            if init is not None and len(init.dims) == 4 and name not in seen \
-                    and [init.dims[i] for i in (0, 2, 3)] == [1, 1, 1] \
-                    and init.dims[1] == channels[len(seen)]:
-                seen.append(name)
-                break
-    weights = [numpy_helper.to_array(inits[n]).astype(np.float32).reshape(-1) for n in seen]
-    half = any(inits[n].data_type == TensorProto.FLOAT16 for n in seen)
-    h = hashlib.sha256()
-    if [w.size for w in weights] == channels:
-        for i, w in enumerate(weights):
-            h.update(f"lin{i}.model.1.weight".encode())
-            h.update(np.ascontiguousarray(w).tobytes())
-    if [w.size for w in weights] != channels or (not half and h.hexdigest() != recorded):
-        raise _refuse(path, "its LPIPS linear weights could not be found or do not match the "
-                            "SHA-256 in its metadata")
-    return tuple(weights)
-
-
 def embed_taps(feats: dict[str, np.ndarray], terms: dict[str, tuple[str, str]],
-               lin: dict[str, np.ndarray], gram_norm: str) -> dict[str, np.ndarray]:
+               lin: dict[str, np.ndarray], gram_norm: str,
+               head_embed: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """{term: (n, D_t) float32} from the taps {layer: (n, C, h, w)}; ``terms`` maps a
-    term to (kind, layer), kind "lpips" | "content" | "style"."""
+    term to (kind, layer), kind "head" (a learned head's term: ``head_embed(f, lin[layer])``,
+    from the head's module) | "content" | "style"."""
     out = {}
     for term, (kind, layer) in terms.items():
         f = np.asarray(feats[layer], dtype=np.float32)
         n, c, h, w = f.shape
-        if kind == "lpips":
-            norm = np.sqrt(np.einsum("nchw,nchw->nhw", f, f))[:, None] + np.float32(EPS)
-            scale = (np.sqrt(lin[layer]) / np.float32(np.sqrt(h * w))).reshape(1, c, 1, 1)
-            e = (f / norm) * scale.astype(np.float32)
+        if kind == "head":
+            e = head_embed(f, lin[layer])  # type: ignore[misc]
         elif kind == "content":
             e = f * np.float32(1.0 / np.sqrt(c * h * w))
         else:

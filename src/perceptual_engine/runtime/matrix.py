@@ -29,7 +29,7 @@ import numpy as np
 from .. import kinds, memory as _memory
 from ..errors import ConfigError, DeviceError, InputError, MemoryBudgetError, ModelError
 from ..validate import check_tensor
-from .embed import embed_taps, lpips_weights, tap_tensors, term_dims, x_branch
+from .embed import embed_taps, tap_tensors, term_dims, x_branch
 from .embstore import EmbeddingStore
 
 NEAR = 0.02  # relative threshold below which an entry is recomputed from the difference
@@ -52,12 +52,10 @@ class Embedder:
         model = _checked_model(path)
         self.lin: dict[str, np.ndarray] = {}
         self.gram = "chw"
-        if info.graph == "lpips":
-            self.terms = {f"lpips.{n}": ("lpips", n) for n in info.spec.layers}
-            self.weights = {t: 1.0 for t in self.terms}
-            head = info.lpips or {}
-            lin = lpips_weights(model, head.get("weights_sha256"), path, info.spec.arch, info.spec.layers)
-            self.lin = dict(zip(info.spec.layers, lin))
+        self.head_embed = None
+        kind = kinds.get(info.graph)
+        if kind.head is not None:  # a learned head's terms, from its module (lpips/matrix.py)
+            self.terms, self.weights, self.lin, self.head_embed = kind.module().matrix_terms(info, model, path)
         else:
             loss = info.loss
             self.terms = {**{f"content.{n}": ("content", n) for n in loss.content},
@@ -100,7 +98,7 @@ class Embedder:
     def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """{term: (n, D_t) float32} for images x (n, 3, H, W) float32."""
         outs = self.session.run(self._outputs, {"x": np.ascontiguousarray(x, dtype=np.float32)})
-        return embed_taps(dict(zip(self._layers, outs)), self.terms, self.lin, self.gram)
+        return embed_taps(dict(zip(self._layers, outs)), self.terms, self.lin, self.gram, self.head_embed)
 
 
 class _OpenVinoBranch:

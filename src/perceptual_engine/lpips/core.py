@@ -1,7 +1,7 @@
 """The LPIPS head (Zhang et al. 2018, the ``lpips`` package v0.1): formulas, weights.
 
 Three trunks, as the lpips package's ``net``: "vgg" (VGG16, the default here), "alex"
-(AlexNet) and "squeeze" (SqueezeNet 1.1), each at the package's taps (lpips_nets.py).
+(AlexNet) and "squeeze" (SqueezeNet 1.1), each at the package's taps (nets.py).
 
 Per tap l with features f (N, C, h, w) of x and y::
 
@@ -28,13 +28,13 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from . import losses as _losses, lpips_nets as _nets, trunks as _trunks
-from .errors import ConfigError, LinearWeightsError, WrongNetError
-from .lpips_nets import NETS, LpipsNet
-from .outputs import lpips_output_names
-from .spec import FeatureSpec
+from .. import losses as _losses, trunks as _trunks
+from . import nets as _nets
+from ..errors import ConfigError, LinearWeightsError, WrongNetError
+from .nets import NETS, LpipsNet
+from ..outputs import lpips_output_names
+from ..spec import FeatureSpec
 
 LAYERS: tuple[str, ...] = _nets.NETS["vgg"].layers  # the default net's taps (VGG16)
 ARCH = _nets.NETS["vgg"].arch
@@ -176,7 +176,7 @@ def load_linear_weights(path: str | os.PathLike | None = None, *, net: str = _ne
     the CPU; keys ``lin0..lin<K-1>.model.1.weight`` with shapes (1, C, 1, 1) (the net's
     taps) are required, nothing else is accepted, and every value must be finite and >= 0.
     """
-    from .weights import read_torch_file
+    from ..weights import read_torch_file
 
     path = default_weights_path(net) if path is None else os.fspath(path)
     raw = read_torch_file(path, "LPIPS weights file", LinearWeightsError, formats=".pth")
@@ -213,7 +213,7 @@ def check_linear_weights(raw: object, source: str, *, net: str = _nets.DEFAULT) 
         raise LinearWeightsError(f"LPIPS weights {source!r} do not have the keys of lpips v0.1 {label} ({'; '.join(parts)}); "
                            f"accepted: exactly lin0..lin{n_taps - 1}.model.1.weight. Use the lpips package's "
                            f"{NETS[net].weights_file} or a file saved the same way.")
-    from .weights import checked_head_tensor
+    from ..weights import checked_head_tensor
 
     out, h = [], hashlib.sha256()
     for key, shape in want.items():
@@ -344,53 +344,3 @@ def head_vjp(fx: Mapping[str, torch.Tensor], fy: Mapping[str, torch.Tensor], lin
         gn = d * w * (2.0 * g_total.float().view(-1, 1, 1, 1) / hw)
         out[name] = normalize_vjp(a, gn)
     return out
-
-
-def lpips_and_grad(features, x: torch.Tensor, fy: Mapping[str, torch.Tensor], lin: LinearWeights, *,
-                   size: tuple[int, int] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The head's outputs (as ``head``) for x against y's features ``fy``, and
-    ∂(Σ_n total_n)/∂x (N, 3, H, W) float32, by hand-written VJPs (traceable into ONNX).
-
-    features: a ``TorchFeatures`` of an LPIPS spec. float16 networks backpropagate
-    a per-sample power-of-two scaled seed (backward.loss_scale), unscaled in float32.
-    """
-    from . import backward
-
-    fx, vjp = backward.features_and_vjp(features, x)
-    out = head(fx, fy, lin, size=size)
-    grads = head_vjp(fx, fy, lin, torch.ones_like(out["total"]))
-    if features.body[0].weight.dtype == torch.float32:
-        return out, vjp(grads)
-    scale = backward.loss_scale(grads)
-    return out, vjp({k: g * scale for k, g in grads.items()}) / scale
-
-
-# -- the exported graph ----------------------------------------------------------------
-
-class LpipsGraph(nn.Module):
-    """(x, y) (N, 3, H, W) float32 -> ``lpips.<l>`` (N,) per tap, ``total`` (N,), when
-    ``spatial`` the map ``spatial`` (N, 1, H, W), and with ``grad`` last ``grad.x``
-    (N, 3, H, W), ∂(Σ_n total_n)/∂x; all float32 (the head is float32 even when the
-    network is float16)."""
-
-    def __init__(self, features: nn.Module, lin: LinearWeights, spatial: bool, grad: bool = False) -> None:
-        super().__init__()
-        self.features, self.lin, self.spatial, self.grad = features, lin, spatial, grad
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        size = (x.shape[2], x.shape[3]) if self.spatial else None
-        if not self.grad:
-            f = self.features.extract(torch.cat([x, y]))
-            return tuple(head_pair(f, x.shape[0], self.lin, size=size).values())
-        fy = self.features.extract(y)
-        out, gx = lpips_and_grad(self.features, x, fy, self.lin, size=size)
-        return tuple(out.values()) + (gx,)
-
-
-def build(traced: nn.Module, spec: FeatureSpec, weights: object, lin: LinearWeights, grad: bool,
-          spatial: bool = False) -> tuple[nn.Module, nn.Module]:
-    """(the module to trace, the float32 reference to verify it against) for export_onnx."""
-    from .reference import TorchLPIPS  # reference.py imports this module
-
-    resolve_weights(lin, spec)  # the weights' net is the spec's
-    return LpipsGraph(traced, lin, bool(spatial), grad), TorchLPIPS(spec, lin, spatial=bool(spatial), weights=weights)

@@ -33,14 +33,15 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from . import backward
-from . import layers as _layers
-from .errors import ConfigError, DistsWeightsError
-from .outputs import dists_output_names
-from .reference import L2Pool, TorchFeatures
-from .spec import FeatureSpec
-from .validate import check_pair
-from .weights import Weights
+from .. import backward
+from .. import layers as _layers
+from ..errors import ConfigError, DistsWeightsError
+from ..outputs import dists_output_names
+from ..reference import TorchFeatures
+from ..trunks.modules import L2Pool
+from ..spec import FeatureSpec
+from ..validate import check_pair
+from ..weights import Weights
 
 GRAPH = "dists"
 ARCH = "vgg16"
@@ -135,7 +136,7 @@ def load_weights(path: str | os.PathLike | None = None) -> DistsWeights:
     A torch pickle loaded with ``weights_only=True`` (no code runs) onto the CPU, with
     exactly the keys ``alpha`` and ``beta``, each (1, 1475, 1, 1), finite and >= 0.
     """
-    from .weights import read_torch_file
+    from ..weights import read_torch_file
 
     path = default_weights_path() if path is None else os.fspath(path)
     raw = read_torch_file(path, "DISTS weights file", DistsWeightsError, formats=".pt")
@@ -149,7 +150,7 @@ def check_weights(raw: object, source: str) -> DistsWeights:
         got = sorted(map(str, raw))[:6] if isinstance(raw, Mapping) else type(raw).__name__
         raise DistsWeightsError(f"DISTS weights {source!r} hold {got}; accepted: a dict with exactly the keys "
                            "'alpha' and 'beta'. Use DISTS_pytorch's weights.pt or a file saved the same way.")
-    from .weights import checked_head_tensor
+    from ..weights import checked_head_tensor
 
     out, h = {}, hashlib.sha256()
     for key in ("alpha", "beta"):

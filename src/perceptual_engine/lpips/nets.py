@@ -1,7 +1,7 @@
 """LPIPS' three trunks, as the lpips package names them (``LPIPS(net=...)``).
 
 Torch-free (the command line's ``--lpips-net`` choices and the metadata's ``lpips.net``
-read it without importing torch); ``lpips.py`` owns it. Each net is a registered
+read it without importing torch); the lpips package owns it. Each net is a registered
 trunk (``trunks/``) at the lpips package's taps (the ends of its slices), with the
 linear weights ``weights/v0.1/<net>.pth`` of the lpips wheel.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import trunks as _trunks
-from .errors import ConfigError
+from .. import trunks as _trunks
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
