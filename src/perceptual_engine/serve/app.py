@@ -25,7 +25,15 @@ from .uploads import RequestError, decode_pair
 
 api = FastAPI(title="perceptual-engine", docs_url=None, redoc_url=None, openapi_url=None)
 ROUTES = ("/v1/distance", "/v1/distance/batch", "/v1/model", "/healthz", "/metrics")
-_STATE: dict[str, Any] = {}  # this replica's token and metrics, read by the middleware
+
+
+def _state() -> dict[str, Any]:
+    """This replica's token and metrics. Ray Serve ships the FastAPI app to the replica by
+    value (cloudpickle), so a global of this module seen by the middleware would be a copy:
+    the state lives in a module imported where it runs."""
+    import perceptual_engine.serve.metrics as m
+
+    return m.REPLICA
 
 
 def json_response(body: Any, status: int = 200, headers: dict | None = None) -> Response:
@@ -77,7 +85,8 @@ async def _guard(request: Request, call_next) -> Response:
     """Token check, the error of last resort, and the metrics of every request."""
     start = time.perf_counter()
     route = request.url.path if request.url.path in ROUTES else "other"
-    token = _STATE.get("token")
+    state = _state()
+    token = state.get("token")
     if token is not None and not _authorized(request, token):
         response = error_response("missing or wrong token; send the header 'Authorization: Bearer "
                                   "TOKEN' with the token of the server's --token-file.", 401,
@@ -87,7 +96,7 @@ async def _guard(request: Request, call_next) -> Response:
             response = await call_next(request)
         except Exception as exc:  # noqa: BLE001 - a bug answers 500 JSON; the replica stays up
             response = error_response(f"internal error ({first_line(exc)}); please report it.", 500)
-    metrics = _STATE.get("metrics")
+    metrics = state.get("metrics")
     if metrics is not None:
         metrics.observe(route, response.status_code, time.perf_counter() - start)
     return response
@@ -159,7 +168,7 @@ class DistanceServer:
         self.terms = row_terms(self.engine.output_names)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.metrics = Metrics(self.replica)
-        _STATE.update(token=config.token, metrics=self.metrics)
+        _state().update(token=config.token, metrics=self.metrics)
         info = self.engine.info
         self.identity = {"kind": info.graph, "sha256": sha256_file(config.model)}
         self.batcher = Batcher(

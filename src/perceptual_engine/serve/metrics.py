@@ -7,6 +7,10 @@ application on Ray's metrics port.
 from __future__ import annotations
 
 import os
+from typing import Any
+
+# The replica's token and Metrics, set by its __init__, read by the HTTP middleware.
+REPLICA: dict[str, Any] = {}
 
 
 class Metrics:
