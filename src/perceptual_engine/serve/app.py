@@ -24,6 +24,8 @@ from .config import ServeConfig
 from .uploads import RequestError, decode_pair
 
 api = FastAPI(title="perceptual-engine", docs_url=None, redoc_url=None, openapi_url=None)
+# Warnings and errors only, and no access log line per request (the metrics count them).
+LOGGING = {"log_level": "WARNING", "enable_access_log": False}
 ROUTES = ("/v1/distance", "/v1/distance/batch", "/v1/model", "/healthz", "/metrics")
 
 
@@ -164,7 +166,8 @@ class DistanceServer:
             threads = max(1, (os.cpu_count() or 1) // config.replicas)
         self.config = config
         self.engine = Engine(config.model, device=config.device, precision=config.precision,
-                             memory_budget=config.memory_budget, threads=threads)
+                             memory_budget=config.memory_budget, threads=threads,
+                             spin=False)  # idle workers sleep: the proxy shares these cores
         self.terms = row_terms(self.engine.output_names)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.metrics = Metrics(self.replica)
@@ -258,10 +261,12 @@ def build(config: ServeConfig):
 
     return DistanceServer.options(
         num_replicas=config.replicas,
-        # A replica holds enough requests to fill two batches; the rest wait at the proxy,
-        # at most max_queued of them, then 503 with Retry-After.
-        max_ongoing_requests=max(8, 2 * config.max_batch),
+        # A replica holds as many requests as two full batches, and at least 32 (waiting on
+        # a future costs it nothing); the rest wait at the proxy, at most max_queued of
+        # them, then 503 with Retry-After.
+        max_ongoing_requests=max(32, 2 * config.max_batch),
         max_queued_requests=config.max_queued,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
+        logging_config=LOGGING,
         ray_actor_options={"num_cpus": 0},
     ).bind(config)

@@ -23,7 +23,7 @@ def run(config: ServeConfig, say: Callable[[str], None], *, on_ready: Callable[[
     import ray
     from ray import serve
 
-    from .app import build
+    from .app import LOGGING, build
 
     t0 = time.perf_counter()
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
@@ -42,7 +42,7 @@ def run(config: ServeConfig, say: Callable[[str], None], *, on_ready: Callable[[
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         serve.start(http_options={"host": config.host, "port": config.port,
                                   "request_timeout_s": config.request_timeout_s},
-                    logging_config={"log_level": "WARNING"})
+                    logging_config=LOGGING)
         serve.run(build(config), name=APP, route_prefix="/", blocking=False)
         wait_ready(config)
         where = f"Ray at {config.ray_address}" if config.ray_address else "a local Ray"
