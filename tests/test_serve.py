@@ -1,8 +1,9 @@
 """perceptual-engine serve against a real server on loopback, with a real HTTP client.
 
-One server for the module (Ray start-up is slow): parity with Engine.distance, every bad
-request (and the server answering afterwards), concurrency with batching, a replica
-killed under load, and SIGTERM with requests in flight (last: it stops the server).
+One server with two replicas for the module (Ray start-up is slow): parity with
+Engine.distance, every bad request (and the server answering afterwards), concurrency with
+batching, a replica killed under load while the other answers, and SIGTERM with requests
+in flight (last: it stops the server).
 """
 from __future__ import annotations
 
@@ -116,17 +117,12 @@ class Server:
         return body
 
 
-@pytest.fixture(scope="module")
-def server(lpips_models, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("serve")
-    model = lpips_models["fp32"][0]  # LPIPS with inputs in [-1, 1], spatial map and grad.x outputs
-    (folder / "token").write_text(TOKEN + "\n")
+def _start_server(model: str, folder: Path, *flags: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "perceptual_engine.cli", "serve", "--model", model, "--port", str(port),
-         "--token-file", str(folder / "token"), "--max-batch", "8", "--max-body-mb", "1",
-         "--max-pixels", "1000000", "--max-pairs", "8"],
+         "--token-file", str(folder / "token"), *flags],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 150
     line = ""
@@ -138,24 +134,38 @@ def server(lpips_models, tmp_path_factory):
         proc.kill()
         pytest.fail(f"the server did not start: {proc.stderr.read()[-2000:]}")
     assert line.strip() == f"serving http://127.0.0.1:{port}"
-    for i, (h, w) in enumerate(((37, 45), (37, 45), (45, 37))):
-        _png(folder / f"img{i}.png", h, w, seed=i, mode="RGBA" if i == 1 else "RGB")
-    yield Server(proc, f"http://127.0.0.1:{port}", folder, model)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
 
 
-def test_refused_before_start_up(features_model, lpips_models, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def server(lpips_fp32, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve")
+    model = lpips_fp32[0]  # LPIPS with inputs in [-1, 1], spatial map and grad.x outputs
+    (folder / "token").write_text(TOKEN + "\n")
+    for i, (h, w) in enumerate(((37, 45), (37, 45), (45, 37))):
+        _png(folder / f"img{i}.png", h, w, seed=i, mode="RGBA" if i == 1 else "RGB")
+    proc, url = _start_server(model, folder, "--replicas", "2", "--max-batch", "8", "--max-body-mb", "1",
+                              "--max-pixels", "1000000", "--max-pairs", "8")
+    yield Server(proc, url, folder, model)
+    _stop_server(proc)
+
+
+def test_refused_before_start_up(features_model, lpips_fp32, tmp_path, capsys):
     from perceptual_engine.cli.main import main
 
     assert main(["serve", "--model", features_model[0]]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is a features graph; serve needs a model that compares" in err
-    assert main(["serve", "--model", lpips_models["fp32"][0], "--host", "0.0.0.0"]) == 2
+    assert main(["serve", "--model", lpips_fp32[0], "--host", "0.0.0.0"]) == 2
     assert "--token-file" in capsys.readouterr().err
     (tmp_path / "short").write_text("abc")
-    assert main(["serve", "--model", lpips_models["fp32"][0], "--token-file", str(tmp_path / "short")]) == 2
+    assert main(["serve", "--model", lpips_fp32[0], "--token-file", str(tmp_path / "short")]) == 2
     assert "16 characters or more" in capsys.readouterr().err
 
 
@@ -230,13 +240,25 @@ def _png_bytes(h: int, w: int) -> bytes:
 
 
 def _batch_counts(url: str) -> tuple[float, float]:
-    req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        text = r.read().decode()
-    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith("perceptual_engine_batch_size_") and "_created" not in line
-              and ('le="1.0"' in line or "_count" in line)}
-    return values["perceptual_engine_batch_size_bucket"], values["perceptual_engine_batch_size_count"]
+    """(engine calls of one pair, engine calls), summed over both replicas: /metrics answers
+    for the replica that serves the scrape, so it is scraped until both have answered."""
+    seen: dict[str, tuple[float, float]] = {}
+    for _ in range(40):
+        req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            text = r.read().decode()
+        values, replica = {}, None
+        for line in text.splitlines():
+            if (line.startswith("perceptual_engine_batch_size_") and "_created" not in line
+                    and ('le="1.0"' in line or "_count" in line)):
+                values[line.split("{")[0]] = float(line.rsplit(" ", 1)[1])
+                replica = line.split('replica="', 1)[1].split('"', 1)[0]
+        seen[replica] = (values["perceptual_engine_batch_size_bucket"],
+                         values["perceptual_engine_batch_size_count"])
+        if len(seen) == 2:
+            break
+    assert len(seen) == 2, seen
+    return sum(v[0] for v in seen.values()), sum(v[1] for v in seen.values())
 
 
 def test_concurrent_requests_are_batched_and_correct(server):
@@ -262,46 +284,58 @@ def test_concurrent_requests_are_batched_and_correct(server):
 
 
 def _load(server, stop: threading.Event, out: list, timeout: float = 40) -> None:
-    """Post pairs until ``stop``; record each outcome: 200, an HTTP error status, or 'no answer'."""
+    """Post pairs until ``stop``; record (200, an HTTP error status or 'no answer', seconds,
+    when it was sent)."""
     a, b = server.folder / "img0.png", server.folder / "img1.png"
     client = Client(server.url, token=TOKEN, timeout=timeout, retries=0)
     while not stop.is_set():
         t0 = time.monotonic()
         try:
             client.distance(a, b)
-            out.append((200, time.monotonic() - t0))
+            out.append((200, time.monotonic() - t0, t0))
         except ServerError as exc:
-            out.append((exc.status or "no answer", time.monotonic() - t0))
+            out.append((exc.status or "no answer", time.monotonic() - t0, t0))
             if not exc.status:  # the server is gone: nothing more to learn
                 return
 
 
-def test_a_killed_replica_fails_cleanly_or_is_retried(server):
-    pid = server.healthz()["pid"]
+def _pids(server, calls: int = 12) -> set[int]:
+    """The replica pids that answer /healthz within ``calls`` calls (Serve spreads them)."""
+    return {server.healthz()["pid"] for _ in range(calls)}
+
+
+def test_a_killed_replica_fails_only_its_requests_and_the_other_answers(server):
+    pids = _pids(server)
+    assert len(pids) == 2, pids
+    victim = min(pids)
     stop, out = threading.Event(), []
     threads = [threading.Thread(target=_load, args=(server, stop, out)) for _ in range(6)]
     for t in threads:
         t.start()
     time.sleep(1.0)
-    os.kill(pid, signal.SIGKILL)
-    time.sleep(2.0)
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(3.0)
     stop.set()
     for t in threads:
         t.join(60)
     assert not any(t.is_alive() for t in threads), "a request hung"
-    statuses = {s for s, _ in out}
+    statuses = {s for s, _, _ in out}
     assert statuses <= {200, 500, 502, 503}, out
-    assert max(s for _, s in out) < 40
+    assert max(d for _, d, _ in out) < 40
+    # The other replica kept answering: requests sent a second after the kill succeeded.
+    later = [s for s, _, t0 in out if t0 > killed_at + 1.0]
+    assert later and set(later) == {200}, out
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:  # Serve's controller starts a new replica
         try:
-            if server.healthz()["pid"] != pid:
+            if _pids(server, 4) - pids:
                 break
         except (AssertionError, OSError, ValueError):
             pass
         time.sleep(0.5)
-    assert server.healthz()["pid"] != pid
-    print(f"killed replica: {sorted(((str(s), sum(1 for x, _ in out if x == s)) for s in statuses))}")
+    assert _pids(server) - pids, "no new replica"
+    print(f"killed replica: {sorted(((str(s), sum(1 for x, _, _ in out if x == s)) for s in statuses))}")
 
 
 def test_sigterm_drains_requests_in_flight_and_stops_every_process(server):
@@ -320,9 +354,9 @@ def test_sigterm_drains_requests_in_flight_and_stops_every_process(server):
     assert not any(t.is_alive() for t in threads), "a request hung"
     assert code == 143, server.proc.stderr.read()[-2000:]
     assert "terminated (SIGTERM)" in server.proc.stderr.read()
-    statuses = {s for s, _ in out}
+    statuses = {s for s, _, _ in out}
     assert 200 in statuses and statuses <= {200, 500, 502, 503, "no answer"}, out
     time.sleep(2)
     left = [p for p in started if _alive(p)]
     assert not left, f"processes left after SIGTERM: {left}"
-    print(f"SIGTERM: {sorted(((str(s), sum(1 for x, _ in out if x == s)) for s in statuses))}")
+    print(f"SIGTERM: {sorted(((str(s), sum(1 for x, _, _ in out if x == s)) for s in statuses))}")
