@@ -5,12 +5,16 @@ runs one Engine.distance per request, and the direct Engine.distance + decode la
     python -m perceptual_engine.bench.serve [--model M.onnx] [--concurrency 1,8,16,32]
 
 Without --model, an LPIPS model with seeded random VGG16 weights (and the installed lpips
-package's linear heads) is exported to a temporary folder. Prints a Markdown table.
+package's linear heads) is exported to a temporary folder, in a process of its own. The
+load generator keeps one HTTP/1.1 keep-alive connection per client thread and posts one
+multipart body encoded once; the direct latency is measured in fresh processes, before and
+after the servers. Prints a Markdown table (the progress and load average on stderr).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import http.client
 import os
 import signal
 import socket
@@ -61,31 +65,62 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def load(url: str, a: str, b: str, concurrency: int, requests: int, name: str) -> Row:
-    """``requests`` requests per client thread, ``concurrency`` threads, after a warm-up."""
-    from ..serve.client import Client
+def _form(a: str, b: str) -> tuple[bytes, str]:
+    """The multipart body of one /v1/distance request, encoded once for every request."""
+    boundary = "perceptual-engine-bench"
+    body = bytearray()
+    for field, path in (("a", a), ("b", b)):
+        with open(path, "rb") as fh:
+            data = fh.read()
+        body += (f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+                 f'filename="{os.path.basename(path)}"\r\nContent-Type: application/octet-stream\r\n\r\n').encode()
+        body += data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return bytes(body), f"multipart/form-data; boundary={boundary}"
 
-    client = Client(url, timeout=120, retries=0)
-    deadline = time.monotonic() + 60  # the baseline says "serving" just before uvicorn binds
-    while True:
+
+def _post(conn: http.client.HTTPConnection, body: bytes, headers: dict) -> None:
+    conn.request("POST", "/v1/distance", body, headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {data[:200]!r}")
+
+
+def load(port: int, a: str, b: str, concurrency: int, requests: int, name: str) -> Row:
+    """``requests`` requests per client thread, ``concurrency`` threads, after a warm-up.
+
+    The load generator is kept light, since it shares the machine's cores with the server:
+    one keep-alive connection per thread (http.client) and the multipart body encoded once.
+    """
+    body, ctype = _form(a, b)
+    headers = {"Content-Type": ctype}
+    deadline = time.monotonic() + 60
+    while True:  # the baseline says "serving" just before uvicorn binds
         try:
-            client.distance(a, b)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            _post(conn, body, headers)
             break
-        except Exception:  # noqa: BLE001 - not listening yet
+        except OSError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
     for _ in range(3):
-        client.distance(a, b)
+        _post(conn, body, headers)
+    conn.close()
     lat: list[float] = []
 
-    def work():
+    def work(conn: http.client.HTTPConnection) -> None:
         for _ in range(requests):
             t0 = time.perf_counter()
-            client.distance(a, b)
+            _post(conn, body, headers)
             lat.append(time.perf_counter() - t0)
+        conn.close()
 
-    threads = [threading.Thread(target=work) for _ in range(concurrency)]
+    conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=120) for _ in range(concurrency)]
+    for c in conns:
+        c.connect()
+    threads = [threading.Thread(target=work, args=(c,)) for c in conns]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -97,21 +132,35 @@ def load(url: str, a: str, b: str, concurrency: int, requests: int, name: str) -
                1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], len(lat) / wall)
 
 
-def direct_p50(model: str, a: str, b: str, repeat: int = 50) -> float:
-    """ms: read both files, decode them (load_image) and one Engine.distance, median of ``repeat``."""
+def direct_p50(model: str, a: str, b: str, repeat: int = 50, spin: bool = True) -> float:
+    """ms: read both files, decode them (as load_image does) and one Engine.distance, the
+    median of ``repeat`` after 5 warm-up calls. Run it in a process of its own
+    (``--direct``): one that has just exported with torch, or holds a server, is not idle.
+    spin: the Engine's (True: the default Engine; the server's runs with False)."""
     from ..images import decode_bytes
     from ..runtime import Engine
 
-    engine = Engine(model, device="cpu")
+    engine = Engine(model, device="cpu", spin=spin)
     times = []
-    for i in range(repeat + 3):
+    for i in range(repeat + 5):
         t0 = time.perf_counter()
         with open(a, "rb") as fa, open(b, "rb") as fb:
             x, y = decode_bytes(fa.read(), "a")[None], decode_bytes(fb.read(), "b")[None]
         engine.distance(x, y)
-        if i >= 3:
+        if i >= 5:
             times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)
+
+
+def _direct_in_process(model: str, a: str, b: str) -> tuple[float, float]:
+    """(default Engine, Engine(spin=False)) p50s, each in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    got = []
+    for spin in ("spin", "nospin"):
+        out = subprocess.run([sys.executable, "-m", "perceptual_engine.bench.serve", "--direct", model, a, b,
+                              spin], capture_output=True, text=True, env=env, check=True).stdout
+        got.append(float(out.split()[-1]))
+    return got[0], got[1]
 
 
 def baseline_app(model: str, port: int) -> None:
@@ -134,7 +183,11 @@ def baseline_app(model: str, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def run(model: str, a: str, b: str, concurrency: list[int], requests: int) -> tuple[list[Row], float]:
+def run(model: str, a: str, b: str, concurrency: list[int],
+        requests: int) -> tuple[list[Row], list[tuple[float, float]]]:
+    """The rows of the three servers, and the direct p50 measured before and after them."""
+    direct = [_direct_in_process(model, a, b)]
+    print(f"direct p50 {direct[0]} ms", file=sys.stderr, flush=True)
     rows = []
     py = [sys.executable, "-m"]
     configs = [("Ray Serve, batching on (--max-batch 16)", ["--max-batch", "16"]),
@@ -149,18 +202,23 @@ def run(model: str, a: str, b: str, concurrency: list[int], requests: int) -> tu
                                 "--device", "cpu", *flags])
         try:
             for c in concurrency:
-                rows.append(load(f"http://127.0.0.1:{port}", a, b, c, max(8, requests // c), name))
-                print(rows[-1], file=sys.stderr, flush=True)
+                rows.append(load(port, a, b, c, max(8, requests // c), name))
+                print(rows[-1], f"load average {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
         finally:
             _stop(proc)
-    return rows, direct_p50(model, a, b)
+    direct.append(_direct_in_process(model, a, b))
+    print(f"direct p50 {direct[1]} ms", file=sys.stderr, flush=True)
+    return rows, direct
 
 
-def markdown(rows: list[Row], direct: float) -> str:
+def markdown(rows: list[Row], direct: list[tuple[float, float]]) -> str:
     lines = ["| server | concurrency | requests | p50 ms | p99 ms | requests/s |", "|---|---|---|---|---|---|"]
     lines += [f"| {r.server} | {r.concurrency} | {r.requests} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | "
               f"{r.throughput:.1f} |" for r in rows]
-    lines.append(f"\nDirect: read + decode + Engine.distance, one pair, p50 {direct:.1f} ms.")
+    (b0, b1), (a0, a1) = direct
+    lines.append("\nDirect: read + decode + Engine.distance of one pair, in a process of its own, p50: "
+                 f"default Engine {b0:.1f} ms before the servers, {a0:.1f} ms after them; "
+                 f"Engine(spin=False), as the server runs it, {b1:.1f} ms before, {a1:.1f} ms after.")
     return "\n".join(lines)
 
 
@@ -185,18 +243,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=256, help="requests per level (at least 8 per thread)")
     p.add_argument("--size", type=int, default=64, help="square image side (default: 64)")
     p.add_argument("--baseline-app", nargs=2, metavar=("MODEL", "PORT"), help=argparse.SUPPRESS)
+    p.add_argument("--direct", nargs=4, metavar=("MODEL", "A", "B", "SPIN"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.direct:
+        model, a, b, spin = args.direct
+        print(f"{direct_p50(model, a, b, spin=spin == 'spin'):.3f}")
+        return 0
     if args.baseline_app:
         baseline_app(args.baseline_app[0], int(args.baseline_app[1]))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
-        if model is None:
-            from .. import lpips as L
-            from ..export import export_onnx
-
+        if model is None:  # exported in a process of its own: torch stays out of this one
             model = os.path.join(tmp, "lpips.onnx")
-            export_onnx(L.default_spec("random"), model, graph="lpips")
+            subprocess.run([sys.executable, "-c", "import sys; from perceptual_engine import lpips; "
+                            "from perceptual_engine.export import export_onnx; export_onnx("
+                            "lpips.default_spec('random'), sys.argv[1], graph='lpips')", model],
+                           check=True, env={**os.environ, "PYTHONPATH": SRC + os.pathsep
+                                            + os.environ.get("PYTHONPATH", "")})
         a, b = _images(tmp, args.size)
         rows, direct = run(model, a, b, [int(c) for c in args.concurrency.split(",")], args.requests)
     print(markdown(rows, direct))
