@@ -163,6 +163,43 @@ def _direct_in_process(model: str, a: str, b: str) -> tuple[float, float]:
     return got[0], got[1]
 
 
+def interleaved_c1(port: int, model: str, a: str, b: str, blocks: int = 12, per_block: int = 12) -> dict[str, float]:
+    """p50 ms of one request to the server at concurrency 1 and of read + decode +
+    Engine.distance in this process (the default Engine, and spin=False as the server runs
+    it), measured in alternating blocks so that the machine's other load weighs on each alike."""
+    import gc
+
+    from ..images import decode_bytes
+    from ..runtime import Engine
+
+    body, ctype = _form(a, b)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    engines = {"default": Engine(model, device="cpu"), "spin=False": Engine(model, device="cpu", spin=False)}
+
+    def direct(engine) -> None:
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            x, y = decode_bytes(fa.read(), "a")[None], decode_bytes(fb.read(), "b")[None]
+        engine.distance(x, y)
+
+    calls = {"served": lambda: _post(conn, body, {"Content-Type": ctype}),
+             "direct, default Engine": lambda: direct(engines["default"]),
+             "direct, Engine(spin=False)": lambda: direct(engines["spin=False"])}
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for fn in calls.values():
+        for _ in range(5):
+            fn()
+    for _ in range(blocks):
+        for name, fn in calls.items():
+            for _ in range(per_block):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(1000 * (time.perf_counter() - t0))
+    conn.close()
+    del engines
+    gc.collect()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def baseline_app(model: str, port: int) -> None:
     """A plain FastAPI + uvicorn app: one decode and one Engine.distance per request."""
     import uvicorn
@@ -184,11 +221,12 @@ def baseline_app(model: str, port: int) -> None:
 
 
 def run(model: str, a: str, b: str, concurrency: list[int],
-        requests: int) -> tuple[list[Row], list[tuple[float, float]]]:
-    """The rows of the three servers, and the direct p50 measured before and after them."""
+        requests: int) -> tuple[list[Row], list[tuple[float, float]], dict[str, float]]:
+    """The rows of the three servers, the direct p50 measured before and after them, and
+    the interleaved concurrency-1 comparison on the batching server."""
     direct = [_direct_in_process(model, a, b)]
     print(f"direct p50 {direct[0]} ms", file=sys.stderr, flush=True)
-    rows = []
+    rows, inter = [], {}
     py = [sys.executable, "-m"]
     configs = [("Ray Serve, batching on (--max-batch 16)", ["--max-batch", "16"]),
                ("Ray Serve, batching off (--max-batch 1)", ["--max-batch", "1"]),
@@ -201,6 +239,9 @@ def run(model: str, a: str, b: str, concurrency: list[int],
             proc = _start(py + ["perceptual_engine.cli", "serve", "--model", model, "--port", str(port),
                                 "--device", "cpu", *flags])
         try:
+            if flags == ["--max-batch", "16"]:
+                inter = interleaved_c1(port, model, a, b)
+                print(f"interleaved p50 {inter}", file=sys.stderr, flush=True)
             for c in concurrency:
                 rows.append(load(port, a, b, c, max(8, requests // c), name))
                 print(rows[-1], f"load average {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
@@ -208,10 +249,10 @@ def run(model: str, a: str, b: str, concurrency: list[int],
             _stop(proc)
     direct.append(_direct_in_process(model, a, b))
     print(f"direct p50 {direct[1]} ms", file=sys.stderr, flush=True)
-    return rows, direct
+    return rows, direct, inter
 
 
-def markdown(rows: list[Row], direct: list[tuple[float, float]]) -> str:
+def markdown(rows: list[Row], direct: list[tuple[float, float]], inter: dict[str, float]) -> str:
     lines = ["| server | concurrency | requests | p50 ms | p99 ms | requests/s |", "|---|---|---|---|---|---|"]
     lines += [f"| {r.server} | {r.concurrency} | {r.requests} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | "
               f"{r.throughput:.1f} |" for r in rows]
@@ -219,6 +260,10 @@ def markdown(rows: list[Row], direct: list[tuple[float, float]]) -> str:
     lines.append("\nDirect: read + decode + Engine.distance of one pair, in a process of its own, p50: "
                  f"default Engine {b0:.1f} ms before the servers, {a0:.1f} ms after them; "
                  f"Engine(spin=False), as the server runs it, {b1:.1f} ms before, {a1:.1f} ms after.")
+    if inter:
+        lines.append("\nConcurrency 1 in alternating blocks (batching server; direct calls in the load "
+                     "generator's process), p50: " + ", ".join(f"{k} {v:.1f} ms" for k, v in inter.items())
+                     + f"; served / direct default Engine {inter['served'] / inter['direct, default Engine']:.2f}x.")
     return "\n".join(lines)
 
 
@@ -262,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                            check=True, env={**os.environ, "PYTHONPATH": SRC + os.pathsep
                                             + os.environ.get("PYTHONPATH", "")})
         a, b = _images(tmp, args.size)
-        rows, direct = run(model, a, b, [int(c) for c in args.concurrency.split(",")], args.requests)
-    print(markdown(rows, direct))
+        rows, direct, inter = run(model, a, b, [int(c) for c in args.concurrency.split(",")], args.requests)
+    print(markdown(rows, direct, inter))
     return 0
 
 
