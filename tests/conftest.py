@@ -313,22 +313,28 @@ LPIPS_FP16_SCALE = 1.7
 
 
 @pytest.fixture(scope="session")
-def lpips_models(model_dir, lpips_pkg):
-    """{"fp32": (path, spec, result): float32 LPIPS with the spatial map and grad.x,
-    inputs in [-1, 1]; "fp16": (path, spec, result): float16 LPIPS on the scaled trunk,
+def lpips_fp32(model_dir, lpips_pkg):
+    """(path, spec, result): float32 LPIPS with the spatial map and grad.x, inputs in
+    [-1, 1]; one VGG16 export to relu5_3 (a test that needs no float16 model asks for this
+    one alone)."""
+    from perceptual_engine import lpips as L
+
+    spec = L.default_spec(lpips_pkg["weights"], input_range="-1,1")
+    path = model_dir / "lpips_fp32.onnx"
+    result = export_onnx(spec, path, graph="lpips", dtype="float32", spatial=True, grad=True)
+    return str(path), spec, result
+
+
+@pytest.fixture(scope="session")
+def lpips_models(model_dir, lpips_pkg, lpips_fp32):
+    """{"fp32": lpips_fp32; "fp16": (path, spec, result): float16 LPIPS on the scaled trunk,
     inputs in [0, 1]}. Two VGG16 exports to relu5_3: the slow part."""
     from perceptual_engine import lpips as L
 
-    out = {}
-    for key, weights, rng, dtype, spatial in (
-            ("fp32", lpips_pkg["weights"], "-1,1", "float32", True),
-            ("fp16", lpips_pkg["scaled_weights"], "0,1", "float16", False)):
-        spec = L.default_spec(weights, input_range=rng)
-        path = model_dir / f"lpips_{key}.onnx"
-        result = export_onnx(spec, path, graph="lpips", dtype=dtype, spatial=spatial,
-                             grad=dtype == "float32")
-        out[key] = (str(path), spec, result)
-    return out
+    spec = L.default_spec(lpips_pkg["scaled_weights"], input_range="0,1")
+    path = model_dir / "lpips_fp16.onnx"
+    result = export_onnx(spec, path, graph="lpips", dtype="float16", spatial=False, grad=False)
+    return {"fp32": lpips_fp32, "fp16": (str(path), spec, result)}
 
 
 # A target graph with gradient, exported once into a model cache, shared by the stylize

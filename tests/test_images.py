@@ -213,3 +213,23 @@ def test_resize_and_crop_helpers():
     x = np.full((3, 8, 8), 0.5, np.float32)
     np.testing.assert_allclose(resize(x, (4, 6)), 0.5, atol=1e-6)
     assert center_crop(x, (2, 4)).shape == (3, 2, 4)
+
+
+def test_decode_bytes_is_decode_of_the_same_file(tmp_path):
+    from PIL import Image
+
+    from perceptual_engine.images import decode, decode_bytes
+
+    path = tmp_path / "rgba.png"
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (37, 45, 4), dtype=np.uint8), "RGBA").save(path)
+    got = decode_bytes(path.read_bytes(), "rgba.png", formats=("PNG",))
+    np.testing.assert_array_equal(got, decode(path))
+    gif = tmp_path / "x.gif"
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(gif)
+    with pytest.raises(ImageError, match="is a GIF file; accepted formats: PNG"):
+        decode_bytes(gif.read_bytes(), "x.gif", formats=("PNG",))
+    with pytest.raises(ImageError, match="empty"):
+        decode_bytes(b"", "a")
+    with pytest.raises(ImageError, match="over the budget"):
+        decode_bytes(path.read_bytes(), "rgba.png", max_pixels=100)

@@ -66,23 +66,44 @@ def load_images(paths: Iterable[str | os.PathLike], *,
 
 def decode(path: str | os.PathLike, *, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read one image as (3, H, W) float32 in [0, 1] (``load_image`` without the batch axis)."""
-    from PIL import Image, ImageOps
-
     path = os.fspath(path)
     check_file(path)
+    return _decode(path, path, max_pixels, None)
+
+
+def decode_bytes(data: bytes, name: str, *, max_pixels: int | None = MAX_IMAGE_PIXELS,
+                 formats: tuple[str, ...] | None = None) -> np.ndarray:
+    """``decode`` of an image file's bytes (an upload): the same rules, the same array.
+
+    name: how messages call the data (e.g. the uploaded file's name). formats: the
+    Pillow format names accepted (e.g. ``("PNG", "JPEG")``), None for every format
+    Pillow reads; the others are refused by name, without running their decoders.
+    Raises ImageError as ``decode`` does.
+    """
+    import io
+
+    if not data:
+        raise ImageError(f"{name!r} is empty (0 bytes); send the image file's bytes.")
+    return _decode(io.BytesIO(data), name, max_pixels, formats, head=bytes(data[:12]))
+
+
+def _decode(source, name: str, max_pixels: int | None, formats: tuple[str, ...] | None,
+            head: bytes | None = None) -> np.ndarray:
+    from PIL import Image, ImageOps
+
     try:
-        with Image.open(path) as img:
+        with Image.open(source, formats=list(formats) if formats is not None else None) as img:
             w, h = img.size
             if max_pixels is not None and w * h > max_pixels:
-                raise over_budget(path, w, h, max_pixels)
+                raise over_budget(name, w, h, max_pixels)
             img.load()
             img = ImageOps.exif_transpose(img)
-            return _to_array(img, path)
+            return _to_array(img, name)
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError,
             Image.DecompressionBombError) as exc:  # Pillow's plugins report broken data with any of these
-        raise read_error(path, exc) from exc
+        raise read_error(name, exc, head=head, formats=formats) from exc
 
 
 def check_file(path: str) -> None:
@@ -102,15 +123,23 @@ def over_budget(path: str, w: int, h: int, max_pixels: int) -> ImageError:
         "or raise the budget (max_pixels= / --max-pixels).")
 
 
-def read_error(path: str, exc: BaseException) -> ImageError:
+def read_error(path: str, exc: BaseException, *, head: bytes | None = None,
+               formats: tuple[str, ...] | None = None) -> ImageError:
     """The one wording of a file Pillow could not read, for every command (``distance``'s
-    rows, ``matrix``'s unreadable files)."""
+    rows, ``matrix``'s unreadable files) and the server's uploads (``head``: the data's
+    first bytes; ``formats``: the formats it accepts)."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(exc, ImageError):
         return exc
     if isinstance(exc, UnidentifiedImageError):
-        kind = _signature(path)
+        kind = _signature(path) if head is None else _signature_of(head)
+        if formats is not None and kind and kind.upper() not in formats:
+            return ImageError(f"{path!r} is a {kind} file; accepted formats: {', '.join(formats)}. "
+                              "Convert it, e.g. to PNG.")
+        if formats is not None and not kind:
+            return ImageError(f"{path!r} is not an image in an accepted format; accepted: "
+                              f"{', '.join(formats)}.")
         if kind:  # the header says image, the data does not parse: damaged, not foreign
             return ImageError(f"{path!r} starts like a {kind} file but is corrupt (Pillow cannot "
                               "parse it: a bad checksum or a damaged header); re-export or "
@@ -140,6 +169,10 @@ def _signature(path: str) -> str:
             head = fh.read(12)
     except OSError:
         return ""
+    return _signature_of(head)
+
+
+def _signature_of(head: bytes) -> str:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WebP"
     return next((name for magic, name in _SIGNATURES if head.startswith(magic)), "")

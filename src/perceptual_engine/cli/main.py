@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import matrix as matrix_cli
 
     matrix_cli.register(sub, _say, fmt)  # matrix, nearest, dedup (docs/matrix.md)
+    from . import serve as serve_cli
+
+    serve_cli.register(sub, _say, fmt)  # serve (docs/serve.md)
     from ..bench import cli as bench_cli
 
     p = sub.add_parser("bench", help="time every variant on the same inputs; Markdown/JSON/PNG",

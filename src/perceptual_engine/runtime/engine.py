@@ -53,6 +53,10 @@ class Engine:
     cpu_arena: ONNX Runtime's CPU memory arena. Default: on for fixed shapes
         (``options.fixed_shapes``), off otherwise, since an arena sized by every
         shape seen keeps the largest (see README, "Memory").
+    spin: ONNX Runtime's CPU worker threads busy-wait between parallel sections (its
+        default, the lowest latency of one call). False lets them sleep instead: the
+        cores stay free for other work of the machine (an HTTP server's processes), and
+        small calls cost less CPU (``perceptual-engine serve`` runs with False).
     memory_budget: refuse a call whose estimated peak memory exceeds it, before any
         work (MemoryBudgetError). None: 80% of the memory available on the device
         (MemAvailable on CPU, free GPU memory on CUDA), read only for calls estimated
@@ -70,7 +74,7 @@ class Engine:
                  options: P.ProviderOptions | None = None, threads: int | None = None,
                  check_range: bool = True, max_pixels: int | None = MAX_BATCH_PIXELS,
                  cpu_arena: bool | None = None, memory_budget: Any = None,
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", spin: bool = True) -> None:
         self.path = os.fspath(path)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ConfigError(f"threads={threads!r} is not accepted; accepted: None (the backend's "
@@ -103,7 +107,7 @@ class Engine:
                                                   self._check_names)
         else:
             _check_ort_precision(device, precision)
-            self._session_opts = _ort.session_options(threads, self.cpu_arena)
+            self._session_opts = _ort.session_options(threads, self.cpu_arena, spin)
             self.session, self.fallback_reason = self._open_session(
                 device, dataclasses.replace(self.options, cuda_graph=False))
             self.backend = _ort.OrtBackend(self.session, self.options.device_id)

@@ -12,7 +12,7 @@ from ...errors import DeviceError, ModelError
 from .. import providers as P
 
 
-def session_options(threads: int | None, cpu_arena: bool):
+def session_options(threads: int | None, cpu_arena: bool, spin: bool = True):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -21,6 +21,8 @@ def session_options(threads: int | None, cpu_arena: bool):
     so.log_severity_level = 3  # errors only: a failed provider is reported by us, with the reason
     if threads:
         so.intra_op_num_threads = threads
+    if not spin:  # worker threads sleep between parallel sections instead of busy-waiting
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
