@@ -252,3 +252,10 @@ def test_head_names_are_compared_only_at_home():
 def test_the_head_name_check_sees_a_comparison():
     src = 'if graph == "lpips":\n    pass\nW = {"dists": 1}\nmsg = f"lpips {x}"\nk = kinds.get("lpips")\n'
     assert _compared_names(src, {"lpips", "dists"}) == [(1, "lpips"), (3, "dists")]
+
+
+def test_the_package_root_holds_at_most_15_modules():
+    # The root holds the public API and the shared concepts; a concept of several modules
+    # gets its folder (optimize/, memory/, lpips/, dists/, trunks/, ...).
+    root = sorted(p.name for p in PKG.glob("*.py"))
+    assert len(root) <= 15, root
