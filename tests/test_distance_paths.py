@@ -121,7 +121,7 @@ def images(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lin_weights(tmp_path_factory):
     """LPIPS linear weights other than the lpips package's: seeded, non-negative."""
-    from perceptual_engine.lpips import _keys
+    from perceptual_engine.lpips.core import _keys
 
     g = torch.Generator().manual_seed(9)
     path = tmp_path_factory.mktemp("lin") / "lin.pth"

@@ -23,7 +23,7 @@ SHALLOW = ("relu1_1",)
 
 
 def _lpips_linear(path):
-    from perceptual_engine.lpips import LAYERS, _keys
+    from perceptual_engine.lpips.core import LAYERS, _keys
 
     g = torch.Generator().manual_seed(3)
     state = {k: torch.rand(shape, generator=g) for k, shape in _keys().items()}
