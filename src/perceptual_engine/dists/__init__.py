@@ -5,8 +5,7 @@ in core.py. Its public names are re-exported here (``dists.default_spec``,
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .. import _lazy_exports
 
 # public name -> the part that defines it
 _EXPORTS = {name: ".core" for name in (
@@ -19,15 +18,4 @@ _EXPORTS = {name: ".core" for name in (
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)

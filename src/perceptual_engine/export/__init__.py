@@ -5,8 +5,7 @@ does not import torch.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .. import _lazy_exports
 
 _EXPORTS = {
     "export_onnx": ".exporter", "ExportResult": ".exporter", "DTYPES": ".metadata",
@@ -17,11 +16,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'perceptual_engine.export' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)
