@@ -334,3 +334,25 @@ def test_engine_with_a_float16_model_and_tf32_off_keeps_tensor_cores_and_says_so
     monkeypatch.setattr(E, "read_info", real)
     plain = E.Engine(features_model[0], "cpu", options=ProviderOptions(tf32=False))
     assert plain.options.tf32 is False and plain.option_notes == ()
+
+
+@pytest.mark.parametrize("arch, layer", [("alexnet", "relu2"), ("squeezenet1_1", "fire5")])
+def test_tensorrt_profile_of_a_strided_trunk_uses_the_exact_feature_size(arch, layer):
+    # AlexNet's 11x11/4 conv and 3x3/2 pools (SqueezeNet's in ceil mode) are not H // downsample:
+    # the profile's feature sides are the torchvision module's own output sides.
+    import torch
+    import torchvision
+
+    from perceptual_engine import layers as L
+
+    inputs = P.profile_inputs(arch, ("x", f"target.content.{layer}"))
+    prof = ShapeRange((1, 67, 83), (1, 224, 224), (2, 301, 257)).profile(inputs)
+    net = getattr(torchvision.models, arch)().features.eval()
+    index = next(i.index for i in L.table(arch) if i.name == layer)
+    down, approx_off = L.resolve(arch, layer).downsample, False
+    for key, (n, h, w) in zip(("min", "opt", "max"), ((1, 67, 83), (1, 224, 224), (2, 301, 257))):
+        with torch.no_grad():
+            want = net[:index + 1](torch.zeros(1, 3, h, w)).shape
+        assert prof[f"trt_profile_{key}_shapes"].endswith(f"target.content.{layer}:1x{want[1]}x{want[2]}x{want[3]}")
+        approx_off |= (want[2], want[3]) != (h // down, w // down)
+    assert approx_off  # the case this guards: H // downsample would have been wrong

@@ -33,7 +33,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import onnx
 
@@ -187,11 +187,13 @@ def trt_precision(info: Any) -> str:
 def render_config(name: str, inputs, outputs, *, max_batch_size: int, precision: str,
                   min_hw: int, opt_hw: int, max_hw: int, workspace_bytes: int,
                   engine_cache: str, profile_batch: int = 16,
-                  features: dict[str, tuple[int, int]] | None = None, instances: int = 1) -> str:
+                  features: dict[str, tuple[int, Callable[[int], int]]] | None = None,
+                  instances: int = 1) -> str:
     """The config.pbtxt text (Triton's protobuf text format).
 
-    features: inputs that are feature maps of the image, (1, C, H/d, W/d), by name ->
-        (C, d); their profile and warmup shapes follow the image's.
+    features: inputs that are feature maps of the image, (1, C, size(H), size(W)), by
+        name -> (C, size), size the layer's exact side (LayerInfo.size); their profile and
+        warmup shapes follow the image's.
     """
     batched = max_batch_size > 0
     features = features or {}
@@ -220,7 +222,7 @@ def render_config(name: str, inputs, outputs, *, max_batch_size: int, precision:
 
     def profile(n: int, hw: int) -> str:
         shapes = [f"{t.name}:{n}x3x{hw}x{hw}" for t in images]
-        shapes += [f"{k}:1x{c}x{hw // d}x{hw // d}" for k, (c, d) in features.items()]
+        shapes += [f"{k}:1x{c}x{size(hw)}x{size(hw)}" for k, (c, size) in features.items()]
         return ",".join(shapes)
 
     params = {"precision_mode": precision, "max_workspace_size_bytes": str(workspace_bytes),
@@ -239,8 +241,8 @@ def render_config(name: str, inputs, outputs, *, max_batch_size: int, precision:
         if t in images:
             shape = [3, opt_hw, opt_hw] if batched else [1, 3, opt_hw, opt_hw]
         elif t.name in features:
-            c, d = features[t.name]
-            shape = [1, c, opt_hw // d, opt_hw // d]
+            c, size = features[t.name]
+            shape = [1, c, size(opt_hw), size(opt_hw)]
         else:
             shape = [1 if isinstance(d, str) else d for d in (t.shape[1:] if batched else t.shape)]
         lines += [f'  inputs {{ key: "{t.name}" value: {{ data_type: {t.dtype} '
@@ -319,12 +321,12 @@ def write_triton_repo(model: str | os.PathLike, repo: str | os.PathLike, name: s
         raise ConfigError(f"profile_hw={profile_hw}; accepted: (min, opt, max) with min <= opt <= max.")
     inputs, outputs = graph_tensors(model)
     batched = _batch_axis(inputs, outputs) is not None
-    # A target graph's cached content features are (1, C, H/d, W/d) of the image's size.
+    # A target graph's cached content features are (1, C, size(H), size(W)) of the image's.
     features = {}
     for t in inputs:
         if t.name.startswith("target.content."):
             layer = _layers.resolve(info.spec.arch, t.name[len("target.content."):])
-            features[t.name] = (layer.channels, layer.downsample)
+            features[t.name] = (layer.channels, layer.size)
     text = render_config(name, inputs, outputs, max_batch_size=max_batch_size if batched else 0,
                          precision=trt_precision(info), min_hw=lo, opt_hw=opt,
                          max_hw=hi, workspace_bytes=workspace_bytes, profile_batch=max_batch_size,

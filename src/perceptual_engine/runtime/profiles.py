@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 from .. import layers as _layers
 from ..errors import ConfigError
@@ -13,12 +13,19 @@ from ..errors import ConfigError
 class ProfileInput:
     """A dynamic graph input TensorRT needs a profile for: ``batched`` image inputs
     are (N, channels, H, W); a target graph's cached content features are
-    (1, channels, H/downsample, W/downsample), following the image's size."""
+    (1, channels, size(H), size(W)), following the image's size: ``size`` is the layer's
+    exact side (LayerInfo.size: AlexNet's strided conv and 3x3 pools are not H // 8),
+    H // downsample where it is not given."""
 
     name: str
     channels: int = 3
     downsample: int = 1
     batched: bool = True
+    size: Callable[[int], int] | None = None
+
+    def side(self, image_side: int) -> int:
+        side = self.size(image_side) if self.size is not None else image_side // self.downsample
+        return max(side, 1)
 
 
 ProfileInputs = Sequence[Union[str, ProfileInput]]
@@ -37,7 +44,7 @@ def profile_inputs(arch: str, names: Sequence[str]) -> list[ProfileInput]:
             out.append(ProfileInput(name))
         elif name.startswith("target.content."):
             info = _layers.resolve(arch, name[len("target.content."):])
-            out.append(ProfileInput(name, info.channels, info.downsample, batched=False))
+            out.append(ProfileInput(name, info.channels, info.downsample, batched=False, size=info.size))
     return out
 
 
@@ -71,8 +78,8 @@ class ShapeRange:
 
         def fmt(nhw: tuple[int, int, int]) -> str:
             n, h, w = nhw
-            return ",".join(f"{i.name}:{n if i.batched else 1}x{i.channels}x"
-                            f"{max(h // i.downsample, 1)}x{max(w // i.downsample, 1)}" for i in specs)
+            return ",".join(f"{i.name}:{n if i.batched else 1}x{i.channels}x{i.side(h)}x{i.side(w)}"
+                            for i in specs)
 
         return {
             "trt_profile_min_shapes": fmt(self.min),
