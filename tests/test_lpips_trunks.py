@@ -83,7 +83,7 @@ def test_gradient_matches_float64_autograd(net, lpips_trunks):
     assert _rel(gx, x64.grad) < 1e-4
 
 
-@pytest.mark.parametrize("net,side", [("alex", 31), ("squeeze", 25)])
+@pytest.mark.parametrize("net,side", [("alex", 31), ("squeeze", 17)])
 def test_min_size_is_enforced(net, side, lpips_trunks):
     spec = lpips_trunks[net]["spec"]
     assert spec.min_size == side
@@ -116,6 +116,19 @@ def test_older_lpips_metadata_reads_as_vgg():
     assert parse(old)["net"] == "vgg"
     with pytest.raises(Exception, match="lpips.net is 'resnet', not one of alex, squeeze, vgg"):
         parse(old[:-1] + ', "net": "resnet"}')
+
+
+def test_recorded_net_must_be_the_specs(lpips_trunks):
+    import dataclasses
+
+    from perceptual_engine.export.metadata_fields import Invalid
+    from perceptual_engine.export.metadata_rules import GRAPH_RULES
+
+    info = read_info(lpips_trunks["alex"]["path"])
+    GRAPH_RULES["lpips"](info)
+    for net in ("vgg", "squeeze"):
+        with pytest.raises(Invalid, match=rf"lpips.net is '{net}', but .*spec \(arch 'alexnet'\) implies 'alex'"):
+            GRAPH_RULES["lpips"](dataclasses.replace(info, lpips={**info.lpips, "net": net}))
 
 
 def test_metric_net_type(lpips_trunks):

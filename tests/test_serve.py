@@ -360,3 +360,61 @@ def test_sigterm_drains_requests_in_flight_and_stops_every_process(server):
     left = [p for p in started if _alive(p)]
     assert not left, f"processes left after SIGTERM: {left}"
     print(f"SIGTERM: {sorted(((str(s), sum(1 for x, _, _ in out if x == s)) for s in statuses))}")
+
+
+# -- the replica's parts, without a server ----------------------------------------------------
+def test_pixel_budget_holds_pairs_until_there_is_room():
+    import asyncio
+
+    from perceptual_engine.serve.batching import PixelBudget
+
+    async def main():
+        budget, order = PixelBudget(10), []
+
+        async def pair(name, n, seconds):
+            async with budget.hold(n):
+                order.append(f"{name}+")
+                assert budget.held <= budget.cap
+                await asyncio.sleep(seconds)
+                order.append(f"{name}-")
+
+        await asyncio.gather(pair("a", 6, 0.05), pair("b", 6, 0.0), pair("c", 4, 0.0))
+        return order, budget.held
+
+    order, held = asyncio.run(main())
+    assert held == 0
+    assert order.index("b+") > order.index("a-")  # 6 + 6 > 10: b waited for a
+    assert order.index("c+") < order.index("a-")  # 6 + 4 fit: c ran beside a
+
+
+def test_a_runtime_error_fails_only_its_pair():
+    from perceptual_engine.serve.batching import run_pairs
+
+    class Flaky:  # an engine whose runtime fails on any call holding the poisoned pair
+        spec = None
+
+        def distance(self, x, y):
+            if (x == 7).any():
+                raise RuntimeError("onnxruntime: Non-zero status code")
+            return {"total": x.reshape(len(x), -1).mean(1)}
+
+    pairs = [(np.full((3, h, 5), v, np.float32),) * 2 for v, h in ((1, 4), (7, 4), (2, 4), (3, 6))]
+    out = run_pairs(Flaky(), pairs, ["total"], max_batch=8)
+    assert isinstance(out[1], RuntimeError)
+    assert [o["total"] for i, o in enumerate(out) if i != 1] == [1.0, 2.0, 3.0]
+
+
+def test_header_pixels_reads_sizes_without_decoding():
+    from perceptual_engine.serve.uploads import header_pixels
+
+    assert header_pixels(_bomb_png(5000, 4000)) == 5000 * 4000  # 60 MB decoded; 100 bytes sent
+    assert header_pixels(b"not an image") == 0  # decoding refuses it (400), holding nothing
+    assert header_pixels(_bomb_png(50000, 50000)) == 0  # Pillow's own bomb guard: decoding refuses
+
+
+def test_held_pixels_below_one_pair_is_refused():
+    from perceptual_engine.errors import ConfigError
+    from perceptual_engine.serve.config import Limits
+
+    with pytest.raises(ConfigError, match="below one pair of max_pixels images"):
+        Limits(max_pixels=100, max_held_pixels=150)

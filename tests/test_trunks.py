@@ -72,6 +72,25 @@ def test_sizes_and_flops_match_a_forward_pass(name):
 
 
 @pytest.mark.parametrize("name", TRUNKS)
+def test_sizes_match_torchvision_on_every_small_side(name):
+    # Every side from 1 to 40: LayerInfo.size is the module's own output side, 0 where
+    # torch refuses the input (ceil-mode pools give 1 on sides narrower than their window).
+    trunk, tv = trunks.get(name), _torchvision(name)
+    for side in range(1, 41):
+        x = torch.empty(1, 3, side, side, device="meta")
+        for info, mod in zip(trunk.table, tv):
+            try:
+                x = mod(x)
+                got = x.shape[2]
+            except RuntimeError:
+                got = 0
+            assert info.size(side) == got, (info.name, side)
+            if got == 0:
+                break
+        assert (side >= trunk.table[-1].min_size) == (trunk.table[-1].size(side) >= 1)
+
+
+@pytest.mark.parametrize("name", TRUNKS)
 def test_each_trunk_builds_and_runs_at_its_min_size(name):
     trunk = trunks.get(name)
     spec = FeatureSpec(arch=name, layers=(trunk.table[-1].name,), weights="random", seed=3)

@@ -55,7 +55,7 @@ _MOVED = {
     "optimize_guard": "optimize.guard",
     "optimize_images": "optimize.images",
     "optimize_loop": "optimize.loop",
-    "memory_estimate": "memory.estimate",
+    "memory_estimate": "memory.estimator",
     "memory_oom": "memory.oom",
 }
 
@@ -71,13 +71,17 @@ class _MovedFinder:
         return importlib.util.spec_from_loader(fullname, self)
 
     def create_module(self, spec: Any) -> Any:
-        return importlib.import_module(f"{__name__}.{_MOVED[spec.name.partition('.')[2]]}")
+        module = importlib.import_module(f"{__name__}.{_MOVED[spec.name.partition('.')[2]]}")
+        spec.loader_state = module.__spec__  # importlib sets __spec__ to this alias spec next
+        return module
 
     def exec_module(self, module: Any) -> None:
-        pass  # already executed under its new name
+        # Already executed under its new name; give it back its own spec, so that
+        # importlib.reload reloads it from its file.
+        module.__spec__ = module.__spec__.loader_state
 
 
-if not any(isinstance(f, _MovedFinder) for f in sys.meta_path):
+if not any(type(f).__name__ == "_MovedFinder" and type(f).__module__ == __name__ for f in sys.meta_path):
     sys.meta_path.append(_MovedFinder())
 
 

@@ -26,12 +26,15 @@ from .outputs import dists_output_names, lpips_output_names
 class HeadKey:
     """A key of a learned head's metadata field besides ``weights_source`` and
     ``weights_sha256`` (``lpips.net``): its accepted types, the value a model written
-    before the key existed means (None: the key is required), its accepted values."""
+    before the key existed means (None: the key is required), its accepted values, and
+    ``of_spec``: the value the model's spec implies (``lpips.net`` is its trunk's net),
+    which the recorded one must equal."""
 
     name: str
     types: tuple[type, ...]
     default: object = None
     choices: tuple[str, ...] | None = None
+    of_spec: Callable[[object], object] | None = None
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,8 @@ KINDS: dict[str, GraphKind] = {k.name: k for k in (
                               + f" (default: {_lpips_nets.DEFAULT})"),),
               # an LPIPS model written before AlexNet and SqueezeNet ran VGG16
               head_keys=(HeadKey("spatial", (bool,)),
-                         HeadKey("net", (str,), default="vgg", choices=tuple(_lpips_nets.NETS))),
+                         HeadKey("net", (str,), default="vgg", choices=tuple(_lpips_nets.NETS),
+                                 of_spec=lambda spec: getattr(_lpips_nets.for_arch(spec.arch), "name", None))),
               head_always_written=True,  # from before DISTS: every model writes "lpips" (null elsewhere)
               weights_name="linear weights"),
     GraphKind("dists", images=2, grad=True, compares=True, matrix=False, head="dists",

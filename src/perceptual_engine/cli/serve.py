@@ -65,6 +65,9 @@ def register(sub, say: Callable[[str], None], fmt) -> None:
                         f"at most {MAX_IMAGE_PIXELS})")
     g.add_argument("--max-pairs", type=positive_int, default=limits.max_pairs, metavar="N",
                    help=f"pairs per /v1/distance/batch request (default: {limits.max_pairs})")
+    g.add_argument("--max-held-pixels", type=positive_int, default=None, metavar="N",
+                   help="pixels of decoded images a replica holds at once; pairs wait for room "
+                        f"(default: 2 pairs of --max-pixels, {limits.max_held_pixels} with its default)")
     p.set_defaults(func=lambda a: cmd_serve(a, say))
 
 
@@ -76,8 +79,12 @@ def config_from_args(args: argparse.Namespace):
     if args.max_pixels > MAX_IMAGE_PIXELS:
         raise ConfigError(f"--max-pixels {args.max_pixels} is over the library's bound; accepted: at "
                           f"most {MAX_IMAGE_PIXELS}.")
+    held = args.max_held_pixels if args.max_held_pixels is not None else 4 * args.max_pixels
+    if held < 2 * args.max_pixels:
+        raise ConfigError(f"--max-held-pixels {held} is below one pair of --max-pixels images "
+                          f"({2 * args.max_pixels}); accepted: at least 2 x --max-pixels.")
     limits = Limits(max_body_bytes=args.max_body_mb << 20, max_pixels=args.max_pixels,
-                    max_pairs=args.max_pairs)
+                    max_pairs=args.max_pairs, max_held_pixels=held)
     return ServeConfig(model=args.model, host=args.host, port=args.port, device=args.device,
                        precision=args.precision, max_batch=args.max_batch,
                        batch_wait_ms=args.batch_wait_ms, replicas=args.replicas,

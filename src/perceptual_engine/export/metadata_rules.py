@@ -65,6 +65,11 @@ def _heads(info: ModelInfo, own: str | None) -> None:
                           f"but a {info.graph} graph records its {kind.label} weights there.")
         if kind.head != own and value is not None:
             raise Invalid(f"{PREFIX}{kind.head} is set, but a {info.graph} graph has no {kind.label} head.")
+        for key in kind.head_keys if value is not None else ():
+            implied = key.of_spec(info.spec) if key.of_spec is not None else value[key.name]
+            if value[key.name] != implied:
+                raise Invalid(f"{PREFIX}{kind.head}.{key.name} is {_short(value[key.name], 40)}, but "
+                              f"{PREFIX}spec (arch {info.spec.arch!r}) implies {_short(implied, 40)}.")
 
 
 def _with_heads(rule: Callable[[ModelInfo], None]) -> Callable[[ModelInfo], None]:

@@ -8,7 +8,7 @@ so a call that cannot fit is refused with the figures and the fix instead of
 dying in the allocator. The model and its constants were measured on ONNX
 Runtime's CPU provider; see docs/memory.md for the measurements.
 
-The parts: estimate.py (``estimate``, its constants, ``MemoryEstimate``,
+The parts: estimator.py (``estimate``, its constants, ``MemoryEstimate``,
 ``format_bytes``, ``suggest_side``), oom.py (allocation failures ->
 OutOfMemoryError). Their names are re-exported here, the path callers use
 (``memory.estimate``, ``memory.TAP``). The budget, the reading of available memory and
@@ -22,14 +22,14 @@ import threading
 import time
 
 from ..errors import ConfigError, MemoryBudgetError
-from .estimate import (ARENA, FIXED, GRAD_WORK, GRAM, IMAGES_PER_SAMPLE, MARGIN, TAP, WORK,
+from .estimator import (ARENA, FIXED, GRAD_WORK, GRAM, IMAGES_PER_SAMPLE, MARGIN, TAP, WORK,
                        MemoryEstimate, estimate, format_bytes, itemsize, suggest_side)
 from .oom import is_out_of_memory, out_of_memory
 
 __all__ = [
     "DEFAULT_FRACTION", "CHECK_ABOVE", "AVAILABLE_TTL_S", "parse_budget", "available_memory",
     "MemoryGuard", "fit_batch",
-    # estimate.py
+    # estimator.py
     "IMAGES_PER_SAMPLE", "WORK", "TAP", "GRAM", "GRAD_WORK", "FIXED", "MARGIN", "ARENA",
     "MemoryEstimate", "itemsize", "estimate", "format_bytes", "suggest_side",
     # oom.py

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from ..errors import OutOfMemoryError
 
 if TYPE_CHECKING:
-    from .estimate import MemoryEstimate
+    from .estimator import MemoryEstimate
 
 _OOM_PATTERNS = ("bad_alloc", "failed to allocate memory", "out of memory",
                  "cudaerrormemoryallocation", "cuda_error_out_of_memory", "cannot allocate memory")

@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from ..errors import MemoryBudgetError, OutOfMemoryError, PerceptualError, first_line
 from .config import ServeConfig
-from .uploads import RequestError, decode_pair
+from .uploads import RequestError, decode_pair, header_pixels
 
 api = FastAPI(title="perceptual-engine", docs_url=None, redoc_url=None, openapi_url=None)
 # Warnings and errors only, and no access log line per request (the metrics count them).
@@ -67,7 +67,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
     elif exc.status_code == 405:
         message = f"{request.method} is not accepted on {request.url.path!r}; see docs/serve.md."
     else:
-        message = f"{exc.detail}; send a multipart/form-data body with image files a and b."
+        message = f"{str(exc.detail).rstrip('.')}; send a multipart/form-data body with image files a and b."
     return error_response(message, exc.status_code, getattr(exc, "headers", None))
 
 
@@ -113,7 +113,7 @@ def _authorized(request: Request, token: str) -> bool:
 async def read_form(request: Request, limit: int, max_files: int):
     """The multipart form of ``request``, its body read up to ``limit`` bytes (413 beyond)."""
     ctype = request.headers.get("content-type", "")
-    if not ctype.startswith("multipart/form-data"):
+    if not ctype.lower().startswith("multipart/form-data"):
         raise RequestError(f"content type {ctype or 'none'!r} is not accepted; accepted: "
                            "multipart/form-data with image files a and b (curl -F a=@x.png -F b=@y.png).", 415)
     length = request.headers.get("content-length", "")
@@ -158,7 +158,7 @@ class DistanceServer:
         from .._io import sha256_file
         from ..datasets.runner import row_terms
         from ..runtime import Engine
-        from .batching import Batcher, run_pairs
+        from .batching import Batcher, PixelBudget, run_pairs
         from .metrics import Metrics
 
         threads = None
@@ -178,6 +178,7 @@ class DistanceServer:
             lambda pairs: run_pairs(self.engine, pairs, self.terms, config.max_batch,
                                     on_call=self.metrics.batch.observe),
             config.max_batch, config.batch_wait_ms / 1000)
+        self.held = PixelBudget(config.limits.max_held_pixels)
 
     def check_health(self) -> None:  # Ray Serve's health check: the replica answers
         return None
@@ -236,13 +237,17 @@ class DistanceServer:
     # -- helpers -----------------------------------------------------------------
     async def _pair(self, a: tuple[bytes, str], b: tuple[bytes, str]) -> Any:
         """The pair's {term: value}, or the exception that refused it."""
-        spec = self.engine.spec
-        try:
-            pair = await asyncio.to_thread(decode_pair, a, b, self.config.limits, spec.input_range,
-                                           spec.min_size)
-        except RequestError as exc:
-            return exc
-        return await self.batcher.submit(pair)
+        spec, limits = self.engine.spec, self.config.limits
+        # Decoded images held at once stay bounded. An image over max_pixels, or one Pillow
+        # cannot read, is refused by decoding at its header (and max_held_pixels >= 2 x
+        # max_pixels: a pair within the limits always fits).
+        pixels = min(header_pixels(a[0]) + header_pixels(b[0]), limits.max_held_pixels)
+        async with self.held.hold(pixels):
+            try:
+                pair = await asyncio.to_thread(decode_pair, a, b, limits, spec.input_range, spec.min_size)
+            except RequestError as exc:
+                return exc
+            return await self.batcher.submit(pair)
 
     def _pair_body(self, res: Any) -> dict:
         if isinstance(res, Exception):

@@ -13,12 +13,12 @@ most ``max_batch`` pairs that fit the memory budget (memory.fit_batch), results 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import PerceptualError
 from ..memory import fit_batch
 
 
@@ -32,10 +32,11 @@ def size_groups(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[tuple[in
 
 def run_pairs(engine: Any, pairs: Sequence[tuple[np.ndarray, np.ndarray]], terms: Sequence[str],
               max_batch: int, on_call: Callable[[int], None] | None = None) -> list[Any]:
-    """One result per pair: {term: float} or the PerceptualError of that pair.
+    """One result per pair: {term: float} or the exception that failed that pair.
 
     pairs: (x, y) each (3, H, W) float32 in the model's input range, x and y of one size.
-    A call that fails is retried pair by pair, so one refused pair fails alone.
+    A call that fails (a PerceptualError, or any runtime error) is retried pair by pair,
+    so one bad pair fails alone and other sizes in the batch are not touched.
     ``on_call(n)`` is told the size of every engine call.
     """
     out: list[Any] = [None] * len(pairs)
@@ -55,7 +56,7 @@ def _run_chunk(engine, pairs, terms, chunk, out, on_call) -> None:
     y = np.stack([pairs[i][1] for i in chunk])
     try:
         res = engine.distance(x, y)
-    except PerceptualError as exc:
+    except Exception as exc:  # a refused pair, or a runtime error: the others still run
         if len(chunk) == 1:
             out[chunk[0]] = exc
             return
@@ -118,3 +119,26 @@ class Batcher:
             for (_, fut), res in zip(batch, results):
                 if not fut.done():
                     fut.set_result(res)
+
+
+class PixelBudget:
+    """At most ``cap`` pixels of decoded images held at once: ``async with budget.hold(n)``
+    waits until n more fit (one pair over ``cap`` alone is the caller's to refuse)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.held = cap, 0
+        self._room: asyncio.Condition | None = None  # made on the replica's running loop
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int):
+        if self._room is None:
+            self._room = asyncio.Condition()
+        async with self._room:
+            await self._room.wait_for(lambda: self.held + n <= self.cap)
+            self.held += n
+        try:
+            yield
+        finally:
+            async with self._room:
+                self.held -= n
+                self._room.notify_all()

@@ -23,12 +23,22 @@ class Limits:
     max_pixels: per image, read from the header before decoding (decompression bombs).
     max_pairs: pairs in one /v1/distance/batch request.
     formats: the Pillow formats accepted (``FORMATS``).
+    max_held_pixels: pixels of decoded images one replica holds at once (decoding, waiting
+        for the engine, in the engine), 12 bytes each as float32 RGB; a pair waits for room,
+        so many large images in one batch request or in concurrent ones cannot exhaust
+        memory. At least two images of ``max_pixels`` (one pair at the limit).
     """
 
     max_body_bytes: int = 32 << 20
     max_pixels: int = 4096 * 4096
     max_pairs: int = 64
     formats: tuple[str, ...] = FORMATS
+    max_held_pixels: int = 4 * 4096 * 4096
+
+    def __post_init__(self) -> None:
+        if self.max_held_pixels < 2 * self.max_pixels:
+            raise ConfigError(f"max_held_pixels {self.max_held_pixels} is below one pair of max_pixels "
+                              f"images ({2 * self.max_pixels}); accepted: at least 2 x max_pixels.")
 
 
 @dataclasses.dataclass(frozen=True)

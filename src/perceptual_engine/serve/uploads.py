@@ -18,6 +18,21 @@ class RequestError(InputError):
         self.status = status
 
 
+def header_pixels(data: bytes) -> int:
+    """Width x height from an image file's header (nothing decoded); 0 where Pillow cannot
+    read it (decoding then says why)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            return int(w) * int(h)
+    except Exception:
+        return 0
+
+
 def decode_upload(data: bytes, name: str, limits: Limits) -> np.ndarray:
     """(3, H, W) float32 in [0, 1], exactly ``load_image(file)[0]``; RequestError (400) otherwise."""
     try:

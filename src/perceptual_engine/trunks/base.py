@@ -15,14 +15,12 @@ MAX_SIDE = 1 << 16  # min_size searches up to here
 
 def _out(h: int, window: Window) -> int:
     k, s, p, ceil = window
-    span = h + 2 * p - k
-    if span < 0:
-        return 0
+    span = h + 2 * p - k  # may be negative: in ceil mode a window wider than the input still fits
     n = -(-span // s) if ceil else span // s
     # ceil mode: the last window must start inside the (left-padded) input, as torch's rule.
     if ceil and n * s >= h + p:
         n -= 1
-    return n + 1
+    return max(0, n + 1)
 
 
 @dataclass(frozen=True)
