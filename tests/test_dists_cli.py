@@ -1,6 +1,7 @@
 """DISTS refusals (API and command line), metadata, the command line's distance and demo column."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import numpy as np
@@ -73,7 +74,7 @@ def test_pickle_that_would_run_code(tmp_path, monkeypatch):
 
 
 def test_dists_pytorch_not_installed(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(D.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # the package looks itself up
     with pytest.raises(WeightsError) as info:
         D.load_weights()
     msg = str(info.value)

@@ -1,6 +1,7 @@
 """LPIPS refusals: each bad input is one PerceptualError line that says what to do."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -90,7 +91,7 @@ def test_pickle_that_would_run_code(tmp_path, monkeypatch):
 
 
 def test_lpips_not_installed_and_no_path(monkeypatch, tmp_path):
-    monkeypatch.setattr(L.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # the package looks itself up
     with pytest.raises(WeightsError) as info:
         L.load_linear_weights()
     msg = str(info.value)

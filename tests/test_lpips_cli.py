@@ -1,6 +1,7 @@
 """LPIPS on the command line: distance over folders with maps, the cache key, refusals."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -115,7 +116,7 @@ def test_refusals(argv, code, match, tmp_path, monkeypatch, capsys):
 
 
 def test_lpips_missing_on_the_command_line(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(L.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # the package looks itself up
     rc = main(["export", "--graph", "lpips", "--weights", "random", "-o", str(tmp_path / "m.onnx")])
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1
