@@ -46,14 +46,14 @@ class Embedder:
         import onnxruntime as ort
 
         info, path = engine.info, engine.path
-        if not kinds.get(info.graph).matrix:
+        kind = kinds.get(info.graph)
+        if not kind.matrix:
             raise ModelError(f"{path!r} is a {info.graph} graph; distance matrices need a model exported "
                              f"with {kinds.quoted(kinds.names(matrix=True))}.")
         model = _checked_model(path)
         self.lin: dict[str, np.ndarray] = {}
         self.gram = "chw"
         self.head_embed = None
-        kind = kinds.get(info.graph)
         if kind.head is not None:  # a learned head's terms, from its module (lpips/matrix.py)
             self.terms, self.weights, self.lin, self.head_embed = kind.module().matrix_terms(info, model, path)
         else:
